@@ -1,0 +1,112 @@
+"""Typed surface of the compiled core (whepfan/_fastpath.pyx). Only bytes and ints cross it."""
+
+from collections.abc import Sequence
+
+# SRTP protection profiles (IANA DTLS-SRTP registry values, RFC 5764 / RFC 7714).
+PROFILE_AES128_CM_SHA1_80: int
+PROFILE_AES128_CM_SHA1_32: int
+PROFILE_AEAD_AES_128_GCM: int
+PROFILE_AEAD_AES_256_GCM: int
+
+def profile_key_lengths(profile: int) -> tuple[int, int]:
+    """(master key length, master salt length) in bytes for a profile."""
+
+class SrtpError(ValueError):
+    """A packet failed to protect/unprotect; ``reason`` is one of
+    "malformed", "auth", "replay", "no-room", "streams", "crypto"."""
+
+    reason: str
+
+class SrtpSession:
+    """One direction of an SRTP/SRTCP association (RFC 3711).
+
+    Use one session to protect (sender side) or to unprotect (receiver side), as with
+    libsrtp's outbound/inbound policies. Tracks up to 8 SSRCs, each with its own
+    rollover counter and 64-packet replay window.
+    """
+
+    def __init__(self, profile: int, key: bytes, salt: bytes) -> None: ...
+    def protect(self, packet: bytes) -> bytes: ...
+    def unprotect(self, packet: bytes) -> bytes: ...
+    def protect_rtcp(self, packet: bytes) -> bytes: ...
+    def unprotect_rtcp(self, packet: bytes) -> bytes: ...
+
+class Fanout:
+    """Per-worker send path: re-encrypts each pushed RTP packet once per subscribed viewer
+    and sends the results with batched ``sendmmsg`` on ``fd`` (a bound, non-blocking UDP
+    socket). Nothing raises per viewer: failures are counters in ``viewer_stats``/``stats``.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        max_viewers: int = 16384,
+        max_tracks: int = 64,
+        batch_size: int = 32,
+    ) -> None: ...
+    # Tracks are ingest streams (one SSRC of the publisher: audio, a video layer).
+    def add_track(self, *, cache_packets: int = 1024) -> int: ...
+    def remove_track(self, track: int) -> None: ...
+    # Viewers: one DTLS-SRTP association each.
+    def add_viewer(
+        self,
+        host: str,
+        port: int,
+        *,
+        profile: int,
+        tx_key: bytes,
+        tx_salt: bytes,
+        rx_key: bytes,
+        rx_salt: bytes,
+    ) -> int: ...
+    def remove_viewer(self, viewer: int) -> None: ...
+    def set_viewer_address(self, viewer: int, host: str, port: int) -> None: ...
+    def subscribe(
+        self,
+        viewer: int,
+        track: int,
+        *,
+        ssrc: int,
+        payload_type: int,
+        ext_map: bytes = b"",
+        rtx_ssrc: int = 0,
+        rtx_payload_type: int = -1,
+        wait_keyframe: bool = True,
+    ) -> None:
+        """Send ``track`` to ``viewer`` as ``ssrc``/``payload_type``. ``ext_map[i]`` is the
+        viewer's id for the publisher's header extension id ``i`` (0 or missing: strip it)."""
+
+    def unsubscribe(self, viewer: int, track: int) -> None: ...
+    def push(self, track: int, packet: bytes, keyframe: bool = False) -> int:
+        """Cache ``packet`` (plain RTP) and send it to every subscriber; returns datagrams
+        handed to the kernel. ``keyframe`` marks the first packet of a keyframe: subscribers
+        waiting for one start there."""
+
+    def resend(self, viewer: int, track: int, seqs: Sequence[int]) -> int:
+        """Answer a NACK: re-send the viewer's sequence numbers ``seqs`` from the cache
+        (as RTX when the subscription has an RTX ssrc/pt). Returns packets re-sent."""
+
+    def send_sender_reports(self, track: int, ntp_time: int, rtp_time: int) -> int:
+        """An RTCP SR (RFC 3550 §6.4.1) to every subscriber of ``track``, with the
+        viewer's SSRC, its timestamp mapping and its packet/octet counts."""
+
+    def send_rtcp(self, viewer: int, packet: bytes) -> int: ...
+    def unprotect_rtcp(self, viewer: int, packet: bytes) -> bytes: ...
+    def viewer_stats(self, viewer: int) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def viewer_count(self) -> int: ...
+
+def measure_send_limit(
+    fd: int,
+    destinations: Sequence[tuple[str, int]],
+    *,
+    profile: int,
+    packet_size: int,
+    packets: int,
+    batch_size: int = 32,
+) -> tuple[int, float]:
+    """The same-run limit for benchmarks: a plain C loop that protects one packet per
+    destination with the same crypto and sends with ``sendmmsg``.
+    Returns (datagrams sent, seconds)."""
