@@ -1,0 +1,254 @@
+"""One WHIP or WHEP session: its ICE-lite agent, its DTLS association and, once keyed,
+its SRTP state. Sessions are sans-IO like the protocol layer below them: the router feeds
+them datagrams and ``now``, and sends what they return.
+
+Lifecycle (both kinds)::
+
+    NEW ──verified STUN check──▶ CHECKED ──DTLS handshake──▶ CONNECTED ──▶ CLOSED
+     │                                                                      ▲
+     └──────────── consent expired (RFC 7675 §5.1) / DELETE / DTLS failure ─┘
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from whepfan.protocol.dtls import (
+    DtlsCertificate,
+    DtlsClosed,
+    DtlsConnected,
+    DtlsFailed,
+    DtlsSession,
+)
+from whepfan.protocol.ice import IceConsentExpired, IceLiteSession, IceNominated
+from whepfan.protocol.negotiation import EgressMedia, IngestMedia
+
+Address = tuple[str, int]
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    CHECKED = "checked"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class SessionKind(enum.Enum):
+    PUBLISHER = "publisher"
+    VIEWER = "viewer"
+
+
+def new_session_id() -> str:
+    """An unguessable resource id: 192 bits from the CSPRNG (WHEP draft-03 §5, RFC 4086)."""
+    return secrets.token_urlsafe(24)
+
+
+def new_etag() -> str:
+    """A strong entity-tag for the session's current ICE credentials (RFC 9110 §8.8.3)."""
+    return '"' + secrets.token_hex(12) + '"'
+
+
+def new_ice_credentials() -> tuple[str, str]:
+    """ice-ufrag (>= 4 ice-chars) and ice-pwd (>= 22 ice-chars), RFC 8839 §5.4."""
+    return secrets.token_hex(4), secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class SrtpKeys:
+    """Keys exported from DTLS (RFC 5764 §4.2), already assigned by our role."""
+
+    profile: int
+    local_key: bytes
+    local_salt: bytes
+    remote_key: bytes
+    remote_salt: bytes
+
+
+# Events a session reports to the router.
+@dataclass(frozen=True, slots=True)
+class AddressLearned:
+    address: Address
+    nominated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    keys: SrtpKeys
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    reason: str
+
+
+SessionEvent = AddressLearned | Keyed | Gone
+
+
+@dataclass(eq=False, kw_only=True)
+class MediaSession:
+    """State shared by publishers and viewers: transport (ICE + DTLS) and bookkeeping."""
+
+    id: str
+    kind: SessionKind
+    stream: str
+    ice: IceLiteSession
+    dtls: DtlsSession
+    local_ufrag: str
+    local_pwd: str
+    etag: str = field(default_factory=new_etag)
+    created_at: float = 0.0
+    state: SessionState = SessionState.NEW
+    address: Address | None = None
+    keys: SrtpKeys | None = None
+    connected_at: float | None = None
+    _dtls_started: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        kind: SessionKind,
+        stream: str,
+        certificate: DtlsCertificate,
+        dtls_role: str,
+        remote_fingerprints: list[tuple[str, str]],
+        remote_ufrag: str | None,
+        remote_pwd: str | None,
+        consent_timeout: float,
+        now: float,
+    ) -> MediaSession:
+        ufrag, pwd = new_ice_credentials()
+        return cls(
+            id=new_session_id(),
+            kind=kind,
+            stream=stream,
+            ice=IceLiteSession(
+                local_ufrag=ufrag,
+                local_pwd=pwd,
+                remote_ufrag=remote_ufrag,
+                remote_pwd=remote_pwd,
+                consent_timeout=consent_timeout,
+                now=now,
+            ),
+            dtls=DtlsSession(
+                certificate=certificate,
+                role=dtls_role,
+                remote_fingerprints=remote_fingerprints,
+            ),
+            local_ufrag=ufrag,
+            local_pwd=pwd,
+            created_at=now,
+        )
+
+    # -- input ----------------------------------------------------------------------
+
+    def receive_stun(
+        self, data: bytes, addr: Address, now: float
+    ) -> tuple[bytes | None, list[SessionEvent]]:
+        """A STUN datagram for this session: the response to send, and what happened."""
+        response = self.ice.receive_stun(data, addr, now)
+        events: list[SessionEvent] = []
+        # A Binding success response starts with type 0x0101 (RFC 8489 §5): the check
+        # verified, so this address may carry our DTLS and media even before nomination
+        # (Chromium starts DTLS on the first writable pair, before USE-CANDIDATE).
+        if response is not None and response[:2] == b"\x01\x01" and self.address is None:
+            self.address = addr
+            events.append(AddressLearned(addr, nominated=False))
+        events.extend(self._drain_ice(now))
+        if self.address is not None and self.state is SessionState.NEW:
+            self.state = SessionState.CHECKED
+            if self.dtls.role == "client" and not self._dtls_started:
+                self._dtls_started = True
+                self.dtls.start(now)
+        return response, events
+
+    def receive_dtls(self, data: bytes, now: float) -> list[SessionEvent]:
+        if self.state is SessionState.CLOSED:
+            return []
+        self.dtls.receive(data, now)
+        return self._drain_dtls()
+
+    def handle_timer(self, now: float) -> list[SessionEvent]:
+        events: list[SessionEvent] = []
+        ice_deadline = self.ice.get_timer()
+        if ice_deadline is not None and now >= ice_deadline:
+            self.ice.handle_timer(now)
+            events.extend(self._drain_ice(now))
+        dtls_deadline = self.dtls.get_timer()
+        if dtls_deadline is not None and now >= dtls_deadline:
+            self.dtls.handle_timer(now)
+            events.extend(self._drain_dtls())
+        return events
+
+    def get_timer(self) -> float | None:
+        deadlines = [t for t in (self.ice.get_timer(), self.dtls.get_timer()) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    def datagrams_to_send(self) -> Iterator[tuple[bytes, Address]]:
+        """DTLS flights waiting to go to the peer's address."""
+        if self.address is None:
+            return
+        for datagram in self.dtls.datagrams_to_send():
+            yield datagram, self.address
+
+    def close(self) -> None:
+        """End the session: send close_notify, and stop answering (consent revoked,
+        RFC 7675 §5.2, because the router forgets the ufrag and the address)."""
+        if self.state is not SessionState.CLOSED:
+            if self.state is SessionState.CONNECTED:
+                self.dtls.close()
+            self.state = SessionState.CLOSED
+
+    # -- internals --------------------------------------------------------------------
+
+    def _drain_ice(self, now: float) -> Iterator[SessionEvent]:
+        while (event := self.ice.next_event()) is not None:
+            if isinstance(event, IceNominated):
+                changed = event.address != self.address
+                self.address = event.address
+                if changed or self.state is SessionState.NEW:
+                    yield AddressLearned(event.address, nominated=True)
+            elif isinstance(event, IceConsentExpired):
+                yield Gone("ice-consent-expired")
+
+    def _drain_dtls(self) -> Iterator[SessionEvent]:
+        while (event := self.dtls.next_event()) is not None:
+            if isinstance(event, DtlsConnected):
+                self.keys = SrtpKeys(
+                    profile=event.profile,
+                    local_key=event.local_key,
+                    local_salt=event.local_salt,
+                    remote_key=event.remote_key,
+                    remote_salt=event.remote_salt,
+                )
+                self.state = SessionState.CONNECTED
+                yield Keyed(self.keys)
+            elif isinstance(event, DtlsFailed):
+                yield Gone(f"dtls-failed: {event.reason}")
+            elif isinstance(event, DtlsClosed):
+                yield Gone("dtls-closed")
+
+
+@dataclass(eq=False, kw_only=True)
+class PublisherSession(MediaSession):
+    """A WHIP publisher: what it negotiated, and its SRTP contexts once keyed."""
+
+    ingest: list[IngestMedia] = field(default_factory=list)
+
+
+@dataclass(eq=False, kw_only=True)
+class ViewerSession(MediaSession):
+    """A WHEP viewer: its negotiated media and, once keyed, its Fanout slot."""
+
+    egress: list[EgressMedia] = field(default_factory=list)
+    fanout_slot: int | None = None
+    # viewer out-SSRC -> fanout track, to route NACKs (RFC 4585 §6.2.1 media SSRC).
+    track_by_ssrc: dict[int, int] = field(default_factory=dict)
+    fraction_lost: float = 0.0
+    jitter: int = 0
+    remb_bitrate: int | None = None
+    nacks_received: int = 0
+    keyframe_requests: int = 0
