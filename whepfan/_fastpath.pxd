@@ -2,9 +2,11 @@
 # Python-visible API: _fastpath.pyi.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from whepfan.includes.libcrypto cimport SHA_CTX
+
 # SRTP protection profiles, numbered as in the IANA "DTLS-SRTP Protection
-# Profiles" registry (RFC 5764 §4.1.2, RFC 7714 §14.2).
-cdef enum:
+# Profiles" registry (RFC 5764 §4.1.2, RFC 7714 §14.2). cpdef: also module constants.
+cpdef enum:
     PROFILE_AES128_CM_SHA1_80 = 0x0001
     PROFILE_AES128_CM_SHA1_32 = 0x0002
     PROFILE_AEAD_AES_128_GCM = 0x0007
@@ -38,15 +40,20 @@ cdef struct SrtpStream:
 
 # One direction's keys for one DTLS-SRTP association: session keys derived once
 # (RFC 3711 §4.3, key derivation rate 0), cipher contexts keyed once and re-IV'd
-# per packet, so protect/unprotect allocate nothing.
+# per packet, HMAC-SHA1 inner/outer states precomputed once and copied per packet,
+# so protect/unprotect allocate nothing. Zero-filled memory is a valid "cleared"
+# context (every srtp_* call on it returns SRTP_ERR_CRYPTO).
 cdef struct SrtpCtx:
     int profile
     int tag_len                  # RTP auth tag length (10, 4 or 16)
     int rtcp_tag_len             # SRTCP auth tag length (10 for both CM profiles, 16 GCM)
+    int aead                     # 1 for the AEAD_AES_*_GCM profiles (RFC 7714)
     void* rtp_cipher             # EVP_CIPHER_CTX*, keyed with the RTP session key
     void* rtcp_cipher            # EVP_CIPHER_CTX*, keyed with the RTCP session key
-    void* rtp_auth               # HMAC state (CM profiles), NULL for GCM
-    void* rtcp_auth
+    SHA_CTX rtp_hmac_inner       # SHA1 state after (auth key ^ ipad), CM profiles only
+    SHA_CTX rtp_hmac_outer       # SHA1 state after (auth key ^ opad)
+    SHA_CTX rtcp_hmac_inner
+    SHA_CTX rtcp_hmac_outer
     uint8_t rtp_salt[14]         # session salts (14 bytes CM, 12 bytes GCM)
     uint8_t rtcp_salt[14]
     SrtpStream streams[SRTP_MAX_STREAMS]
