@@ -216,6 +216,13 @@ def test_consent_checks_keep_the_session_alive() -> None:
     assert drain(checker) == []
 
 
+def test_consent_clock_runs_from_creation_when_given_now() -> None:
+    lite = make_lite(now=100.0)
+    assert lite.get_timer() == 130.0
+    lite.handle_timer(130.0)
+    assert drain(lite) == [IceConsentExpired()]
+
+
 def test_checks_from_another_address_do_not_refresh_consent() -> None:
     lite = make_lite()
     checker = make_checker(lite)

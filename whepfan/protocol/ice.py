@@ -226,9 +226,10 @@ class IceLiteSession:
     Consent (RFC 7675): before any nomination, every verified check refreshes the
     deadline, so a peer that starts checks but never nominates is freed too; once a
     pair is nominated only verified checks from the selected address refresh it,
-    because consent is per candidate pair (RFC 7675 §5.1). No deadline is armed until
-    the first verified check; the caller bounds session set-up separately. Expiry is
-    final: afterwards every datagram is dropped and the caller frees the session.
+    because consent is per candidate pair (RFC 7675 §5.1). Given ``now`` at creation,
+    the deadline runs from then; without it, no deadline is armed until the first
+    verified check. Expiry is final: afterwards every datagram is dropped and the
+    caller frees the session.
     """
 
     def __init__(
@@ -239,13 +240,16 @@ class IceLiteSession:
         remote_ufrag: str | None = None,
         remote_pwd: str | None = None,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
+        now: float | None = None,
     ) -> None:
         self._credentials = _Credentials(local_ufrag, local_pwd, remote_ufrag, remote_pwd)
         # RFC 8445 §9: after a restart the old credentials stay in use until a check
         # with the new ones verifies (WHEP §4.4.3 keeps the old session on failure).
         self._restart_credentials: _Credentials | None = None
         self._consent_timeout = consent_timeout
-        self._last_verified_at: float | None = None
+        # With a creation time the clock runs from creation, so a peer that never
+        # sends a verified check is let go after one consent timeout as well.
+        self._last_verified_at: float | None = now
         self._consent_expired = False
         self._events: deque[IceEvent] = deque()
         self.selected_address: Address | None = None
