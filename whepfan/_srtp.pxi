@@ -500,7 +500,8 @@ cdef inline int gcm_open(void* cipher_ctx, const uint8_t* iv,
     if length and EVP_CipherUpdate(c, data, &written, data, length) != 1:
         return SRTP_ERR_CRYPTO
     if EVP_CipherFinal_ex(c, data + length, &written) != 1:
-        memset(data, 0, length)
+        if length:
+            memset(data, 0, length)
         return SRTP_ERR_AUTH
     return 0
 
