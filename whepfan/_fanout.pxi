@@ -1,0 +1,1049 @@
+# Fanout: the per-viewer send path (DESIGN.md §1, §4).
+#
+# Theory of operation
+# -------------------
+# One Fanout per worker, sending on the worker's bound, non-blocking UDP socket (asyncio
+# receives on the same fd; this file only sends). Everything per viewer lives in C arrays
+# allocated once:
+#
+#   viewers[max_viewers]     Viewer: tx/rx SrtpCtx by value, destination, counters
+#   tracks[max_tracks]       Track: packet cache ring + its subscriptions, contiguous
+#   track.subscriptions[]    Subscription: viewer index, out SSRC/PT, seq/ts offsets,
+#                            extension id map, RTX, keyframe gate, SR counts
+#   batch                    batch_size preallocated datagram slots + iovec/mmsghdr
+#
+# push() copies the publisher's packet once into the track's cache, then runs ONE nogil
+# loop over the track's subscriptions: copy into the next batch slot, rewrite the header
+# for that viewer, SRTP-protect in place, and sendmmsg(2) every full batch. The
+# subscriptions array holds exactly what that loop reads, so it streams through memory;
+# unsubscribe swap-removes to keep it dense.
+#
+# Not thread-safe: call every method from the thread that owns the worker's event loop
+# (the nogil sections release the GIL for other Python threads, not for re-entry).
+
+from libc.stdint cimport int32_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.uio cimport iovec
+
+from whepfan.includes.system cimport (
+    AF_INET,
+    AF_INET6,
+    EAGAIN,
+    EINTR,
+    ENOBUFS,
+    SO_TYPE,
+    SOCK_DGRAM,
+    SOL_SOCKET,
+    errno,
+    getsockname,
+    getsockopt,
+    htons,
+    mmsghdr,
+    sendmmsg,
+    sockaddr,
+    sockaddr_in,
+    sockaddr_in6,
+    sockaddr_storage,
+    socklen_t,
+)
+
+import ipaddress as _ipaddress
+import os as _os
+import socket as _socket
+
+cdef enum:
+    # Largest RTP packet accepted from the publisher: one Ethernet MTU. Larger ones
+    # would be IP-fragmented towards every viewer; they are counted and dropped.
+    MAX_RTP_PACKET = 1500
+    RTX_OSN_SIZE = 2             # RFC 4588 §4: original sequence number before the payload
+    # One batch slot: the largest packet, plus the RTX OSN, plus the SRTP trailer,
+    # rounded up to a multiple of 64 so slots start on cache lines.
+    BATCH_SLOT_SIZE = ((MAX_RTP_PACKET + RTX_OSN_SIZE + SRTP_MAX_OVERHEAD + 63) // 64) * 64
+    # Header-extension elements rewritten per packet. RFC 8285 one-byte ids are 1..14 and
+    # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
+    MAX_EXT_ELEMENTS = 32
+    RTCP_SR_SIZE = 28            # RFC 3550 §6.4.1, no report blocks
+
+cdef enum ExtensionForm:
+    EXT_NONE = 0                 # no header extension (X = 0)
+    EXT_ONE_BYTE = 1             # RFC 8285 §4.2, profile 0xBEDE
+    EXT_TWO_BYTE = 2             # RFC 8285 §4.3, profile 0x100X
+    EXT_OTHER = 3                # another profile (RFC 3550 §5.3.1): forwarded untouched
+
+
+# Where the parts of one RTP packet are, found once per push and reused for every viewer.
+cdef struct RtpLayout:
+    int header_len               # fixed header + CSRC list + extension block
+    int payload_len              # excluding RTP padding
+    int padding_len
+    int ext_form                 # ExtensionForm
+    int ext_count
+    uint16_t ext_offset[MAX_EXT_ELEMENTS]   # offset of each element's ID byte
+    uint16_t ext_size[MAX_EXT_ELEMENTS]     # element header + data, in bytes
+    uint8_t ext_id[MAX_EXT_ELEMENTS]
+
+
+# One viewer's copy of one track.
+cdef struct Subscription:
+    int32_t viewer
+    uint32_t ssrc
+    uint32_t ts_offset           # out timestamp = in + ts_offset (mod 2^32)
+    uint32_t rtx_ssrc
+    uint32_t packets_sent        # RFC 3550 §6.4.1 sender's packet count (wraps mod 2^32)
+    uint32_t octets_sent         # ... sender's octet count: payload octets only
+    uint16_t seq_offset          # out seq = in + seq_offset (mod 2^16)
+    uint16_t rtx_seq             # next RTX sequence number (RFC 4588 §4: own space)
+    uint8_t payload_type
+    uint8_t rtx_payload_type
+    uint8_t has_rtx
+    uint8_t wait_keyframe
+    uint8_t* ext_map             # 256 entries: publisher id -> viewer id; NULL strips all
+
+
+cdef struct Viewer:
+    SrtpCtx tx                   # protects RTP and RTCP towards the viewer
+    SrtpCtx rx                   # unprotects the viewer's SRTCP
+    sockaddr_in6 address         # large enough for sockaddr_in too
+    socklen_t address_len
+    uint8_t in_use
+    uint64_t packets_sent
+    uint64_t bytes_sent
+    uint64_t send_errors
+    uint64_t protect_errors
+    uint64_t dropped_waiting_keyframe
+    uint64_t resent
+    uint64_t rtx_sent
+    uint64_t resend_misses
+    uint64_t sender_reports_sent
+    uint64_t rtcp_sent
+    uint64_t rtcp_received
+    uint64_t rtcp_errors
+
+
+cdef struct Track:
+    uint8_t in_use
+    int cache_packets
+    uint8_t* cache               # cache_packets slots of MAX_RTP_PACKET bytes
+    uint16_t* cache_seq          # publisher sequence number stored in each slot
+    uint16_t* cache_len          # 0: slot empty
+    Subscription* subscriptions
+    int subscription_count
+    int subscription_capacity
+    int32_t* subscription_of_viewer   # [max_viewers] index into subscriptions, -1: none
+    uint64_t pushed
+
+
+cdef struct FanoutCounters:
+    uint64_t pushed
+    uint64_t dropped_malformed
+    uint64_t dropped_too_large
+    uint64_t dropped_waiting_keyframe
+    uint64_t packets_sent
+    uint64_t bytes_sent
+    uint64_t send_errors
+    uint64_t send_buffer_full    # the part of send_errors due to EAGAIN/ENOBUFS
+    uint64_t protect_errors
+    uint64_t sendmmsg_calls
+    uint64_t resent
+    uint64_t rtx_sent
+    uint64_t resend_misses
+    uint64_t sender_reports_sent
+    uint64_t rtcp_sent
+
+
+# Preallocated datagrams for one sendmmsg(2) call.
+cdef struct SendBatch:
+    int fd
+    int capacity
+    int count
+    uint8_t* buffers             # capacity slots of BATCH_SLOT_SIZE bytes
+    iovec* iov
+    mmsghdr* messages
+    uint8_t* accepted            # per slot, after flush: 1 if the kernel took it
+    int32_t* slot_viewer         # per slot: viewer index (Fanout bookkeeping)
+    Subscription** slot_subscription   # per slot: RTP data counted for SRs, or NULL
+    uint32_t* slot_payload_len
+
+
+# ---------------------------------------------------------------------------------------
+# Big-endian helpers (network byte order, RFC 3550 §4).
+
+cdef inline uint16_t load16(const uint8_t* p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline uint32_t load32(const uint8_t* p) noexcept nogil:
+    return ((<uint32_t>p[0]) << 24) | ((<uint32_t>p[1]) << 16) | ((<uint32_t>p[2]) << 8) | p[3]
+
+
+cdef inline void store16(uint8_t* p, uint16_t value) noexcept nogil:
+    p[0] = <uint8_t>(value >> 8)
+    p[1] = <uint8_t>value
+
+
+cdef inline void store32(uint8_t* p, uint32_t value) noexcept nogil:
+    p[0] = <uint8_t>(value >> 24)
+    p[1] = <uint8_t>(value >> 16)
+    p[2] = <uint8_t>(value >> 8)
+    p[3] = <uint8_t>value
+
+
+# ---------------------------------------------------------------------------------------
+# RTP header layout and per-viewer rewrite.
+#
+#  0                   1                   2                   3
+#  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |V=2|P|X|  CC   |M|     PT      |       sequence number         |  <- PT, seq rewritten
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |                           timestamp                           |  <- + ts_offset
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |           synchronization source (SSRC) identifier            |  <- viewer's SSRC
+# +=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+=+
+# |            contributing source (CSRC) identifiers             |  (CC x 4 bytes)
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |  0xBEDE or 0x100X (RFC 8285)  |     length in 32-bit words    |  (if X = 1)
+# |  elements: ids remapped in place, unmapped ones zeroed ...    |
+# +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+# |  payload ...                                  | padding | cnt |  (if P = 1)
+#                                         RFC 3550 §5.1, §5.3.1
+
+cdef int rtp_parse_layout(const uint8_t* packet, int length, RtpLayout* layout) noexcept nogil:
+    """Fill ``layout``; 0 on success, -1 if the bytes are not a well-formed RTP packet."""
+    cdef int position, extension_end, element_size, profile
+    cdef uint8_t first
+    layout.ext_form = EXT_NONE
+    layout.ext_count = 0
+    layout.padding_len = 0
+    if length < 12 or (packet[0] >> 6) != 2:
+        return -1
+    position = 12 + 4 * (packet[0] & 0x0F)
+    if position > length:
+        return -1
+    if packet[0] & 0x10:
+        if position + 4 > length:
+            return -1
+        profile = load16(packet + position)
+        extension_end = position + 4 + 4 * load16(packet + position + 2)
+        if extension_end > length:
+            return -1
+        position += 4
+        if profile == 0xBEDE:
+            # RFC 8285 §4.2: ID (4 bits) | L (4 bits) | L+1 data bytes. A zero byte is
+            # padding; ID 15 ends processing of the whole extension block.
+            layout.ext_form = EXT_ONE_BYTE
+            while position < extension_end:
+                first = packet[position]
+                if first >> 4 == 0:
+                    position += 1
+                    continue
+                if first >> 4 == 15:
+                    break
+                element_size = 2 + (first & 0x0F)
+                if position + element_size > extension_end or layout.ext_count == MAX_EXT_ELEMENTS:
+                    return -1
+                layout.ext_offset[layout.ext_count] = <uint16_t>position
+                layout.ext_size[layout.ext_count] = <uint16_t>element_size
+                layout.ext_id[layout.ext_count] = first >> 4
+                layout.ext_count += 1
+                position += element_size
+        elif (profile & 0xFFF0) == 0x1000:
+            # RFC 8285 §4.3: ID (8 bits) | length (8 bits) | data; a zero ID byte is padding.
+            layout.ext_form = EXT_TWO_BYTE
+            while position < extension_end:
+                first = packet[position]
+                if first == 0:
+                    position += 1
+                    continue
+                if position + 2 > extension_end:
+                    return -1
+                element_size = 2 + packet[position + 1]
+                if position + element_size > extension_end or layout.ext_count == MAX_EXT_ELEMENTS:
+                    return -1
+                layout.ext_offset[layout.ext_count] = <uint16_t>position
+                layout.ext_size[layout.ext_count] = <uint16_t>element_size
+                layout.ext_id[layout.ext_count] = first
+                layout.ext_count += 1
+                position += element_size
+        else:
+            layout.ext_form = EXT_OTHER
+        position = extension_end
+    if packet[0] & 0x20:
+        # RFC 3550 §5.1: the last octet counts the padding octets, itself included.
+        layout.padding_len = packet[length - 1]
+        if layout.padding_len == 0 or position + layout.padding_len > length:
+            return -1
+    layout.header_len = position
+    layout.payload_len = length - position - layout.padding_len
+    return 0
+
+
+cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
+                             const Subscription* subscription,
+                             uint16_t sequence, uint32_t timestamp) noexcept nogil:
+    """Turn a copy of the publisher's packet into the viewer's (same length)."""
+    cdef int index
+    cdef uint8_t viewer_id
+    cdef uint8_t* element
+    packet[1] = (packet[1] & 0x80) | subscription.payload_type   # keep the marker bit
+    store16(packet + 2, <uint16_t>(sequence + subscription.seq_offset))
+    store32(packet + 4, timestamp + subscription.ts_offset)
+    store32(packet + 8, subscription.ssrc)
+    # RFC 8285 §4.1.2: ids are negotiated per session, so each viewer gets its own. An
+    # element the viewer did not negotiate is overwritten with zero bytes, which both
+    # forms read as padding (§4.2, §4.3), so the packet length never changes.
+    for index in range(layout.ext_count):
+        element = packet + layout.ext_offset[index]
+        viewer_id = 0
+        if subscription.ext_map != NULL:
+            viewer_id = subscription.ext_map[layout.ext_id[index]]
+        if layout.ext_form == EXT_ONE_BYTE:
+            if viewer_id == 0 or viewer_id > 14:   # not expressible in one-byte form
+                memset(element, 0, layout.ext_size[index])
+            else:
+                element[0] = <uint8_t>((viewer_id << 4) | (element[0] & 0x0F))
+        else:
+            if viewer_id == 0:
+                memset(element, 0, layout.ext_size[index])
+            else:
+                element[0] = viewer_id
+
+
+# ---------------------------------------------------------------------------------------
+# Batches of datagrams for sendmmsg(2).
+
+cdef int batch_init(SendBatch* batch, int fd, int capacity) noexcept:
+    """Allocate; 0 on success, -1 if out of memory (``batch_free`` is safe either way)."""
+    cdef int index
+    memset(batch, 0, sizeof(SendBatch))
+    batch.fd = fd
+    batch.capacity = capacity
+    batch.buffers = <uint8_t*>malloc(<size_t>capacity * BATCH_SLOT_SIZE)
+    batch.iov = <iovec*>calloc(capacity, sizeof(iovec))
+    batch.messages = <mmsghdr*>calloc(capacity, sizeof(mmsghdr))
+    batch.accepted = <uint8_t*>calloc(capacity, sizeof(uint8_t))
+    batch.slot_viewer = <int32_t*>calloc(capacity, sizeof(int32_t))
+    batch.slot_subscription = <Subscription**>calloc(capacity, sizeof(Subscription*))
+    batch.slot_payload_len = <uint32_t*>calloc(capacity, sizeof(uint32_t))
+    if (batch.buffers == NULL or batch.iov == NULL or batch.messages == NULL
+            or batch.accepted == NULL or batch.slot_viewer == NULL
+            or batch.slot_subscription == NULL or batch.slot_payload_len == NULL):
+        return -1
+    for index in range(capacity):
+        batch.iov[index].iov_base = batch.buffers + <size_t>index * BATCH_SLOT_SIZE
+        batch.messages[index].msg_hdr.msg_iov = &batch.iov[index]
+        batch.messages[index].msg_hdr.msg_iovlen = 1
+    return 0
+
+
+cdef void batch_free(SendBatch* batch) noexcept:
+    free(batch.buffers)
+    free(batch.iov)
+    free(batch.messages)
+    free(batch.accepted)
+    free(batch.slot_viewer)
+    free(batch.slot_subscription)
+    free(batch.slot_payload_len)
+    memset(batch, 0, sizeof(SendBatch))
+
+
+cdef inline uint8_t* batch_next_slot(SendBatch* batch) noexcept nogil:
+    return batch.buffers + <size_t>batch.count * BATCH_SLOT_SIZE
+
+
+cdef inline void batch_commit(SendBatch* batch, int length, const sockaddr_in6* address,
+                              socklen_t address_len) noexcept nogil:
+    """The next slot holds ``length`` bytes for ``address``: add it to the batch."""
+    batch.iov[batch.count].iov_len = length
+    batch.messages[batch.count].msg_hdr.msg_name = <void*>address
+    batch.messages[batch.count].msg_hdr.msg_namelen = address_len
+    batch.count += 1
+
+
+cdef int batch_send(SendBatch* batch, FanoutCounters* counters) noexcept nogil:
+    """sendmmsg the batch; fills ``accepted`` per slot, returns datagrams accepted.
+
+    sendmmsg stops at the first datagram that fails; if some went out it returns their
+    number and the error is lost (sendmmsg(2)), so the unsent tail is sent again, which
+    either makes progress or reports the error of its first datagram. A full socket
+    buffer (EAGAIN/ENOBUFS) gets one immediate retry, then the rest of the batch is
+    dropped: waiting would stall every other viewer. Any other error belongs to that
+    datagram's destination: drop it alone and go on with the next.
+    """
+    cdef int position = 0, result, error, retried = 0, accepted = 0, index
+    cdef bint buffer_full
+    memset(batch.accepted, 0, batch.count)
+    while position < batch.count:
+        result = sendmmsg(batch.fd, batch.messages + position, batch.count - position, 0)
+        counters.sendmmsg_calls += 1
+        if result > 0:
+            for index in range(position, position + result):
+                batch.accepted[index] = 1
+            position += result
+            accepted += result
+            continue
+        error = errno if result < 0 else EAGAIN
+        # Linux: EWOULDBLOCK == EAGAIN. ENOBUFS: the device queue is full.
+        buffer_full = error == EAGAIN or error == ENOBUFS
+        if error == EINTR or (buffer_full and not retried):
+            retried = 1
+            continue
+        if buffer_full:
+            counters.send_buffer_full += batch.count - position
+            counters.send_errors += batch.count - position
+            break
+        counters.send_errors += 1
+        position += 1
+    return accepted
+
+
+# ---------------------------------------------------------------------------------------
+# Addresses (Python level: once per viewer, never per packet).
+
+cdef int socket_family(int fd) except -1:
+    """AF_INET or AF_INET6 of a bound UDP socket; ValueError for anything else."""
+    cdef sockaddr_storage bound
+    cdef socklen_t bound_len = sizeof(bound)
+    cdef int socket_type = 0
+    cdef socklen_t type_len = sizeof(socket_type)
+    if getsockname(fd, <sockaddr*>&bound, &bound_len) != 0:
+        raise ValueError(f"fd {fd} is not a socket: {_os.strerror(errno)}")
+    if getsockopt(fd, SOL_SOCKET, SO_TYPE, &socket_type, &type_len) != 0 or socket_type != SOCK_DGRAM:
+        raise ValueError(f"fd {fd} is not a UDP socket")
+    if bound.ss_family != AF_INET and bound.ss_family != AF_INET6:
+        raise ValueError(f"fd {fd} is neither IPv4 nor IPv6")
+    return bound.ss_family
+
+
+cdef int fill_address(sockaddr_in6* out, socklen_t* out_len, int family, host, port) except -1:
+    """Destination ``host``:``port`` (an IP literal) as a sockaddr for a ``family`` socket."""
+    cdef sockaddr_in* out4 = <sockaddr_in*>out
+    cdef bytes packed
+    cdef unsigned int scope_id = 0
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"invalid UDP port {port!r}")
+    ip = _ipaddress.ip_address(host)   # names are refused: no DNS on the media path
+    if ip.version == 6 and ip.ipv4_mapped is not None and family == AF_INET:
+        ip = ip.ipv4_mapped
+    memset(out, 0, sizeof(sockaddr_in6))
+    if family == AF_INET:
+        if ip.version != 4:
+            raise ValueError(f"IPv6 destination {host} on an IPv4 socket")
+        packed = ip.packed
+        out4.sin_family = AF_INET
+        out4.sin_port = htons(port)
+        memcpy(&out4.sin_addr, <const char*>packed, 4)
+        out_len[0] = sizeof(sockaddr_in)
+        return 0
+    if ip.version == 4:
+        # RFC 4291 §2.5.5.2: IPv4-mapped IPv6 address, ::ffff:a.b.c.d.
+        packed = b"\x00" * 10 + b"\xff\xff" + ip.packed
+    else:
+        packed = ip.packed
+        if ip.scope_id:
+            scope_id = int(ip.scope_id) if ip.scope_id.isdigit() else _socket.if_nametoindex(ip.scope_id)
+    out.sin6_family = AF_INET6
+    out.sin6_port = htons(port)
+    out.sin6_scope_id = scope_id
+    memcpy(out.sin6_addr.s6_addr, <const char*>packed, 16)
+    out_len[0] = sizeof(sockaddr_in6)
+    return 0
+
+
+cdef inline double monotonic_seconds() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+
+cdef class Fanout:
+    """Per-worker send path: re-encrypts each pushed RTP packet once per subscribed viewer
+    and sends with batched ``sendmmsg`` on ``fd``. See the theory of operation above."""
+
+    cdef int fd
+    cdef int family
+    cdef int max_viewers
+    cdef int max_tracks
+    cdef Viewer* viewers
+    cdef int32_t* free_viewers      # stack of free viewer slots
+    cdef int free_viewer_count
+    cdef Track* tracks
+    cdef SendBatch batch
+    cdef FanoutCounters counters
+
+    def __cinit__(self, int fd, *, int max_viewers=16384, int max_tracks=64, int batch_size=32):
+        cdef int index
+        if max_viewers < 1 or max_tracks < 1:
+            raise ValueError("max_viewers and max_tracks must be positive")
+        if not 1 <= batch_size <= 1024:   # UIO_MAXIOV bounds one sendmmsg call
+            raise ValueError("batch_size must be in 1..1024")
+        self.family = socket_family(fd)
+        self.fd = fd
+        self.max_viewers = max_viewers
+        self.max_tracks = max_tracks
+        self.viewers = <Viewer*>calloc(max_viewers, sizeof(Viewer))
+        self.free_viewers = <int32_t*>malloc(max_viewers * sizeof(int32_t))
+        self.tracks = <Track*>calloc(max_tracks, sizeof(Track))
+        if (batch_init(&self.batch, fd, batch_size) != 0 or self.viewers == NULL
+                or self.free_viewers == NULL or self.tracks == NULL):
+            raise MemoryError()
+        # Pop order hands out slot 0 first, and a freed slot is the next one reused.
+        for index in range(max_viewers):
+            self.free_viewers[index] = max_viewers - 1 - index
+        self.free_viewer_count = max_viewers
+
+    def __dealloc__(self):
+        cdef int index
+        if self.tracks != NULL:
+            for index in range(self.max_tracks):
+                if self.tracks[index].in_use:
+                    self._free_track(&self.tracks[index])
+            free(self.tracks)
+        if self.viewers != NULL:
+            for index in range(self.max_viewers):
+                if self.viewers[index].in_use:
+                    srtp_ctx_clear(&self.viewers[index].tx)
+                    srtp_ctx_clear(&self.viewers[index].rx)
+            free(self.viewers)
+        free(self.free_viewers)
+        batch_free(&self.batch)
+
+    # -- lookups: unknown ids are the caller's bug, not the peer's -----------------------
+
+    cdef Viewer* _viewer(self, int viewer) except NULL:
+        if not 0 <= viewer < self.max_viewers or not self.viewers[viewer].in_use:
+            raise KeyError(f"no viewer {viewer}")
+        return &self.viewers[viewer]
+
+    cdef Track* _track(self, int track) except NULL:
+        if not 0 <= track < self.max_tracks or not self.tracks[track].in_use:
+            raise KeyError(f"no track {track}")
+        return &self.tracks[track]
+
+    cdef Subscription* _subscription(self, Track* track, int viewer) except NULL:
+        cdef int32_t index = track.subscription_of_viewer[viewer]
+        if index < 0:
+            raise KeyError(f"viewer {viewer} is not subscribed to that track")
+        return &track.subscriptions[index]
+
+    # -- tracks --------------------------------------------------------------------------
+
+    def add_track(self, *, int cache_packets=1024) -> int:
+        """A new ingest stream with a NACK cache of ``cache_packets`` packets."""
+        cdef int index
+        cdef Track* track
+        if not 1 <= cache_packets <= 65536:   # one slot per 16-bit sequence number at most
+            raise ValueError("cache_packets must be in 1..65536")
+        for index in range(self.max_tracks):
+            if not self.tracks[index].in_use:
+                break
+        else:
+            raise ValueError(f"all {self.max_tracks} tracks in use")
+        track = &self.tracks[index]
+        memset(track, 0, sizeof(Track))
+        track.cache_packets = cache_packets
+        track.cache = <uint8_t*>malloc(<size_t>cache_packets * MAX_RTP_PACKET)
+        track.cache_seq = <uint16_t*>calloc(cache_packets, sizeof(uint16_t))
+        track.cache_len = <uint16_t*>calloc(cache_packets, sizeof(uint16_t))
+        track.subscription_of_viewer = <int32_t*>malloc(self.max_viewers * sizeof(int32_t))
+        if (track.cache == NULL or track.cache_seq == NULL or track.cache_len == NULL
+                or track.subscription_of_viewer == NULL):
+            self._free_track(track)
+            raise MemoryError()
+        memset(track.subscription_of_viewer, 0xFF, self.max_viewers * sizeof(int32_t))  # -1
+        track.in_use = 1
+        return index
+
+    cdef void _free_track(self, Track* track) noexcept:
+        cdef int index
+        for index in range(track.subscription_count):
+            free(track.subscriptions[index].ext_map)
+        free(track.subscriptions)
+        free(track.cache)
+        free(track.cache_seq)
+        free(track.cache_len)
+        free(track.subscription_of_viewer)
+        memset(track, 0, sizeof(Track))
+
+    def remove_track(self, int track) -> None:
+        self._free_track(self._track(track))
+
+    # -- viewers -------------------------------------------------------------------------
+
+    def add_viewer(self, host: str, int port, *, int profile, const uint8_t[::1] tx_key,
+                   const uint8_t[::1] tx_salt, const uint8_t[::1] rx_key,
+                   const uint8_t[::1] rx_salt) -> int:
+        """A viewer at ``host``:``port`` with its DTLS-SRTP keys (RFC 5764 §4.2); returns its slot."""
+        cdef sockaddr_in6 address
+        cdef socklen_t address_len = 0
+        cdef Viewer* viewer
+        cdef int slot, result
+        fill_address(&address, &address_len, self.family, host, port)
+        if self.free_viewer_count == 0:
+            raise ValueError(f"all {self.max_viewers} viewer slots in use")
+        key_len, salt_len = profile_key_lengths(profile)
+        if (tx_key.shape[0] != key_len or rx_key.shape[0] != key_len
+                or tx_salt.shape[0] != salt_len or rx_salt.shape[0] != salt_len):
+            raise ValueError(f"profile {profile:#06x} takes {key_len}-byte keys and {salt_len}-byte salts")
+        slot = self.free_viewers[self.free_viewer_count - 1]
+        viewer = &self.viewers[slot]
+        memset(viewer, 0, sizeof(Viewer))
+        result = srtp_ctx_init(&viewer.tx, profile, &tx_key[0], key_len, &tx_salt[0], salt_len)
+        if result >= 0:
+            result = srtp_ctx_init(&viewer.rx, profile, &rx_key[0], key_len, &rx_salt[0], salt_len)
+        if result < 0:
+            srtp_ctx_clear(&viewer.tx)
+            srtp_ctx_clear(&viewer.rx)
+            raise srtp_error(result)
+        viewer.address = address
+        viewer.address_len = address_len
+        viewer.in_use = 1
+        self.free_viewer_count -= 1
+        return slot
+
+    def remove_viewer(self, int viewer) -> None:
+        """Forget the viewer: unsubscribe everything, wipe its keys; the slot is reused."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef int index
+        for index in range(self.max_tracks):
+            if self.tracks[index].in_use and self.tracks[index].subscription_of_viewer[viewer] >= 0:
+                self._unsubscribe(&self.tracks[index], viewer)
+        srtp_ctx_clear(&state.tx)
+        srtp_ctx_clear(&state.rx)
+        memset(state, 0, sizeof(Viewer))
+        self.free_viewers[self.free_viewer_count] = viewer
+        self.free_viewer_count += 1
+
+    def set_viewer_address(self, int viewer, host: str, int port) -> None:
+        """The viewer's ICE-selected address changed (RFC 8445 §7.3.1.5 consent/nomination)."""
+        cdef Viewer* state = self._viewer(viewer)
+        fill_address(&state.address, &state.address_len, self.family, host, port)
+
+    @property
+    def viewer_count(self) -> int:
+        return self.max_viewers - self.free_viewer_count
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, int viewer, int track, *, ssrc: int, payload_type: int,
+                  ext_map: bytes = b"", rtx_ssrc: int = 0, rtx_payload_type: int = -1,
+                  bint wait_keyframe=True) -> None:
+        """Send ``track`` to ``viewer`` as ``ssrc``/``payload_type``; ``ext_map[i]`` is the
+        viewer's id for the publisher's header extension id ``i`` (0 or missing: strip)."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef Track* target = self._track(track)
+        cdef Subscription* grown
+        cdef Subscription* subscription
+        cdef int capacity
+        cdef bytes offsets
+        cdef const uint8_t* random_bytes
+        if target.subscription_of_viewer[viewer] >= 0:
+            raise ValueError(f"viewer {viewer} already subscribed to track {track}")
+        if not 0 <= ssrc <= 0xFFFFFFFF or not 0 <= payload_type <= 127:
+            raise ValueError("ssrc must be 32-bit and payload_type 0..127")
+        has_rtx = rtx_payload_type >= 0
+        if has_rtx and (not 0 <= rtx_payload_type <= 127 or not 0 <= rtx_ssrc <= 0xFFFFFFFF):
+            raise ValueError("rtx_ssrc must be 32-bit and rtx_payload_type 0..127")
+        if len(ext_map) > 256:
+            raise ValueError("ext_map has at most 256 entries (RFC 8285 ids are 8-bit)")
+        if target.subscription_count == target.subscription_capacity:
+            capacity = max(16, 2 * target.subscription_capacity)
+            grown = <Subscription*>realloc(target.subscriptions, capacity * sizeof(Subscription))
+            if grown == NULL:
+                raise MemoryError()
+            target.subscriptions = grown
+            target.subscription_capacity = capacity
+        subscription = &target.subscriptions[target.subscription_count]
+        memset(subscription, 0, sizeof(Subscription))
+        if ext_map:
+            subscription.ext_map = <uint8_t*>calloc(256, 1)
+            if subscription.ext_map == NULL:
+                raise MemoryError()
+            memcpy(subscription.ext_map, <const char*>ext_map, len(ext_map))
+            subscription.ext_map[0] = 0   # id 0 is padding, never an element
+        # RFC 3550 §5.1: the first sequence number and timestamp a receiver sees are
+        # random (unpredictable for known-plaintext attacks on the encryption), and
+        # each viewer gets its own.
+        offsets = _os.urandom(8)
+        subscription.viewer = viewer
+        subscription.ssrc = ssrc
+        subscription.payload_type = payload_type
+        random_bytes = <const uint8_t*><const char*>offsets
+        subscription.seq_offset = load16(random_bytes)
+        subscription.rtx_seq = load16(random_bytes + 2)
+        subscription.ts_offset = load32(random_bytes + 4)
+        subscription.has_rtx = has_rtx
+        if has_rtx:
+            subscription.rtx_ssrc = rtx_ssrc
+            subscription.rtx_payload_type = rtx_payload_type
+        subscription.wait_keyframe = wait_keyframe
+        target.subscription_of_viewer[viewer] = target.subscription_count
+        target.subscription_count += 1
+
+    def unsubscribe(self, int viewer, int track) -> None:
+        cdef Track* target = self._track(track)
+        self._viewer(viewer)
+        self._subscription(target, viewer)
+        self._unsubscribe(target, viewer)
+
+    cdef void _unsubscribe(self, Track* track, int viewer) noexcept:
+        # Swap-remove: the last subscription fills the hole, so push() still walks a
+        # dense array.
+        cdef int32_t index = track.subscription_of_viewer[viewer]
+        cdef int32_t last = track.subscription_count - 1
+        free(track.subscriptions[index].ext_map)
+        if index != last:
+            track.subscriptions[index] = track.subscriptions[last]
+            track.subscription_of_viewer[track.subscriptions[index].viewer] = index
+        track.subscription_count = last
+        track.subscription_of_viewer[viewer] = -1
+
+    # -- media ---------------------------------------------------------------------------
+
+    cdef int _flush(self) noexcept nogil:
+        """Send the batch and credit what the kernel accepted to viewers and SR counts."""
+        cdef int index, accepted
+        cdef Viewer* viewer
+        cdef Subscription* subscription
+        if self.batch.count == 0:
+            return 0
+        accepted = batch_send(&self.batch, &self.counters)
+        for index in range(self.batch.count):
+            viewer = &self.viewers[self.batch.slot_viewer[index]]
+            if self.batch.accepted[index]:
+                viewer.packets_sent += 1
+                viewer.bytes_sent += self.batch.iov[index].iov_len
+                self.counters.bytes_sent += self.batch.iov[index].iov_len
+                subscription = self.batch.slot_subscription[index]
+                if subscription != NULL:
+                    subscription.packets_sent += 1
+                    subscription.octets_sent += self.batch.slot_payload_len[index]
+            else:
+                viewer.send_errors += 1
+        self.counters.packets_sent += accepted
+        self.batch.count = 0
+        return accepted
+
+    cdef int _queue(self, int32_t viewer_index, Viewer* viewer, int length,
+                           Subscription* subscription, uint32_t payload_len) noexcept nogil:
+        """Commit the next slot for ``viewer``; flush when the batch is full."""
+        self.batch.slot_viewer[self.batch.count] = viewer_index
+        self.batch.slot_subscription[self.batch.count] = subscription
+        self.batch.slot_payload_len[self.batch.count] = payload_len
+        batch_commit(&self.batch, length, &viewer.address, viewer.address_len)
+        if self.batch.count == self.batch.capacity:
+            return self._flush()
+        return 0
+
+    def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False) -> int:
+        """Cache ``packet`` (plain RTP) and send it to every subscriber of ``track``;
+        returns datagrams the kernel accepted. Malformed or oversized packets are counted
+        and dropped."""
+        cdef Track* source = self._track(track)
+        cdef int length = packet.shape[0]
+        cdef RtpLayout layout
+        cdef uint16_t sequence
+        cdef uint32_t timestamp
+        cdef int index, protected_len, sent = 0, cache_index
+        cdef Subscription* subscription
+        cdef Viewer* viewer
+        cdef uint8_t* slot
+        cdef uint8_t* cached
+        if length > MAX_RTP_PACKET:
+            self.counters.dropped_too_large += 1
+            return 0
+        if length == 0 or rtp_parse_layout(&packet[0], length, &layout) != 0:
+            self.counters.dropped_malformed += 1
+            return 0
+        self.counters.pushed += 1
+        source.pushed += 1
+        sequence = load16(&packet[2])
+        timestamp = load32(&packet[4])
+        with nogil:
+            # The one copy that outlives this call: NACKs are answered from it.
+            cache_index = sequence % source.cache_packets
+            cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
+            memcpy(cached, &packet[0], length)
+            source.cache_seq[cache_index] = sequence
+            source.cache_len[cache_index] = <uint16_t>length
+            for index in range(source.subscription_count):
+                subscription = &source.subscriptions[index]
+                viewer = &self.viewers[subscription.viewer]
+                if subscription.wait_keyframe:
+                    # A decoder cannot start mid-GOP: hold the viewer until a keyframe.
+                    if not keyframe:
+                        viewer.dropped_waiting_keyframe += 1
+                        self.counters.dropped_waiting_keyframe += 1
+                        continue
+                    subscription.wait_keyframe = 0
+                slot = batch_next_slot(&self.batch)
+                memcpy(slot, cached, length)
+                rtp_rewrite(slot, &layout, subscription, sequence, timestamp)
+                protected_len = srtp_protect_rtp(&viewer.tx, slot, length, BATCH_SLOT_SIZE)
+                if protected_len < 0:
+                    viewer.protect_errors += 1
+                    self.counters.protect_errors += 1
+                    continue
+                sent += self._queue(subscription.viewer, viewer, protected_len, subscription,
+                                    layout.payload_len)
+            sent += self._flush()
+        return sent
+
+    def resend(self, int viewer, int track, seqs) -> int:
+        """Answer a Generic NACK (RFC 4585 §6.2.1): re-send the viewer's sequence numbers
+        ``seqs`` from the cache, as RTX (RFC 4588 §4) when the subscription has it.
+        Returns packets the kernel accepted; sequence numbers no longer cached are counted
+        as ``resend_misses``."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef Track* source = self._track(track)
+        cdef Subscription* subscription = self._subscription(source, viewer)
+        cdef RtpLayout layout
+        cdef int cache_index, length, sent = 0, protected_len, resent_count = 0
+        cdef uint16_t viewer_seq, publisher_seq
+        cdef const uint8_t* cached
+        cdef uint8_t* slot
+        requested_seqs = list(seqs)
+        for requested in requested_seqs:
+            if not 0 <= requested <= 0xFFFF:
+                raise ValueError(f"sequence number {requested} is not 16-bit")
+        for requested in requested_seqs:
+            viewer_seq = requested
+            publisher_seq = <uint16_t>(viewer_seq - subscription.seq_offset)
+            cache_index = publisher_seq % source.cache_packets
+            length = source.cache_len[cache_index]
+            cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
+            # The slot may hold a newer packet with the same index: check the stored seq.
+            if length == 0 or source.cache_seq[cache_index] != publisher_seq:
+                state.resend_misses += 1
+                self.counters.resend_misses += 1
+                continue
+            rtp_parse_layout(cached, length, &layout)   # validated when it was pushed
+            slot = batch_next_slot(&self.batch)
+            if subscription.has_rtx:
+                # RFC 4588 §4: RTX header (same timestamp and marker, RTX SSRC/PT, own
+                # sequence space), then the original sequence number (the one the viewer
+                # knows), then the original payload without its padding.
+                memcpy(slot, cached, layout.header_len)
+                slot[0] &= ~0x20
+                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4))
+                slot[1] = (slot[1] & 0x80) | subscription.rtx_payload_type
+                store16(slot + 2, subscription.rtx_seq)
+                store32(slot + 8, subscription.rtx_ssrc)
+                subscription.rtx_seq += 1
+                store16(slot + layout.header_len, viewer_seq)
+                memcpy(slot + layout.header_len + RTX_OSN_SIZE, cached + layout.header_len,
+                       layout.payload_len)
+                length = layout.header_len + RTX_OSN_SIZE + layout.payload_len
+            else:
+                memcpy(slot, cached, length)
+                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4))
+            protected_len = srtp_protect_rtp(&state.tx, slot, length, BATCH_SLOT_SIZE)
+            if protected_len < 0:
+                state.protect_errors += 1
+                self.counters.protect_errors += 1
+                continue
+            sent += self._queue(viewer, state, protected_len, NULL, 0)
+        sent += self._flush()
+        state.resent += sent
+        self.counters.resent += sent
+        if subscription.has_rtx:
+            state.rtx_sent += sent
+            self.counters.rtx_sent += sent
+        return sent
+
+    def send_sender_reports(self, int track, ntp_time: int, rtp_time: int) -> int:
+        """An RTCP SR (RFC 3550 §6.4.1) to every subscriber of ``track``: the viewer's SSRC,
+        ``ntp_time`` (64-bit NTP format), ``rtp_time`` in the viewer's timestamp space,
+        and its packet/octet counts. Returns datagrams the kernel accepted."""
+        cdef Track* source = self._track(track)
+        cdef uint64_t ntp = ntp_time
+        cdef uint32_t rtp = <uint32_t>(rtp_time & 0xFFFFFFFF)
+        cdef int index, protected_len, sent = 0
+        cdef Subscription* subscription
+        cdef Viewer* viewer
+        cdef uint8_t* slot
+        with nogil:
+            for index in range(source.subscription_count):
+                subscription = &source.subscriptions[index]
+                viewer = &self.viewers[subscription.viewer]
+                slot = batch_next_slot(&self.batch)
+                # V=2, P=0, RC=0 | PT=200 (SR) | length = 6 (32-bit words minus one)
+                slot[0] = 0x80
+                slot[1] = 200
+                store16(slot + 2, 6)
+                store32(slot + 4, subscription.ssrc)
+                store32(slot + 8, <uint32_t>(ntp >> 32))
+                store32(slot + 12, <uint32_t>ntp)
+                store32(slot + 16, rtp + subscription.ts_offset)
+                store32(slot + 20, subscription.packets_sent)
+                store32(slot + 24, subscription.octets_sent)
+                protected_len = srtp_protect_rtcp(&viewer.tx, slot, RTCP_SR_SIZE, BATCH_SLOT_SIZE)
+                if protected_len < 0:
+                    viewer.protect_errors += 1
+                    self.counters.protect_errors += 1
+                    continue
+                viewer.sender_reports_sent += 1
+                sent += self._queue(subscription.viewer, viewer, protected_len, NULL, 0)
+            sent += self._flush()
+        self.counters.sender_reports_sent += sent
+        return sent
+
+    def send_rtcp(self, int viewer, const uint8_t[::1] packet not None) -> int:
+        """Protect plain RTCP ``packet`` (e.g. an answer to the viewer's feedback) with the
+        viewer's keys and send it; returns 1 if the kernel accepted it, else 0."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef int length = packet.shape[0]
+        cdef int protected_len
+        cdef uint8_t* slot
+        if not 8 <= length <= MAX_RTP_PACKET:
+            raise ValueError(f"RTCP packet of {length} bytes")
+        slot = batch_next_slot(&self.batch)
+        memcpy(slot, &packet[0], length)
+        protected_len = srtp_protect_rtcp(&state.tx, slot, length, BATCH_SLOT_SIZE)
+        if protected_len < 0:
+            state.protect_errors += 1
+            self.counters.protect_errors += 1
+            raise srtp_error(protected_len)
+        self._queue(viewer, state, protected_len, NULL, 0)
+        if self._flush() != 1:
+            return 0
+        state.rtcp_sent += 1
+        self.counters.rtcp_sent += 1
+        return 1
+
+    def unprotect_rtcp(self, int viewer, const uint8_t[::1] packet not None) -> bytes:
+        """The plain RTCP inside the viewer's SRTCP ``packet``; SrtpError if it fails."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef bytearray plain = bytearray(packet)
+        cdef int length = len(plain)
+        cdef uint8_t* buffer = <uint8_t*>(<char*>plain) if length else NULL
+        if length:
+            length = srtp_unprotect_rtcp(&state.rx, buffer, length)
+        else:
+            length = SRTP_ERR_MALFORMED
+        if length < 0:
+            state.rtcp_errors += 1
+            raise srtp_error(length)
+        state.rtcp_received += 1
+        return bytes(plain[:length])
+
+    # -- counters ------------------------------------------------------------------------
+
+    def viewer_stats(self, int viewer) -> dict:
+        cdef Viewer* state = self._viewer(viewer)
+        return {
+            "packets_sent": state.packets_sent,
+            "bytes_sent": state.bytes_sent,
+            "send_errors": state.send_errors,
+            "protect_errors": state.protect_errors,
+            "dropped_waiting_keyframe": state.dropped_waiting_keyframe,
+            "resent": state.resent,
+            "rtx_sent": state.rtx_sent,
+            "resend_misses": state.resend_misses,
+            "sender_reports_sent": state.sender_reports_sent,
+            "rtcp_sent": state.rtcp_sent,
+            "rtcp_received": state.rtcp_received,
+            "rtcp_errors": state.rtcp_errors,
+        }
+
+    def stats(self) -> dict:
+        cdef int index, tracks = 0, subscriptions = 0
+        for index in range(self.max_tracks):
+            if self.tracks[index].in_use:
+                tracks += 1
+                subscriptions += self.tracks[index].subscription_count
+        return {
+            "viewers": self.max_viewers - self.free_viewer_count,
+            "tracks": tracks,
+            "subscriptions": subscriptions,
+            "pushed": self.counters.pushed,
+            "dropped_malformed": self.counters.dropped_malformed,
+            "dropped_too_large": self.counters.dropped_too_large,
+            "dropped_waiting_keyframe": self.counters.dropped_waiting_keyframe,
+            "packets_sent": self.counters.packets_sent,
+            "bytes_sent": self.counters.bytes_sent,
+            "send_errors": self.counters.send_errors,
+            "send_buffer_full": self.counters.send_buffer_full,
+            "protect_errors": self.counters.protect_errors,
+            "sendmmsg_calls": self.counters.sendmmsg_calls,
+            "resent": self.counters.resent,
+            "rtx_sent": self.counters.rtx_sent,
+            "resend_misses": self.counters.resend_misses,
+            "sender_reports_sent": self.counters.sender_reports_sent,
+            "rtcp_sent": self.counters.rtcp_sent,
+        }
+
+
+def measure_send_limit(int fd, destinations, *, int profile, int packet_size, int packets,
+                       int batch_size=32):
+    """The same-run limit for benchmarks: protect one packet per destination with ONE
+    SRTP context and sendmmsg the batches, with none of the fan-out's per-viewer work.
+    ``packets`` packets each go to every destination. Returns (datagrams sent, seconds)."""
+    cdef int family = socket_family(fd)
+    cdef int count = len(destinations)
+    cdef sockaddr_in6* addresses
+    cdef socklen_t* address_lens
+    cdef SendBatch batch
+    cdef FanoutCounters counters
+    cdef SrtpCtx context
+    cdef uint8_t template[MAX_RTP_PACKET]
+    cdef int index, destination, packet_index, result
+    cdef uint16_t sequence = 0
+    cdef uint8_t* slot
+    cdef long long sent = 0
+    cdef double started, elapsed
+    if not 12 <= packet_size <= MAX_RTP_PACKET or packets < 0 or count == 0:
+        raise ValueError("packet_size must be 12..1500, packets >= 0, destinations non-empty")
+    if not 1 <= batch_size <= 1024:
+        raise ValueError("batch_size must be in 1..1024")
+    key_len, salt_len = profile_key_lengths(profile)
+    key = _os.urandom(key_len)
+    salt = _os.urandom(salt_len)
+    memset(&counters, 0, sizeof(counters))
+    memset(&batch, 0, sizeof(batch))
+    memset(&context, 0, sizeof(context))
+    addresses = <sockaddr_in6*>calloc(count, sizeof(sockaddr_in6))
+    address_lens = <socklen_t*>calloc(count, sizeof(socklen_t))
+    try:
+        if addresses == NULL or address_lens == NULL or batch_init(&batch, fd, batch_size) != 0:
+            raise MemoryError()
+        for index, (host, port) in enumerate(destinations):
+            fill_address(&addresses[index], &address_lens[index], family, host, port)
+        result = srtp_ctx_init(&context, profile, <const uint8_t*><const char*>key, key_len,
+                               <const uint8_t*><const char*>salt, salt_len)
+        if result < 0:
+            raise srtp_error(result)
+        memset(template, 0, packet_size)
+        template[0] = 0x80           # V=2
+        template[1] = 96             # a dynamic payload type (RFC 3551 §6)
+        store32(template + 8, 0x5EED5EED)
+        with nogil:
+            started = monotonic_seconds()
+            for packet_index in range(packets):
+                for destination in range(count):
+                    slot = batch_next_slot(&batch)
+                    memcpy(slot, template, packet_size)
+                    store16(slot + 2, sequence)
+                    sequence += 1
+                    result = srtp_protect_rtp(&context, slot, packet_size, BATCH_SLOT_SIZE)
+                    if result < 0:
+                        continue
+                    batch_commit(&batch, result, &addresses[destination],
+                                 address_lens[destination])
+                    if batch.count == batch.capacity:
+                        sent += batch_send(&batch, &counters)
+                        batch.count = 0
+            if batch.count:
+                sent += batch_send(&batch, &counters)
+                batch.count = 0
+            elapsed = monotonic_seconds() - started
+    finally:
+        srtp_ctx_clear(&context)
+        batch_free(&batch)
+        free(addresses)
+        free(address_lens)
+    return sent, elapsed
