@@ -435,6 +435,23 @@ def test_checker_paces_new_checks_and_retransmits_on_rto() -> None:
     assert now == pytest.approx(2 * CHECK_PACING + 31.5 + 8.0)
 
 
+def test_checker_stops_other_checks_once_connected() -> None:
+    lite = make_lite()
+    silent = ("192.0.2.9", 40000)
+    checker = make_checker(lite, remote_candidates=[silent, SERVER_ADDRESS])
+    first = checker.next_request(0.0)
+    assert first is not None and first[1] == silent  # never answered
+    now = CHECK_PACING
+    request, destination = checker.next_request(now) or (b"", None)
+    assert destination == SERVER_ADDRESS
+    response = lite.receive_stun(request, CLIENT_ADDRESS, now)
+    assert response is not None
+    checker.receive_stun(response, SERVER_ADDRESS, now)
+    assert drain(checker) == [IceConnected(SERVER_ADDRESS)]
+    # No retransmission to the silent candidate any more: next is the consent check.
+    assert checker.get_timer() == pytest.approx(now + 5.0)
+
+
 def test_stun_local_ufrag_extracts_first_half() -> None:
     request = binding_request(username="abcd:efgh", key=b"k")
     assert stun_local_ufrag(bytes(request)) == "abcd"

@@ -450,8 +450,9 @@ class IceControllingChecker:
     ``consent_timeout`` after the last authenticated response.
 
     Driving it: call ``next_request(now)`` until it returns None and send each
-    datagram, feed responses to ``receive_stun``, and call ``handle_timer`` at
-    ``get_timer()``.
+    datagram (the first call starts the checks), feed responses to
+    ``receive_stun``, and call ``handle_timer`` at ``get_timer()``, then
+    ``next_request`` again.
     """
 
     def __init__(
@@ -617,6 +618,11 @@ class IceControllingChecker:
             self.selected_address = transaction.address
             self._schedule_consent_check(now)
             self._events.append(IceConnected(transaction.address))
+            # RFC 8445 §8.1.2: with a pair nominated, checks on the others stop.
+            for other_id, other in list(self._transactions.items()):
+                if other.address != transaction.address:
+                    del self._transactions[other_id]
+                    self._pairs[other.address].transactions.remove(other_id)
 
     def get_timer(self) -> float | None:
         if self._consent_expired:
