@@ -45,7 +45,7 @@ LIBSRTP_PROFILE = {
     PROFILE_AEAD_AES_256_GCM: Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
 }
 
-# RTP tag length per profile (RFC 5764 §4.1.2, RFC 7714 §7).
+# RTP tag length per profile (RFC 5764 §4.1.2, RFC 7714 §14.2).
 RTP_TAG_LENGTH = {
     PROFILE_AES128_CM_SHA1_80: 10,
     PROFILE_AES128_CM_SHA1_32: 4,
@@ -257,7 +257,7 @@ def test_rfc7714_17_srtcp_vector_rejects_flipped_index() -> None:
 
 
 def test_profile_key_lengths() -> None:
-    # RFC 5764 §4.1.2 and RFC 7714 §12: (master key, master salt) bytes.
+    # RFC 5764 §4.1.2 and RFC 7714 §14.2: (master key, master salt) bytes.
     assert profile_key_lengths(PROFILE_AES128_CM_SHA1_80) == (16, 14)
     assert profile_key_lengths(PROFILE_AES128_CM_SHA1_32) == (16, 14)
     assert profile_key_lengths(PROFILE_AEAD_AES_128_GCM) == (16, 12)

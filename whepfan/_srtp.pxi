@@ -14,7 +14,7 @@
 # of an older sequence number is protected with the ROC it was first sent with and leaves
 # the stream state alone.
 #
-# Packet layout (RFC 3711 §3.1; RFC 7714 §7 for AEAD, where the tag is 16 bytes):
+# Packet layout (RFC 3711 §3.1; RFC 7714 §14.2 for AEAD, where the tag is 16 bytes):
 #
 #     0                   1                   2                   3
 #     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -75,7 +75,7 @@ cdef enum:
     SRTCP_INDEX_LEN = 4           # E flag + 31-bit SRTCP index (RFC 3711 §3.4)
     SRTCP_E_FLAG = 0x80000000
     SRTCP_INDEX_MASK = 0x7FFFFFFF
-    GCM_TAG_LEN = 16              # RFC 7714 §7: 16-octet authentication tag
+    GCM_TAG_LEN = 16              # RFC 7714 §14.2: 16-octet authentication tag
     GCM_IV_LEN = 12               # RFC 7714 §8.1
     CM_SALT_LEN = 14              # RFC 3711 §4.3.3: 112-bit session salt
     GCM_SALT_LEN = 12             # RFC 7714 §11: 96-bit salt
@@ -134,7 +134,7 @@ cdef inline void xor_be32(uint8_t* p, uint32_t v) noexcept nogil:
 
 
 cdef int profile_lengths(int profile, int* key_len, int* salt_len) noexcept nogil:
-    # Master key/salt lengths: RFC 5764 §4.1.2 (CM), RFC 7714 §12 (GCM).
+    # Master key/salt lengths: RFC 5764 §4.1.2 (CM), RFC 7714 §14.2 (GCM).
     if profile == PROFILE_AES128_CM_SHA1_80 or profile == PROFILE_AES128_CM_SHA1_32:
         key_len[0] = 16
         salt_len[0] = CM_SALT_LEN

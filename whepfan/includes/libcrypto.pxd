@@ -2,8 +2,8 @@
 # (whepfan/_srtp.pxi). Linked with -lcrypto (setup.py).
 
 cdef extern from "openssl/crypto.h" nogil:
-    # Constant-time comparison: 0 iff equal. Tag checks must not leak how many
-    # leading bytes matched (RFC 3711 §9.5.1 relies on the tag being unforgeable).
+    # Constant-time comparison, 0 iff equal: a tag check that leaked how many leading
+    # bytes matched would let a forger find a valid tag byte by byte.
     int CRYPTO_memcmp(const void* a, const void* b, size_t length)
     void OPENSSL_cleanse(void* ptr, size_t length)
 
