@@ -28,8 +28,8 @@ from whepfan._fastpath import (
 )
 
 # Private test hooks, not part of the public surface in _fastpath.pyi.
-derive_session_keys = _fastpath._derive_session_keys  # type: ignore[attr-defined]
-session_from_session_keys = SrtpSession._from_session_keys  # type: ignore[attr-defined]
+derive_session_keys = _fastpath._derive_session_keys
+session_from_session_keys = SrtpSession._from_session_keys
 
 ALL_PROFILES = [
     PROFILE_AES128_CM_SHA1_80,

@@ -11,6 +11,11 @@ PROFILE_AEAD_AES_256_GCM: int
 def profile_key_lengths(profile: int) -> tuple[int, int]:
     """(master key length, master salt length) in bytes for a profile."""
 
+def _derive_session_keys(
+    profile: int, key: bytes, salt: bytes
+) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+    """Test hook: (rtp_key, rtp_auth_key, rtp_salt, rtcp_key, rtcp_auth_key, rtcp_salt)."""
+
 class SrtpError(ValueError):
     """A packet failed to protect/unprotect; ``reason`` is one of
     "malformed", "auth", "replay", "no-room", "streams", "crypto"."""
@@ -26,6 +31,16 @@ class SrtpSession:
     """
 
     def __init__(self, profile: int, key: bytes, salt: bytes) -> None: ...
+    @staticmethod
+    def _from_session_keys(
+        profile: int,
+        rtp_key: bytes,
+        rtp_auth_key: bytes,
+        rtp_salt: bytes,
+        rtcp_key: bytes,
+        rtcp_auth_key: bytes,
+        rtcp_salt: bytes,
+    ) -> SrtpSession: ...
     def protect(self, packet: bytes) -> bytes: ...
     def unprotect(self, packet: bytes) -> bytes: ...
     def protect_rtcp(self, packet: bytes) -> bytes: ...
