@@ -928,7 +928,6 @@ def accept_counter_answer(
     RFC 3264 §6.1: the answer to a sendonly stream is recvonly (or rejects it) and uses the
     offer's payload type numbers; extensions it keeps keep the offer's ids (RFC 8285 §6).
     """
-    remote_transport(answer)
     if len(answer.media) != len(counter_offer.media):
         raise Unprocessable("answer must have one m= section per offered one (RFC 3264 §6)")
     egress: list[EgressMedia] = []
@@ -990,4 +989,5 @@ def accept_counter_answer(
         )
     if not egress:
         raise NotAcceptable("the answer accepted no m= section")
+    remote_transport(answer)  # the accepted sections must carry ICE and DTLS parameters
     return egress

@@ -599,8 +599,10 @@ class MediaSection:
             codec.set_rtpmap(rest.strip())
         elif name == "fmtp" and value is not None:
             pt_text, _, rest = value.partition(" ")
-            codec = self._codec_entry(_int(pt_text, "fmtp payload type", high=127))
-            codec.fmtp.extend(Codec.parse_fmtp(rest))
+            payload_type = _int(pt_text, "fmtp payload type", high=127)
+            params = Codec.parse_fmtp(rest)
+            if params:  # an empty a=fmtp says nothing (RFC 8866 §6.15)
+                self._codec_entry(payload_type).fmtp.extend(params)
         elif name == "rtcp-fb" and value is not None:
             pt_text, _, rest = value.partition(" ")
             feedback = " ".join(rest.split())
@@ -627,9 +629,11 @@ class MediaSection:
     def _serialize(self) -> Iterator[str]:
         port = f"{self.port}/{self.port_count}" if self.port_count is not None else str(self.port)
         yield " ".join(["m=" + self.kind, port, self.proto, *self.formats])
-        yield from self.lines
+        # RFC 8866 §5: i= then c= then b= and k=.
+        yield from (line for line in self.lines if line[0] == "i")
         if self.connection is not None:
             yield f"c={self.connection}"
+        yield from (line for line in self.lines if line[0] != "i")
         for candidate in self.candidates:
             yield f"a=candidate:{candidate}"
         yield from _transport_lines(
@@ -820,7 +824,9 @@ class SessionDescription:
                 raise ParseError(f"'{kind}=' is not allowed in a media section")
             if kind == "a":
                 current._add_attribute(*_split_attribute(value))
-            elif kind == "c" and current.connection is None:
+            elif kind == "c":
+                if current.connection is not None:
+                    raise ParseError("second c= line in a media section")
                 current.connection = Connection.parse(value)
             else:
                 current.lines.append(line)
@@ -834,7 +840,9 @@ class SessionDescription:
             self.name = value
         elif kind == "t":
             self.timing = " ".join(str(_int(p, "t=")) for p in _exactly(value.split(), 2, "t="))
-        elif kind == "c" and self.connection is None:
+        elif kind == "c":
+            if self.connection is not None:
+                raise ParseError("second session-level c= line")
             self.connection = Connection.parse(value)
         else:
             self.lines.append(line)

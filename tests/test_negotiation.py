@@ -1,0 +1,500 @@
+"""WHIP/WHEP offer/answer negotiation against real and client-shaped offers."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+
+from whepfan.errors import NotAcceptable, Unprocessable
+from whepfan.protocol.negotiation import (
+    EXT_ABS_SEND_TIME,
+    EXT_AUDIO_LEVEL,
+    EXT_MID,
+    EXT_REPAIRED_RID,
+    EXT_RID,
+    EXT_TRANSPORT_CC,
+    EXT_VIDEO_ORIENTATION,
+    EgressMedia,
+    IngestMedia,
+    IngestTrack,
+    LocalTransport,
+    RtpCodec,
+    accept_counter_answer,
+    answer_publisher,
+    answer_setup,
+    answer_viewer,
+    build_counter_offer,
+    h264_profile,
+)
+from whepfan.protocol.sdp import Candidate, MediaSection, SessionDescription
+
+FIXTURES = Path("/work/shared/fixtures/sdp")
+WHEP_RECVONLY = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
+WHIP_SENDONLY = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
+WHIP_SIMULCAST = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()
+
+LOCAL = LocalTransport(
+    "srvU",
+    "serverpasswordserverpass",
+    [("sha-256", ":".join(["4F"] * 32))],
+    [Candidate.parse("1 1 udp 2130706431 198.18.0.1 40000 typ host")],
+)
+
+
+def _ssrcs(start: int = 1000) -> Callable[[], int]:
+    counter = itertools.count(start)
+    return lambda: next(counter)
+
+
+def _opus(pt: int = 111) -> RtpCodec:
+    return RtpCodec("opus", 48000, 2, pt, (("minptime", "10"), ("useinbandfec", "1")))
+
+
+def _video(
+    name: str, pt: int, fmtp: tuple[tuple[str, str], ...] = (), rtx: int | None = None
+) -> RtpCodec:
+    return RtpCodec(name, 90000, None, pt, fmtp, ("nack", "nack pli"), rtx)
+
+
+def _ingest(kind: str, codec: RtpCodec, mid: str, ext: dict[str, int] | None = None) -> IngestMedia:
+    return IngestMedia(mid, kind, codec, ext or {}, (IngestTrack(ssrc=11),))
+
+
+AUDIO = _ingest("audio", _opus(), "0", {EXT_AUDIO_LEVEL: 1, EXT_MID: 4})
+VP8 = _ingest("video", _video("VP8", 96, rtx=97), "1", {EXT_ABS_SEND_TIME: 2, EXT_MID: 4})
+H264_CB = _ingest(
+    "video",
+    _video("H264", 108, (("packetization-mode", "1"), ("profile-level-id", "42e01f")), 109),
+    "1",
+)
+H264_CHIGH = _ingest(
+    "video", _video("H264", 102, (("packetization-mode", "1"), ("profile-level-id", "640c1f"))), "1"
+)
+
+
+def _check_transport(answer: SessionDescription, setup: str = "passive") -> None:
+    assert answer.ice_lite
+    for section in answer.media:
+        if section.rejected:
+            continue
+        assert section.ice_ufrag == "srvU" and section.ice_pwd == "serverpasswordserverpass"
+        assert section.setup == setup
+        assert section.rtcp_mux and section.rtcp_mux_only
+        assert [c.address for c in section.candidates] == ["198.18.0.1"]
+        assert section.end_of_candidates
+
+
+# ---------------------------------------------------------------- WHIP
+
+
+def test_whip_sendonly_fixture() -> None:
+    answer, ingest = answer_publisher(SessionDescription.parse(WHIP_SENDONLY), LOCAL)
+    answer = SessionDescription.parse(str(answer))
+    _check_transport(answer)
+    assert answer.bundle_mids == ["0", "1"]
+    audio, video = answer.media
+    assert audio.direction == video.direction == "recvonly"
+    # One codec per section (+ its rtx): the first supported one in offer order.
+    assert audio.formats == ["111"] and video.formats == ["96", "97"]
+    assert video.codec(97) is not None and video.codec(97).fmtp == [("apt", "96")]  # type: ignore[union-attr]
+    # Offered extension ids are kept; transport-cc is not (no TWCC feedback by default).
+    assert video.extmap_id(EXT_RID) == 10 and video.extmap_id(EXT_TRANSPORT_CC) is None
+    assert "transport-cc" not in video.codec(96).rtcp_fb  # type: ignore[union-attr]
+    assert [m.kind for m in ingest] == ["audio", "video"]
+    assert ingest[0].ssrc == 412631864 and ingest[0].rtx_ssrc is None
+    assert (ingest[1].ssrc, ingest[1].rtx_ssrc) == (1750141743, 2201050024)
+    assert ingest[1].codec.rtx_payload_type == 97
+    assert ingest[1].extension_ids[EXT_ABS_SEND_TIME] == 2
+
+
+def test_whip_simulcast_fixture_answers_every_layer() -> None:
+    answer, ingest = answer_publisher(SessionDescription.parse(WHIP_SIMULCAST), LOCAL)
+    text = str(answer)
+    assert "a=rid:q recv\r\na=rid:h recv\r\na=rid:f recv\r\n" in text
+    assert "a=simulcast:recv q;h;f\r\n" in text
+    video = SessionDescription.parse(text).media[1]
+    assert video.simulcast is not None and not video.simulcast.send
+    assert ingest[1].rids == ("q", "h", "f") and ingest[1].simulcast
+    assert (ingest[1].rid_extension_id, ingest[1].repaired_rid_extension_id) == (10, 11)
+
+
+def test_whip_transport_cc_opt_in() -> None:
+    answer, ingest = answer_publisher(
+        SessionDescription.parse(WHIP_SENDONLY), LOCAL, transport_cc=True
+    )
+    assert answer.media[1].extmap_id(EXT_TRANSPORT_CC) == 3
+    assert "transport-cc" in ingest[1].codec.rtcp_feedback
+
+
+WHIP_TEMPLATE = """v=0
+o=- 1 1 IN IP4 127.0.0.1
+s=-
+t=0 0
+a=group:BUNDLE {mids}
+m=audio 9 UDP/TLS/RTP/SAVPF 111
+c=IN IP4 0.0.0.0
+a=ice-ufrag:cliU
+a=ice-pwd:clientpasswordclientpass
+a=fingerprint:sha-256 {fp}
+a=setup:{setup}
+a=mid:{audio_mid}
+a={direction}
+a=rtcp-mux
+a=rtpmap:111 opus/48000/2
+a=ssrc:5 cname:x
+m=video {video_port} UDP/TLS/RTP/SAVPF {video_pts}
+c=IN IP4 0.0.0.0
+{bundle_only}a=ice-ufrag:cliU
+a=ice-pwd:clientpasswordclientpass
+a=fingerprint:sha-256 {fp}
+a=setup:{setup}
+a=mid:{video_mid}
+a=sendonly
+a=rtcp-mux
+{video_codecs}
+"""
+VP8_LINES = "a=rtpmap:96 VP8/90000\na=rtpmap:97 rtx/90000\na=fmtp:97 apt=96"
+
+
+def _whip_offer(**overrides: str) -> SessionDescription:
+    values = {
+        "mids": "0 1",
+        "fp": ":".join(["AB"] * 32),
+        "setup": "actpass",
+        "audio_mid": "0",
+        "video_mid": "1",
+        "direction": "sendonly",
+        "video_port": "9",
+        "video_pts": "96 97",
+        "bundle_only": "",
+        "video_codecs": VP8_LINES,
+    }
+    values.update(overrides)
+    return SessionDescription.parse(WHIP_TEMPLATE.format(**values))
+
+
+def test_ffmpeg_like_passive_offer_gets_active() -> None:
+    # RFC 8842 §5.5: an offer of passive is answered active (FFmpeg's WHIP muxer).
+    answer, _ = answer_publisher(_whip_offer(setup="passive"), LOCAL)
+    _check_transport(answer, setup="active")
+    assert [answer_setup(s) for s in ("actpass", "active", "passive", None)] == [
+        "passive",
+        "passive",
+        "active",
+        "passive",
+    ]
+    with pytest.raises(Unprocessable):
+        answer_setup("holdconn")
+
+
+def test_gstreamer_like_bundle_only_section_is_accepted() -> None:
+    offer = _whip_offer(
+        mids="audio0 video1",
+        audio_mid="audio0",
+        video_mid="video1",
+        video_port="0",
+        bundle_only="a=bundle-only\n",
+    )
+    answer, ingest = answer_publisher(offer, LOCAL)
+    assert answer.bundle_mids == ["audio0", "video1"]
+    assert [m.mid for m in ingest] == ["audio0", "video1"]
+    video = answer.media[1]
+    assert video.port == 9 and not video.bundle_only and video.formats == ["96", "97"]
+
+
+def test_h264_packetization_mode_1_preferred() -> None:
+    codecs = (
+        "a=rtpmap:104 H264/90000\na=fmtp:104 packetization-mode=0;profile-level-id=42e01f\n"
+        "a=rtpmap:108 H264/90000\na=fmtp:108 packetization-mode=1;profile-level-id=42e01f"
+    )
+    _, ingest = answer_publisher(_whip_offer(video_pts="104 108", video_codecs=codecs), LOCAL)
+    assert ingest[1].codec.payload_type == 108
+
+
+def test_whip_rejections() -> None:
+    with pytest.raises(Unprocessable):  # RFC 9725 §4.2: recvonly offer
+        answer_publisher(_whip_offer(direction="recvonly"), LOCAL)
+    with pytest.raises(Unprocessable):  # RFC 9725 §4.4.2: two tracks of one kind
+        two_audio = str(_whip_offer()).replace("m=video", "m=audio")
+        answer_publisher(
+            SessionDescription.parse(two_audio.replace("VP8/90000", "opus/48000/2")), LOCAL
+        )
+    with pytest.raises(Unprocessable):  # RFC 9143: two sections need BUNDLE
+        answer_publisher(_whip_offer(mids="0"), LOCAL)
+    h265 = {"video_pts": "49", "video_codecs": "a=rtpmap:49 H265/90000"}
+    with pytest.raises(Unprocessable):  # RFC 9725 §4.4.3: no partial answers by default
+        answer_publisher(_whip_offer(**h265), LOCAL)
+    answer, ingest = answer_publisher(_whip_offer(**h265), LOCAL, reject_partial=False)
+    assert answer.media[1].port == 0 and [m.kind for m in ingest] == ["audio"]
+    assert answer.bundle_mids == ["0"]
+    only_h265 = SessionDescription.parse(str(_whip_offer(**h265)))
+    only_h265.media = only_h265.media[1:]
+    with pytest.raises(Unprocessable):
+        answer_publisher(only_h265, LOCAL, reject_partial=False)
+
+
+# ---------------------------------------------------------------- WHEP
+
+
+def _viewer(
+    ingest: list[IngestMedia], offer: str = WHEP_RECVONLY
+) -> tuple[SessionDescription, list[EgressMedia]]:
+    answer, egress = answer_viewer(
+        SessionDescription.parse(offer), LOCAL, ingest, ssrc_source=_ssrcs()
+    )
+    return SessionDescription.parse(str(answer)), egress
+
+
+def test_whep_opus_vp8() -> None:
+    answer, egress = _viewer([AUDIO, VP8])
+    _check_transport(answer)
+    assert answer.bundle_mids == ["0", "1"]
+    audio, video = answer.media
+    assert audio.direction == video.direction == "sendonly"
+    assert audio.formats == ["111"] and video.formats == ["96", "97"]
+    # WHEP §4.5.2: one MediaStream id on every section.
+    assert {m.msid.split()[0] for m in answer.media if m.msid} == {"whepfan"}
+    assert video.ssrc_groups[0].semantics == "FID" and video.ssrc_groups[0].ssrcs == [1001, 1002]
+    assert {(s.ssrc, s.attribute) for s in video.ssrcs} >= {(1001, "cname"), (1002, "msid")}
+    # Only extensions the stream carries and that survive forwarding; the viewer's ids.
+    assert [e.uri for e in video.extmaps] == [EXT_ABS_SEND_TIME]
+    assert [e.uri for e in audio.extmaps] == [EXT_AUDIO_LEVEL]
+    assert video.codec(96).rtcp_fb == ["goog-remb", "ccm fir", "nack", "nack pli"]  # type: ignore[union-attr]
+    assert [(e.mid, e.payload_type, e.rtx_payload_type, e.ssrc, e.rtx_ssrc) for e in egress] == [
+        ("0", 111, None, 1000, None),
+        ("1", 96, 97, 1001, 1002),
+    ]
+    assert egress[1].source_mid == "1"
+
+
+def test_whep_h264_constrained_baseline_picks_viewer_pt() -> None:
+    _, egress = _viewer([AUDIO, H264_CB])
+    # Chromium's 42e01f packetization-mode=1 is PT 108 with rtx 109 in the fixture.
+    assert (egress[1].payload_type, egress[1].rtx_payload_type) == (108, 109)
+
+
+def test_whep_video_only_and_audio_only_streams() -> None:
+    answer, egress = _viewer([VP8])
+    assert answer.media[0].port == 0 and answer.media[0].rejected
+    assert answer.bundle_mids == ["1"] and [e.kind for e in egress] == ["video"]
+    answer, egress = _viewer([AUDIO])
+    assert answer.media[1].rejected and answer.bundle_mids == ["0"]
+    assert [e.kind for e in egress] == ["audio"]
+
+
+def test_whep_constrained_high_does_not_match_chromium_profiles() -> None:
+    # 640c1f is Constrained High; Chromium offers B, CB, Main and High 4:4:4 only.
+    with pytest.raises(NotAcceptable):
+        _viewer([H264_CHIGH])
+    answer, egress = _viewer([AUDIO, H264_CHIGH])
+    assert answer.media[1].rejected and [e.kind for e in egress] == ["audio"]
+
+
+def test_whep_vp9_profile_must_match() -> None:
+    vp9_p2 = _ingest("video", _video("VP9", 100, (("profile-id", "2"),)), "1")
+    _, egress = _viewer([vp9_p2])
+    assert (egress[0].payload_type, egress[0].rtx_payload_type) == (100, 101)
+
+
+def test_h264_profiles_rfc6184_table5() -> None:
+    # RFC 6184 §8.1 Table 5: profile_idc + profile-iop name the sub-profile; level ignored.
+    assert h264_profile("42e01f") == "constrained-baseline"  # 42, x1xx0000
+    assert h264_profile("4de01f") == "constrained-baseline"  # 4D, 1xxx0000
+    assert h264_profile("58c01f") == "constrained-baseline"  # 58, 11xx0000
+    assert h264_profile("42001f") == "baseline"  # 42, x0xx0000
+    assert h264_profile("42a01e") == "baseline"
+    assert h264_profile("4d001f") == "main"
+    assert h264_profile("640032") == "high"
+    assert h264_profile("f4001f") == "high-4:4:4"
+    assert h264_profile(None) == "baseline"  # default 42000A
+    assert h264_profile("zz") is None and h264_profile("ff0000") is None
+
+
+def _single_h264_offer(profile_level_id: str, mode: str = "1") -> str:
+    return (
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 102\r\na=mid:v\r\na=recvonly\r\na=rtcp-mux\r\n"
+        "a=ice-ufrag:cliU\r\na=ice-pwd:clientpasswordclientpass\r\n"
+        f"a=fingerprint:sha-256 {':'.join(['AB'] * 32)}\r\na=setup:actpass\r\n"
+        "a=rtpmap:102 H264/90000\r\n"
+        f"a=fmtp:102 packetization-mode={mode};profile-level-id={profile_level_id}\r\n"
+    )
+
+
+def test_h264_matching_rules() -> None:
+    # Level may differ (42e034 vs 42e01f); a CB stream also plays on a Baseline decoder;
+    # a Baseline stream does not fit a CB-only decoder; packetization-mode must be equal.
+    _, egress = _viewer([H264_CB], _single_h264_offer("42e034"))
+    assert egress[0].payload_type == 102
+    _, egress = _viewer([H264_CB], _single_h264_offer("42001f"))
+    assert egress[0].payload_type == 102
+    baseline = _ingest(
+        "video",
+        _video("H264", 102, (("packetization-mode", "1"), ("profile-level-id", "42001f"))),
+        "1",
+    )
+    with pytest.raises(NotAcceptable):
+        _viewer([baseline], _single_h264_offer("42e01f"))
+    with pytest.raises(NotAcceptable):
+        _viewer([H264_CB], _single_h264_offer("42e01f", mode="0"))
+
+
+def test_ext_map_strips_per_transport_extensions() -> None:
+    ingest = IngestMedia(
+        "1",
+        "video",
+        _video("VP8", 96),
+        {
+            EXT_MID: 1,
+            EXT_RID: 2,
+            EXT_REPAIRED_RID: 3,
+            EXT_TRANSPORT_CC: 5,
+            EXT_ABS_SEND_TIME: 6,
+            EXT_VIDEO_ORIENTATION: 9,
+        },
+    )
+    viewer = EgressMedia(
+        "1",
+        "video",
+        "1",
+        _video("VP8", 96),
+        ssrc=7,
+        extension_ids={
+            EXT_MID: 4,
+            EXT_RID: 10,
+            EXT_TRANSPORT_CC: 3,
+            EXT_ABS_SEND_TIME: 2,
+            EXT_VIDEO_ORIENTATION: 13,
+        },
+    )
+    table = viewer.ext_map_for(ingest)
+    assert len(table) == 256
+    expected = bytearray(256)
+    expected[6], expected[9] = 2, 13
+    assert table == bytes(expected)
+
+
+def test_ext_map_from_real_negotiations() -> None:
+    _, ingest = answer_publisher(SessionDescription.parse(WHIP_SIMULCAST), LOCAL)
+    _, egress = _viewer(ingest)
+    table = egress[1].ext_map_for(ingest[1])
+    # Same Chromium ids on both sides for forwarded ones; mid(4), rid(10), rrid(11),
+    # twcc(3) and DD(12, the viewer offered none) are stripped.
+    assert {i: table[i] for i in range(256) if table[i]} == {
+        14: 14,
+        2: 2,
+        13: 13,
+        5: 5,
+        6: 6,
+        7: 7,
+        8: 8,
+    }
+
+
+def test_whep_offer_direction_and_duplicate_ssrcs() -> None:
+    with pytest.raises(Unprocessable):  # WHEP §4.2.5: sendonly offer
+        _viewer([AUDIO, VP8], WHEP_RECVONLY.replace("a=recvonly", "a=sendonly"))
+    repeating = iter([5, 5, 5, 6, 6, 7])
+    _, egress = answer_viewer(
+        SessionDescription.parse(WHEP_RECVONLY),
+        LOCAL,
+        [AUDIO, VP8],
+        ssrc_source=lambda: next(repeating),
+    )
+    assert [e.ssrc for e in egress] + [egress[1].rtx_ssrc] == [5, 6, 7]
+
+
+# ---------------------------------------------------------------- counter-offer (406 path)
+
+
+def test_counter_offer_shape() -> None:
+    offer = SessionDescription.parse(
+        str(build_counter_offer(LOCAL, [AUDIO, H264_CB], ssrc_source=_ssrcs()))
+    )
+    _check_transport(offer, setup="actpass")
+    assert offer.bundle_mids == ["0", "1"]
+    assert all(m.direction == "sendonly" for m in offer.media)
+    video: MediaSection = offer.media[1]
+    assert video.formats == ["108", "109"]
+    assert video.codec(108).parameter("profile-level-id") == "42e01f"  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- aiortc as a real client
+
+
+def _pc() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def test_aiortc_viewer_accepts_answer() -> None:
+    pc = _pc()
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        answer, egress = answer_viewer(
+            SessionDescription.parse(pc.localDescription.sdp),
+            LOCAL,
+            [AUDIO, VP8],
+            ssrc_source=_ssrcs(),
+        )
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=str(answer), type="answer"))
+        assert pc.signalingState == "stable"
+        assert [t.currentDirection for t in pc.getTransceivers()] == ["recvonly", "recvonly"]
+        assert [(e.kind, e.codec.name) for e in egress] == [("audio", "opus"), ("video", "VP8")]
+    finally:
+        await pc.close()
+
+
+async def test_aiortc_publisher_accepts_answer() -> None:
+    pc = _pc()
+    try:
+        pc.addTrack(AudioStreamTrack())
+        pc.addTrack(VideoStreamTrack())
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = SessionDescription.parse(pc.localDescription.sdp)
+        answer, ingest = answer_publisher(offer, LOCAL)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=str(answer), type="answer"))
+        assert [t.currentDirection for t in pc.getTransceivers()] == ["sendonly", "sendonly"]
+        assert [m.codec.name for m in ingest] == ["opus", "VP8"]
+        assert ingest[1].ssrc is not None and ingest[1].rtx_ssrc is not None
+    finally:
+        await pc.close()
+
+
+async def test_aiortc_answers_counter_offer() -> None:
+    counter = build_counter_offer(LOCAL, [AUDIO, VP8], ssrc_source=_ssrcs())
+    pc = _pc()
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=str(counter), type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        answer = SessionDescription.parse(pc.localDescription.sdp)
+        assert answer.media[0].setup == "active"
+        egress = accept_counter_answer(counter, answer)
+        assert [(e.mid, e.payload_type, e.rtx_payload_type) for e in egress] == [
+            ("0", 111, None),
+            ("1", 96, 97),
+        ]
+        assert egress[1].ssrc == counter.media[1].ssrc_groups[0].ssrcs[0]
+        assert egress[1].rtx_ssrc == counter.media[1].ssrc_groups[0].ssrcs[1]
+        assert EXT_ABS_SEND_TIME in egress[1].extension_ids
+        assert "nack" in egress[1].rtcp_feedback
+    finally:
+        await pc.close()
+
+
+def test_counter_answer_must_be_recvonly() -> None:
+    counter = build_counter_offer(LOCAL, [AUDIO], ssrc_source=_ssrcs())
+    bogus = SessionDescription.parse(str(counter))
+    bogus.media[0].setup = "active"
+    with pytest.raises(Unprocessable):  # a sendonly "answer" to a sendonly offer
+        accept_counter_answer(counter, bogus)
+    bogus.media[0].direction = "recvonly"
+    bogus.media[0].port = 0
+    with pytest.raises(NotAcceptable):
+        accept_counter_answer(counter, bogus)
