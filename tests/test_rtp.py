@@ -277,7 +277,22 @@ rtp_packets = st.builds(
 )
 
 
-@given(rtp_packets)
+raw_extension_packets = st.builds(
+    RtpPacket,
+    payload_type=st.integers(0, 127),
+    sequence_number=st.integers(0, 0xFFFF),
+    timestamp=st.integers(0, 0xFFFFFFFF),
+    ssrc=st.integers(0, 0xFFFFFFFF),
+    extension_profile=st.integers(0, 0xFFFF).filter(
+        lambda profile: profile != 0xBEDE and profile & 0xFFF0 != 0x1000
+    ),
+    extension_data=st.binary(max_size=24).map(lambda data: data + bytes(-len(data) % 4)),
+    payload=st.binary(max_size=50),
+    padding_length=st.integers(0, 255),
+)
+
+
+@given(rtp_packets | raw_extension_packets)
 def test_round_trip(packet: RtpPacket) -> None:
     data = packet.serialize()
     assert RtpPacket.parse(data) == packet
@@ -321,6 +336,18 @@ def test_fuzz_with_a_valid_first_byte(tail: bytes) -> None:
             RtpPacket.parse(data)
         with contextlib.suppress(ParseError):
             rtp_header_length(data)
+
+
+@given(st.binary(max_size=20))
+def test_fuzz_sdes_string(value: bytes) -> None:
+    packet = RtpPacket(
+        payload_type=96, sequence_number=0, timestamp=0, ssrc=0, extensions=[(1, value)]
+    )
+    try:
+        text = read_sdes_string(packet, 1)
+    except ParseError:
+        return
+    assert text is not None and text.encode() == value.rstrip(b"\x00")
 
 
 @given(st.binary(max_size=8))

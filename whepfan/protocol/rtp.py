@@ -47,6 +47,7 @@ _TWO_BYTE_PROFILE_MASK = 0xFFF0
 _FIXED_HEADER = struct.Struct("!BBHII")
 _EXTENSION_HEADER = struct.Struct("!HH")
 _UINT16 = struct.Struct("!H")
+_CSRC_LISTS = tuple(struct.Struct(f"!{count}I") for count in range(16))
 
 # Header extension URIs (the a=extmap names, RFC 8285 §5) that a WebRTC fan-out meets.
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"  # RFC 8843 §15
@@ -112,7 +113,7 @@ class RtpPacket:
         offset = FIXED_HEADER_LENGTH + 4 * csrc_count
         if offset > length:
             raise ParseError("RTP packet truncated inside its CSRC list")
-        csrcs = list(struct.unpack_from(f"!{csrc_count}I", data, FIXED_HEADER_LENGTH))
+        csrcs = list(_CSRC_LISTS[csrc_count].unpack_from(data, FIXED_HEADER_LENGTH))
 
         extensions: list[tuple[int, bytes]] = []
         extension_profile: int | None = None
@@ -189,7 +190,7 @@ class RtpPacket:
         header = _FIXED_HEADER.pack(first, second, self.sequence_number, self.timestamp, self.ssrc)
         parts = [header]
         if self.csrcs:
-            parts.append(struct.pack(f"!{len(self.csrcs)}I", *self.csrcs))
+            parts.append(_CSRC_LISTS[len(self.csrcs)].pack(*self.csrcs))
         parts.append(extension_block)
         parts.append(self.payload)
         if self.padding_length:
