@@ -1,0 +1,74 @@
+"""The aiohttp application: routes, CORS, and the mapping of errors to responses.
+
+Errors split as in ``whepfan.errors``: a ``PeerError`` is the client's fault and becomes
+a 4xx problem+json (RFC 9457); ``ServiceUnavailable`` is the only 5xx we mean to send
+(503 + Retry-After). Anything else escaping a handler is a bug: it is logged, counted,
+and answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from whepfan.errors import PeerError, ServiceUnavailable
+from whepfan.http.backend import SessionRouter
+from whepfan.http.cors import cors_middleware
+from whepfan.http.problem import problem_response
+from whepfan.http.routes import HttpOptions, WhipWhepResources
+
+log = logging.getLogger("whepfan.http")
+
+COUNTERS_KEY = web.AppKey("counters", Counter)
+# Headers aiohttp's own HTTP errors carry that must survive the problem+json rewrite:
+# Allow on 405 (RFC 9110 §15.5.6), Accept-* on 415 (RFC 9110 §15.5.16, RFC 5789 §2.2).
+_KEPT_HEADERS = ("Allow", "Accept-Post", "Accept-Patch", "Retry-After", "WWW-Authenticate")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    counters = request.app[COUNTERS_KEY]
+    try:
+        return await handler(request)
+    except (PeerError, ServiceUnavailable) as exc:
+        counters[f"http_{exc.status}"] += 1
+        # Some errors name a header their status needs (WWW-Authenticate on 401).
+        headers: dict[str, str] | None = getattr(exc, "response_headers", None)
+        return problem_response(
+            exc.status, exc.detail, retry_after=exc.retry_after, headers=headers
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        counters[f"http_{exc.status}"] += 1
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return problem_response(exc.status, exc.reason, headers=kept)
+    except Exception:
+        # A bug, never a client's fault: log it with the request line, answer 500.
+        counters["http_500"] += 1
+        log.exception("%s %s failed", request.method, request.path)
+        return problem_response(500, "internal error; see the server log")
+
+
+def create_app(
+    *,
+    router: SessionRouter,
+    clock: Callable[[], float],
+    options: HttpOptions,
+    wall_clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The WHIP/WHEP application for one router; ``clock`` is the router's ``now``."""
+    app = web.Application(
+        middlewares=[cors_middleware, error_middleware],
+        client_max_size=options.max_body_bytes,
+    )
+    app[COUNTERS_KEY] = Counter()
+    WhipWhepResources(
+        router=router, clock=clock, options=options, wall_clock=wall_clock
+    ).add_routes(app)
+    return app

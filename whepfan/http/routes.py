@@ -1,0 +1,346 @@
+"""WHIP (RFC 9725) and WHEP (draft-ietf-wish-whep-03) resources.
+
+::
+
+    /whip/{stream}             endpoint: POST offer, OPTIONS, GET/HEAD
+    /whip/{stream}/{session}   session:  PATCH (trickle, ICE restart), DELETE, OPTIONS, GET/HEAD
+    /whep/{stream}             endpoint: POST offer (201, or 406 + counter-offer), OPTIONS, GET/HEAD
+    /whep/{stream}/{session}   session:  PATCH (trickle, ICE restart, counter-offer answer), DELETE
+
+Every handler reads the whole request body first and then calls the router without
+awaiting anything, so a client that disconnects mid-request can never leave half a
+session behind. Errors are raised as ``whepfan.errors`` types; ``app.py`` turns them into
+problem+json responses.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from whepfan.errors import (
+    Conflict,
+    NotAcceptable,
+    NotFound,
+    ParseError,
+    PeerError,
+    UnsupportedMediaType,
+)
+from whepfan.http.auth import require_token
+from whepfan.http.backend import SessionRouter, SessionView
+from whepfan.http.cors import add_preflight_headers, is_preflight
+from whepfan.http.etag import check_if_match
+from whepfan.http.links import IceServer
+from whepfan.protocol import sdp
+
+log = logging.getLogger("whepfan.http")
+
+SDP = "application/sdp"
+SDPFRAG = "application/trickle-ice-sdpfrag"
+# RFC 8840 §9 / RFC 5789 §3.1: what PATCH on a session accepts.
+ACCEPT_PATCH = SDPFRAG
+# The router's session ids are 192-bit token_urlsafe strings; stream names are kept to
+# URL-safe unreserved characters (RFC 3986 §2.3) so Locations never need escaping.
+STREAM_PATTERN = r"[A-Za-z0-9._~-]{1,128}"
+SESSION_PATTERN = r"[A-Za-z0-9_-]{16,128}"
+ENDPOINT_METHODS = "OPTIONS, GET, HEAD, POST"
+SESSION_METHODS = "OPTIONS, GET, HEAD, PATCH, DELETE"
+# WHEP draft-03 §4.2.2: without valid-until a counter-offer is valid for 30 s.
+DEFAULT_COUNTER_OFFER_TTL = 30.0
+
+
+class Protocol(enum.Enum):
+    """Which of the two specifications a resource follows."""
+
+    WHIP = "whip"
+    WHEP = "whep"
+
+    @property
+    def session_kind(self) -> str:
+        return "publisher" if self is Protocol.WHIP else "viewer"
+
+
+class UnsupportedBodyType(UnsupportedMediaType):
+    """415 naming the accepted types (RFC 9110 §15.5.16; RFC 5789 §2.2 for PATCH)."""
+
+    def __init__(self, method: str, accepted: tuple[str, ...], received: str) -> None:
+        super().__init__(f"Content-Type must be {' or '.join(accepted)}, not {received}")
+        field_name = "Accept-Post" if method == "POST" else "Accept-Patch"
+        self.response_headers = {field_name: ", ".join(accepted)}
+
+
+ProtocolHandler = Callable[[web.Request, Protocol], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpOptions:
+    """Signalling policy (built by ``whepfan.settings``)."""
+
+    publish_token: str | None = None
+    view_token: str | None = None
+    ice_servers: tuple[IceServer, ...] = ()
+    # RFC 6585 §3 428 for PATCH without If-Match; off by default (reference/clients.md).
+    strict_etag: bool = False
+    # A second WHIP publisher replaces the live one instead of getting 409.
+    publisher_takeover: bool = False
+    counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    max_body_bytes: int = 128 * 1024
+
+
+@dataclass(eq=False, kw_only=True)
+class WhipWhepResources:
+    """The handlers, bound to one router and its clock."""
+
+    router: SessionRouter
+    clock: Callable[[], float]  # the media worker's loop time: the router's ``now``
+    options: HttpOptions
+    wall_clock: Callable[[], float] = time.time  # for HTTP-dates and TURN credentials
+    # Client ufrags adopted by ICE restarts this layer asked for, per session object, so a
+    # trickle that follows a restart (new ufrag, before the new pair verifies) is not
+    # taken for a second restart. Weak keys: the entry goes when the router drops the
+    # session, whatever ends it (DELETE, consent expiry, DTLS failure).
+    _restart_ufrags: weakref.WeakKeyDictionary[SessionView, set[str]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+
+    def add_routes(self, app: web.Application) -> None:
+        for protocol in Protocol:
+            endpoint = f"/{protocol.value}/{{stream:{STREAM_PATTERN}}}"
+            session = f"{endpoint}/{{session:{SESSION_PATTERN}}}"
+            app.router.add_route("POST", endpoint, self._bind(self.post_offer, protocol))
+            app.router.add_route("OPTIONS", endpoint, self._bind(self.options_endpoint, protocol))
+            app.router.add_route("GET", endpoint, self.get_endpoint)
+            app.router.add_route("HEAD", endpoint, self.head_endpoint)
+            app.router.add_route("PATCH", session, self._bind(self.patch_session, protocol))
+            app.router.add_route("DELETE", session, self._bind(self.delete_session, protocol))
+            app.router.add_route("OPTIONS", session, self._bind(self.options_session, protocol))
+            app.router.add_route("GET", session, self._bind(self.get_session, protocol))
+            app.router.add_route("HEAD", session, self._bind(self.get_session, protocol))
+
+    @staticmethod
+    def _bind(handler: ProtocolHandler, protocol: Protocol) -> Handler:
+        async def bound(request: web.Request) -> web.StreamResponse:
+            return await handler(request, protocol)
+
+        return bound
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def post_offer(self, request: web.Request, protocol: Protocol) -> web.Response:
+        """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
+        self._authorize(request, protocol)
+        offer = await self._read_body(request, accepted=(SDP,))
+        stream = request.match_info["stream"]
+        now = self.clock()
+        if protocol is Protocol.WHIP:
+            session, answer = self._publish(stream, offer, now)
+        else:
+            try:
+                session, answer = self.router.view(stream, offer, now)
+            except NotAcceptable:
+                return self._counter_offer(stream, now)
+        headers = {
+            "Location": self._location(protocol, session),
+            "ETag": session.etag,
+            # Only M01/M02 required it, but live777, Meetecho and MediaMTX send it and the
+            # wish-wg WHIP test checks it (spec notes §1.2).
+            "Accept-Patch": ACCEPT_PATCH,
+        }
+        response = web.Response(status=201, body=answer.encode(), headers=headers)
+        response.headers["Content-Type"] = SDP
+        self._add_ice_server_links(response)
+        return response
+
+    def _publish(self, stream: str, offer: str, now: float) -> tuple[SessionView, str]:
+        try:
+            return self.router.publish(stream, offer, now)
+        except Conflict:
+            current = self.router.streams.get(stream)
+            publisher = current.publisher if current is not None else None
+            if not self.options.publisher_takeover or publisher is None:
+                raise
+            # Check the newcomer's offer reads before dropping the live publisher for it.
+            sdp.SessionDescription.parse(offer)
+            log.info("publisher on %r taken over by a new WHIP session", stream)
+            self.router.end_session(publisher.id, now, "taken-over")
+            return self.router.publish(stream, offer, now)
+
+    def _counter_offer(self, stream: str, now: float) -> web.Response:
+        """WHEP draft-03 §4.2.2: 406 with our own offer and the future session's Location;
+        the player PATCHes its answer there. The router drops the session if no answer
+        comes within ``counter_offer_ttl``."""
+        session, offer = self.router.counter_offer(stream, now)
+        valid_until = email.utils.formatdate(
+            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
+        )
+        response = web.Response(
+            status=406,
+            body=offer.encode(),
+            headers={
+                "Location": self._location(Protocol.WHEP, session),
+                "ETag": session.etag,
+                "Accept-Patch": f"{SDP}, {SDPFRAG}",
+            },
+        )
+        # The parameter value is an HTTP-date (RFC 9110 §5.6.7), which needs quoting.
+        response.headers["Content-Type"] = f'{SDP}; valid-until="{valid_until}"'
+        return response
+
+    async def options_endpoint(self, request: web.Request, protocol: Protocol) -> web.Response:
+        """WHEP draft-03 §4.3: OPTIONS for CORS, 200 with Accept-Post. A preflight is
+        never authenticated (§4.8.1: players send no token on it)."""
+        response = web.Response(status=200, headers={"Accept-Post": SDP})
+        add_preflight_headers(response, ENDPOINT_METHODS)
+        if not is_preflight(request) and self._is_authorized(request, protocol):
+            # RFC 9725 §4.6 allows ice-server Links on OPTIONS (not on preflights) for
+            # clients that need them before createOffer; only to a caller with the token,
+            # since TURN credentials are handed out.
+            self._add_ice_server_links(response)
+        return response
+
+    async def get_endpoint(self, request: web.Request) -> web.Response:
+        # RFC 9725 §4.1 / WHEP draft-03 §4.1: no representation, 2xx without content.
+        return web.Response(status=204)
+
+    async def head_endpoint(self, request: web.Request) -> web.Response:
+        # WHEP editor's copy after -03 (discoverability): 200 with Content-Type
+        # application/sdp and no body, so players can tell a WHEP endpoint apart.
+        response = web.Response(status=200)
+        response.headers["Content-Type"] = SDP
+        return response
+
+    # ------------------------------------------------------------------ sessions
+
+    async def patch_session(self, request: web.Request, protocol: Protocol) -> web.Response:
+        self._authorize(request, protocol)
+        session = self._session(request, protocol)
+        accepted = (SDPFRAG, SDP) if protocol is Protocol.WHEP else (SDPFRAG,)
+        body = await self._read_body(request, accepted=accepted)
+        check_if_match(
+            if_match=request.headers.get("If-Match"),
+            etag_header=request.headers.get("ETag"),
+            current=session.etag,
+            strict=self.options.strict_etag,
+        )
+        now = self.clock()
+        if request.content_type == SDP:
+            # WHEP draft-03 §4.2.2: the player's answer to our counter-offer -> 204.
+            self.router.accept_counter_answer(session.id, body, now)
+            return web.Response(status=204)
+        if _is_json(body):
+            # react-native-whip-whep PATCHes JSON under the sdpfrag type: nothing usable.
+            return web.Response(status=204)
+        fragment = sdp.parse_sdpfrag(body)
+        if self._is_ice_restart(session, fragment):
+            return self._restart_ice(session, fragment, now)
+        # WHEP draft-03 §4.4.2: 204, no body, and no ETag on a trickle.
+        self.router.trickle(session.id, fragment, now)
+        return web.Response(status=204)
+
+    def _is_ice_restart(self, session: SessionView, fragment: sdp.SdpFragment) -> bool:
+        """WHEP draft-03 §4.4.3 / RFC 9725 §4.3.3: a new ufrag/pwd is a restart. Not
+        ``If-Match: *`` alone: MediaMTX sends that on every plain trickle."""
+        ufrag = fragment.ufrag
+        if ufrag is None:
+            return False
+        known = {session.ice.remote_ufrag, *self._restart_ufrags.get(session, ())}
+        return ufrag not in known
+
+    def _restart_ice(
+        self, session: SessionView, fragment: sdp.SdpFragment, now: float
+    ) -> web.Response:
+        if fragment.pwd is None:
+            raise ParseError("an ICE restart carries a new ice-pwd along with the ice-ufrag")
+        ufrag = fragment.ufrag
+        assert ufrag is not None
+        answer = self.router.restart_ice(session.id, fragment, now)
+        self._restart_ufrags.setdefault(session, set()).add(ufrag)
+        # 200 + our new ICE attributes and candidates + a new ETag (WHEP draft-03 §4.4.3).
+        response = web.Response(status=200, body=answer.encode(), headers={"ETag": session.etag})
+        response.headers["Content-Type"] = SDPFRAG
+        return response
+
+    async def delete_session(self, request: web.Request, protocol: Protocol) -> web.Response:
+        """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1)."""
+        self._authorize(request, protocol)
+        session = self._session(request, protocol)
+        self.router.end_session(session.id, self.clock(), "deleted")
+        self._restart_ufrags.pop(session, None)
+        # 200, as the spec's diagram shows; OBS warns on anything else (spec notes §1.8).
+        return web.Response(status=200)
+
+    async def options_session(self, request: web.Request, protocol: Protocol) -> web.Response:
+        accept_patch = f"{SDPFRAG}, {SDP}" if protocol is Protocol.WHEP else SDPFRAG
+        response = web.Response(status=200, headers={"Accept-Patch": accept_patch})
+        add_preflight_headers(response, SESSION_METHODS)
+        return response
+
+    async def get_session(self, request: web.Request, protocol: Protocol) -> web.Response:
+        # RFC 9725 §4.1: a session has no representation either; 2xx without content.
+        self._session(request, protocol)
+        return web.Response(status=204)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_for(self, protocol: Protocol) -> str | None:
+        options = self.options
+        return options.publish_token if protocol is Protocol.WHIP else options.view_token
+
+    def _authorize(self, request: web.Request, protocol: Protocol) -> None:
+        # Only the Authorization header counts: a ?token= query is never authentication.
+        require_token(self._token_for(protocol), request.headers.get("Authorization"))
+
+    def _is_authorized(self, request: web.Request, protocol: Protocol) -> bool:
+        try:
+            self._authorize(request, protocol)
+        except PeerError:
+            return False
+        return True
+
+    def _session(self, request: web.Request, protocol: Protocol) -> SessionView:
+        """The session named by the URL; 404 unless it exists under this very endpoint."""
+        session = self.router.get_session(request.match_info["session"])
+        if (
+            session.stream != request.match_info["stream"]
+            or session.kind.value != protocol.session_kind
+        ):
+            raise NotFound("no such session")
+        return session
+
+    async def _read_body(self, request: web.Request, *, accepted: tuple[str, ...]) -> str:
+        if request.content_type not in accepted:
+            raise UnsupportedBodyType(request.method, accepted, request.content_type)
+        raw = await request.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParseError("the body is not UTF-8 text") from None
+
+    def _location(self, protocol: Protocol, session: SessionView) -> str:
+        # Always an absolute path: some clients resolve nothing else (spec notes §1.2).
+        return f"/{protocol.value}/{session.stream}/{session.id}"
+
+    def _add_ice_server_links(self, response: web.StreamResponse) -> None:
+        unix_now = self.wall_clock()
+        for server in self.options.ice_servers:
+            # One Link field per server (spec notes §1.10: not a comma-joined list).
+            response.headers.add("Link", server.link_value(unix_now))
+
+
+def _is_json(body: str) -> bool:
+    if body.lstrip()[:1] not in ("{", "["):
+        return False
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True

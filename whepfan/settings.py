@@ -1,0 +1,276 @@
+"""Server settings: one frozen dataclass, resolved from (highest first) command-line
+options, ``WHEPFAN_*`` environment variables, a TOML file, and defaults.
+
+Every option has the same name everywhere: ``--publish-token`` on the command line,
+``WHEPFAN_PUBLISH_TOKEN`` in the environment, ``publish_token`` in the TOML file.
+Repeatable options (``public_ip``, ``ice_server``) are lists in TOML and comma-separated
+in the environment; a value from a higher source replaces the whole list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from whepfan.config import MediaConfig
+from whepfan.errors import ParseError
+from whepfan.http.links import IceServer
+from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
+
+ENV_PREFIX = "WHEPFAN_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or inconsistent (the CLI exits with status 2)."""
+
+
+def parse_host_port(value: str, *, what: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{what}: {value!r} is not HOST:PORT")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    udp_host: str = "0.0.0.0"
+    udp_port: int = 8189
+    public_ips: tuple[str, ...] = ()
+    publish_token: str | None = None
+    view_token: str | None = None
+    ice_servers: tuple[IceServer, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_insecure_http: bool = False
+    strict_etag: bool = False
+    publisher_takeover: bool = False
+    max_viewers: int = MediaConfig().max_viewers
+    counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    log_level: str = "info"
+    # Set by with_generated_publish_token(); lets the server log the token it made.
+    publish_token_generated: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together")
+        if (
+            self.tls_cert is None
+            and not self.allow_insecure_http
+            and not _is_loopback(self.http_host)
+        ):
+            # WHEP draft-03 §5 / RFC 9725 §6: HTTPS SHALL be used; bearer tokens and
+            # session URLs are credentials.
+            raise SettingsError(
+                f"plain HTTP on {self.http_host} would send tokens in clear text: give "
+                "--tls-cert/--tls-key, bind to loopback, or pass --allow-insecure-http"
+            )
+        for address in self.public_ips:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise SettingsError(f"public IP {address!r} is not an IP address") from None
+        if self.max_viewers < 0:
+            raise SettingsError("max_viewers cannot be negative")
+        if self.counter_offer_ttl <= 0:
+            raise SettingsError("counter_offer_ttl must be positive")
+        for token in (self.publish_token, self.view_token):
+            if token is not None and (not token or any(c.isspace() for c in token)):
+                raise SettingsError("tokens are non-empty and contain no whitespace")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log level {self.log_level!r} is not debug/info/warning/error")
+
+    @property
+    def insecure_http(self) -> bool:
+        """Plain HTTP off loopback (allowed only by --allow-insecure-http)."""
+        return self.tls_cert is None and not _is_loopback(self.http_host)
+
+    def with_generated_publish_token(self) -> Settings:
+        """With no publish token configured, make one, so publishing is never open by
+        accident; the caller logs it (``publish_token_generated``)."""
+        if self.publish_token is not None:
+            return self
+        return replace(self, publish_token=secrets.token_urlsafe(24), publish_token_generated=True)
+
+    def media_config(self) -> MediaConfig:
+        values: dict[str, Any] = {
+            "udp_host": self.udp_host,
+            "udp_port": self.udp_port,
+            "public_ips": self.public_ips,
+            "max_viewers": self.max_viewers,
+        }
+        if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
+            values["counter_offer_ttl"] = self.counter_offer_ttl
+        return MediaConfig(**values)
+
+    def http_options(self) -> HttpOptions:
+        return HttpOptions(
+            publish_token=self.publish_token,
+            view_token=self.view_token,
+            ice_servers=self.ice_servers,
+            strict_etag=self.strict_etag,
+            publisher_takeover=self.publisher_takeover,
+            counter_offer_ttl=self.counter_offer_ttl,
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        cli: Mapping[str, Any],
+        environ: Mapping[str, str],
+        config_path: Path | None = None,
+    ) -> Settings:
+        """Merge the sources: ``cli`` holds only the options given on the command line
+        (raw values as argparse produced them), ``environ`` is the process environment."""
+        raw: dict[str, Any] = {}
+        path = config_path
+        if path is None and environ.get(ENV_PREFIX + "CONFIG"):
+            path = Path(environ[ENV_PREFIX + "CONFIG"])
+        if path is not None:
+            raw.update(_from_toml(path))
+        raw.update(_from_environ(environ))
+        raw.update({k: v for k, v in cli.items() if v is not None})
+        return cls(**_convert(raw))
+
+
+# Option name -> kind; the name is also the TOML key and the env suffix (upper-cased).
+_OPTIONS: dict[str, str] = {
+    "http": "host_port",
+    "udp": "host_port",
+    "public_ip": "list",
+    "publish_token": "str",
+    "view_token": "str",
+    "ice_server": "ice_list",
+    "tls_cert": "path",
+    "tls_key": "path",
+    "allow_insecure_http": "bool",
+    "strict_etag": "bool",
+    "publisher_takeover": "bool",
+    "max_viewers": "int",
+    "counter_offer_ttl": "float",
+    "log_level": "str",
+}
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+    # The TOML may use the plural spelling for the lists (ice_servers = [...]).
+    aliases = {"public_ips": "public_ip", "ice_servers": "ice_server"}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        name = aliases.get(key, key).replace("-", "_")
+        if name not in _OPTIONS:
+            raise SettingsError(f"{path}: unknown setting {key!r}")
+        values[name] = value
+    return values
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, kind in _OPTIONS.items():
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is None or value == "":
+            continue
+        if kind in ("list", "ice_list"):
+            values[name] = [item.strip() for item in value.split(",") if item.strip()]
+        else:
+            values[name] = value
+    return values
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn merged raw values (strings from env/CLI, typed values from TOML) into fields."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = _OPTIONS[name]
+        try:
+            if kind == "host_port":
+                host, port = parse_host_port(_expect(value, str, name), what=name)
+                out[f"{name}_host"], out[f"{name}_port"] = host, port
+            elif kind == "list":
+                out["public_ips"] = tuple(_expect(item, str, name) for item in _as_list(value))
+            elif kind == "ice_list":
+                out["ice_servers"] = tuple(_ice_server(item) for item in _as_list(value))
+            elif kind == "str":
+                out[name] = _expect(value, str, name)
+            elif kind == "path":
+                out[name] = Path(_expect(value, str, name))
+            elif kind == "bool":
+                out[name] = _bool(value, name)
+            elif kind == "int":
+                out[name] = _number(value, int, name)
+            elif kind == "float":
+                out[name] = float(_number(value, float, name))
+        except ParseError as exc:
+            raise SettingsError(f"{name}: {exc.detail}") from None
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _expect(value: Any, kind: type, name: str) -> Any:
+    if not isinstance(value, kind):
+        raise SettingsError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SettingsError(f"{name}: {value!r} is not a boolean (true/false)")
+
+
+def _number(value: Any, kind: type[int] | type[float], name: str) -> int | float:
+    if isinstance(value, bool):
+        raise SettingsError(f"{name}: expected a number")
+    if isinstance(value, int | float) and (kind is float or isinstance(value, int)):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    raise SettingsError(f"{name}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+
+
+def _ice_server(value: Any) -> IceServer:
+    if isinstance(value, str):
+        return IceServer.parse(value)
+    if isinstance(value, dict):
+        return IceServer.from_mapping(value)
+    raise SettingsError("ice_server entries are strings or tables")
