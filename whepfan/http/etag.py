@@ -30,8 +30,12 @@ from whepfan.errors import ParseError, PreconditionFailed, PreconditionRequired
 # RFC 9110 §8.8.3: entity-tag = [ weak ] opaque-tag; opaque-tag = DQUOTE *etagc DQUOTE,
 # etagc = %x21 / %x23-7E / obs-text.
 _ENTITY_TAG = re.compile(r'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*')
-# Some clients drop the quotes; an unquoted run of etagc is read as that opaque tag.
-_BARE_TAG = re.compile(r"\s*([\x21\x23-\x2b\x2d-\x7e\x80-\xff]+)\s*")
+# One list member and its separator (RFC 9110 §5.6.1; empty members are allowed). Some
+# clients drop the quotes: an unquoted run of etagc without commas is that opaque tag.
+_LIST_MEMBER = re.compile(
+    r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)"|([\x21\x23-\x2b\x2d-\x7e\x80-\xff]+))?'
+    r"[ \t]*(?:,|$)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +70,19 @@ class IfMatch:
         if stripped in ("*", '"*"'):
             return cls(wildcard=True)
         tags: list[EntityTag] = []
-        for member in stripped.split(","):
-            if not member.strip():
-                continue  # RFC 9110 §5.6.1: empty list elements are ignored
-            if _ENTITY_TAG.fullmatch(member):
-                tags.append(EntityTag.parse(member))
-                continue
-            bare = _BARE_TAG.fullmatch(member)
-            if bare is None:
-                raise ParseError(f"If-Match member {member.strip()[:40]!r} is not an entity-tag")
-            tags.append(EntityTag(bare.group(1)))
+        position = 0
+        # Scan member by member: an opaque-tag may itself contain commas.
+        while position < len(stripped):
+            match = _LIST_MEMBER.match(stripped, position)
+            if match is None or match.end() == position:
+                rest = stripped[position:].strip()[:40]
+                raise ParseError(f"If-Match member {rest!r} is not an entity-tag")
+            quoted, bare = match.group(2), match.group(3)
+            if quoted is not None:
+                tags.append(EntityTag(quoted, weak=match.group(1) is not None))
+            elif bare is not None:
+                tags.append(EntityTag(bare))
+            position = match.end()
         if not tags:
             raise ParseError("empty If-Match")
         return cls(wildcard=False, tags=tuple(tags))

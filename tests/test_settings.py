@@ -1,0 +1,162 @@
+"""Settings: command line > WHEPFAN_* environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from whepfan.config import MediaConfig
+from whepfan.http.links import IceServer
+from whepfan.settings import Settings, SettingsError, parse_host_port
+
+TOML = """
+http = "127.0.0.1:9000"
+udp = "0.0.0.0:40000"
+public_ips = ["198.51.100.7", "2001:db8::7"]
+publish_token = "from-file"
+view_token = "view-file"
+strict_etag = true
+max_viewers = 50
+ice_servers = [
+  "stun:stun.example.net",
+  { url = "turn:turn.example.net?transport=udp", secret = "s", ttl = 120 },
+]
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "whepfan.toml"
+    path.write_text(TOML)
+    return path
+
+
+def test_defaults() -> None:
+    settings = Settings.resolve(cli={}, environ={})
+    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8080)
+    assert (settings.udp_host, settings.udp_port) == ("0.0.0.0", 8189)
+    assert settings.publish_token is None and settings.view_token is None
+    assert settings.public_ips == () and settings.ice_servers == ()
+    assert not settings.strict_etag and not settings.insecure_http
+
+
+def test_toml_file(config_file: Path) -> None:
+    settings = Settings.resolve(cli={}, environ={}, config_path=config_file)
+    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 9000)
+    assert settings.udp_port == 40000
+    assert settings.public_ips == ("198.51.100.7", "2001:db8::7")
+    assert settings.publish_token == "from-file"
+    assert settings.strict_etag and settings.max_viewers == 50
+    assert settings.ice_servers == (
+        IceServer(url="stun:stun.example.net"),
+        IceServer(url="turn:turn.example.net?transport=udp", shared_secret="s", credential_ttl=120),
+    )
+
+
+def test_environment_overrides_file_and_cli_overrides_environment(config_file: Path) -> None:
+    environ = {
+        "WHEPFAN_CONFIG": str(config_file),
+        "WHEPFAN_PUBLISH_TOKEN": "from-env",
+        "WHEPFAN_VIEW_TOKEN": "view-env",
+        "WHEPFAN_PUBLIC_IP": "192.0.2.1, 192.0.2.2",
+        "WHEPFAN_STRICT_ETAG": "false",
+        "WHEPFAN_MAX_VIEWERS": "7",
+        "WHEPFAN_ICE_SERVER": "stun:a.example,turn:b.example;username=u;credential=p",
+    }
+    settings = Settings.resolve(
+        cli={"publish_token": "from-cli", "max_viewers": "3"}, environ=environ
+    )
+    assert settings.publish_token == "from-cli"
+    assert settings.view_token == "view-env"
+    assert settings.public_ips == ("192.0.2.1", "192.0.2.2")  # a whole list is replaced
+    assert not settings.strict_etag
+    assert settings.max_viewers == 3
+    assert [s.url for s in settings.ice_servers] == ["stun:a.example", "turn:b.example"]
+    assert settings.http_port == 9000  # untouched keys still come from the file
+
+
+def test_media_config_and_http_options() -> None:
+    settings = Settings.resolve(
+        cli={"udp": "127.0.0.1:0", "public_ip": ["192.0.2.9"], "max_viewers": "12"}, environ={}
+    )
+    media = settings.media_config()
+    assert isinstance(media, MediaConfig)
+    assert (media.udp_host, media.udp_port, media.public_ips) == ("127.0.0.1", 0, ("192.0.2.9",))
+    assert media.max_viewers == 12
+    options = settings.http_options()
+    assert options.publish_token is None and options.counter_offer_ttl == 30.0
+
+
+def test_generated_publish_token_is_unguessable_and_only_when_missing() -> None:
+    settings = Settings.resolve(cli={}, environ={})
+    first = settings.with_generated_publish_token()
+    second = settings.with_generated_publish_token()
+    assert first.publish_token_generated and first.publish_token
+    assert len(first.publish_token) >= 32 and first.publish_token != second.publish_token
+    configured = Settings.resolve(cli={"publish_token": "mine"}, environ={})
+    assert configured.with_generated_publish_token() is configured
+
+
+def test_plain_http_off_loopback_needs_explicit_permission() -> None:
+    with pytest.raises(SettingsError, match="allow-insecure-http"):
+        Settings.resolve(cli={"http": "0.0.0.0:8080"}, environ={})
+    settings = Settings.resolve(
+        cli={"http": "0.0.0.0:8080", "allow_insecure_http": True}, environ={}
+    )
+    assert settings.insecure_http
+    for host in ("127.0.0.1", "[::1]", "localhost", "127.5.5.5"):
+        assert not Settings.resolve(cli={"http": f"{host}:1"}, environ={}).insecure_http
+    tls = Settings.resolve(
+        cli={"http": "0.0.0.0:443", "tls_cert": "c.pem", "tls_key": "k.pem"}, environ={}
+    )
+    assert not tls.insecure_http and tls.tls_cert == Path("c.pem")
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        ({"http": "nonsense"}, {}, "HOST:PORT"),
+        ({"udp": "1.2.3.4:70000"}, {}, "HOST:PORT"),
+        ({"public_ip": ["not-an-ip"]}, {}, "not an IP"),
+        ({"tls_cert": "c.pem"}, {}, "go together"),
+        ({"max_viewers": "many"}, {}, "integer"),
+        ({}, {"WHEPFAN_STRICT_ETAG": "perhaps"}, "boolean"),
+        ({"ice_server": ["ftp://x"]}, {}, "ice_server"),
+        ({"publish_token": "has space"}, {}, "whitespace"),
+        ({"counter_offer_ttl": "0"}, {}, "positive"),
+    ],
+)
+def test_invalid_settings(cli: dict[str, object], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.resolve(cli=cli, environ=environ)
+
+
+def test_bad_toml_files(tmp_path: Path) -> None:
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('colour = "blue"\n')
+    with pytest.raises(SettingsError, match="unknown setting"):
+        Settings.resolve(cli={}, environ={}, config_path=unknown)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("http = \n")
+    with pytest.raises(SettingsError):
+        Settings.resolve(cli={}, environ={}, config_path=broken)
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text("http = 8080\n")
+    with pytest.raises(SettingsError, match="expected str"):
+        Settings.resolve(cli={}, environ={}, config_path=wrong_type)
+    with pytest.raises(SettingsError, match="cannot read"):
+        Settings.resolve(cli={}, environ={}, config_path=tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("[::1]:8080", ("::1", 8080)),
+        (":9000", ("0.0.0.0", 9000)),
+        ("example.net:0", ("example.net", 0)),
+    ],
+)
+def test_parse_host_port(value: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(value, what="x") == expected
