@@ -604,6 +604,8 @@ def test_sender_reports_carry_each_viewers_mapping_and_counts(
         fanout.subscribe(
             viewer.slot, track, ssrc=0x5000 + index, payload_type=96, wait_keyframe=False
         )
+    waiting = new_viewer(viewers, fanout)
+    fanout.subscribe(waiting.slot, track, ssrc=0x6000, payload_type=96, wait_keyframe=True)
     payloads = [b"a" * 100, b"b" * 250, b"c" * 7]
     for seq, payload in enumerate(payloads):
         fanout.push(track, rtp_packet(seq, 1000 + seq, payload=payload, padding=3 * seq))
@@ -624,6 +626,7 @@ def test_sender_reports_carry_each_viewers_mapping_and_counts(
         assert packets == 3
         assert octets == sum(len(payload) for payload in payloads)  # padding excluded
         assert fanout.viewer_stats(viewer.slot)["sender_reports_sent"] == 1
+    assert waiting.pending() == []  # not a sender to it yet (RFC 3550 §6.4)
     assert fanout.stats()["sender_reports_sent"] == len(group)
 
 
@@ -820,7 +823,19 @@ def test_malformed_and_oversized_packets_are_dropped(
     assert totals["dropped_too_large"] == 1
 
 
-@given(data=st.binary(max_size=1600), keyframe=st.booleans())
+def rtp_like(data: bytes) -> bytes:
+    """Random bytes with V=2 and X=1, and half the time an RFC 8285 profile, so the
+    fuzzer reaches the extension walk instead of failing the version check."""
+    if len(data) < 16:
+        return bytes([0x90 | (data[0] & 0x2F)]) + data[1:] if data else data
+    profile = (b"\xbe\xde", b"\x10\x00", data[12:14])[data[1] % 3]
+    return bytes([0x90 | (data[0] & 0x20)]) + data[1:12] + profile + data[14:]
+
+
+@given(
+    data=st.one_of(st.binary(max_size=1600), st.binary(max_size=200).map(rtp_like)),
+    keyframe=st.booleans(),
+)
 def test_random_bytes_pushed_never_crash(data: bytes, keyframe: bool) -> None:
     with open_sender() as sender:
         viewer = open_viewer(PROFILE_AES128_CM_SHA1_80)

@@ -33,6 +33,7 @@ from whepfan.includes.system cimport (
     EAGAIN,
     EINTR,
     ENOBUFS,
+    MSG_DONTWAIT,
     SO_TYPE,
     SOCK_DGRAM,
     SOL_SOCKET,
@@ -376,7 +377,9 @@ cdef int batch_send(SendBatch* batch, FanoutCounters* counters) noexcept nogil:
     cdef bint buffer_full
     memset(batch.accepted, 0, batch.count)
     while position < batch.count:
-        result = sendmmsg(batch.fd, batch.messages + position, batch.count - position, 0)
+        # MSG_DONTWAIT: never block in here, even if the fd was left in blocking mode.
+        result = sendmmsg(batch.fd, batch.messages + position, batch.count - position,
+                          MSG_DONTWAIT)
         counters.sendmmsg_calls += 1
         if result > 0:
             for index in range(position, position + result):
@@ -410,7 +413,8 @@ cdef int socket_family(int fd) except -1:
     cdef socklen_t type_len = sizeof(socket_type)
     if getsockname(fd, <sockaddr*>&bound, &bound_len) != 0:
         raise ValueError(f"fd {fd} is not a socket: {_os.strerror(errno)}")
-    if getsockopt(fd, SOL_SOCKET, SO_TYPE, &socket_type, &type_len) != 0 or socket_type != SOCK_DGRAM:
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &socket_type, &type_len) != 0
+            or socket_type != SOCK_DGRAM):
         raise ValueError(f"fd {fd} is not a UDP socket")
     if bound.ss_family != AF_INET and bound.ss_family != AF_INET6:
         raise ValueError(f"fd {fd} is neither IPv4 nor IPv6")
@@ -443,7 +447,11 @@ cdef int fill_address(sockaddr_in6* out, socklen_t* out_len, int family, host, p
     else:
         packed = ip.packed
         if ip.scope_id:
-            scope_id = int(ip.scope_id) if ip.scope_id.isdigit() else _socket.if_nametoindex(ip.scope_id)
+            # A link-local destination needs its interface (RFC 4007 §11).
+            if ip.scope_id.isdigit():
+                scope_id = int(ip.scope_id)
+            else:
+                scope_id = _socket.if_nametoindex(ip.scope_id)
     out.sin6_family = AF_INET6
     out.sin6_port = htons(port)
     out.sin6_scope_id = scope_id
@@ -462,7 +470,11 @@ cdef inline double monotonic_seconds() noexcept nogil:
 
 cdef class Fanout:
     """Per-worker send path: re-encrypts each pushed RTP packet once per subscribed viewer
-    and sends with batched ``sendmmsg`` on ``fd``. See the theory of operation above."""
+    and sends with batched ``sendmmsg`` on ``fd``. See the theory of operation above.
+
+    ``fd`` stays the caller's (asyncio's) socket: the Fanout never closes it and never
+    blocks on it (every send is MSG_DONTWAIT).
+    """
 
     cdef int fd
     cdef int family
@@ -577,7 +589,8 @@ cdef class Fanout:
     def add_viewer(self, host: str, int port, *, int profile, const uint8_t[::1] tx_key,
                    const uint8_t[::1] tx_salt, const uint8_t[::1] rx_key,
                    const uint8_t[::1] rx_salt) -> int:
-        """A viewer at ``host``:``port`` with its DTLS-SRTP keys (RFC 5764 §4.2); returns its slot."""
+        """A viewer at ``host``:``port`` with its DTLS-SRTP keys (RFC 5764 §4.2);
+        returns its slot."""
         cdef sockaddr_in6 address
         cdef socklen_t address_len = 0
         cdef Viewer* viewer
@@ -588,7 +601,9 @@ cdef class Fanout:
         key_len, salt_len = profile_key_lengths(profile)
         if (tx_key.shape[0] != key_len or rx_key.shape[0] != key_len
                 or tx_salt.shape[0] != salt_len or rx_salt.shape[0] != salt_len):
-            raise ValueError(f"profile {profile:#06x} takes {key_len}-byte keys and {salt_len}-byte salts")
+            raise ValueError(
+                f"profile {profile:#06x} takes {key_len}-byte keys and {salt_len}-byte salts"
+            )
         slot = self.free_viewers[self.free_viewer_count - 1]
         viewer = &self.viewers[slot]
         memset(viewer, 0, sizeof(Viewer))
@@ -729,7 +744,7 @@ cdef class Fanout:
         return accepted
 
     cdef int _queue(self, int32_t viewer_index, Viewer* viewer, int length,
-                           Subscription* subscription, uint32_t payload_len) noexcept nogil:
+                    Subscription* subscription, uint32_t payload_len) noexcept nogil:
         """Commit the next slot for ``viewer``; flush when the batch is full."""
         self.batch.slot_viewer[self.batch.count] = viewer_index
         self.batch.slot_subscription[self.batch.count] = subscription
@@ -856,9 +871,10 @@ cdef class Fanout:
         return sent
 
     def send_sender_reports(self, int track, ntp_time: int, rtp_time: int) -> int:
-        """An RTCP SR (RFC 3550 §6.4.1) to every subscriber of ``track``: the viewer's SSRC,
-        ``ntp_time`` (64-bit NTP format), ``rtp_time`` in the viewer's timestamp space,
-        and its packet/octet counts. Returns datagrams the kernel accepted."""
+        """An RTCP SR (RFC 3550 §6.4.1) to every subscriber of ``track`` that is receiving
+        media (not waiting for a keyframe): the viewer's SSRC, ``ntp_time`` (64-bit NTP
+        format), ``rtp_time`` in the viewer's timestamp space, and its packet/octet counts.
+        Returns datagrams the kernel accepted."""
         cdef Track* source = self._track(track)
         cdef uint64_t ntp = ntp_time
         cdef uint32_t rtp = <uint32_t>(rtp_time & 0xFFFFFFFF)
@@ -869,6 +885,8 @@ cdef class Fanout:
         with nogil:
             for index in range(source.subscription_count):
                 subscription = &source.subscriptions[index]
+                if subscription.wait_keyframe:
+                    continue   # not yet a sender to this viewer (RFC 3550 §6.4)
                 viewer = &self.viewers[subscription.viewer]
                 slot = batch_next_slot(&self.batch)
                 # V=2, P=0, RC=0 | PT=200 (SR) | length = 6 (32-bit words minus one)

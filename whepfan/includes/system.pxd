@@ -34,10 +34,9 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SOCK_DGRAM
     enum: SOL_SOCKET
     enum: SO_TYPE
+    enum: MSG_DONTWAIT
 
     int sendmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags)
-    ssize_t sendto(int sockfd, const void* buf, size_t length, int flags,
-                   const sockaddr* dest_addr, socklen_t addrlen)
     int getsockname(int sockfd, sockaddr* addr, socklen_t* addrlen)
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
 
