@@ -44,7 +44,9 @@ from whepfan.protocol.negotiation import (
     IngestMedia,
     LocalTransport,
     answer_publisher,
+    answer_setup,
     answer_viewer,
+    remote_transport,
 )
 from whepfan.session import (
     Address,
@@ -111,8 +113,10 @@ class IngestReceiveStats:
         received_interval = self.received - self.received_prior
         self.expected_prior, self.received_prior = expected, self.received
         lost_interval = expected_interval - received_interval
-        fraction = 0 if expected_interval <= 0 or lost_interval <= 0 else (
-            (lost_interval << 8) // expected_interval
+        fraction = (
+            0
+            if expected_interval <= 0 or lost_interval <= 0
+            else ((lost_interval << 8) // expected_interval)
         )
         dlsr = 0
         if self.last_sr_arrival is not None:
@@ -120,11 +124,11 @@ class IngestReceiveStats:
         return rtcp.ReportBlock(
             ssrc=self.ssrc,
             fraction_lost=min(fraction, 255),
-            packets_lost=min(lost, 0x7FFFFF),
+            cumulative_lost=min(lost, 0x7FFFFF),
             highest_sequence=extended_max & 0xFFFFFFFF,
             jitter=int(self.jitter),
-            last_sr=self.last_sr_ntp_middle,
-            delay_since_last_sr=dlsr,
+            last_sender_report=self.last_sr_ntp_middle,
+            delay_since_last_sender_report=dlsr,
         )
 
 
@@ -186,8 +190,12 @@ class Router:
         fanout: _fastpath.Fanout,
         send: SendDatagram,
         candidates: list[sdp.Candidate],
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
+        # Called when a deadline earlier than any before is scheduled, so the I/O driver
+        # re-arms its single timer (signalling calls create sessions outside datagram input).
+        self._wake = wake
         self.certificate = certificate
         self.fanout = fanout
         self._send = send
@@ -205,13 +213,17 @@ class Router:
 
     # ------------------------------------------------------------------ signalling API
 
-    def publish(self, stream_name: str, offer_text: str, now: float) -> tuple[PublisherSession, str]:
+    def publish(
+        self, stream_name: str, offer_text: str, now: float
+    ) -> tuple[PublisherSession, str]:
         """WHIP POST: negotiate, create the publisher session, return it and the answer."""
         stream = self.streams.get(stream_name)
         if stream is not None and stream.live:
             raise Conflict(f"stream {stream_name!r} already has a publisher", retry_after=5)
         offer = sdp.SessionDescription.parse(offer_text)
-        session = self._new_session(PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now)
+        session = self._new_session(
+            PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now
+        )
         answer, ingest = answer_publisher(offer, self._local_transport(session))
         if not ingest:
             raise Unprocessable("the offer carries no audio or video whepfan can receive")
@@ -221,8 +233,12 @@ class Router:
             stream = self.streams[stream_name] = Stream(name=stream_name)
         self._attach_publisher(stream, session, now)
         self._register(session, now)
-        log.info("publisher %s on %r: %s", session.id[:8], stream_name,
-                 ", ".join(f"{m.kind}/{m.codec.name}" for m in ingest))
+        log.info(
+            "publisher %s on %r: %s",
+            session.id[:8],
+            stream_name,
+            ", ".join(f"{m.kind}/{m.codec.name}" for m in ingest),
+        )
         return session, str(answer)
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[ViewerSession, str]:
@@ -271,7 +287,9 @@ class Router:
             if stream.publisher is session:
                 self._detach_publisher(stream)
         self.counters[f"sessions_ended_{reason.split(':')[0]}"] += 1
-        log.info("%s %s on %r ended: %s", session.kind.value, session.id[:8], session.stream, reason)
+        log.info(
+            "%s %s on %r ended: %s", session.kind.value, session.id[:8], session.stream, reason
+        )
         return True
 
     def get_session(self, session_id: str) -> MediaSession:
@@ -302,7 +320,7 @@ class Router:
             self._handle_events(session, session.receive_dtls(data, now), now)
             self._flush(session)
             self._reschedule(session)
-        elif kind is PacketKind.RTP:
+        elif kind is PacketKind.RTP_OR_RTCP:
             if session.state is not SessionState.CONNECTED:
                 self.counters["drop_media_before_keys"] += 1
             elif isinstance(session, PublisherSession):
@@ -368,7 +386,10 @@ class Router:
             return
         self._scheduled[key] = deadline
         self._timer_seq += 1
+        earliest = not self._timers or deadline < self._timers[0][0]
         heapq.heappush(self._timers, (deadline, self._timer_seq, key))
+        if earliest:
+            self._wake()
 
     def _reschedule(self, session: MediaSession) -> None:
         if session.id in self.sessions:
@@ -434,10 +455,13 @@ class Router:
             else:
                 track.rebase_pending = True
                 track.ext_remap = _extension_remap(media, track.ingest)
-            for ssrc in media.ssrcs:
-                stream.ingest_by_ssrc[ssrc] = (track, False)
-            if media.rtx_ssrc is not None:
-                stream.ingest_by_ssrc[media.rtx_ssrc] = (track, True)
+            # Simulcast layers are separate sources; until per-layer tracks exist only
+            # the first signalled encoding feeds the track (the others are dropped).
+            for layer in media.tracks[:1]:
+                if layer.ssrc is not None:
+                    stream.ingest_by_ssrc[layer.ssrc] = (track, False)
+                if layer.rtx_ssrc is not None:
+                    stream.ingest_by_ssrc[layer.rtx_ssrc] = (track, True)
         for kind in list(stream.tracks):
             if all(m.kind != kind for m in session.ingest):
                 self._drop_track(stream, stream.tracks[kind], now)
@@ -467,7 +491,9 @@ class Router:
         if stream is None or stream.publisher is not session or session.keys is None:
             return
         keys = session.keys
-        stream.publisher_srtp_in = _fastpath.SrtpSession(keys.profile, keys.remote_key, keys.remote_salt)
+        stream.publisher_srtp_in = _fastpath.SrtpSession(
+            keys.profile, keys.remote_key, keys.remote_salt
+        )
         stream.publisher_srtcp_out = _fastpath.SrtpSession(
             keys.profile, keys.local_key, keys.local_salt
         )
@@ -527,8 +553,14 @@ class Router:
         return None
 
     def _ingest(
-        self, stream: Stream, track: Track, ssrc: int, packet: bytearray, now: float,
-        *, retransmission: bool = False,
+        self,
+        stream: Stream,
+        track: Track,
+        ssrc: int,
+        packet: bytearray,
+        now: float,
+        *,
+        retransmission: bool = False,
     ) -> None:
         try:
             header_len = codecs_payload_offset(packet)
@@ -547,7 +579,9 @@ class Router:
             self._rebase(track, seq, timestamp, now)
         if track.seq_offset or track.ts_offset:
             struct.pack_into(
-                "!HI", packet, 2,
+                "!HI",
+                packet,
+                2,
                 (seq + track.seq_offset) % RTP_SEQ_MOD,
                 (timestamp + track.ts_offset) % RTP_TS_MOD,
             )
@@ -612,13 +646,19 @@ class Router:
         publisher = stream.publisher
         if publisher is None or publisher.address is None or stream.publisher_srtcp_out is None:
             return
-        blocks = [s.report_block(now) for s in stream.ingest_stats.values() if s.base_seq is not None]
-        packets: list[rtcp.RtcpPacket] = [rtcp.ReceiverReport(ssrc=self.rtcp_ssrc, reports=blocks[:31])]
+        blocks = [
+            s.report_block(now) for s in stream.ingest_stats.values() if s.base_seq is not None
+        ]
+        packets: list[rtcp.RtcpPacket] = [
+            rtcp.ReceiverReport(ssrc=self.rtcp_ssrc, reports=blocks[:31])
+        ]
         media_ssrcs = [ssrc for ssrc, (_, rtx) in stream.ingest_by_ssrc.items() if not rtx]
         if media_ssrcs:
             packets.append(
                 rtcp.ReceiverEstimatedMaxBitrate(
-                    ssrc=self.rtcp_ssrc, bitrate=self.config.publisher_max_bitrate, ssrcs=media_ssrcs
+                    sender_ssrc=self.rtcp_ssrc,
+                    bitrate=self.config.publisher_max_bitrate,
+                    ssrcs=media_ssrcs,
                 )
             )
         compound = b"".join(bytes(p) for p in packets)
@@ -638,7 +678,8 @@ class Router:
         if publisher is None or publisher.address is None or stream.publisher_srtcp_out is None:
             return False
         video_ssrcs = [
-            ssrc for ssrc, (track, rtx) in stream.ingest_by_ssrc.items()
+            ssrc
+            for ssrc, (track, rtx) in stream.ingest_by_ssrc.items()
             if not rtx and track.kind == "video"
         ]
         if not video_ssrcs:
@@ -729,18 +770,23 @@ class Router:
     # ------------------------------------------------------------------ helpers
 
     def _new_session(
-        self, cls: type[MediaSession], kind: SessionKind, stream: str,
-        offer: sdp.SessionDescription, now: float,
+        self,
+        cls: type[MediaSession],
+        kind: SessionKind,
+        stream: str,
+        offer: sdp.SessionDescription,
+        now: float,
     ) -> MediaSession:
-        ufrag, pwd = offer.ice_credentials()
+        remote = remote_transport(offer)
         return cls.create(
             kind=kind,
             stream=stream,
             certificate=self.certificate,
-            dtls_role=_dtls_role_for(offer),
-            remote_fingerprints=offer.fingerprints_all(),
-            remote_ufrag=ufrag,
-            remote_pwd=pwd,
+            # RFC 8842 §5.5: answering "active" makes us the DTLS client.
+            dtls_role="client" if answer_setup(remote.setup) == "active" else "server",
+            remote_fingerprints=list(remote.fingerprints),
+            remote_ufrag=remote.ice_ufrag,
+            remote_pwd=remote.ice_pwd,
             consent_timeout=self.config.consent_timeout,
             now=now,
         )
@@ -761,12 +807,6 @@ class Router:
 
     def _new_ssrc(self) -> int:
         return secrets.randbits(32) or 1
-
-
-def _dtls_role_for(offer: sdp.SessionDescription) -> str:
-    """RFC 8842 §5.5: we answer passive (DTLS server) to actpass/active, active (client) to passive."""
-    setup = offer.setup()
-    return "client" if setup == "passive" else "server"
 
 
 def codecs_payload_offset(packet: bytes | bytearray) -> int:
@@ -800,11 +840,11 @@ def _unwrap_rtx(packet: bytearray, original_pt: int) -> bytearray | None:
 
 def _extension_remap(media: IngestMedia, canonical: IngestMedia) -> bytes | None:
     """Map a returning publisher's header-extension ids onto the stream's canonical ids."""
-    if media.extensions == canonical.extensions:
+    if media.extension_ids == canonical.extension_ids:
         return None
     table = bytearray(256)
-    for uri, ext_id in media.extensions.items():
-        table[ext_id] = canonical.extensions.get(uri, 0)
+    for uri, ext_id in media.extension_ids.items():
+        table[ext_id] = canonical.extension_ids.get(uri, 0)
     return bytes(table)
 
 

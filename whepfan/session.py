@@ -169,7 +169,7 @@ class MediaSession:
         if self.state is SessionState.CLOSED:
             return []
         self.dtls.receive(data, now)
-        return self._drain_dtls()
+        return list(self._drain_dtls())
 
     def handle_timer(self, now: float) -> list[SessionEvent]:
         events: list[SessionEvent] = []

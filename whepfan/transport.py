@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 import ifaddr
 
@@ -91,12 +91,17 @@ class MediaWorker(asyncio.DatagramProtocol):
             fanout=self.fanout,
             send=self._sendto,
             candidates=host_candidates(addresses, self.port),
+            wake=self.arm_timer,
         )
 
     async def start(self) -> None:
         await self._loop.create_datagram_endpoint(lambda: self, sock=self.sock)
-        log.info("media on udp %s:%d, candidates %s", self.config.udp_host, self.port,
-                 ", ".join(c.address for c in self.router.candidates))
+        log.info(
+            "media on udp %s:%d, candidates %s",
+            self.config.udp_host,
+            self.port,
+            ", ".join(c.address for c in self.router.candidates),
+        )
 
     def now(self) -> float:
         return self._loop.time()
@@ -113,8 +118,7 @@ class MediaWorker(asyncio.DatagramProtocol):
     # asyncio.DatagramProtocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:

@@ -1,0 +1,255 @@
+"""End to end on loopback with real WebRTC peers: aiortc publishes, aiortc viewers decode.
+
+Signalling here is the router's in-process API (the HTTP layer has its own tests); media,
+ICE, DTLS and SRTP are real, over real UDP sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections.abc import AsyncIterator
+
+import aioice.ice
+import av
+import numpy as np
+import pytest
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+from whepfan.config import MediaConfig
+from whepfan.protocol.dtls import DtlsCertificate
+from whepfan.transport import MediaWorker
+
+VIDEO_CLOCK = 90000
+FPS = 30
+
+
+class MovingPatternTrack(MediaStreamTrack):
+    """A 320x240 test pattern that changes every frame (so every frame decodes distinctly)."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start: float | None = None
+        self._index = 0
+
+    async def recv(self) -> av.VideoFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._index / FPS
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        image = np.zeros((240, 320, 3), dtype=np.uint8)
+        x = (self._index * 4) % 320
+        image[:, x : x + 16] = (255, 255, 255)
+        image[:, :, 1] = ((image[:, :, 1].astype(np.int32) // 2 + self._index) % 256).astype(
+            np.uint8
+        )
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = self._index * (VIDEO_CLOCK // FPS)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self._index += 1
+        return frame
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aioice skips loopback when gathering; these tests must stay on 127.0.0.1."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[MediaWorker]:
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    media = MediaWorker(config=config, certificate=DtlsCertificate.generate())
+    await media.start()
+    yield media
+    media.close()
+
+
+def _peer() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def start_publisher(
+    worker: MediaWorker, stream: str, *, audio: bool = True, video: bool = True
+) -> RTCPeerConnection:
+    pc = _peer()
+    if video:
+        pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    _, answer = worker.router.publish(stream, pc.localDescription.sdp, worker.now())
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    return pc
+
+
+class Viewer:
+    def __init__(self, worker: MediaWorker, stream: str) -> None:
+        self.worker = worker
+        self.stream = stream
+        self.pc = _peer()
+        self.video_frames: list[av.VideoFrame] = []
+        self.audio_frames = 0
+        self.first_frame_at: float | None = None
+        self.started_at = 0.0
+        self.session_id = ""
+        self._tasks: list[asyncio.Task[None]] = []
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._tasks.append(asyncio.ensure_future(self._consume(track)))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except Exception:
+                return
+            if track.kind == "video":
+                if self.first_frame_at is None:
+                    self.first_frame_at = time.monotonic()
+                self.video_frames.append(frame)
+            else:
+                self.audio_frames += 1
+
+    async def start(self, *, audio: bool = True, video: bool = True) -> None:
+        if video:
+            self.pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        self.started_at = time.monotonic()
+        session, answer = self.worker.router.view(
+            self.stream, self.pc.localDescription.sdp, self.worker.now()
+        )
+        self.session_id = session.id
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.video_frames) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(self.video_frames) >= count, f"only {len(self.video_frames)} frames decoded"
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def test_aiortc_publisher_to_aiortc_viewers_decode_video_and_audio(
+    worker: MediaWorker,
+) -> None:
+    publisher = await start_publisher(worker, "live")
+    viewers = [Viewer(worker, "live") for _ in range(3)]
+    try:
+        for viewer in viewers:
+            await viewer.start()
+        for viewer in viewers:
+            await viewer.wait_frames(20)
+        # Frames are the publisher's 320x240 pattern, and they move.
+        frame_a = viewers[0].video_frames[2].to_ndarray(format="gray")
+        frame_b = viewers[0].video_frames[12].to_ndarray(format="gray")
+        assert frame_a.shape == (240, 320)
+        assert np.abs(frame_a.astype(int) - frame_b.astype(int)).mean() > 1.0
+        deadline = time.monotonic() + 5
+        while any(v.audio_frames == 0 for v in viewers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert all(v.audio_frames > 0 for v in viewers)
+        stats = worker.fanout.stats()
+        assert stats["packets_sent"] > 0
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        await publisher.close()
+
+
+async def test_viewer_joining_mid_stream_decodes_its_first_frame_within_one_second(
+    worker: MediaWorker,
+) -> None:
+    publisher = await start_publisher(worker, "live")
+    early = Viewer(worker, "live")
+    late = Viewer(worker, "live")
+    try:
+        await early.start()
+        await early.wait_frames(10)
+        # Well past the publisher's first keyframe: only a keyframe request helps now.
+        await asyncio.sleep(2.0)
+        await late.start()
+        await late.wait_frames(1, timeout=5.0)
+        assert late.first_frame_at is not None
+        time_to_first_frame = late.first_frame_at - late.started_at
+        print(f"time to first frame (mid-stream join): {time_to_first_frame * 1000:.0f} ms")
+        assert time_to_first_frame < 1.0
+        assert worker.router.counters["keyframe_requests_sent"] >= 2
+    finally:
+        await early.close()
+        await late.close()
+        await publisher.close()
+
+
+async def test_nack_from_a_viewer_gets_the_packet_resent(
+    worker: MediaWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drop some video packets on their way into one viewer; its NACKs must bring them back."""
+    publisher = await start_publisher(worker, "live", audio=False)
+    viewer = Viewer(worker, "live")
+    dropped: list[int] = []
+    recovered: list[int] = []
+    original = RTCDtlsTransport._handle_rtp_data
+
+    async def lossy(self: RTCDtlsTransport, data: bytes, arrival_time_ms: int) -> None:
+        seq = int.from_bytes(data[2:4], "big")
+        pt = data[1] & 0x7F
+        is_rtx = bool(viewer.rtx_pt is not None and pt == viewer.rtx_pt)
+        if is_rtx and len(data) >= 14:
+            header = 12 + 4 * (data[0] & 0x0F)
+            if data[0] & 0x10:
+                header += 4 + 4 * int.from_bytes(data[header + 2 : header + 4], "big")
+            recovered.append(int.from_bytes(data[header : header + 2], "big"))
+        elif not is_rtx and len(dropped) < 5 and seq % 7 == 0 and seq not in dropped:
+            dropped.append(seq)
+            return
+        await original(self, data, arrival_time_ms)
+
+    viewer.rtx_pt = None  # type: ignore[attr-defined]
+    monkeypatch.setattr(RTCDtlsTransport, "_handle_rtp_data", lossy)
+    try:
+        await viewer.start(audio=False)
+        for media in worker.router.get_session(viewer.session_id).egress:  # type: ignore[attr-defined]
+            viewer.rtx_pt = media.rtx_payload_type  # type: ignore[attr-defined]
+        await viewer.wait_frames(30)
+        deadline = time.monotonic() + 5
+        while len(recovered) < len(dropped) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(dropped) == 5
+        assert worker.router.counters["nack_resent"] >= 1
+        assert set(dropped) & set(recovered), (dropped, recovered)
+    finally:
+        await viewer.close()
+        await publisher.close()
+
+
+async def test_deleted_viewer_frees_its_fanout_slot(worker: MediaWorker) -> None:
+    publisher = await start_publisher(worker, "live")
+    viewer = Viewer(worker, "live")
+    try:
+        await viewer.start()
+        await viewer.wait_frames(5)
+        assert worker.fanout.viewer_count == 1
+        assert worker.router.end_session(viewer.session_id, worker.now())
+        assert worker.fanout.viewer_count == 0
+        assert viewer.session_id not in worker.router.sessions
+        assert not worker.router.end_session(viewer.session_id, worker.now())
+    finally:
+        await viewer.close()
+        await publisher.close()
