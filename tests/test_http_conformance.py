@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from whepfan.protocol import sdp
-from whepfan.router import Router
 from whepfan.server import RunningServer, run
 from whepfan.settings import Settings
 
@@ -230,12 +229,6 @@ async def test_status_codes_over_the_real_router(
             assert response.status == 200
 
 
-_ROUTER_HAS_ICE_PATCH = all(hasattr(Router, name) for name in ("trickle", "restart_ice"))
-
-
-@pytest.mark.xfail(
-    not _ROUTER_HAS_ICE_PATCH, reason="Router.trickle/restart_ice not written yet", strict=True
-)
 async def test_trickle_and_ice_restart_over_the_real_router(
     http: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:

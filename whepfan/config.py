@@ -29,6 +29,8 @@ class MediaConfig:
     # Sender reports to viewers are relayed from the publisher's; if the publisher sends
     # none, the viewer's lip sync cannot be recovered (RFC 3550 §6.4.1), nothing to invent.
     max_viewers: int = 16384
+    # WHEP draft-03 §4.2.2: a counter-offer with no valid-until is valid for 30 s.
+    counter_offer_ttl: float = 30.0
     fanout_batch_size: int = 32
     # ~2 s of 720p video at ~200 packets/s, rounded up to a power of two.
     video_cache_packets: int = 1024

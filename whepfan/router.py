@@ -35,17 +35,19 @@ from dataclasses import dataclass, field
 
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
-from whepfan.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from whepfan.errors import Conflict, NotFound, PeerError, ServiceUnavailable, Unprocessable
 from whepfan.protocol import codecs, rtcp, sdp
 from whepfan.protocol.demux import PacketKind, classify, is_rtcp
-from whepfan.protocol.dtls import DtlsCertificate
+from whepfan.protocol.dtls import DtlsCertificate, DtlsSession
 from whepfan.protocol.ice import stun_local_ufrag
 from whepfan.protocol.negotiation import (
     IngestMedia,
     LocalTransport,
+    accept_counter_answer,
     answer_publisher,
     answer_setup,
     answer_viewer,
+    build_counter_offer,
     remote_transport,
 )
 from whepfan.session import (
@@ -64,6 +66,19 @@ from whepfan.session import (
 log = logging.getLogger("whepfan.router")
 
 SendDatagram = Callable[[bytes, Address], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """Something players may want to hear about (WHEP core extensions, SSE): ``type`` is
+    "active", "inactive" or "viewercount"; ``data`` is the event's JSON payload."""
+
+    stream: str
+    type: str
+    data: dict[str, object]
+
+
+StreamListener = Callable[[StreamEvent], None]
 
 RTP_SEQ_MOD = 1 << 16
 RTP_TS_MOD = 1 << 32
@@ -173,6 +188,8 @@ class Stream:
     publisher_srtcp_out: _fastpath.SrtpSession | None = None
     publisher_srtcp_in: _fastpath.SrtpSession | None = None
     next_feedback_at: float = math.inf
+    # True from the publisher's first keyed moment until it leaves ("active" event sent).
+    active: bool = False
 
     @property
     def live(self) -> bool:
@@ -210,6 +227,7 @@ class Router:
         # Our SSRC as RTCP sender towards publishers (RFC 3550 §8.1: random).
         self.rtcp_ssrc = secrets.randbits(32)
         self.counters: Counter[str] = Counter()
+        self._listeners: list[StreamListener] = []
 
     # ------------------------------------------------------------------ signalling API
 
@@ -243,12 +261,7 @@ class Router:
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[ViewerSession, str]:
         """WHEP POST: negotiate against the live stream, create the viewer session."""
-        stream = self.streams.get(stream_name)
-        if stream is None or not stream.live or not stream.tracks:
-            # WHEP draft-03 §4.2.8: 409 + Retry-After when the stream is not live.
-            raise Conflict(f"stream {stream_name!r} is not live", retry_after=5)
-        if self.viewer_count >= self.config.max_viewers:
-            raise ServiceUnavailable("no viewer capacity left on this server", retry_after=10)
+        stream = self._live_stream_for_viewer(stream_name)
         offer = sdp.SessionDescription.parse(offer_text)
         session = self._new_session(ViewerSession, SessionKind.VIEWER, stream_name, offer, now)
         assert isinstance(session, ViewerSession)
@@ -260,7 +273,96 @@ class Router:
         stream.viewers[session.id] = session
         self._register(session, now)
         self.counters["viewers_created"] += 1
+        self._emit_viewer_count(stream)
         return session, str(answer)
+
+    def _live_stream_for_viewer(self, stream_name: str) -> Stream:
+        stream = self.streams.get(stream_name)
+        if stream is None or not stream.live or not stream.tracks:
+            # WHEP draft-03 §4.2.8: 409 + Retry-After when the stream is not live.
+            raise Conflict(f"stream {stream_name!r} is not live", retry_after=5)
+        if self.viewer_count >= self.config.max_viewers:
+            raise ServiceUnavailable("no viewer capacity left on this server", retry_after=10)
+        return stream
+
+    def counter_offer(self, stream_name: str, now: float) -> tuple[ViewerSession, str]:
+        """WHEP draft-03 §4.2.2: the viewer's offer had no codec the stream carries, so the
+        server offers its own (sendonly, actpass) and waits for a PATCHed answer."""
+        stream = self._live_stream_for_viewer(stream_name)
+        session = ViewerSession.create(
+            kind=SessionKind.VIEWER,
+            stream=stream_name,
+            certificate=self.certificate,
+            dtls_role="server",  # replaced once the answer says which side is active
+            remote_fingerprints=[],
+            remote_ufrag=None,
+            remote_pwd=None,
+            consent_timeout=self.config.consent_timeout,
+            now=now,
+        )
+        assert isinstance(session, ViewerSession)
+        offer = build_counter_offer(
+            self._local_transport(session),
+            [track.ingest for track in stream.tracks.values()],
+            ssrc_source=self._new_ssrc,
+        )
+        session.counter_offer = str(offer)
+        session.answer_deadline = now + self.config.counter_offer_ttl
+        stream.viewers[session.id] = session
+        self._register(session, now)
+        self._emit_viewer_count(stream)
+        return session, session.counter_offer
+
+    def accept_counter_answer(self, session_id: str, answer_text: str, now: float) -> None:
+        """The client's recvonly answer to our counter-offer (PATCH application/sdp)."""
+        session = self.get_session(session_id)
+        if not isinstance(session, ViewerSession) or session.counter_offer is None:
+            raise Conflict("this session has no pending counter-offer")
+        if session.answer_deadline is not None and now >= session.answer_deadline:
+            self.end_session(session.id, now, "counter-offer-expired")
+            raise NotFound("the counter-offer expired")
+        answer = sdp.SessionDescription.parse(answer_text)
+        offer = sdp.SessionDescription.parse(session.counter_offer)
+        egress = accept_counter_answer(offer, answer)
+        remote = remote_transport(answer)
+        # We offered actpass; the answerer picked its side (RFC 8842 §5.3).
+        role = "client" if remote.setup == "passive" else "server"
+        session.dtls = DtlsSession(
+            certificate=self.certificate,
+            role=role,
+            remote_fingerprints=list(remote.fingerprints),
+        )
+        session.ice.set_remote_credentials(remote.ice_ufrag, remote.ice_pwd)
+        session.egress = egress
+        session.counter_offer = None
+        session.answer_deadline = None
+        self._reschedule(session)
+
+    def trickle(self, session_id: str, fragment: sdp.SdpFragment, now: float) -> None:
+        """Trickled client candidates (RFC 8840, WHEP §4.4.2). An ICE-lite server does not
+        run checks, so candidates need no action: the client's checks reveal its address.
+        Credentials sent here complete an offer that lacked them (RFC 8839 §5.4)."""
+        session = self.get_session(session_id)
+        if fragment.ufrag and fragment.pwd and session.ice.remote_ufrag is None:
+            session.ice.set_remote_credentials(fragment.ufrag, fragment.pwd)
+        self.counters["trickled_candidates"] += len(fragment.usable_candidates)
+
+    def restart_ice(self, session_id: str, fragment: sdp.SdpFragment, now: float) -> str:
+        """ICE restart (WHEP §4.4.3): new server credentials, all candidates again, and a new
+        ETag; the old ICE session keeps working until the new one is used."""
+        session = self.get_session(session_id)
+        if not fragment.ufrag or not fragment.pwd:
+            raise PeerError("an ICE restart needs a=ice-ufrag and a=ice-pwd (RFC 8840 §4.4)")
+        ufrag, pwd = session.restart_ice(remote_ufrag=fragment.ufrag, remote_pwd=fragment.pwd)
+        self._by_ufrag[ufrag] = session
+        self.counters["ice_restarts"] += 1
+        return sdp.serialize_sdpfrag(
+            ufrag,
+            pwd,
+            self.candidates,
+            fragment.mid or "0",
+            ice_options=fragment.ice_options,
+        )
 
     def end_session(self, session_id: str, now: float, reason: str = "deleted") -> bool:
         """DELETE (or consent loss, DTLS failure): free everything the session holds."""
@@ -270,9 +372,9 @@ class Router:
         self._flush(session)  # nothing pending should be lost...
         session.close()
         self._flush(session)  # ...and close_notify goes out (RFC 6347 §4.2.7)
-        self._by_ufrag.pop(session.local_ufrag, None)
-        for ufrag in getattr(session.ice, "all_local_ufrags", lambda: ())():
-            self._by_ufrag.pop(ufrag, None)
+        for ufrag in session.ufrags:
+            if self._by_ufrag.get(ufrag) is session:
+                del self._by_ufrag[ufrag]
         if session.address is not None and self._by_address.get(session.address) is session:
             del self._by_address[session.address]
         self._scheduled.pop(session.id, None)
@@ -281,8 +383,8 @@ class Router:
             if session.fanout_slot is not None:
                 self.fanout.remove_viewer(session.fanout_slot)
                 session.fanout_slot = None
-            if stream is not None:
-                stream.viewers.pop(session.id, None)
+            if stream is not None and stream.viewers.pop(session.id, None) is not None:
+                self._emit_viewer_count(stream)
         elif isinstance(session, PublisherSession) and stream is not None:
             if stream.publisher is session:
                 self._detach_publisher(stream)
@@ -297,6 +399,25 @@ class Router:
         if session is None:
             raise NotFound("no such session")
         return session
+
+    def add_listener(self, listener: StreamListener) -> None:
+        """Call ``listener`` for every StreamEvent. Listeners must be cheap and must not
+        raise: they run on the media worker's event loop (coalesce, queue, return)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: StreamListener) -> None:
+        self._listeners.remove(listener)
+
+    def _emit(self, stream: str, type_: str, data: dict[str, object]) -> None:
+        event = StreamEvent(stream, type_, data)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener bug must not break media
+                log.exception("stream event listener failed")
+
+    def _emit_viewer_count(self, stream: Stream) -> None:
+        self._emit(stream.name, "viewercount", {"viewercount": len(stream.viewers)})
 
     @property
     def viewer_count(self) -> int:
@@ -477,6 +598,9 @@ class Router:
         """The publisher left: viewers stay subscribed, waiting for the next one (issue:
         'viewers resume with continuous sequence numbers when a publisher returns')."""
         stream.publisher = None
+        if stream.active:
+            stream.active = False
+            self._emit(stream.name, "inactive", {})
         stream.publisher_srtp_in = stream.publisher_srtcp_out = stream.publisher_srtcp_in = None
         stream.ingest_by_ssrc.clear()
         stream.next_feedback_at = math.inf
@@ -503,6 +627,9 @@ class Router:
         stream.next_feedback_at = now + self.config.publisher_feedback_interval
         self._schedule("stream:" + stream.name, stream.next_feedback_at)
         self._request_keyframe(stream, now, force=True)
+        if not stream.active:
+            stream.active = True
+            self._emit(stream.name, "active", {})
 
     def _publisher_rtp(self, session: PublisherSession, data: bytes, now: float) -> None:
         stream = self.streams.get(session.stream)

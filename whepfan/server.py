@@ -72,7 +72,7 @@ async def run(
     # The ignore goes once Router has trickle/restart_ice/counter_offer/accept_counter_answer
     # (http/backend.py lists what the HTTP layer calls); mypy then flags it as unused.
     app = create_app(
-        router=worker.router,  # type: ignore[arg-type]
+        router=worker.router,
         clock=worker.now,
         options=settings.http_options(),
     )

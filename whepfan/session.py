@@ -104,6 +104,10 @@ class MediaSession:
     address: Address | None = None
     keys: SrtpKeys | None = None
     connected_at: float | None = None
+    # Set while a WHEP counter-offer awaits the client's answer (draft-03 §4.2.2).
+    answer_deadline: float | None = None
+    # Every local ufrag this session answered to (ICE restarts add one), for demux cleanup.
+    ufrags: list[str] = field(default_factory=list)
     _dtls_started: bool = False
 
     @classmethod
@@ -141,6 +145,7 @@ class MediaSession:
             local_ufrag=ufrag,
             local_pwd=pwd,
             created_at=now,
+            ufrags=[ufrag],
         )
 
     # -- input ----------------------------------------------------------------------
@@ -173,6 +178,8 @@ class MediaSession:
 
     def handle_timer(self, now: float) -> list[SessionEvent]:
         events: list[SessionEvent] = []
+        if self.answer_deadline is not None and now >= self.answer_deadline:
+            return [Gone("counter-offer-expired")]
         ice_deadline = self.ice.get_timer()
         if ice_deadline is not None and now >= ice_deadline:
             self.ice.handle_timer(now)
@@ -184,7 +191,8 @@ class MediaSession:
         return events
 
     def get_timer(self) -> float | None:
-        deadlines = [t for t in (self.ice.get_timer(), self.dtls.get_timer()) if t is not None]
+        candidates = (self.ice.get_timer(), self.dtls.get_timer(), self.answer_deadline)
+        deadlines = [t for t in candidates if t is not None]
         return min(deadlines) if deadlines else None
 
     def datagrams_to_send(self) -> Iterator[tuple[bytes, Address]]:
@@ -193,6 +201,18 @@ class MediaSession:
             return
         for datagram in self.dtls.datagrams_to_send():
             yield datagram, self.address
+
+    def restart_ice(self, *, remote_ufrag: str, remote_pwd: str) -> tuple[str, str]:
+        """ICE restart (RFC 8445 §9, WHEP §4.4.3): new local credentials; the old ones stay
+        valid until the peer's first check with the new ones verifies."""
+        ufrag, pwd = new_ice_credentials()
+        self.ice.restart(
+            local_ufrag=ufrag, local_pwd=pwd, remote_ufrag=remote_ufrag, remote_pwd=remote_pwd
+        )
+        self.local_ufrag, self.local_pwd = ufrag, pwd
+        self.ufrags.append(ufrag)
+        self.etag = new_etag()
+        return ufrag, pwd
 
     def close(self) -> None:
         """End the session: send close_notify, and stop answering (consent revoked,
@@ -243,6 +263,7 @@ class PublisherSession(MediaSession):
 class ViewerSession(MediaSession):
     """A WHEP viewer: its negotiated media and, once keyed, its Fanout slot."""
 
+    counter_offer: str | None = None
     egress: list[EgressMedia] = field(default_factory=list)
     fanout_slot: int | None = None
     # viewer out-SSRC -> fanout track, to route NACKs (RFC 4585 §6.2.1 media SSRC).
