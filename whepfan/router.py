@@ -385,9 +385,12 @@ class Router:
                 session.fanout_slot = None
             if stream is not None and stream.viewers.pop(session.id, None) is not None:
                 self._emit_viewer_count(stream)
-        elif isinstance(session, PublisherSession) and stream is not None:
-            if stream.publisher is session:
-                self._detach_publisher(stream)
+        elif (
+            isinstance(session, PublisherSession)
+            and stream is not None
+            and stream.publisher is session
+        ):
+            self._detach_publisher(stream)
         self.counters[f"sessions_ended_{reason.split(':')[0]}"] += 1
         log.info(
             "%s %s on %r ended: %s", session.kind.value, session.id[:8], session.stream, reason
@@ -433,6 +436,9 @@ class Router:
         if kind is PacketKind.STUN:
             self._receive_stun(data, addr, now)
             return
+        if kind is not PacketKind.DTLS and kind is not PacketKind.RTP_OR_RTCP:
+            self.counters["drop_unknown_kind"] += 1  # ZRTP, TURN channel, QUIC, garbage
+            return
         session = self._by_address.get(addr)
         if session is None:
             self.counters["drop_unknown_address"] += 1
@@ -454,8 +460,6 @@ class Router:
                     self._viewer_rtcp(session, data, now)
                 else:
                     self.counters["drop_rtp_from_viewer"] += 1  # viewers are recvonly
-        else:
-            self.counters["drop_unknown_kind"] += 1
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
         ufrag = stun_local_ufrag(data)

@@ -1,0 +1,252 @@
+"""The session layer on virtual time: whepfan's own client-side protocol objects (ICE
+controlling checker, DTLS client) talk to the Router in memory; only the Fanout holds a
+real (idle) UDP socket. No event loop, no sleeping: ``now`` is a number we advance."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from whepfan import _fastpath
+from whepfan.config import MediaConfig
+from whepfan.errors import Conflict, NotFound, ServiceUnavailable
+from whepfan.protocol import sdp
+from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
+from whepfan.protocol.ice import IceConnected, IceControllingChecker
+from whepfan.router import Router, StreamEvent
+from whepfan.session import SessionState
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sdp"
+if not FIXTURES.exists():  # a CI clone has shared/ beside the checkout
+    FIXTURES = Path(os.environ.get("WHEPFAN_SHARED", "../shared")) / "fixtures" / "sdp"
+WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
+WHEP_OFFER = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
+
+SERVER = ("127.0.0.1", 40000)  # what the client believes; datagrams never leave memory
+CLIENT = ("127.0.0.1", 50001)
+
+
+class Harness:
+    def __init__(self, **config: object) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.events: list[StreamEvent] = []
+        self.certificate = DtlsCertificate.generate()
+        self.router = Router(
+            config=MediaConfig(udp_host="127.0.0.1", udp_port=0, **config),  # type: ignore[arg-type]
+            certificate=self.certificate,
+            fanout=_fastpath.Fanout(self.sock.fileno(), max_viewers=64),
+            send=lambda data, addr: self.sent.append((data, addr)),
+            candidates=[sdp.Candidate.parse("1 1 udp 2130706431 127.0.0.1 40000 typ host")],
+        )
+        self.router.add_listener(self.events.append)
+
+    def take_sent(self) -> list[bytes]:
+        out = [data for data, _ in self.sent]
+        self.sent.clear()
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+def _with_fingerprint(offer: str, certificate: DtlsCertificate) -> str:
+    algorithm, value = certificate.fingerprints[0]
+    return re.sub(r"a=fingerprint:\S+ \S+", f"a=fingerprint:{algorithm} {value}", offer)
+
+
+def _ice_credentials(offer: str) -> tuple[str, str]:
+    ufrag = re.search(r"a=ice-ufrag:(\S+)", offer)
+    pwd = re.search(r"a=ice-pwd:(\S+)", offer)
+    assert ufrag and pwd
+    return ufrag.group(1), pwd.group(1)
+
+
+def connect_viewer(h: Harness, now: float) -> tuple[str, IceControllingChecker, float]:
+    """A viewer that completes ICE and DTLS against the router, in memory."""
+    client_cert = DtlsCertificate.generate()
+    offer = _with_fingerprint(WHEP_OFFER, client_cert)
+    session, answer = h.router.view("live", offer, now)
+    ufrag, pwd = _ice_credentials(offer)
+    checker = IceControllingChecker(
+        local_ufrag=ufrag,
+        local_pwd=pwd,
+        remote_ufrag=session.local_ufrag,
+        remote_pwd=session.local_pwd,
+        remote_candidates=[SERVER],
+    )
+    fingerprints = [tuple(m.split(" ", 1)) for m in re.findall(r"a=fingerprint:(\S+ \S+)", answer)]
+    dtls = DtlsSession(
+        certificate=client_cert,
+        role="client",
+        remote_fingerprints=[(a, v) for a, v in fingerprints],
+    )
+    connected = False
+    for _ in range(200):
+        request = checker.next_request(now)
+        if request is not None:
+            h.router.datagram_received(request[0], CLIENT, now)
+            for response in h.take_sent():
+                checker.receive_stun(response, SERVER, now)
+        while (event := checker.next_event()) is not None:
+            if isinstance(event, IceConnected):
+                dtls.start(now)
+        for datagram in dtls.datagrams_to_send():
+            h.router.datagram_received(datagram, CLIENT, now)
+        for datagram in h.take_sent():
+            dtls.receive(datagram, now)
+        while (event := dtls.next_event()) is not None:
+            connected = connected or isinstance(event, DtlsConnected)
+        if connected:
+            for datagram in dtls.datagrams_to_send():  # the client's last flight, if any
+                h.router.datagram_received(datagram, CLIENT, now)
+            return session.id, checker, now
+        now += 0.05
+    raise AssertionError("viewer did not connect")
+
+
+def test_viewer_connects_over_ice_lite_and_dtls_and_gets_a_fanout_slot(harness: Harness) -> None:
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    session_id, _, _ = connect_viewer(harness, 0.0)
+    session = harness.router.get_session(session_id)
+    assert session.state is SessionState.CONNECTED
+    assert harness.router.fanout.viewer_count == 1
+
+
+def test_consent_expiry_frees_a_silent_viewer_at_exactly_30_seconds(harness: Harness) -> None:
+    """RFC 7675 §5.1: no verified check for 30 s -> session gone, fan-out slot freed."""
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    session_id, _, connected_at = connect_viewer(harness, 0.0)
+    deadline = harness.router.get_timer()
+    assert deadline is not None
+    viewer_deadline = harness.router.get_session(session_id).get_timer()
+    assert viewer_deadline == pytest.approx(connected_at + 30.0, abs=0.06)
+    harness.router.handle_timer(viewer_deadline - 0.001)
+    assert session_id in harness.router.sessions
+    harness.router.handle_timer(viewer_deadline)
+    assert session_id not in harness.router.sessions
+    assert harness.router.fanout.viewer_count == 0
+    # The in-memory publisher never sent a check either, so it expired too (at 30.0).
+    assert harness.router.counters["sessions_ended_ice-consent-expired"] == 2
+
+
+def test_consent_checks_keep_a_viewer_alive(harness: Harness) -> None:
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    session_id, checker, now = connect_viewer(harness, 0.0)
+    end = now + 120.0
+    while now < end:
+        now += 0.25
+        harness.router.handle_timer(now)
+        checker_deadline = checker.get_timer()
+        if checker_deadline is not None and now >= checker_deadline:
+            checker.handle_timer(now)
+        request = checker.next_request(now)
+        if request is not None:
+            harness.router.datagram_received(request[0], CLIENT, now)
+            for response in harness.take_sent():
+                checker.receive_stun(response, SERVER, now)
+    assert session_id in harness.router.sessions
+
+
+def test_a_viewer_that_never_checks_is_freed_after_the_consent_timeout(harness: Harness) -> None:
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    session, _ = harness.router.view("live", WHEP_OFFER, 1.0)
+    harness.router.handle_timer(30.9)
+    assert session.id in harness.router.sessions
+    harness.router.handle_timer(31.0)
+    assert session.id not in harness.router.sessions
+
+
+def test_counter_offer_expires_when_unanswered(harness: Harness) -> None:
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    session, offer = harness.router.counter_offer("live", 5.0)
+    assert "a=sendonly" in offer and "a=setup:actpass" in offer
+    harness.router.handle_timer(34.99)
+    assert session.id in harness.router.sessions
+    harness.router.handle_timer(35.0)
+    with pytest.raises(NotFound):
+        harness.router.get_session(session.id)
+
+
+def test_viewer_of_a_stream_without_publisher_gets_409_and_capacity_gets_503() -> None:
+    h = Harness(max_viewers=1)
+    try:
+        with pytest.raises(Conflict) as not_live:
+            h.router.view("live", WHEP_OFFER, 0.0)
+        assert not_live.value.status == 409 and not_live.value.retry_after
+        h.router.publish("live", WHIP_OFFER, 0.0)
+        h.router.view("live", WHEP_OFFER, 0.0)
+        with pytest.raises(ServiceUnavailable) as full:
+            h.router.view("live", WHEP_OFFER, 0.0)
+        assert full.value.status == 503 and full.value.retry_after
+        # A failed request leaves nothing behind.
+        assert len(h.router.sessions) == 2
+    finally:
+        h.close()
+
+
+def test_second_publisher_is_refused_and_leaves_no_session(harness: Harness) -> None:
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    with pytest.raises(Conflict):
+        harness.router.publish("live", WHIP_OFFER, 0.0)
+    assert len(harness.router.sessions) == 1
+
+
+def test_unknown_traffic_is_counted_and_dropped(harness: Harness) -> None:
+    router = harness.router
+    router.datagram_received(b"\x80" + os.urandom(40), CLIENT, 0.0)  # RTP from nobody
+    router.datagram_received(b"\x16\xfe\xfd" + os.urandom(30), CLIENT, 0.0)  # DTLS from nobody
+    router.datagram_received(b"\xff" * 20, CLIENT, 0.0)
+    router.datagram_received(b"", CLIENT, 0.0)
+    stun = IceControllingChecker(
+        local_ufrag="abcd",
+        local_pwd="x" * 22,
+        remote_ufrag="nope",
+        remote_pwd="y" * 22,
+        remote_candidates=[SERVER],
+    ).next_request(0.0)
+    assert stun is not None
+    router.datagram_received(stun[0], CLIENT, 0.0)
+    assert router.counters["drop_unknown_address"] == 2
+    assert router.counters["drop_unknown_kind"] == 1
+    assert router.counters["drop_empty"] == 1
+    assert router.counters["drop_stun_unknown_ufrag"] == 1
+    assert harness.sent == []
+
+
+def test_stream_events_active_viewercount_inactive(harness: Harness) -> None:
+    publisher, _ = harness.router.publish("live", WHIP_OFFER, 0.0)
+    viewer, _ = harness.router.view("live", WHEP_OFFER, 0.0)
+    harness.router.end_session(viewer.id, 1.0)
+    harness.router.end_session(publisher.id, 2.0)
+    kinds = [(e.type, e.data) for e in harness.events]
+    assert kinds == [("viewercount", {"viewercount": 1}), ("viewercount", {"viewercount": 0})]
+    # "active" needs the publisher's media keyed; "inactive" is only sent after "active".
+
+
+def test_ice_restart_issues_new_credentials_and_etag(harness: Harness) -> None:
+    publisher, _ = harness.router.publish("live", WHIP_OFFER, 0.0)
+    old_etag, old_ufrag = publisher.etag, publisher.local_ufrag
+    fragment = sdp.parse_sdpfrag(
+        "a=ice-ufrag:newU\r\na=ice-pwd:newpassword0000000000000\r\n"
+        "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+    )
+    answer = sdp.parse_sdpfrag(harness.router.restart_ice(publisher.id, fragment, 1.0))
+    assert answer.ufrag == publisher.local_ufrag != old_ufrag
+    assert publisher.etag != old_etag
+    assert answer.usable_candidates
+    harness.router.end_session(publisher.id, 2.0)
+    assert not harness.router._by_ufrag  # both ufrags forgotten
