@@ -18,10 +18,10 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
 import pytest
+from _paths import SDP_FIXTURES
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
@@ -31,7 +31,7 @@ from whepfan.errors import Conflict, NotAcceptable, NotFound, ServiceUnavailable
 from whepfan.http import COUNTERS_KEY, HttpOptions, IceServer, create_app
 from whepfan.protocol import sdp
 
-FIXTURES = Path("/work/shared/fixtures/sdp")
+FIXTURES = SDP_FIXTURES
 WHEP_OFFER = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 SIMULCAST_OFFER = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()

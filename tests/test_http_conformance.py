@@ -11,10 +11,10 @@ import asyncio
 import threading
 import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
+from _paths import SDP_FIXTURES
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from hypothesis import given, settings
@@ -24,7 +24,7 @@ from whepfan.protocol import sdp
 from whepfan.server import RunningServer, run
 from whepfan.settings import Settings
 
-FIXTURES = Path("/work/shared/fixtures/sdp")
+FIXTURES = SDP_FIXTURES
 WHEP_OFFER = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 SIMULCAST_OFFER = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()

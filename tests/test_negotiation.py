@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+from _paths import SDP_FIXTURES
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
@@ -33,7 +33,7 @@ from whepfan.protocol.negotiation import (
 )
 from whepfan.protocol.sdp import Candidate, MediaSection, SessionDescription
 
-FIXTURES = Path("/work/shared/fixtures/sdp")
+FIXTURES = SDP_FIXTURES
 WHEP_RECVONLY = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_SENDONLY = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHIP_SIMULCAST = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()

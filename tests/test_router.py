@@ -8,9 +8,9 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from _paths import SDP_FIXTURES
 
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
@@ -21,9 +21,7 @@ from whepfan.protocol.ice import IceConnected, IceControllingChecker
 from whepfan.router import Router, StreamEvent
 from whepfan.session import SessionState
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sdp"
-if not FIXTURES.exists():  # a CI clone has shared/ beside the checkout
-    FIXTURES = Path(os.environ.get("WHEPFAN_SHARED", "../shared")) / "fixtures" / "sdp"
+FIXTURES = SDP_FIXTURES
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHEP_OFFER = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 

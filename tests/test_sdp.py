@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from _paths import SDP_FIXTURES
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +20,7 @@ from whepfan.protocol.sdp import (
     serialize_sdpfrag,
 )
 
-FIXTURES = Path("/work/shared/fixtures/sdp")
+FIXTURES = SDP_FIXTURES
 WHEP_RECVONLY = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_SENDONLY = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHIP_SIMULCAST = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()
