@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aioice.ice
 import av
@@ -253,3 +253,101 @@ async def test_deleted_viewer_frees_its_fanout_slot(worker: MediaWorker) -> None
     finally:
         await viewer.close()
         await publisher.close()
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+async def test_audio_only_stream(worker: MediaWorker) -> None:
+    publisher = await start_publisher(worker, "radio", video=False)
+    viewer = Viewer(worker, "radio")
+    try:
+        await viewer.start(video=False)
+        assert await _wait_until(lambda: viewer.audio_frames >= 20)
+        assert not viewer.video_frames
+    finally:
+        await viewer.close()
+        await publisher.close()
+
+
+async def test_video_only_stream(worker: MediaWorker) -> None:
+    publisher = await start_publisher(worker, "silent", audio=False)
+    viewer = Viewer(worker, "silent")
+    try:
+        await viewer.start(audio=False)
+        await viewer.wait_frames(10)
+        assert viewer.audio_frames == 0
+    finally:
+        await viewer.close()
+        await publisher.close()
+
+
+async def test_sender_reports_and_receiver_reports_flow_per_viewer(worker: MediaWorker) -> None:
+    """RFC 3550 §6.4: the publisher's SRs are relayed to each viewer under the viewer's own
+    SSRC (aiortc sends SRs every ~1 s), and each viewer's RRs land in its session stats."""
+    publisher = await start_publisher(worker, "live")
+    viewer = Viewer(worker, "live")
+    try:
+        await viewer.start()
+        await viewer.wait_frames(5)
+        slot = worker.router.get_session(viewer.session_id).fanout_slot  # type: ignore[attr-defined]
+        assert await _wait_until(
+            lambda: worker.fanout.viewer_stats(slot)["sender_reports_sent"] >= 2, timeout=8.0
+        )
+        assert await _wait_until(
+            lambda: worker.fanout.viewer_stats(slot)["rtcp_received"] >= 1, timeout=8.0
+        )
+        # aiortc's receiver derives RTT from our relayed SR's LSR/DLSR: it parsed them.
+        session = worker.router.get_session(viewer.session_id)
+        assert session.fraction_lost == 0.0  # type: ignore[attr-defined]
+    finally:
+        await viewer.close()
+        await publisher.close()
+
+
+async def test_viewers_resume_with_continuous_sequence_when_a_publisher_returns(
+    worker: MediaWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher leaves; the viewer stays; a new publisher continues the same sequence
+    and timestamp lines (RFC 3550 §5.1), and frames keep decoding."""
+    seen: list[tuple[int, int]] = []
+    original = RTCDtlsTransport._handle_rtp_data
+
+    async def record(self: RTCDtlsTransport, data: bytes, arrival_time_ms: int) -> None:
+        if data[1] & 0x7F == video_pt[0]:
+            seen.append((int.from_bytes(data[2:4], "big"), int.from_bytes(data[4:8], "big")))
+        await original(self, data, arrival_time_ms)
+
+    video_pt = [-1]
+    monkeypatch.setattr(RTCDtlsTransport, "_handle_rtp_data", record)
+    first = await start_publisher(worker, "live", audio=False)
+    viewer = Viewer(worker, "live")
+    try:
+        await viewer.start(audio=False)
+        session = worker.router.get_session(viewer.session_id)
+        video_pt[0] = session.egress[0].payload_type  # type: ignore[attr-defined]
+        await viewer.wait_frames(10)
+        stream = worker.router.streams["live"]
+        assert stream.publisher is not None
+        worker.router.end_session(stream.publisher.id, worker.now())
+        await first.close()
+        await asyncio.sleep(0.3)
+        before = len(seen)
+        frames_before = len(viewer.video_frames)
+        second = await start_publisher(worker, "live", audio=False)
+        try:
+            await viewer.wait_frames(frames_before + 10)
+        finally:
+            await second.close()
+        last_old, first_new = seen[before - 1], seen[before]
+        assert first_new[0] == (last_old[0] + 1) % 65536
+        # The timestamp moves forward by about the real gap, not by a random jump.
+        gap_ticks = (first_new[1] - last_old[1]) % (1 << 32)
+        assert 0 < gap_ticks < 90000 * 5
+        assert viewer.session_id in worker.router.sessions
+    finally:
+        await viewer.close()
