@@ -11,6 +11,7 @@
 #   track.subscriptions[]    Subscription: viewer index, out SSRC/PT, seq/ts offsets,
 #                            extension id map, RTX, keyframe gate, SR counts
 #   batch                    batch_size preallocated datagram slots + iovec/mmsghdr
+#   switch_log               simulcast switches completed since the last take_switches()
 #
 # push() copies the publisher's packet once into the track's cache, then runs ONE nogil
 # loop over the track's subscriptions: copy into the next batch slot, rewrite the header
@@ -18,10 +19,21 @@
 # subscriptions array holds exactly what that loop reads, so it streams through memory;
 # unsubscribe swap-removes to keep it dense.
 #
+# Simulcast (one track per layer). A viewer moves between layers with switch(): a second,
+# *pending* subscription is made on the target track, waiting for a keyframe; when the
+# target's keyframe passes through push(), that subscription takes over inside the same
+# nogil loop: it keeps the viewer's SSRC, continues its sequence numbers (out seq = last
+# out seq + 1), advances its timestamp by the real time elapsed since the last packet the
+# viewer got (RFC 3550 §5.1: timestamps follow the sampling clock), continues VP8 picture
+# ids and TL0PICIDX (RFC 7741 §4.2), and the old subscription is removed. Python only
+# hears of it afterwards, through take_switches(). VP8 temporal layers above a viewer's
+# limit are dropped per packet, shrinking the viewer's sequence numbers and picture ids so
+# that neither shows a gap (a gap would read as loss and trigger NACKs and PLIs).
+#
 # Not thread-safe: call every method from the thread that owns the worker's event loop
 # (the nogil sections release the GIL for other Python threads, not for re-entry).
 
-from libc.stdint cimport int32_t
+from libc.stdint cimport int16_t, int32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -66,6 +78,13 @@ cdef enum:
     # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
     MAX_EXT_ELEMENTS = 32
     RTCP_SR_SIZE = 28            # RFC 3550 §6.4.1, no report blocks
+    SWITCH_LOG_SIZE = 1024       # completed switches kept until take_switches()
+    ALL_TEMPORAL_LAYERS = 255    # no temporal-layer limit
+
+# How a track's payload is read in the fan-out loop (everything else is opaque bytes).
+cpdef enum:
+    PAYLOAD_OPAQUE = 0
+    PAYLOAD_VP8 = 1              # RFC 7741 payload descriptor: temporal layers, picture ids
 
 cdef enum ExtensionForm:
     EXT_NONE = 0                 # no header extension (X = 0)
@@ -86,6 +105,19 @@ cdef struct RtpLayout:
     uint8_t ext_id[MAX_EXT_ELEMENTS]
 
 
+# The fields of a VP8 payload descriptor (RFC 7741 §4.2) the fan-out acts on.
+cdef struct Vp8Fields:
+    int present                  # 1 if the payload carried a parseable descriptor
+    int frame_start              # S = 1 and partition index 0: first packet of a picture
+    int picture_id               # -1: absent
+    int picture_id_offset        # offset of the picture id in the payload
+    int long_picture_id          # M bit: 15-bit picture id
+    int tl0_pic_idx              # -1: absent
+    int tl0_offset
+    int temporal_layer           # TID; -1: absent
+    int layer_sync               # Y bit
+
+
 # One viewer's copy of one track.
 cdef struct Subscription:
     int32_t viewer
@@ -101,6 +133,25 @@ cdef struct Subscription:
     uint8_t has_rtx
     uint8_t wait_keyframe
     uint8_t* ext_map             # 256 entries: publisher id -> viewer id; NULL strips all
+    # What the viewer last received: where a layer switch continues from.
+    uint8_t has_sent
+    uint16_t last_seq            # viewer's highest sequence number sent
+    uint32_t last_ts             # ... and its timestamp
+    double last_sent_at          # push time of that packet
+    # seq_offset holds for publisher sequence numbers from here on (it changes at a
+    # switch and with every temporally dropped packet); NACKs for older ones are misses.
+    uint16_t offset_valid_from
+    uint8_t offset_floor_set     # offset_valid_from is set
+    int32_t switch_from          # pending switch: the track it replaces; -1: none
+    # VP8 (RFC 7741 §4.2): rewritten so the viewer sees one gap-free sequence.
+    uint8_t has_vp8_state
+    uint8_t temporal_limit       # highest TID forwarded (ALL_TEMPORAL_LAYERS: all)
+    uint8_t temporal_target      # the limit asked for; applied at a picture boundary
+    uint8_t tl0_offset
+    uint8_t last_tl0
+    uint16_t picture_id_offset   # mod 2^15
+    uint16_t last_picture_id
+    int32_t last_dropped_picture  # picture id of the last dropped picture; -1: none
 
 
 cdef struct Viewer:
@@ -134,6 +185,8 @@ cdef struct Track:
     int subscription_capacity
     int32_t* subscription_of_viewer   # [max_viewers] index into subscriptions, -1: none
     uint64_t pushed
+    uint32_t clock_rate          # RTP clock (RFC 3550 §5.1), for timestamps across a switch
+    int payload_format           # PAYLOAD_*
 
 
 cdef struct FanoutCounters:
@@ -152,6 +205,10 @@ cdef struct FanoutCounters:
     uint64_t resend_misses
     uint64_t sender_reports_sent
     uint64_t rtcp_sent
+    uint64_t switches_completed
+    uint64_t switch_log_overflows
+    uint64_t dropped_temporal_layer
+    uint64_t dropped_stale          # pushed packets older than a subscription's offsets
 
 
 # Preallocated datagrams for one sendmmsg(2) call.
@@ -310,6 +367,90 @@ cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
                 memset(element, 0, layout.ext_size[index])
             else:
                 element[0] = viewer_id
+
+
+# ---------------------------------------------------------------------------------------
+# VP8 payload descriptor (RFC 7741 §4.2), read once per push and patched per viewer.
+#
+#        0 1 2 3 4 5 6 7
+#       +-+-+-+-+-+-+-+-+
+#       |X|R|N|S|R| PID |  S: start of a partition, PID: partition index
+#       +-+-+-+-+-+-+-+-+
+#  X:   |I|L|T|K| RSV   |
+#       +-+-+-+-+-+-+-+-+
+#  I:   |M| PictureID   |  <- + picture_id_offset (7 or, with M, 15 bits)
+#       +-+-+-+-+-+-+-+-+
+#  M:   |   PictureID   |
+#       +-+-+-+-+-+-+-+-+
+#  L:   |   TL0PICIDX   |  <- + tl0_offset
+#       +-+-+-+-+-+-+-+-+
+#  T/K: |TID|Y| KEYIDX  |  TID decides temporal dropping, Y allows an upswitch
+#       +-+-+-+-+-+-+-+-+
+
+cdef void vp8_parse_fields(const uint8_t* payload, int length, Vp8Fields* fields) noexcept nogil:
+    """Fill ``fields``; ``present`` stays 0 if the descriptor is truncated."""
+    cdef int position = 1
+    cdef uint8_t first, extension
+    memset(fields, 0, sizeof(Vp8Fields))
+    fields.picture_id = -1
+    fields.tl0_pic_idx = -1
+    fields.temporal_layer = -1
+    if length < 1:
+        return
+    first = payload[0]
+    if first & 0x80:
+        if length < 2:
+            return
+        extension = payload[1]
+        position = 2
+        if extension & 0x80:
+            if position >= length:
+                return
+            fields.picture_id_offset = position
+            if payload[position] & 0x80:
+                if position + 2 > length:
+                    return
+                fields.long_picture_id = 1
+                fields.picture_id = ((payload[position] & 0x7F) << 8) | payload[position + 1]
+                position += 2
+            else:
+                fields.picture_id = payload[position]
+                position += 1
+        if extension & 0x40:
+            if position >= length:
+                return
+            fields.tl0_offset = position
+            fields.tl0_pic_idx = payload[position]
+            position += 1
+        if extension & 0x30:
+            if position >= length:
+                return
+            if extension & 0x20:
+                fields.temporal_layer = payload[position] >> 6
+                fields.layer_sync = (payload[position] >> 5) & 1
+            position += 1
+    fields.frame_start = (first & 0x10) != 0 and (first & 0x07) == 0
+    fields.present = 1
+
+
+cdef inline void vp8_rewrite(uint8_t* payload, const Vp8Fields* fields,
+                             const Subscription* subscription) noexcept nogil:
+    """Shift picture id and TL0PICIDX into the viewer's continuous numbering (same length)."""
+    cdef uint16_t picture_id
+    if fields.picture_id >= 0 and subscription.picture_id_offset:
+        picture_id = <uint16_t>((fields.picture_id + subscription.picture_id_offset) & 0x7FFF)
+        if fields.long_picture_id:
+            payload[fields.picture_id_offset] = <uint8_t>(0x80 | (picture_id >> 8))
+            payload[fields.picture_id_offset + 1] = <uint8_t>picture_id
+        else:
+            payload[fields.picture_id_offset] = <uint8_t>(picture_id & 0x7F)
+    if fields.tl0_pic_idx >= 0 and subscription.tl0_offset:
+        payload[fields.tl0_offset] = <uint8_t>(fields.tl0_pic_idx + subscription.tl0_offset)
+
+
+cdef inline bint seq_before(uint16_t a, uint16_t b) noexcept nogil:
+    """RFC 3550 §A.1 serial arithmetic: ``a`` comes before ``b`` (within half the space)."""
+    return <int16_t>(<uint16_t>(a - b)) < 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,6 +627,8 @@ cdef class Fanout:
     cdef Track* tracks
     cdef SendBatch batch
     cdef FanoutCounters counters
+    cdef int32_t* switch_log        # (viewer, from track, to track) per completed switch
+    cdef int switch_log_count
 
     def __cinit__(self, int fd, *, int max_viewers=16384, int max_tracks=64, int batch_size=32):
         cdef int index
@@ -500,8 +643,9 @@ cdef class Fanout:
         self.viewers = <Viewer*>calloc(max_viewers, sizeof(Viewer))
         self.free_viewers = <int32_t*>malloc(max_viewers * sizeof(int32_t))
         self.tracks = <Track*>calloc(max_tracks, sizeof(Track))
+        self.switch_log = <int32_t*>malloc(3 * SWITCH_LOG_SIZE * sizeof(int32_t))
         if (batch_init(&self.batch, fd, batch_size) != 0 or self.viewers == NULL
-                or self.free_viewers == NULL or self.tracks == NULL):
+                or self.free_viewers == NULL or self.tracks == NULL or self.switch_log == NULL):
             raise MemoryError()
         # Pop order hands out slot 0 first, and a freed slot is the next one reused.
         for index in range(max_viewers):
@@ -522,6 +666,7 @@ cdef class Fanout:
                     srtp_ctx_clear(&self.viewers[index].rx)
             free(self.viewers)
         free(self.free_viewers)
+        free(self.switch_log)
         batch_free(&self.batch)
 
     # -- lookups: unknown ids are the caller's bug, not the peer's -----------------------
@@ -544,12 +689,18 @@ cdef class Fanout:
 
     # -- tracks --------------------------------------------------------------------------
 
-    def add_track(self, *, int cache_packets=1024) -> int:
-        """A new ingest stream with a NACK cache of ``cache_packets`` packets."""
+    def add_track(self, *, int cache_packets=1024, int clock_rate=90000,
+                  int payload_format=PAYLOAD_OPAQUE) -> int:
+        """A new ingest stream with a NACK cache of ``cache_packets`` packets, its RTP
+        ``clock_rate``, and how its payload may be read (``PAYLOAD_VP8``: temporal layers)."""
         cdef int index
         cdef Track* track
         if not 1 <= cache_packets <= 65536:   # one slot per 16-bit sequence number at most
             raise ValueError("cache_packets must be in 1..65536")
+        if clock_rate <= 0:
+            raise ValueError("clock_rate must be positive")
+        if payload_format != PAYLOAD_OPAQUE and payload_format != PAYLOAD_VP8:
+            raise ValueError(f"unknown payload format {payload_format}")
         for index in range(self.max_tracks):
             if not self.tracks[index].in_use:
                 break
@@ -567,6 +718,8 @@ cdef class Fanout:
             self._free_track(track)
             raise MemoryError()
         memset(track.subscription_of_viewer, 0xFF, self.max_viewers * sizeof(int32_t))  # -1
+        track.clock_rate = clock_rate
+        track.payload_format = payload_format
         track.in_use = 1
         return index
 
@@ -644,27 +797,11 @@ cdef class Fanout:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, int viewer, int track, *, ssrc: int, payload_type: int,
-                  ext_map: bytes = b"", rtx_ssrc: int = 0, rtx_payload_type: int = -1,
-                  bint wait_keyframe=True) -> None:
-        """Send ``track`` to ``viewer`` as ``ssrc``/``payload_type``; ``ext_map[i]`` is the
-        viewer's id for the publisher's header extension id ``i`` (0 or missing: strip)."""
-        cdef Viewer* state = self._viewer(viewer)
-        cdef Track* target = self._track(track)
+    cdef Subscription* _new_subscription(self, Track* target, int viewer) except NULL:
+        """Append a zeroed subscription of ``viewer`` to ``target`` (growing the array)."""
         cdef Subscription* grown
         cdef Subscription* subscription
         cdef int capacity
-        cdef bytes offsets
-        cdef const uint8_t* random_bytes
-        if target.subscription_of_viewer[viewer] >= 0:
-            raise ValueError(f"viewer {viewer} already subscribed to track {track}")
-        if not 0 <= ssrc <= 0xFFFFFFFF or not 0 <= payload_type <= 127:
-            raise ValueError("ssrc must be 32-bit and payload_type 0..127")
-        has_rtx = rtx_payload_type >= 0
-        if has_rtx and (not 0 <= rtx_payload_type <= 127 or not 0 <= rtx_ssrc <= 0xFFFFFFFF):
-            raise ValueError("rtx_ssrc must be 32-bit and rtx_payload_type 0..127")
-        if len(ext_map) > 256:
-            raise ValueError("ext_map has at most 256 entries (RFC 8285 ids are 8-bit)")
         if target.subscription_count == target.subscription_capacity:
             capacity = max(16, 2 * target.subscription_capacity)
             grown = <Subscription*>realloc(target.subscriptions, capacity * sizeof(Subscription))
@@ -674,17 +811,51 @@ cdef class Fanout:
             target.subscription_capacity = capacity
         subscription = &target.subscriptions[target.subscription_count]
         memset(subscription, 0, sizeof(Subscription))
+        subscription.viewer = viewer
+        subscription.switch_from = -1
+        subscription.last_dropped_picture = -1
+        subscription.temporal_limit = ALL_TEMPORAL_LAYERS
+        subscription.temporal_target = ALL_TEMPORAL_LAYERS
+        target.subscription_of_viewer[viewer] = target.subscription_count
+        target.subscription_count += 1
+        return subscription
+
+    def subscribe(self, int viewer, int track, *, ssrc: int, payload_type: int,
+                  ext_map: bytes = b"", rtx_ssrc: int = 0, rtx_payload_type: int = -1,
+                  bint wait_keyframe=True) -> None:
+        """Send ``track`` to ``viewer`` as ``ssrc``/``payload_type``; ``ext_map[i]`` is the
+        viewer's id for the publisher's header extension id ``i`` (0 or missing: strip)."""
+        cdef Track* target = self._track(track)
+        cdef Subscription* subscription
+        cdef uint8_t* table = NULL
+        cdef bytes offsets
+        cdef const uint8_t* random_bytes
+        self._viewer(viewer)
+        if target.subscription_of_viewer[viewer] >= 0:
+            raise ValueError(f"viewer {viewer} already subscribed to track {track}")
+        if not 0 <= ssrc <= 0xFFFFFFFF or not 0 <= payload_type <= 127:
+            raise ValueError("ssrc must be 32-bit and payload_type 0..127")
+        has_rtx = rtx_payload_type >= 0
+        if has_rtx and (not 0 <= rtx_payload_type <= 127 or not 0 <= rtx_ssrc <= 0xFFFFFFFF):
+            raise ValueError("rtx_ssrc must be 32-bit and rtx_payload_type 0..127")
+        if len(ext_map) > 256:
+            raise ValueError("ext_map has at most 256 entries (RFC 8285 ids are 8-bit)")
         if ext_map:
-            subscription.ext_map = <uint8_t*>calloc(256, 1)
-            if subscription.ext_map == NULL:
+            table = <uint8_t*>calloc(256, 1)
+            if table == NULL:
                 raise MemoryError()
-            memcpy(subscription.ext_map, <const char*>ext_map, len(ext_map))
-            subscription.ext_map[0] = 0   # id 0 is padding, never an element
+            memcpy(table, <const char*>ext_map, len(ext_map))
+            table[0] = 0   # id 0 is padding, never an element
+        try:
+            subscription = self._new_subscription(target, viewer)
+        except MemoryError:
+            free(table)
+            raise
+        subscription.ext_map = table
         # RFC 3550 §5.1: the first sequence number and timestamp a receiver sees are
         # random (unpredictable for known-plaintext attacks on the encryption), and
         # each viewer gets its own.
         offsets = _os.urandom(8)
-        subscription.viewer = viewer
         subscription.ssrc = ssrc
         subscription.payload_type = payload_type
         random_bytes = <const uint8_t*><const char*>offsets
@@ -696,8 +867,83 @@ cdef class Fanout:
             subscription.rtx_ssrc = rtx_ssrc
             subscription.rtx_payload_type = rtx_payload_type
         subscription.wait_keyframe = wait_keyframe
-        target.subscription_of_viewer[viewer] = target.subscription_count
-        target.subscription_count += 1
+
+    def switch(self, int viewer, int from_track, int to_track) -> None:
+        """Move ``viewer`` from ``from_track`` to ``to_track`` (another simulcast layer of
+        the same media) at the next keyframe pushed on ``to_track``. Until then the viewer
+        keeps receiving ``from_track``; at that keyframe it continues with the same SSRC
+        and payload type, sequence numbers and timestamps (see the theory of operation).
+        Cancel a pending switch with ``unsubscribe(viewer, to_track)``."""
+        cdef Track* source = self._track(from_track)
+        cdef Track* target = self._track(to_track)
+        cdef Subscription* current
+        cdef Subscription* pending
+        cdef uint8_t* table = NULL
+        self._viewer(viewer)
+        if from_track == to_track:
+            raise ValueError("a switch needs two different tracks")
+        current = self._subscription(source, viewer)
+        if target.subscription_of_viewer[viewer] >= 0:
+            raise ValueError(f"viewer {viewer} already subscribed to track {to_track}")
+        if current.ext_map != NULL:
+            table = <uint8_t*>malloc(256)
+            if table == NULL:
+                raise MemoryError()
+            memcpy(table, current.ext_map, 256)
+        try:
+            pending = self._new_subscription(target, viewer)
+        except MemoryError:
+            free(table)
+            raise
+        # ``current`` lives in another track's array, which the append did not move.
+        pending.ext_map = table
+        pending.ssrc = current.ssrc
+        pending.payload_type = current.payload_type
+        pending.has_rtx = current.has_rtx
+        pending.rtx_ssrc = current.rtx_ssrc
+        pending.rtx_payload_type = current.rtx_payload_type
+        pending.seq_offset = current.seq_offset
+        pending.ts_offset = current.ts_offset
+        pending.rtx_seq = current.rtx_seq
+        pending.temporal_target = current.temporal_target
+        pending.wait_keyframe = 1
+        pending.switch_from = from_track
+
+    def set_temporal_layer(self, int viewer, int track, int limit) -> None:
+        """Forward only VP8 temporal layers 0..``limit`` of ``track`` to ``viewer`` (-1: all).
+        A lower limit applies at the next picture; a higher one at the next picture that
+        decodes from what the viewer has (TID 0, or a layer sync picture: RFC 7741 §4.2 Y)."""
+        cdef Track* source = self._track(track)
+        cdef Subscription* subscription
+        self._viewer(viewer)
+        subscription = self._subscription(source, viewer)
+        if limit < 0:
+            limit = ALL_TEMPORAL_LAYERS
+        if limit > 3 and limit != ALL_TEMPORAL_LAYERS:
+            raise ValueError("a VP8 temporal layer id is 0..3 (TID is 2 bits)")
+        subscription.temporal_target = limit
+
+    def subscription_state(self, int viewer, int track) -> int:
+        """0: not subscribed; 1: waiting for a keyframe (to start, or to complete a
+        switch); 2: forwarding."""
+        cdef Track* source = self._track(track)
+        cdef int32_t index
+        self._viewer(viewer)
+        index = source.subscription_of_viewer[viewer]
+        if index < 0:
+            return 0
+        return 1 if source.subscriptions[index].wait_keyframe else 2
+
+    def take_switches(self) -> list:
+        """Switches completed since the last call, oldest first: (viewer, from, to)."""
+        cdef int index
+        completed = [
+            (self.switch_log[3 * index], self.switch_log[3 * index + 1],
+             self.switch_log[3 * index + 2])
+            for index in range(self.switch_log_count)
+        ]
+        self.switch_log_count = 0
+        return completed
 
     def unsubscribe(self, int viewer, int track) -> None:
         cdef Track* target = self._track(track)
@@ -705,7 +951,7 @@ cdef class Fanout:
         self._subscription(target, viewer)
         self._unsubscribe(target, viewer)
 
-    cdef void _unsubscribe(self, Track* track, int viewer) noexcept:
+    cdef void _unsubscribe(self, Track* track, int viewer) noexcept nogil:
         # Swap-remove: the last subscription fills the hole, so push() still walks a
         # dense array.
         cdef int32_t index = track.subscription_of_viewer[viewer]
@@ -754,16 +1000,105 @@ cdef class Fanout:
             return self._flush()
         return 0
 
-    def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False) -> int:
+    cdef void _complete_switch(self, Track* target, Subscription* subscription,
+                               uint16_t sequence, uint32_t timestamp, double now,
+                               const Vp8Fields* vp8) noexcept nogil:
+        """The target layer's keyframe is here: continue the viewer's numbering from its
+        old subscription, which is then removed (see the theory of operation)."""
+        cdef Track* previous = NULL
+        cdef Subscription* old
+        cdef int32_t index, from_track = subscription.switch_from
+        cdef double elapsed
+        cdef uint32_t ticks
+        if 0 <= from_track < self.max_tracks and self.tracks[from_track].in_use:
+            previous = &self.tracks[from_track]
+            index = previous.subscription_of_viewer[subscription.viewer]
+            if index >= 0:
+                old = &previous.subscriptions[index]
+                if old.has_sent:
+                    # RFC 3550 §5.1: seq +1 per packet, so the receiver sees no loss;
+                    # the timestamp advances with the sampling clock by the real time
+                    # since the last packet (at least one tick: a new picture).
+                    subscription.seq_offset = <uint16_t>(old.last_seq + 1 - sequence)
+                    elapsed = now - old.last_sent_at
+                    if elapsed > 3600.0:
+                        elapsed = 3600.0
+                    ticks = 1
+                    if elapsed > 0:
+                        ticks = <uint32_t>(elapsed * target.clock_rate + 0.5)
+                        if ticks == 0:
+                            ticks = 1
+                    subscription.ts_offset = old.last_ts + ticks - timestamp
+                    subscription.rtx_seq = old.rtx_seq
+                    # Same SSRC, so RFC 3550 §6.4.1 sender counts carry on.
+                    subscription.packets_sent = old.packets_sent
+                    subscription.octets_sent = old.octets_sent
+                    if old.has_vp8_state and vp8.present:
+                        # RFC 7741 §4.2: the keyframe is the next picture, and (TID 0) the
+                        # next TL0 picture, of the viewer's one VP8 stream.
+                        if vp8.picture_id >= 0:
+                            subscription.picture_id_offset = <uint16_t>(
+                                (old.last_picture_id + 1 - vp8.picture_id) & 0x7FFF)
+                        if vp8.tl0_pic_idx >= 0:
+                            subscription.tl0_offset = <uint8_t>(
+                                old.last_tl0 + 1 - vp8.tl0_pic_idx)
+                self._unsubscribe(previous, subscription.viewer)
+        subscription.offset_valid_from = sequence
+        subscription.offset_floor_set = 1
+        subscription.switch_from = -1
+        subscription.temporal_limit = subscription.temporal_target   # a picture boundary
+        self.counters.switches_completed += 1
+        if self.switch_log_count < SWITCH_LOG_SIZE:
+            self.switch_log[3 * self.switch_log_count] = subscription.viewer
+            self.switch_log[3 * self.switch_log_count + 1] = from_track
+            self.switch_log[3 * self.switch_log_count + 2] = <int32_t>(target - self.tracks)
+            self.switch_log_count += 1
+        else:
+            self.counters.switch_log_overflows += 1
+
+    cdef bint _drop_temporal(self, Subscription* subscription, const Vp8Fields* vp8,
+                             uint16_t sequence) noexcept nogil:
+        """Apply the viewer's VP8 temporal-layer limit; 1 if this packet is not sent."""
+        cdef uint8_t layer
+        if not vp8.present or vp8.temporal_layer < 0:
+            return 0
+        layer = <uint8_t>vp8.temporal_layer
+        if subscription.temporal_target != subscription.temporal_limit and vp8.frame_start:
+            # Lower: at any picture boundary. Higher: only where the higher layer can be
+            # decoded from what the viewer has (TID 0, or Y: RFC 7741 §4.2 layer sync).
+            if (subscription.temporal_target < subscription.temporal_limit or layer == 0
+                    or (vp8.layer_sync and layer <= subscription.temporal_target)):
+                subscription.temporal_limit = subscription.temporal_target
+        if layer <= subscription.temporal_limit:
+            return 0
+        if subscription.has_sent and not seq_before(
+                subscription.last_seq, <uint16_t>(sequence + subscription.seq_offset)):
+            return 1   # a late copy of a packet from before the last drop: no renumbering
+        # Close the gap the dropped packet leaves in the viewer's sequence numbers, and
+        # (once per picture) in its picture ids.
+        subscription.seq_offset -= 1
+        subscription.offset_valid_from = <uint16_t>(sequence + 1)
+        subscription.offset_floor_set = 1
+        if vp8.picture_id >= 0 and vp8.picture_id != subscription.last_dropped_picture:
+            subscription.last_dropped_picture = vp8.picture_id
+            subscription.picture_id_offset = <uint16_t>((subscription.picture_id_offset - 1)
+                                                        & 0x7FFF)
+        return 1
+
+    def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False,
+             now=None) -> int:
         """Cache ``packet`` (plain RTP) and send it to every subscriber of ``track``;
         returns datagrams the kernel accepted. Malformed or oversized packets are counted
-        and dropped."""
+        and dropped. ``now`` (seconds, the caller's monotonic clock; default the Fanout's
+        CLOCK_MONOTONIC) times layer switches."""
         cdef Track* source = self._track(track)
         cdef int length = packet.shape[0]
         cdef RtpLayout layout
-        cdef uint16_t sequence
+        cdef Vp8Fields vp8
+        cdef uint16_t sequence, out_seq
         cdef uint32_t timestamp
         cdef int index, protected_len, sent = 0, cache_index
+        cdef double arrival = monotonic_seconds() if now is None else <double>now
         cdef Subscription* subscription
         cdef Viewer* viewer
         cdef uint8_t* slot
@@ -779,14 +1114,20 @@ cdef class Fanout:
         sequence = load16(&packet[2])
         timestamp = load32(&packet[4])
         with nogil:
+            if source.payload_format == PAYLOAD_VP8:
+                vp8_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &vp8)
+            else:
+                vp8.present = 0
             # The one copy that outlives this call: NACKs are answered from it.
             cache_index = sequence % source.cache_packets
             cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
             memcpy(cached, &packet[0], length)
             source.cache_seq[cache_index] = sequence
             source.cache_len[cache_index] = <uint16_t>length
-            for index in range(source.subscription_count):
+            index = 0
+            while index < source.subscription_count:
                 subscription = &source.subscriptions[index]
+                index += 1
                 viewer = &self.viewers[subscription.viewer]
                 if subscription.wait_keyframe:
                     # A decoder cannot start mid-GOP: hold the viewer until a keyframe.
@@ -795,9 +1136,36 @@ cdef class Fanout:
                         self.counters.dropped_waiting_keyframe += 1
                         continue
                     subscription.wait_keyframe = 0
+                    if subscription.switch_from >= 0:
+                        self._complete_switch(source, subscription, sequence, timestamp,
+                                              arrival, &vp8)
+                elif subscription.offset_floor_set and seq_before(
+                        sequence, subscription.offset_valid_from):
+                    # A late packet (a retransmission) from before this viewer's offsets
+                    # last changed: renumbered now it would collide with packets sent.
+                    self.counters.dropped_stale += 1
+                    continue
+                if self._drop_temporal(subscription, &vp8, sequence):
+                    self.counters.dropped_temporal_layer += 1
+                    continue
                 slot = batch_next_slot(&self.batch)
                 memcpy(slot, cached, length)
                 rtp_rewrite(slot, &layout, subscription, sequence, timestamp)
+                if vp8.present:
+                    vp8_rewrite(slot + layout.header_len, &vp8, subscription)
+                out_seq = <uint16_t>(sequence + subscription.seq_offset)
+                if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
+                    subscription.has_sent = 1
+                    subscription.last_seq = out_seq
+                    subscription.last_ts = timestamp + subscription.ts_offset
+                    subscription.last_sent_at = arrival
+                    if vp8.present and vp8.picture_id >= 0:
+                        subscription.has_vp8_state = 1
+                        subscription.last_picture_id = <uint16_t>(
+                            (vp8.picture_id + subscription.picture_id_offset) & 0x7FFF)
+                        if vp8.tl0_pic_idx >= 0:
+                            subscription.last_tl0 = <uint8_t>(
+                                vp8.tl0_pic_idx + subscription.tl0_offset)
                 protected_len = srtp_protect_rtp(&viewer.tx, slot, length, BATCH_SLOT_SIZE)
                 if protected_len < 0:
                     viewer.protect_errors += 1
@@ -832,7 +1200,10 @@ cdef class Fanout:
             length = source.cache_len[cache_index]
             cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
             # The slot may hold a newer packet with the same index: check the stored seq.
-            if length == 0 or source.cache_seq[cache_index] != publisher_seq:
+            # Before offset_valid_from the viewer's numbers meant other packets.
+            if (length == 0 or source.cache_seq[cache_index] != publisher_seq
+                    or (subscription.offset_floor_set
+                        and seq_before(publisher_seq, subscription.offset_valid_from))):
                 state.resend_misses += 1
                 self.counters.resend_misses += 1
                 continue
@@ -993,6 +1364,10 @@ cdef class Fanout:
             "resend_misses": self.counters.resend_misses,
             "sender_reports_sent": self.counters.sender_reports_sent,
             "rtcp_sent": self.counters.rtcp_sent,
+            "switches_completed": self.counters.switches_completed,
+            "switch_log_overflows": self.counters.switch_log_overflows,
+            "dropped_temporal_layer": self.counters.dropped_temporal_layer,
+            "dropped_stale": self.counters.dropped_stale,
         }
 
 

@@ -46,6 +46,10 @@ class SrtpSession:
     def protect_rtcp(self, packet: bytes) -> bytes: ...
     def unprotect_rtcp(self, packet: bytes) -> bytes: ...
 
+# How a Fanout track's payload may be read (Fanout.add_track ``payload_format``).
+PAYLOAD_OPAQUE: int
+PAYLOAD_VP8: int  # RFC 7741 descriptors: temporal-layer dropping, picture-id continuity
+
 class Fanout:
     """Per-worker send path: re-encrypts each pushed RTP packet once per subscribed viewer
     and sends the results with batched ``sendmmsg`` on ``fd`` (a bound, non-blocking UDP
@@ -61,7 +65,9 @@ class Fanout:
         batch_size: int = 32,
     ) -> None: ...
     # Tracks are ingest streams (one SSRC of the publisher: audio, a video layer).
-    def add_track(self, *, cache_packets: int = 1024) -> int: ...
+    def add_track(
+        self, *, cache_packets: int = 1024, clock_rate: int = 90000, payload_format: int = 0
+    ) -> int: ...
     def remove_track(self, track: int) -> None: ...
     # Viewers: one DTLS-SRTP association each.
     def add_viewer(
@@ -93,10 +99,30 @@ class Fanout:
         viewer's id for the publisher's header extension id ``i`` (0 or missing: strip it)."""
 
     def unsubscribe(self, viewer: int, track: int) -> None: ...
-    def push(self, track: int, packet: bytes, keyframe: bool = False) -> int:
+    def switch(self, viewer: int, from_track: int, to_track: int) -> None:
+        """Move ``viewer`` to another simulcast layer at ``to_track``'s next keyframe,
+        keeping its SSRC/PT and continuing its sequence numbers (last + 1), timestamps (+
+        real elapsed time) and VP8 picture id / TL0PICIDX. ``from_track`` keeps flowing
+        until then; ``unsubscribe(viewer, to_track)`` cancels. Completions are reported by
+        ``take_switches``."""
+
+    def set_temporal_layer(self, viewer: int, track: int, limit: int) -> None:
+        """Forward VP8 temporal layers 0..``limit`` only (-1: all), applied at a picture
+        boundary (upwards only where decodable: TID 0 or the Y bit)."""
+
+    def subscription_state(self, viewer: int, track: int) -> int:
+        """0: not subscribed, 1: waiting for a keyframe (start or switch), 2: forwarding."""
+
+    def take_switches(self) -> list[tuple[int, int, int]]:
+        """Completed switches since the last call: (viewer, from_track, to_track)."""
+
+    def push(
+        self, track: int, packet: bytes, keyframe: bool = False, now: float | None = None
+    ) -> int:
         """Cache ``packet`` (plain RTP) and send it to every subscriber; returns datagrams
         handed to the kernel. ``keyframe`` marks the first packet of a keyframe: subscribers
-        waiting for one start there."""
+        waiting for one start there (and pending switches complete). ``now`` is the
+        caller's monotonic time in seconds (default: CLOCK_MONOTONIC)."""
 
     def resend(self, viewer: int, track: int, seqs: Sequence[int]) -> int:
         """Answer a NACK: re-send the viewer's sequence numbers ``seqs`` from the cache
