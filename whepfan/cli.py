@@ -101,7 +101,193 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )
+    add_publish_command(commands)
+    add_loadtest_command(commands)
     return parser
+
+
+# --- client tools: whepfan publish, whepfan loadtest (README "Load testing") -------------
+
+
+def _bitrate(text: str) -> int:
+    """ "800k", "2.5M" or "1500000" as bits per second."""
+    factors = {"k": 1_000, "m": 1_000_000}
+    factor = factors.get(text[-1:].lower(), 1)
+    number = text[:-1] if factor != 1 else text
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a bitrate: {text!r} (e.g. 800k, 2M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the bitrate must be positive")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 640x360)")
+    return int(width), int(height)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def add_publish_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    publish = commands.add_parser(
+        "publish",
+        help="publish a synthetic test stream over WHIP",
+        description="WHIP publisher of a moving test pattern with a burned-in clock and "
+        "frame counter plus a tone, encoded once (libvpx/libx264, Opus) and sent until "
+        "--duration passes or Ctrl-C. Answers PLI/FIR with a keyframe and NACK from history.",
+    )
+    publish.add_argument("url", metavar="URL", help="WHIP endpoint, e.g. http://host/whip/live")
+    publish.add_argument("--token", metavar="T", help="bearer token")
+    publish.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
+    publish.add_argument(
+        "--simulcast", action="store_true", help="three encodings, rids q/h/f (RFC 8853)"
+    )
+    publish.add_argument(
+        "--bitrate",
+        type=_bitrate,
+        default=1_000_000,
+        metavar="BPS",
+        help="video bitrate of the top encoding (800k, 2M; default 1M)",
+    )
+    publish.add_argument("--size", type=_size, default=(640, 360), metavar="WxH")
+    publish.add_argument("--fps", type=int, default=30)
+    publish.add_argument("--duration", type=_positive_float, metavar="S", help="stop after S s")
+    publish.add_argument(
+        "--keyframe-interval",
+        dest="keyframe_interval",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds between keyframes nobody asked for (default 10)",
+    )
+    publish.add_argument("--no-audio", dest="audio", action="store_false")
+    publish.add_argument("--no-video", dest="video", action="store_false")
+    publish.add_argument(
+        "--log-level",
+        dest="log_level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+    )
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from whepfan.client.publisher import Publisher, PublisherOptions, PublishError
+
+    try:
+        options = PublisherOptions(
+            url=args.url,
+            token=args.token,
+            codec=args.codec,
+            simulcast=args.simulcast,
+            bitrate=args.bitrate,
+            width=args.size[0],
+            height=args.size[1],
+            fps=args.fps,
+            keyframe_interval=args.keyframe_interval,
+            audio=args.audio,
+            video=args.video,
+        )
+    except ValueError as exc:
+        print(f"whepfan publish: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def publish() -> int:
+        async with Publisher(options) as publisher:
+            await publisher.wait(args.duration)
+            print(f"whepfan publish: {publisher.stats.as_dict()}", file=sys.stderr)
+            if publisher.failure is not None:
+                print(f"whepfan publish: {publisher.failure}", file=sys.stderr)
+                return 1
+        return 0
+
+    try:
+        return asyncio.run(publish())
+    except PublishError as exc:
+        print(f"whepfan publish: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_loadtest_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="load-test a WHEP endpoint with N real viewers",
+        description="N WHEP viewers, each a real WebRTC session (full ICE as controlling "
+        "agent, DTLS client or server, SRTP unprotected in the compiled core), with "
+        "per-viewer join latencies, loss, duplicates, jitter and bitrate. Exit status 0 "
+        "when every viewer connected and received media, 3 otherwise.",
+    )
+    loadtest.add_argument("url", metavar="URL", help="WHEP endpoint, e.g. http://host/whep/live")
+    loadtest.add_argument("--viewers", type=int, required=True, metavar="N")
+    loadtest.add_argument(
+        "--ramp",
+        type=_positive_float,
+        metavar="N_PER_S",
+        help="start viewers at this rate (default: 50 per second)",
+    )
+    loadtest.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds every viewer stays after the last one started (default 10)",
+    )
+    loadtest.add_argument("--token", metavar="T", help="bearer token")
+    loadtest.add_argument("--json", type=Path, metavar="FILE", help="write the JSON report")
+    loadtest.add_argument("--html", type=Path, metavar="FILE", help="write the HTML report")
+    loadtest.add_argument(
+        "--verify-every",
+        dest="verify_every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="decrypt every K-th packet after the first keyframe, count all (default 1)",
+    )
+    loadtest.add_argument(
+        "--setup-timeout",
+        dest="setup_timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="give up on a viewer not connected after S s (default 10)",
+    )
+    loadtest.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from whepfan.client.loadtest import LoadTestOptions, run_from_command_line
+
+    try:
+        options = LoadTestOptions(
+            url=args.url,
+            viewers=args.viewers,
+            ramp=args.ramp or 50.0,
+            duration=args.duration,
+            token=args.token,
+            verify_every=args.verify_every,
+            setup_timeout=args.setup_timeout,
+        )
+    except ValueError as exc:
+        print(f"whepfan loadtest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_from_command_line(
+        options, json_path=args.json, html_path=args.html, progress=not args.quiet
+    )
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
@@ -112,6 +298,12 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("publish", "loadtest"):
+        logging.basicConfig(
+            level=getattr(args, "log_level", "warning").upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return run_publish(args) if args.command == "publish" else run_loadtest(args)
     try:
         settings = settings_from_args(args, dict(os.environ))
     except SettingsError as exc:
