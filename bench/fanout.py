@@ -4,7 +4,7 @@
 - the limit: ``measure_send_limit``, a bare C loop of the same crypto + ``sendmmsg`` to the
   same sockets with none of the fan-out's per-viewer work;
 - the baseline: a plain Python loop calling pylibsrtp ``Session.protect`` + ``sendto`` per
-  viewer, i.e. what Python without a compiled core does at best.
+  viewer: a generous stand-in for a server without a compiled core.
 
 Viewers are real UDP sockets on 127.0.0.1 in a separate process (bench/_receivers.py);
 rates count what arrived there, divided by the CPU seconds (user + system, so the kernel's
