@@ -19,8 +19,10 @@ from aiohttp.typedefs import Handler
 from whepfan.errors import PeerError, ServiceUnavailable
 from whepfan.http.backend import SessionRouter
 from whepfan.http.cors import cors_middleware
+from whepfan.http.events import EventHub, EventOptions, ObservableRouter
 from whepfan.http.problem import problem_response
-from whepfan.http.routes import HttpOptions, WhipWhepResources
+from whepfan.http.routes import SESSION_PATTERN, STREAM_PATTERN, HttpOptions, WhipWhepResources
+from whepfan.http.status import StatusRouter, StreamStatus
 
 log = logging.getLogger("whepfan.http")
 
@@ -61,6 +63,7 @@ def create_app(
     clock: Callable[[], float],
     options: HttpOptions,
     wall_clock: Callable[[], float] = time.time,
+    event_options: EventOptions | None = None,
 ) -> web.Application:
     """The WHIP/WHEP application for one router; ``clock`` is the router's ``now``."""
     app = web.Application(
@@ -68,7 +71,18 @@ def create_app(
         client_max_size=options.max_body_bytes,
     )
     app[COUNTERS_KEY] = Counter()
-    WhipWhepResources(
+    resources = WhipWhepResources(
         router=router, clock=clock, options=options, wall_clock=wall_clock
-    ).add_routes(app)
+    )
+    hub: EventHub | None = None
+    if isinstance(router, ObservableRouter):
+        # Only a router that emits stream events can back the SSE extension.
+        hub = EventHub(router=router, options=event_options)
+        hub.add_routes(app, stream_pattern=STREAM_PATTERN, session_pattern=SESSION_PATTERN)
+        resources.viewer_links = hub.links_for
+    resources.add_routes(app)
+    if isinstance(router, StatusRouter):
+        StreamStatus(router=router, clock=clock, hub=hub, view_token=options.view_token).add_routes(
+            app, stream_pattern=STREAM_PATTERN
+        )
     return app

@@ -111,6 +111,8 @@ class WhipWhepResources:
     _restart_ufrags: weakref.WeakKeyDictionary[SessionView, set[str]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    # Extension Links for a WHEP 201, from (stream, session id): WHEP draft-03 §4.9 [M].
+    viewer_links: Callable[[str, str], list[str]] | None = None
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -158,6 +160,9 @@ class WhipWhepResources:
         response = web.Response(status=201, body=answer.encode(), headers=headers)
         response.headers["Content-Type"] = SDP
         self._add_ice_server_links(response)
+        if protocol is Protocol.WHEP and self.viewer_links is not None:
+            for link in self.viewer_links(session.stream, session.id):
+                response.headers.add("Link", link)
         return response
 
     def _publish(self, stream: str, offer: str, now: float) -> tuple[SessionView, str]:
