@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -79,8 +79,9 @@ class StreamStatusView(Protocol):
     def active(self) -> bool: ...
     @property
     def publisher(self) -> PublisherStatusView | None: ...
+    # kind -> its track, or (simulcast) its tracks, one per encoding
     @property
-    def tracks(self) -> Mapping[str, TrackStatusView]: ...
+    def tracks(self) -> Mapping[str, TrackStatusView | Sequence[TrackStatusView]]: ...
     @property
     def viewers(self) -> Mapping[str, ViewerStatusView]: ...
 
@@ -176,7 +177,7 @@ class StreamStatus:
         keys: set[Hashable] = {FANOUT_KEY}
         self.meter.sample(FANOUT_KEY, self.router.fanout.stats()["bytes_sent"], now)
         for name, stream in self.router.streams.items():
-            for track in stream.tracks.values():
+            for track in _tracks(stream):
                 key = (name, track.fanout_id)
                 keys.add(key)
                 self.meter.sample(key, track.octets, now)
@@ -214,7 +215,7 @@ class StreamStatus:
                 subscribers.update(set(viewer.track_by_ssrc.values()))
         tracks = []
         ingress = egress = 0.0
-        for track in stream.tracks.values():
+        for track in _tracks(stream):
             bitrate = self.meter.rate((name, track.fanout_id))
             if bitrate is not None:
                 ingress += bitrate
@@ -244,7 +245,7 @@ class StreamStatus:
                 if publisher.connected_at is None
                 else round(now - publisher.connected_at, 3),
             },
-            "codecs": [f"{track.kind}/{track.codec_name}" for track in stream.tracks.values()],
+            "codecs": sorted({f"{track.kind}/{track.codec_name}" for track in _tracks(stream)}),
             "tracks": tracks,
             "layers": layers or {},
             "viewers": len(stream.viewers),
@@ -252,6 +253,15 @@ class StreamStatus:
             "ingress_bitrate": round(ingress),
             "egress_bitrate": round(egress),
         }
+
+
+def _tracks(stream: StreamStatusView) -> Iterator[TrackStatusView]:
+    """Every ingested track: one per kind, or one per simulcast encoding of a kind."""
+    for entry in stream.tracks.values():
+        if isinstance(entry, Sequence):
+            yield from entry
+        else:
+            yield entry
 
 
 def _bits(rate: float | None) -> int | None:
