@@ -41,6 +41,7 @@ from whepfan.http.events import (
     link_value,
     parse_subscription,
 )
+from whepfan.http.status import stream_tracks
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import StreamEvent
 from whepfan.server import RunningServer, run
@@ -739,7 +740,7 @@ async def test_a_thousand_idle_readers_leave_fanout_throughput_alone(
         _, link = await publish_and_view(http)  # type: ignore[arg-type]
         # 20 viewers on loopback sockets nobody reads (sends still go through the kernel).
         sinks = []
-        track = next(iter(worker.router.streams["live"].tracks.values())).fanout_id
+        track = next(stream_tracks(worker.router.streams["live"])).fanout_id
         for _ in range(20):
             sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sink.bind(("127.0.0.1", 0))

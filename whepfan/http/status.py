@@ -177,7 +177,7 @@ class StreamStatus:
         keys: set[Hashable] = {FANOUT_KEY}
         self.meter.sample(FANOUT_KEY, self.router.fanout.stats()["bytes_sent"], now)
         for name, stream in self.router.streams.items():
-            for track in _tracks(stream):
+            for track in stream_tracks(stream):
                 key = (name, track.fanout_id)
                 keys.add(key)
                 self.meter.sample(key, track.octets, now)
@@ -215,7 +215,7 @@ class StreamStatus:
                 subscribers.update(set(viewer.track_by_ssrc.values()))
         tracks = []
         ingress = egress = 0.0
-        for track in _tracks(stream):
+        for track in stream_tracks(stream):
             bitrate = self.meter.rate((name, track.fanout_id))
             if bitrate is not None:
                 ingress += bitrate
@@ -245,7 +245,9 @@ class StreamStatus:
                 if publisher.connected_at is None
                 else round(now - publisher.connected_at, 3),
             },
-            "codecs": sorted({f"{track.kind}/{track.codec_name}" for track in _tracks(stream)}),
+            "codecs": sorted(
+                {f"{track.kind}/{track.codec_name}" for track in stream_tracks(stream)}
+            ),
             "tracks": tracks,
             "layers": layers or {},
             "viewers": len(stream.viewers),
@@ -255,7 +257,7 @@ class StreamStatus:
         }
 
 
-def _tracks(stream: StreamStatusView) -> Iterator[TrackStatusView]:
+def stream_tracks(stream: StreamStatusView) -> Iterator[TrackStatusView]:
     """Every ingested track: one per kind, or one per simulcast encoding of a kind."""
     for entry in stream.tracks.values():
         if isinstance(entry, Sequence):
