@@ -7,11 +7,14 @@ given by ``--config``; the command line wins, then the environment, then the fil
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from whepfan import __version__
 from whepfan.settings import Settings, SettingsError
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_publish_command(commands)
     add_loadtest_command(commands)
+    add_demo_command(commands)
     return parser
 
 
@@ -290,6 +294,131 @@ def run_loadtest(args: argparse.Namespace) -> int:
     )
 
 
+# --- whepfan demo: serve and publish a built-in test stream (README "Quick start") ----
+
+DEMO_STREAM = "demo"
+DEMO_RETRY_SECONDS = 2.0
+
+
+def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="serve and publish a built-in test stream, print the URL that plays it",
+        description="Run the server and publish a moving test pattern with a clock and "
+        "a tone to it over WHIP, then print the page that plays it. The server options "
+        "are those of `whepfan serve` (also from WHEPFAN_* variables).",
+    )
+    demo.add_argument("--http", metavar="HOST:PORT", help="HTTP address (127.0.0.1:8080)")
+    demo.add_argument("--udp", metavar="HOST:PORT", help="media UDP address (0.0.0.0:8189)")
+    demo.add_argument(
+        "--public-ip",
+        dest="public_ip",
+        action="append",
+        metavar="ADDR",
+        help="address advertised as ICE candidate (repeatable; default: every "
+        "non-loopback interface address)",
+    )
+    demo.add_argument("--stream", default=DEMO_STREAM, metavar="NAME", help="stream name")
+    demo.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
+    demo.add_argument("--size", type=_size, default=(640, 360), metavar="WxH")
+    demo.add_argument(
+        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import uvloop
+
+    given = {"http": args.http, "udp": args.udp, "public_ip": args.public_ip}
+    given["log_level"] = args.log_level or "warning"
+    try:
+        settings = Settings.resolve(cli=given, environ=dict(os.environ))
+    except SettingsError as exc:
+        print(f"whepfan demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not settings.public_ips:
+        from whepfan.transport import interface_addresses
+
+        # The UDP socket listens on every address but answers from the one the kernel
+        # routes by, so the in-process publisher (which sends from 127.0.0.1) needs a
+        # loopback candidate of its own; browsers skip 127.x and use the others.
+        addresses = dict.fromkeys([*interface_addresses(), "127.0.0.1"])
+        settings = dataclasses.replace(settings, public_ips=tuple(addresses))
+    try:
+        return uvloop.run(_demo(settings, args))
+    except (SettingsError, OSError) as exc:
+        print(f"whepfan demo: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    """The server, and the synthetic publisher posting to it, in one event loop."""
+    import asyncio
+    import signal
+
+    from whepfan.client.publisher import Publisher, PublisherOptions, PublishError
+    from whepfan.server import RunningServer, run
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    started: asyncio.Future[RunningServer] = loop.create_future()
+    server = loop.create_task(run(settings, stop=stop, started=started.set_result))
+    first: set[asyncio.Future[Any]] = {server, started}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        await server  # it ended before serving: raises why (address taken, bad TLS files)
+        return 1
+    info = started.result()
+    stream = args.stream
+    options = PublisherOptions(
+        url=f"{info.http_url}/whip/{stream}",
+        token=info.publish_token,
+        codec=args.codec,
+        width=args.size[0],
+        height=args.size[1],
+    )
+    # The view token, when one is configured, rides in the fragment, never the query.
+    fragment = f"#token={info.view_token}" if info.view_token else ""
+    shown = False
+    while not stop.is_set():
+        try:
+            async with Publisher(options) as publisher:
+                if not shown:
+                    shown = True
+                    print(
+                        f"whepfan demo: publishing a test pattern with a clock and a tone "
+                        f"to {stream!r}\n"
+                        f"  watch:   {info.http_url}/watch/{stream}{fragment}\n"
+                        f"  WHEP:    {info.http_url}/whep/{stream}\n"
+                        f"  streams: {info.http_url}/{fragment}\n"
+                        f"  publish your own: {info.http_url}/publish/<name>#token="
+                        f"{info.publish_token}\n"
+                        "Press Ctrl+C to stop.",
+                        flush=True,
+                    )
+                ended = loop.create_task(publisher.wait())
+                stopped = loop.create_task(stop.wait())
+                await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                stopped.cancel()
+                failure = publisher.failure
+        except PublishError as exc:
+            failure = str(exc)
+        if failure is not None and not stop.is_set():
+            # The demo keeps serving: publish again shortly (the viewers resume).
+            logging.getLogger("whepfan.demo").warning("demo publisher: %s; retrying", failure)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DEMO_RETRY_SECONDS)
+    await server
+    return 0
+
+
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     return Settings.resolve(cli=cli, environ=environ, config_path=args.config)
@@ -298,6 +427,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args)
     if args.command in ("publish", "loadtest"):
         logging.basicConfig(
             level=getattr(args, "log_level", "warning").upper(),

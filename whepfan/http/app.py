@@ -20,6 +20,7 @@ from whepfan.errors import PeerError, ServiceUnavailable
 from whepfan.http.backend import SessionRouter
 from whepfan.http.cors import cors_middleware
 from whepfan.http.events import EventHub, EventOptions, ObservableRouter
+from whepfan.http.pages import add_page_routes
 from whepfan.http.problem import problem_response
 from whepfan.http.routes import SESSION_PATTERN, STREAM_PATTERN, HttpOptions, WhipWhepResources
 from whepfan.http.status import StatusRouter, StreamStatus
@@ -85,4 +86,5 @@ def create_app(
         StreamStatus(router=router, clock=clock, hub=hub, view_token=options.view_token).add_routes(
             app, stream_pattern=STREAM_PATTERN
         )
+    add_page_routes(app)
     return app

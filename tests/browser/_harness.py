@@ -1,0 +1,161 @@
+"""The browser tests' environment: a private network namespace, whepfan in it, headless
+Chromium in it (fixtures in conftest.py).
+
+Chromium never gathers 127.x ICE candidates (reference/clients.md), and in a namespace
+with only ``lo`` it gathers none. So each test module gets its own network namespace
+with a veth pair, 198.18.0.1/24 on one end (RFC 2544 benchmarking range: never routed).
+The server runs inside it (HTTP on 127.0.0.1, media candidates on 198.18.0.1), and so
+does Chromium, through a generated wrapper script that execs it under ``ip netns exec``;
+Playwright drives it from outside over a pipe, which crosses namespaces. Nothing in the
+namespace can reach the outside network.
+
+Needs root (for ``ip netns``), Debian's ``/usr/bin/chromium`` and Playwright for Python
+(never ``playwright install``), and ``npm ci --prefix tests/browser`` for the medooze
+client. When any of it is missing the tests FAIL and say what to install: they are
+never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BROWSER_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BROWSER_DIR.parent.parent
+CHROMIUM = "/usr/bin/chromium"
+MEDOOZE_DIR = BROWSER_DIR / "node_modules" / "whip-whep"
+NAMESPACE_ADDRESS = "198.18.0.1"
+HTTP_PORT = 8080  # the namespace is private: fixed ports cannot collide
+PUBLISH_TOKEN = "browser-publish-token"
+VIEW_TOKEN = "browser-view-token"
+SERVER_START_TIMEOUT = 30.0
+# reference/clients.md: without the background-networking flags Chromium floods the
+# closed network with refused connections; the fake devices stand in for camera and mic.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+]
+INSTALL_HINT = (
+    "install the browser test dependencies: apt-get install -y chromium && "
+    "pip install playwright && npm ci --prefix tests/browser (never `playwright install`)"
+)
+
+
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.fail(
+            f"`{' '.join(argv)}` failed ({result.stderr.strip()}); the browser tests need "
+            "root to create a network namespace",
+            pytrace=False,
+        )
+
+
+@dataclass(frozen=True)
+class NetworkNamespace:
+    name: str
+
+    @classmethod
+    def create(cls, name: str) -> NetworkNamespace:
+        if shutil.which("ip") is None:
+            pytest.fail("`ip` (iproute2) is missing; the browser tests need it", pytrace=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        _run(["ip", "netns", "add", name])
+        namespace = cls(name)
+        for command in (
+            "ip link set lo up",
+            "ip link add v0 type veth peer name v1",
+            f"ip addr add {NAMESPACE_ADDRESS}/24 dev v0",
+            "ip link set v1 up",
+            "ip link set v0 up",
+        ):
+            _run(namespace.command(*command.split()))
+        return namespace
+
+    def command(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+class WhepfanProcess:
+    """``python -m whepfan.cli ARGS`` inside the namespace, its output in a log file."""
+
+    def __init__(self, namespace: NetworkNamespace, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            namespace.command(sys.executable, "-m", "whepfan.cli", *args),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, pattern: str, timeout: float = SERVER_START_TIMEOUT) -> re.Match[str]:
+        """The first match of ``pattern`` in the output, once it appears."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(
+                    f"whepfan did not print /{pattern}/ (exit status "
+                    f"{self.process.returncode}); its output:\n{self.log()[-4000:]}",
+                    pytrace=False,
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def open_context(browser: Any) -> Any:
+    """A browser context with the in-page checks (checks.js) on every page and the
+    medooze client served at /medooze/*.js on every origin."""
+    if not (MEDOOZE_DIR / "whep.js").is_file():
+        pytest.fail(f"the medooze whip-whep client is missing; {INSTALL_HINT}", pytrace=False)
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.add_init_script(path=str(BROWSER_DIR / "checks.js"))
+
+    def serve_medooze(route: Any) -> None:
+        name = route.request.url.rsplit("/", 1)[-1]
+        if name in ("whep.js", "whip.js"):
+            route.fulfill(path=str(MEDOOZE_DIR / name), content_type="text/javascript")
+        else:
+            route.fulfill(status=404)
+
+    context.route("**/medooze/*", serve_medooze)
+    return context

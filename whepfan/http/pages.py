@@ -1,0 +1,57 @@
+"""The pages whepfan serves to people (plain HTML + JS in ``whepfan/static``, no build step)::
+
+    /                   the live streams, with links to watch and publish them (it reads
+                        GET /api/streams, see ``status.py``)
+    /watch/{stream}     WHEP player (static/watch.js on static/whep.js)
+    /publish/{stream}   camera/microphone WHIP publisher (static/publish.js on static/whip.js)
+    /static/...         the pages' scripts and stylesheet
+
+Each page is the same file for every stream: its script takes the stream name from the
+path and the token from the URL fragment, so nothing is templated on the server and no
+token ever reaches a server log. The scripts work against another origin as well (an
+``#endpoint=`` fragment), through the CORS headers of the WHIP/WHEP resources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from whepfan.http.routes import STREAM_PATTERN
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+# The pages run only their own scripts; fetch() may reach any WHIP/WHEP endpoint (a page
+# can drive another server, cross-origin); media comes from the peer connection.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src *; media-src 'self' blob: mediastream:; "
+        "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    # Session URLs are capabilities (WHEP draft-03 §4.3): keep page URLs out of Referer.
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def add_page_routes(app: web.Application) -> None:
+    stream = f"{{stream:{STREAM_PATTERN}}}"
+    app.router.add_get("/", _page("index.html"))
+    app.router.add_get(f"/watch/{stream}", _page("watch.html"))
+    app.router.add_get(f"/publish/{stream}", _page("publish.html"))
+    app.router.add_static("/static", STATIC_DIR)
+
+
+def _page(name: str) -> Handler:
+    body = (STATIC_DIR / name).read_bytes()  # a few hundred bytes, read once at start-up
+
+    async def page(request: web.Request) -> web.Response:
+        response = web.Response(body=body, headers=PAGE_HEADERS)
+        response.content_type = "text/html"
+        response.charset = "utf-8"
+        return response
+
+    return page
