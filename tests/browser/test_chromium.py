@@ -148,7 +148,7 @@ def _status_of(page: Any, url: str) -> int:
 
 
 def _gray(png: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(png), format="png_pipe") as container:
+    with av.open(io.BytesIO(png), mode="r", format="png_pipe") as container:
         frame = next(container.decode(video=0))
     return frame.to_ndarray(format="gray").astype(np.int16)
 
