@@ -104,9 +104,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )
+    serve.add_argument(
+        "--workers", metavar="N", help="media worker processes, one UDP port each (default 1)"
+    )
+    serve.add_argument(
+        "--worker-packet-budget",
+        dest="worker_packet_budget",
+        metavar="PPS",
+        help="packets/s one worker may send (see 'whepfan calibrate'); beyond it WHEP answers 503",
+    )
+    serve.add_argument(
+        "--egress-budget",
+        dest="egress_budget",
+        metavar="BPS",
+        help="egress bits/s for the server (e.g. NIC rate x 0.8)",
+    )
+    serve.add_argument(
+        "--stream-viewer-cap", dest="stream_viewer_cap", metavar="N", help="viewers per stream"
+    )
+    serve.add_argument(
+        "--admit-lower-layer",
+        dest="admit_lower_layer",
+        action="store_const",
+        const=True,
+        help="when full, admit new viewers on a lower simulcast layer before refusing",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        metavar="SECONDS",
+        help="on SIGTERM, how long to wait for viewers to leave (default 30)",
+    )
     add_publish_command(commands)
     add_loadtest_command(commands)
     add_demo_command(commands)
+    add_calibrate_command(commands)
     return parser
 
 
@@ -424,11 +456,48 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
     return Settings.resolve(cli=cli, environ=environ, config_path=args.config)
 
 
+# --- whepfan calibrate: this machine's per-packet cost -> --worker-packet-budget -------
+
+
+def add_calibrate_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure this machine's per-packet send cost and suggest a worker packet budget",
+        description="Protect and send packets to loopback sockets with the compiled send "
+        "loop, report CPU microseconds per packet and the per-worker packet budget.",
+    )
+    calibrate.add_argument("--packet-size", dest="packet_size", type=int, default=1200)
+    calibrate.add_argument("--packets", type=int, default=200_000)
+    calibrate.add_argument("--destinations", type=int, default=200)
+    calibrate.add_argument("--profile", choices=["gcm", "cm"], default="gcm")
+    calibrate.add_argument("--headroom", type=_positive_float, default=0.7)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from whepfan.calibrate import calibrate, report
+
+    try:
+        result = calibrate(
+            destinations=args.destinations,
+            packet_size=args.packet_size,
+            packets=args.packets,
+            profile=args.profile,
+            headroom=args.headroom,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"whepfan calibrate: {exc}", file=sys.stderr)
+        return 1
+    print(report(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(args)
+    if args.command == "calibrate":
+        return run_calibrate(args)
     if args.command in ("publish", "loadtest"):
         logging.basicConfig(
             level=getattr(args, "log_level", "warning").upper(),

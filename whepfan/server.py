@@ -1,25 +1,34 @@
 """Process wiring: the media worker, the HTTP application, and an orderly shutdown.
 
 ``whepfan serve`` runs :func:`serve`: uvloop, one in-process ``MediaWorker`` (``--workers
-1``, DESIGN.md §2), the aiohttp application on the HTTP address, until SIGINT or SIGTERM.
+1``, DESIGN.md §2) or a pool of worker processes (``--workers N``, whepfan/workers.py),
+behind the capacity ledger, and the aiohttp application on the HTTP address, until SIGINT,
+or until SIGTERM and a graceful drain (new sessions refused with 503, event readers told
+to reconnect, up to ``drain_timeout`` seconds for viewers to leave).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import uvloop
 from aiohttp import web
 
+from whepfan.capacity import CapacityLedger
 from whepfan.http import create_app
+from whepfan.http.events import EVENT_HUB_KEY, EventHub
+from whepfan.http.metrics import add_metrics_route
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.settings import Settings, SettingsError
 from whepfan.transport import MediaWorker
+from whepfan.workers import InProcessWorkers, WorkerPool
 
 log = logging.getLogger("whepfan.server")
 
@@ -32,6 +41,9 @@ class RunningServer:
     udp_port: int
     publish_token: str | None
     view_token: str | None
+    # Every worker's UDP port (udp_port is the first); the backend for tests and tools.
+    udp_ports: tuple[int, ...] = ()
+    backend: Any = None
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -50,8 +62,10 @@ async def run(
     *,
     stop: asyncio.Event | None = None,
     started: Callable[[RunningServer], None] | None = None,
+    drain: asyncio.Event | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM arrives when ``stop`` is None)."""
+    """Serve until ``stop`` is set, or ``drain`` is set and the drain ends (SIGINT sets
+    ``stop`` and SIGTERM ``drain`` when ``stop`` is None)."""
     settings = settings.with_generated_publish_token()
     ssl_context = tls_context(settings)
     if settings.publish_token_generated:
@@ -63,19 +77,35 @@ async def run(
             settings.http_host,
         )
     loop = asyncio.get_running_loop()
+    drain = drain or asyncio.Event()
     if stop is None:
         stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-    worker = MediaWorker(config=settings.media_config(), certificate=DtlsCertificate.generate())
-    await worker.start()
-    # The ignore goes once Router has trickle/restart_ice/counter_offer/accept_counter_answer
-    # (http/backend.py lists what the HTTP layer calls); mypy then flags it as unused.
-    app = create_app(
-        router=worker.router,
-        clock=worker.now,
-        options=settings.http_options(),
-    )
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, drain.set)
+    certificate = DtlsCertificate.generate()
+    ledger = CapacityLedger(policy=settings.capacity_policy(), workers=settings.workers)
+    backend: InProcessWorkers | WorkerPool
+    if settings.workers == 1:
+        worker = MediaWorker(config=settings.media_config(), certificate=certificate)
+        await worker.start()
+        backend = InProcessWorkers(router=worker.router, ledger=ledger)
+        clock: Callable[[], float] = worker.now
+        udp_ports: tuple[int, ...] = (worker.port,)
+    else:
+        pool = WorkerPool(
+            workers=settings.workers,
+            config=settings.media_config(),
+            certificate=certificate,
+            ledger=ledger,
+            log_level=settings.log_level,
+        )
+        await pool.start()
+        backend, clock = pool, loop.time
+        udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
+    app = create_app(router=backend, clock=clock, options=settings.http_options())
+    add_metrics_route(app, backend.stats)
+    hub = app.get(EVENT_HUB_KEY)
+    ticker = asyncio.ensure_future(_tick(backend))
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).
     runner = web.AppRunner(app, access_log=log if settings.log_level == "debug" else None)
@@ -88,24 +118,75 @@ async def run(
         shown_host = f"[{host}]" if ":" in host else host
         info = RunningServer(
             http_url=f"{scheme}://{shown_host}:{port}",
-            udp_port=worker.port,
+            udp_port=udp_ports[0],
             publish_token=settings.publish_token,
             view_token=settings.view_token,
+            udp_ports=udp_ports,
+            backend=backend,
         )
         log.info(
-            "WHIP on %s/whip/<stream>, WHEP on %s/whep/<stream>, media on udp port %d",
+            "WHIP on %s/whip/<stream>, WHEP on %s/whep/<stream>, media on udp port %s",
             info.http_url,
             info.http_url,
-            info.udp_port,
+            ", ".join(map(str, udp_ports)),
         )
         if started is not None:
             started(info)
-        await stop.wait()
+        await _first_of(stop, drain)
+        if not stop.is_set():
+            await drain_sessions(backend, hub, timeout=settings.drain_timeout, stop=stop)
         log.info("shutting down")
     finally:
+        ticker.cancel()
         # Stop taking requests first, then end every session (DTLS close_notify goes out).
         await runner.cleanup()
-        worker.close()
+        if isinstance(backend, WorkerPool):
+            await backend.close()
+        else:
+            worker.close()
+
+
+async def drain_sessions(
+    backend: InProcessWorkers | WorkerPool,
+    hub: EventHub | None,
+    *,
+    timeout: float,
+    stop: asyncio.Event,
+) -> None:
+    """Graceful drain: refuse new sessions (503 + Retry-After), tell event readers to
+    reconnect (WHEP EXT §4.3.5), and wait up to ``timeout`` for viewers to leave."""
+    backend.begin_drain()
+    told = hub.drain() if hub is not None else 0
+    log.info("draining: %d viewers, %d event readers told", backend.viewer_count, told)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while backend.viewer_count > 0 and not stop.is_set():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            log.info("drain timeout with %d viewers left", backend.viewer_count)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(remaining, 0.25))
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _tick(backend: InProcessWorkers | WorkerPool) -> None:
+    """Once a second: settle sessions that ended on their own, measure stream rates."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            backend.tick(loop.time())
+        except Exception:
+            log.exception("capacity tick failed")
 
 
 def serve(settings: Settings) -> None:

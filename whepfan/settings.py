@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from whepfan.capacity import CapacityPolicy
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.http.links import IceServer
@@ -68,6 +69,14 @@ class Settings:
     max_viewers: int = MediaConfig().max_viewers
     counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
     log_level: str = "info"
+    # Scale-out and capacity (DESIGN.md §2): worker processes (1 = in-process), budgets
+    # (None = unbounded) and the SIGTERM drain.
+    workers: int = 1
+    worker_packet_budget: float | None = None  # packets/s per worker (whepfan calibrate)
+    egress_budget: float | None = None  # bits/s for the server (e.g. NIC rate x 0.8)
+    stream_viewer_cap: int | None = None
+    admit_lower_layer: bool = False
+    drain_timeout: float = 30.0
     # Set by with_generated_publish_token(); lets the server log the token it made.
     publish_token_generated: bool = field(default=False, compare=False)
 
@@ -94,6 +103,16 @@ class Settings:
             raise SettingsError("max_viewers cannot be negative")
         if self.counter_offer_ttl <= 0:
             raise SettingsError("counter_offer_ttl must be positive")
+        if self.workers < 1:
+            raise SettingsError("workers is at least 1")
+        for name in ("worker_packet_budget", "egress_budget"):
+            budget = getattr(self, name)
+            if budget is not None and budget <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.stream_viewer_cap is not None and self.stream_viewer_cap < 0:
+            raise SettingsError("stream_viewer_cap cannot be negative")
+        if self.drain_timeout < 0:
+            raise SettingsError("drain_timeout cannot be negative")
         for token in (self.publish_token, self.view_token):
             if token is not None and (not token or any(c.isspace() for c in token)):
                 raise SettingsError("tokens are non-empty and contain no whitespace")
@@ -122,6 +141,14 @@ class Settings:
         if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
             values["counter_offer_ttl"] = self.counter_offer_ttl
         return MediaConfig(**values)
+
+    def capacity_policy(self) -> CapacityPolicy:
+        return CapacityPolicy(
+            worker_packet_budget=self.worker_packet_budget,
+            egress_bit_budget=self.egress_budget,
+            stream_viewer_cap=self.stream_viewer_cap,
+            admit_lower_layer=self.admit_lower_layer,
+        )
 
     def http_options(self) -> HttpOptions:
         return HttpOptions(
@@ -170,6 +197,12 @@ _OPTIONS: dict[str, str] = {
     "max_viewers": "int",
     "counter_offer_ttl": "float",
     "log_level": "str",
+    "workers": "int",
+    "worker_packet_budget": "float",
+    "egress_budget": "float",
+    "stream_viewer_cap": "int",
+    "admit_lower_layer": "bool",
+    "drain_timeout": "float",
 }
 
 

@@ -1,0 +1,182 @@
+"""Graceful drain (SIGTERM): new sessions get 503 + Retry-After, event readers are told to
+reconnect, the server waits for viewers to leave (or for the drain timeout) and exits.
+
+The server runs as ``whepfan serve`` does (``server.run``) on its own loop thread; the
+test sets the drain event where SIGTERM would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from whepfan.server import RunningServer, run
+from whepfan.settings import Settings
+
+TOKEN = "drain-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SDP = {"Content-Type": "application/sdp"}
+
+
+class LiveServer:
+    """``whepfan.server.run`` on a loop thread, with its stop and drain events."""
+
+    def __init__(self, **settings: object) -> None:
+        cli: dict[str, object] = {
+            "http": "127.0.0.1:0",
+            "udp": "127.0.0.1:0",
+            "public_ip": ["127.0.0.1"],
+            "publish_token": TOKEN,
+            "log_level": "warning",
+        }
+        cli.update(settings)
+        self.settings = Settings.resolve(cli=cli, environ={})
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.drain = asyncio.Event()
+        self.info: RunningServer | None = None
+        ready = threading.Event()
+
+        def started(info: RunningServer) -> None:
+            self.info = info
+            ready.set()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(
+                run(self.settings, stop=self.stop, started=started, drain=self.drain)
+            )
+            ready.set()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait(60)
+        assert self.info is not None, "server did not start"
+
+    @property
+    def url(self) -> str:
+        assert self.info is not None
+        return self.info.http_url
+
+    def begin_drain(self) -> None:
+        self.loop.call_soon_threadsafe(self.drain.set)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        self.loop.close()
+
+
+async def publisher_offer() -> tuple[RTCPeerConnection, str]:
+    from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(AudioStreamTrack())
+    pc.addTrack(VideoStreamTrack())
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def viewer_offer() -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def publish(http: aiohttp.ClientSession, stream: str) -> RTCPeerConnection:
+    pc, offer = await publisher_offer()
+    async with http.post(f"/whip/{stream}", data=offer, headers={**AUTH, **SDP}) as response:
+        assert response.status == 201, await response.text()
+    return pc
+
+
+async def view(http: aiohttp.ClientSession, stream: str) -> aiohttp.ClientResponse:
+    pc, offer = await viewer_offer()
+    try:
+        async with http.post(f"/whep/{stream}", data=offer, headers=SDP) as response:
+            await response.read()
+            return response
+    finally:
+        await pc.close()
+
+
+@pytest.fixture
+def server() -> Iterator[LiveServer]:
+    live = LiveServer(drain_timeout="30")
+    yield live
+    live.close()
+
+
+async def _event_frames(http: aiohttp.ClientSession, events_url: str, sink: list[str]) -> None:
+    async with http.get(events_url) as response:
+        assert response.status == 200
+        async for line in response.content:
+            sink.append(line.decode())
+
+
+async def test_drain_refuses_new_sessions_tells_readers_and_exits_when_viewers_leave(
+    server: LiveServer,
+) -> None:
+    async with aiohttp.ClientSession(base_url=server.url) as http:
+        publisher = await publish(http, "cam")
+        first = await view(http, "cam")
+        assert first.status == 201
+        location = first.headers["Location"]
+        events = [link for link in first.headers.getall("Link", []) if "server-sent-events" in link]
+        frames: list[str] = []
+        reader: asyncio.Task[None] | None = None
+        assert events, "the SSE extension is advertised"
+        if events:
+            events_url = events[0].split(">")[0].lstrip("<")
+            reader = asyncio.ensure_future(_event_frames(http, events_url, frames))
+            await asyncio.sleep(0.2)  # the reader subscribes before the drain starts
+
+        server.begin_drain()
+        for _ in range(100):
+            refused = await view(http, "cam")
+            if refused.status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert refused.status == 503
+        assert int(refused.headers["Retry-After"]) > 0
+        async with http.get("/metrics") as response:
+            body = await response.text()
+        assert "whepfan_draining 1.0" in body
+        assert 'whepfan_admission_refusals_total{reason="draining"} 1.0' in body, body
+        if reader is not None:
+            for _ in range(100):
+                if any("reconnect" in frame for frame in frames):
+                    break
+                await asyncio.sleep(0.02)
+            assert any(frame.startswith("event: reconnect") for frame in frames), frames
+            reader.cancel()
+        # The server waits for its viewer; once it leaves, the server exits.
+        assert server.thread.is_alive()
+        async with http.delete(location) as response:
+            assert response.status == 200
+        await publisher.close()
+    server.thread.join(10)
+    assert not server.thread.is_alive()
+
+
+async def test_drain_gives_up_after_its_timeout() -> None:
+    live = LiveServer(drain_timeout="0.5")
+    try:
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            publisher = await publish(http, "cam")
+            assert (await view(http, "cam")).status == 201
+            live.begin_drain()
+            # The viewer never leaves: the drain timeout ends the server anyway.
+            await asyncio.get_running_loop().run_in_executor(None, live.thread.join, 20)
+            assert not live.thread.is_alive()
+            await publisher.close()
+    finally:
+        live.close()

@@ -1,0 +1,237 @@
+"""Worker processes (``--workers 2``): one publisher, viewers on both workers decode its
+media (relayed as plain RTP between workers); a killed worker ends only its sessions and
+a replacement serves new viewers. Plus the relay wire format: round trips and fuzz.
+
+Media is real (aiortc peers over UDP on 127.0.0.1); signalling is the pool's
+SessionRouter API, as the HTTP layer calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import aioice.ice
+import av
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from hypothesis import given
+from hypothesis import strategies as st
+from test_media_loopback import MovingPatternTrack
+
+from whepfan.capacity import CapacityLedger, CapacityPolicy
+from whepfan.config import MediaConfig
+from whepfan.errors import NotFound, ParseError
+from whepfan.protocol.dtls import DtlsCertificate
+from whepfan.session import SessionKind
+from whepfan.workers import RelayFrame, RelayKind, WorkerPool
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------- relay wire format
+
+
+@given(
+    kind=st.sampled_from(list(RelayKind)),
+    stream=st.text(max_size=60),
+    track=st.text(max_size=20),
+    keyframe=st.booleans(),
+    rtp=st.binary(min_size=12, max_size=1500),
+)
+def test_relay_frame_round_trip(
+    kind: RelayKind, stream: str, track: str, keyframe: bool, rtp: bytes
+) -> None:
+    body = {RelayKind.RTP: rtp, RelayKind.SENDER_REPORT: rtp[:12], RelayKind.KEYFRAME_REQUEST: b""}
+    frame = RelayFrame(kind=kind, stream=stream, track=track, keyframe=keyframe, body=body[kind])
+    assert RelayFrame.parse(bytes(frame)) == frame
+
+
+def test_relay_frame_layout() -> None:
+    frame = RelayFrame(kind=RelayKind.RTP, stream="ab", track="v", keyframe=True, body=bytes(12))
+    assert bytes(frame) == bytes([1, 1, 2, 1]) + b"abv" + bytes(12)
+
+
+@given(st.binary(max_size=300))
+def test_relay_frame_parse_fuzz(data: bytes) -> None:
+    try:
+        frame = RelayFrame.parse(data)
+    except ParseError:
+        return
+    assert isinstance(frame, RelayFrame)
+
+
+# ---------------------------------------------------------------------- two workers
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[WorkerPool]:
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    workers = WorkerPool(
+        workers=2,
+        config=config,
+        certificate=DtlsCertificate.generate(),
+        ledger=CapacityLedger(policy=CapacityPolicy(), workers=2),
+        stats_interval=0.2,
+        log_level="warning",
+    )
+    await workers.start()
+    yield workers
+    await workers.close()
+
+
+def _peer() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def _publish(pool: WorkerPool, stream: str) -> RTCPeerConnection:
+    pc = _peer()
+    pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
+    pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    _, answer = pool.publish(stream, pc.localDescription.sdp, 0.0)
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    return pc
+
+
+class PoolViewer:
+    def __init__(self, pool: WorkerPool, stream: str) -> None:
+        self.pool = pool
+        self.stream = stream
+        self.pc = _peer()
+        self.video_frames: list[av.VideoFrame] = []
+        self.session_id = ""
+        self._tasks: list[asyncio.Task[None]] = []
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._tasks.append(asyncio.ensure_future(self._consume(track)))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except Exception:
+                return
+            if track.kind == "video":
+                self.video_frames.append(frame)
+
+    async def start(self) -> None:
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        session, answer = self.pool.view(self.stream, self.pc.localDescription.sdp, 0.0)
+        self.session_id = session.id
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    @property
+    def worker(self) -> int:
+        return self.pool.worker_of(self.session_id)
+
+    async def wait_frames(self, count: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.video_frames) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(self.video_frames) >= count, f"only {len(self.video_frames)} frames decoded"
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def _wait_for(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert condition()
+
+
+async def test_viewers_on_both_workers_decode_one_publisher(pool: WorkerPool) -> None:
+    assert len(set(pool.ports.values())) == 2
+    publisher = await _publish(pool, "live")
+    viewers = [PoolViewer(pool, "live") for _ in range(4)]
+    try:
+        for viewer in viewers:
+            await viewer.start()
+        # Least-loaded placement alternates: both workers carry viewers.
+        assert {viewer.worker for viewer in viewers} == {0, 1}
+        for viewer in viewers:
+            await viewer.wait_frames(15)
+        frame = viewers[-1].video_frames[-1].to_ndarray(format="gray")
+        assert frame.shape == (240, 320)
+        # Stats arrive from both workers: each sent media to its own viewers, and the
+        # publisher's worker relayed to the other.
+        await _wait_for(lambda: len(pool.stats().workers) == 2)
+        stats = {w.worker: w for w in pool.stats().workers}
+        assert all(w.fanout["packets_sent"] > 0 for w in stats.values())
+        origin = pool.streams["live"].origin
+        assert origin is not None
+        assert stats[origin].router.get("relay_sent", 0) > 0
+        assert stats[1 - origin].router.get("relay_received", 0) > 0
+        assert pool.viewer_count == 4
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        await publisher.close()
+
+
+async def test_killed_worker_ends_only_its_sessions_and_is_replaced(pool: WorkerPool) -> None:
+    publisher = await _publish(pool, "live")
+    viewers = [PoolViewer(pool, "live") for _ in range(4)]
+    late: PoolViewer | None = None
+    try:
+        for viewer in viewers:
+            await viewer.start()
+        for viewer in viewers:
+            await viewer.wait_frames(5)
+        origin = pool.streams["live"].origin
+        assert origin is not None
+        victim = 1 - origin  # keep the publisher: its stream goes on for the others
+        lost_ids: list[str] = []
+        pool.on_sessions_lost = lost_ids.extend
+        killed = [v for v in viewers if v.worker == victim]
+        kept = [v for v in viewers if v.worker != victim]
+        old_pid = pool.kill_worker(victim)
+        await _wait_for(lambda: not pool.handles[victim].alive or bool(lost_ids))
+        await _wait_for(lambda: all(v.session_id not in pool.sessions for v in killed))
+        assert sorted(lost_ids) == sorted(v.session_id for v in killed)
+        for viewer in killed:
+            # Its PATCH/DELETE now answer 404.
+            with pytest.raises(NotFound):
+                pool.get_session(viewer.session_id)
+        assert all(pool.get_session(v.session_id).kind is SessionKind.VIEWER for v in kept)
+        # The others keep receiving.
+        counts = [len(v.video_frames) for v in kept]
+        await _wait_for(
+            lambda: all(len(v.video_frames) > c + 10 for v, c in zip(kept, counts, strict=True))
+        )
+        # A replacement starts on the same port and serves new viewers.
+        await _wait_for(lambda: pool.handles[victim].alive and victim in pool.ledger.workers)
+        assert pool.handles[victim].process.pid != old_pid
+        assert pool.restarts == 1
+        for _ in range(len(kept) + 1):
+            late = PoolViewer(pool, "live")
+            await late.start()
+            if late.worker == victim:
+                break
+            await late.close()
+            late = None
+        assert late is not None, "no new viewer was placed on the replacement"
+        await late.wait_frames(10)
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        if late is not None:
+            await late.close()
+        await publisher.close()
+    assert os.path.isdir(pool.relay_dir)

@@ -1,0 +1,230 @@
+"""``GET /metrics``: the server's counters in the Prometheus text exposition format
+(version 0.0.4), rendered by prometheus-client from one :class:`ServerStats` snapshot per
+scrape.
+
+Counters are per worker (label ``worker``): a replaced worker starts again from zero and
+Prometheus' ``rate()`` reads that as a counter reset, which it is. Rates (packets/s and
+bytes/s out) are ``rate(whepfan_sent_packets_total[1m])`` and friends; the capacity
+gauges show what the admission ledger believes each worker carries against its budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from whepfan.capacity import ServerStats, WorkerStats
+
+METRICS_PATH = "/metrics"
+
+# Fanout.stats() counters that are packets dropped on the way out (reason = the name).
+_FANOUT_DROPS = (
+    "dropped_malformed",
+    "dropped_too_large",
+    "send_errors",
+    "send_buffer_full",
+    "protect_errors",
+)
+
+
+class ServerCollector(Collector):
+    """Builds every metric family from a fresh snapshot at each scrape."""
+
+    def __init__(self, stats: Callable[[], ServerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        workers = [w for w in stats.workers if w.alive]
+        yield _gauge("whepfan_workers", "Media workers running.", [((), len(workers))])
+        yield _gauge(
+            "whepfan_viewers",
+            "Viewer sessions (any state) per worker.",
+            [((_label(w),), w.viewers) for w in workers],
+            labels=["worker"],
+        )
+        yield _gauge(
+            "whepfan_publishers",
+            "Publisher sessions (any state) per worker.",
+            [((_label(w),), w.publishers) for w in workers],
+            labels=["worker"],
+        )
+        yield from _worker_counters(workers)
+        yield _latency(workers)
+        yield from _capacity(stats)
+
+
+def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
+    def per_worker(name: str, doc: str, source: str, key: str) -> Metric:
+        family = CounterMetricFamily(name, doc, labels=["worker"])
+        for worker in workers:
+            counters = worker.fanout if source == "fanout" else worker.router
+            family.add_metric([_label(worker)], counters.get(key, 0))
+        return family
+
+    yield per_worker(
+        "whepfan_sent_packets", "RTP packets sent to viewers.", "fanout", "packets_sent"
+    )
+    yield per_worker("whepfan_sent_bytes", "Bytes sent to viewers.", "fanout", "bytes_sent")
+    yield per_worker(
+        "whepfan_ingested_packets", "Publisher RTP packets fanned out.", "fanout", "pushed"
+    )
+    yield per_worker(
+        "whepfan_nacked_packets",
+        "Packets viewers asked for again (RFC 4585 §6.2.1 generic NACK).",
+        "router",
+        "nack_requested",
+    )
+    yield per_worker(
+        "whepfan_retransmissions", "Packets re-sent from the cache.", "fanout", "resent"
+    )
+    yield per_worker(
+        "whepfan_retransmission_misses",
+        "NACKed packets no longer in the cache.",
+        "fanout",
+        "resend_misses",
+    )
+    drops = CounterMetricFamily(
+        "whepfan_dropped_packets",
+        "Packets dropped, by reason (router input and fan-out output).",
+        labels=["worker", "reason"],
+    )
+    keyframes = CounterMetricFamily(
+        "whepfan_keyframe_requests",
+        "Keyframe requests (PLI, RFC 4585 §6.3.1) towards publishers, sent or throttled.",
+        labels=["worker", "outcome"],
+    )
+    for worker in workers:
+        for name, value in sorted(worker.router.items()):
+            if name.startswith("drop_"):
+                drops.add_metric([_label(worker), name[5:]], value)
+        for name in _FANOUT_DROPS:
+            drops.add_metric(
+                [_label(worker), name.removeprefix("dropped_")], worker.fanout.get(name, 0)
+            )
+        keyframes.add_metric(
+            [_label(worker), "sent"], worker.router.get("keyframe_requests_sent", 0)
+        )
+        keyframes.add_metric(
+            [_label(worker), "throttled"], worker.router.get("keyframe_requests_throttled", 0)
+        )
+    yield drops
+    yield keyframes
+
+
+def _latency(workers: list[WorkerStats]) -> Metric:
+    family = HistogramMetricFamily(
+        "whepfan_session_setup_seconds",
+        "Time from the offer to SRTP keys (ICE + DTLS), per session that connected.",
+        labels=["worker"],
+    )
+    for worker in workers:
+        histogram = worker.setup_latency
+        bounds = [*(_float(b) for b in histogram.buckets), "+Inf"]
+        family.add_metric(
+            [_label(worker)],
+            list(zip(bounds, histogram.counts, strict=True)),
+            histogram.total,
+        )
+    return family
+
+
+def _capacity(stats: ServerStats) -> Iterable[Metric]:
+    loads = stats.loads
+    yield _gauge(
+        "whepfan_worker_load_packets_per_second",
+        "Packets/s the admission ledger counts on each worker.",
+        [((str(load.worker),), load.packets_per_second) for load in loads],
+        labels=["worker"],
+    )
+    yield _gauge(
+        "whepfan_worker_packet_budget",
+        "Packets/s each worker may carry (+Inf: no budget).",
+        [((str(load.worker),), _budget(load.packet_budget)) for load in loads],
+        labels=["worker"],
+    )
+    yield _gauge(
+        "whepfan_worker_capacity_used_ratio",
+        "Fraction of each worker's packet budget in use (0 without a budget).",
+        [((str(load.worker),), load.used) for load in loads],
+        labels=["worker"],
+    )
+    yield _gauge(
+        "whepfan_egress_load_bits_per_second",
+        "Bits/s the admission ledger counts for the whole server.",
+        [((), sum(load.bits_per_second for load in loads))],
+    )
+    yield _gauge(
+        "whepfan_egress_bit_budget",
+        "Egress bits/s the server may send (+Inf: no budget).",
+        [((), _budget(stats.egress_bit_budget))],
+    )
+    refusals = CounterMetricFamily(
+        "whepfan_admission_refusals",
+        "New sessions answered 503, by reason.",
+        labels=["reason"],
+    )
+    for reason in ("worker_budget", "egress_budget", "stream_cap", "draining", "no_worker"):
+        refusals.add_metric([reason], stats.refusals.get(reason, 0))
+    yield refusals
+    admissions = CounterMetricFamily(
+        "whepfan_admissions", "Viewers admitted, by layer.", labels=["layer"]
+    )
+    for layer in ("top_layer", "lower_layer"):
+        admissions.add_metric([layer.removesuffix("_layer")], stats.admissions.get(layer, 0))
+    yield admissions
+    restarts = CounterMetricFamily("whepfan_worker_restarts", "Workers replaced after they died.")
+    restarts.add_metric([], stats.worker_restarts)
+    yield restarts
+    yield _gauge("whepfan_draining", "1 while the server drains.", [((), int(stats.draining))])
+
+
+def _gauge(
+    name: str,
+    doc: str,
+    samples: Iterable[tuple[tuple[str, ...], float]],
+    *,
+    labels: list[str] | None = None,
+) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=labels or [])
+    for label_values, value in samples:
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def _label(worker: WorkerStats) -> str:
+    return str(worker.worker)
+
+
+def _budget(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def _float(bound: float) -> str:
+    return repr(float(bound))
+
+
+def add_metrics_route(app: web.Application, stats: Callable[[], ServerStats]) -> None:
+    """Serve ``GET /metrics`` from ``stats`` (called once per scrape)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(stats))
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        response = web.Response(body=body)
+        # prometheus-client's content type carries version= and charset= parameters.
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    app.router.add_get(METRICS_PATH, metrics)
