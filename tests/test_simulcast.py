@@ -5,21 +5,34 @@ the router's per-layer ingest and automatic layer policy.
 
 from __future__ import annotations
 
+import fractions
 import itertools
 import os
+import re
 import select
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import av
+import numpy as np
 import pytest
+from _paths import SDP_FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pylibsrtp import Policy, Session
 
-from whepfan._fastpath import PAYLOAD_VP8, PROFILE_AEAD_AES_128_GCM, Fanout
+from whepfan._fastpath import PAYLOAD_VP8, PROFILE_AEAD_AES_128_GCM, Fanout, SrtpSession
+from whepfan.config import MediaConfig
+from whepfan.errors import PeerError
+from whepfan.protocol import rtcp, rtp, sdp
 from whepfan.protocol.codecs import Vp8PayloadDescriptor
+from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
+from whepfan.protocol.ice import IceConnected, IceControllingChecker
+from whepfan.router import LayerPolicy, LayerRequest, Router, StreamEvent
+from whepfan.session import MediaSession
 
 VIDEO_CLOCK = 90000
 RECEIVE_TIMEOUT = 5.0  # upper bound for loopback delivery; normally instant
@@ -430,3 +443,517 @@ def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
         assert stream[-1].marker
     finally:
         lb.close()
+
+
+# --- the automatic policy on virtual time -------------------------------------------------
+
+LOW, MID, HIGH = 200_000.0, 600_000.0, 1_800_000.0
+
+
+def test_policy_starts_in_the_middle() -> None:
+    assert [LayerPolicy.initial(n) for n in (1, 2, 3, 4)] == [0, 0, 1, 1]
+
+
+def test_policy_moves_down_on_loss_and_back_up_after_a_clean_period() -> None:
+    policy = LayerPolicy()
+    state = policy.new_state()
+    bitrates = [LOW, MID, HIGH]
+    now, layer = 100.0, 2
+
+    def report(lost: float) -> int:
+        return policy.decide(
+            state,
+            bitrates=bitrates,
+            current=layer,
+            ceiling=2,
+            fraction_lost=lost,
+            remb=None,
+            now=now,
+        )
+
+    layer = report(0.25)  # RFC 3550 §6.4.1 fraction lost 64/256
+    assert layer == 1
+    now += 1.0
+    assert report(0.25) == 1  # held: ``hold`` seconds on a layer before moving again
+    now += 1.0
+    layer = report(0.25)
+    assert layer == 0
+    now += 1.0
+    assert report(0.30) == 0  # nothing lower
+    # Clean reports: up one layer once they have lasted ``up_wait``, not before.
+    for _ in range(5):
+        now += 1.0
+        assert report(0.0) == 0
+    now += 1.0
+    layer = report(0.01)
+    assert layer == 1
+    # Middling loss neither moves nor counts as clean.
+    for _ in range(10):
+        now += 1.0
+        assert report(0.05) == 1
+
+
+def test_policy_doubles_the_wait_after_a_failed_upswitch() -> None:
+    policy = LayerPolicy(up_wait=5.0)
+    state = policy.new_state()
+
+    def decide(current: int, lost: float, now: float) -> int:
+        return policy.decide(
+            state,
+            bitrates=[LOW, MID, HIGH],
+            current=current,
+            ceiling=2,
+            fraction_lost=lost,
+            remb=None,
+            now=now,
+        )
+
+    assert decide(1, 0.0, 0.0) == 1
+    assert decide(1, 0.0, 5.0) == 2
+    assert decide(2, 0.4, 8.0) == 1  # the higher layer did not fit
+    assert state.up_wait == 10.0
+    assert decide(1, 0.0, 17.0) == 1  # the first clean report after the fall
+    assert decide(1, 0.0, 26.0) == 1  # 9 s clean: enough before, not now
+    assert decide(1, 0.0, 27.0) == 2
+
+
+def test_policy_follows_remb_down_as_far_as_needed_and_respects_the_ceiling() -> None:
+    policy = LayerPolicy()
+    state = policy.new_state()
+    bitrates = [LOW, MID, HIGH]
+    # A REMB of 300 kbit/s (draft-alvestrand-rmcat-remb §2) fits only the low layer.
+    assert (
+        policy.decide(
+            state,
+            bitrates=bitrates,
+            current=2,
+            ceiling=2,
+            fraction_lost=0.0,
+            remb=300_000,
+            now=0.0,
+        )
+        == 0
+    )
+    # A REMB around what the layer sends is no congestion.
+    state = policy.new_state()
+    assert (
+        policy.decide(
+            state,
+            bitrates=bitrates,
+            current=1,
+            ceiling=2,
+            fraction_lost=None,
+            remb=620_000,
+            now=0.0,
+        )
+        == 1
+    )
+    # A viewer above its ceiling (maxWidth/maxHeight) goes down at once.
+    assert (
+        policy.decide(
+            state,
+            bitrates=bitrates,
+            current=2,
+            ceiling=0,
+            fraction_lost=None,
+            remb=None,
+            now=1.0,
+        )
+        == 0
+    )
+    # ... and is never raised above it, however clean.
+    for second in range(2, 60):
+        assert (
+            policy.decide(
+                state,
+                bitrates=bitrates,
+                current=0,
+                ceiling=0,
+                fraction_lost=0.0,
+                remb=None,
+                now=float(second),
+            )
+            == 0
+        )
+
+
+# --- the router with a simulcast publisher, on virtual time ---------------------------------
+#
+# The publisher and the viewer are whepfan's own client-side protocol objects (ICE
+# controlling checker, DTLS client) talking to the Router in memory; the publisher sends
+# three real VP8 encodings (PyAV/libvpx at three sizes) with RID header extensions, as
+# Chromium does. Only the Fanout's output is real UDP, to the viewer's loopback socket,
+# where it is decrypted and decoded.
+
+SIMULCAST_OFFER = (SDP_FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()
+WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
+SERVER = ("127.0.0.1", 40000)  # what the clients believe; the router never binds it
+PUBLISHER = ("127.0.0.1", 50002)
+# The fixture's a=extmap ids (RFC 8285 §5) and payload type.
+EXT_MID, EXT_RID = 4, 10
+VP8_PT = 96
+LAYER_SIZES = {"q": (160, 96), "h": (320, 192), "f": (640, 384)}
+FPS = 30
+
+
+class RouterHarness:
+    def __init__(self, policy: LayerPolicy | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.events: list[StreamEvent] = []
+        self.router = Router(
+            config=MediaConfig(udp_host="127.0.0.1", udp_port=0, keyframe_request_interval=0.1),
+            certificate=DtlsCertificate.generate(),
+            fanout=Fanout(self.sock.fileno(), max_viewers=8),
+            send=lambda data, addr: self.sent.append((data, addr)),
+            candidates=[sdp.Candidate.parse("1 1 udp 2130706431 127.0.0.1 40000 typ host")],
+            layer_policy=policy or LayerPolicy(),
+        )
+        self.router.add_listener(self.events.append)
+
+    def take_sent(self, addr: tuple[str, int]) -> list[bytes]:
+        mine = [data for data, to in self.sent if to == addr]
+        self.sent = [(data, to) for data, to in self.sent if to != addr]
+        return mine
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Peer:
+    """A connected client: its address and SRTP keys."""
+
+    session_id: str
+    address: tuple[str, int]
+    protect: SrtpSession  # what it sends (RTP from a publisher, SRTCP from a viewer)
+    unprotect: SrtpSession  # what it receives
+
+
+def connect(h: RouterHarness, offer: str, address: tuple[str, int], *, publish: bool) -> Peer:
+    """ICE (controlling, RFC 8445) and DTLS (client, RFC 6347) against the router."""
+    certificate = DtlsCertificate.generate()
+    algorithm, value = certificate.fingerprints[0]
+    offer = re.sub(r"a=fingerprint:\S+ \S+", f"a=fingerprint:{algorithm} {value}", offer)
+    session: MediaSession
+    if publish:
+        session, answer = h.router.publish("live", offer, 0.0)
+    else:
+        session, answer = h.router.view("live", offer, 0.0)
+    ufrag = re.search(r"a=ice-ufrag:(\S+)", offer)
+    pwd = re.search(r"a=ice-pwd:(\S+)", offer)
+    assert ufrag and pwd
+    checker = IceControllingChecker(
+        local_ufrag=ufrag.group(1),
+        local_pwd=pwd.group(1),
+        remote_ufrag=session.local_ufrag,
+        remote_pwd=session.local_pwd,
+        remote_candidates=[SERVER],
+    )
+    fingerprints = re.findall(r"a=fingerprint:(\S+) (\S+)", answer)
+    dtls = DtlsSession(certificate=certificate, role="client", remote_fingerprints=fingerprints)
+    now = 0.0
+    for _ in range(200):
+        request = checker.next_request(now)
+        if request is not None:
+            h.router.datagram_received(request[0], address, now)
+            for response in h.take_sent(address):
+                checker.receive_stun(response, SERVER, now)
+        while (ice_event := checker.next_event()) is not None:
+            if isinstance(ice_event, IceConnected):
+                dtls.start(now)
+        for datagram in dtls.datagrams_to_send():
+            h.router.datagram_received(datagram, address, now)
+        for datagram in h.take_sent(address):
+            dtls.receive(datagram, now)
+        while (event := dtls.next_event()) is not None:
+            if isinstance(event, DtlsConnected):
+                for datagram in dtls.datagrams_to_send():
+                    h.router.datagram_received(datagram, address, now)
+                return Peer(
+                    session_id=session.id,
+                    address=address,
+                    protect=SrtpSession(event.profile, event.local_key, event.local_salt),
+                    unprotect=SrtpSession(event.profile, event.remote_key, event.remote_salt),
+                )
+        now += 0.05
+    raise AssertionError("no connection")
+
+
+@dataclass
+class Encoding:
+    """One simulcast encoding of the test publisher (its own SSRC and numbering)."""
+
+    rid: str
+    width: int
+    height: int
+    encoder: Any  # av VideoCodecContext (libvpx)
+    ssrc: int
+    seq: int
+    timestamp: int
+    picture_id: int
+    force_keyframe: bool = True
+
+
+class SimulcastPublisher:
+    """Three VP8 encodings of one moving picture, packetised per RFC 7741 with the MID and
+    RID header extensions (RFC 8285 one-byte form; RFC 8852 §3.1) on every packet."""
+
+    def __init__(self, h: RouterHarness, peer: Peer) -> None:
+        self.h, self.peer = h, peer
+        self.frame_index = 0
+        self.keyframe_requests: list[str] = []
+        self.encodings: list[Encoding] = []
+        for number, (rid, (width, height)) in enumerate(LAYER_SIZES.items()):
+            encoder: Any = av.CodecContext.create("libvpx", "w")
+            encoder.width, encoder.height = width, height
+            encoder.pix_fmt = "yuv420p"
+            encoder.time_base = fractions.Fraction(1, FPS)
+            encoder.gop_size = 100_000  # keyframes on request only (PLI), like a browser
+            encoder.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+            self.encodings.append(
+                Encoding(
+                    rid=rid,
+                    width=width,
+                    height=height,
+                    encoder=encoder,
+                    ssrc=0x5100 + number,
+                    seq=1000 * (number + 1),
+                    timestamp=77_777 * (number + 1),
+                    picture_id=100 * number,
+                )
+            )
+
+    def _rtp(self, encoding: Encoding, payload: bytes, marker: bool) -> bytes:
+        elements = [(EXT_MID, b"1"), (EXT_RID, encoding.rid.encode())]
+        body = b"".join(bytes([(i << 4) | (len(v) - 1)]) + v for i, v in elements)
+        body += bytes(-len(body) % 4)
+        header = struct.pack(
+            "!BBHII",
+            0x90,  # V=2, X=1
+            (0x80 if marker else 0) | VP8_PT,
+            encoding.seq,
+            encoding.timestamp,
+            encoding.ssrc,
+        )
+        encoding.seq = (encoding.seq + 1) & 0xFFFF
+        return header + struct.pack("!HH", 0xBEDE, len(body) // 4) + body + payload
+
+    def send_frame(self, now: float) -> None:
+        self.handle_feedback()
+        for encoding in self.encodings:
+            width, height = encoding.width, encoding.height
+            image = np.full((height, width, 3), (self.frame_index * 7) % 256, dtype=np.uint8)
+            image[:, (self.frame_index * 4) % width :][:, :8] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            frame.pts = self.frame_index
+            if encoding.force_keyframe:
+                frame.pict_type = av.video.frame.PictureType.I
+                encoding.force_keyframe = False
+            for packet in encoding.encoder.encode(frame):
+                data = bytes(packet)
+                encoding.picture_id = (encoding.picture_id + 1) & 0x7FFF
+                chunks = [data[i : i + 900] for i in range(0, len(data), 900)]
+                for index, chunk in enumerate(chunks):
+                    descriptor = Vp8PayloadDescriptor(
+                        start_of_partition=index == 0, picture_id=encoding.picture_id
+                    )
+                    rtp_packet = self._rtp(
+                        encoding, bytes(descriptor) + chunk, index == len(chunks) - 1
+                    )
+                    srtp = self.peer.protect.protect(rtp_packet)
+                    self.h.router.datagram_received(srtp, self.peer.address, now)
+            encoding.timestamp = (encoding.timestamp + 90000 // FPS) & 0xFFFFFFFF
+        self.frame_index += 1
+
+    def handle_feedback(self) -> None:
+        """PLIs from the router (RFC 4585 §6.3.1) make that encoding send a keyframe."""
+        by_ssrc = {encoding.ssrc: encoding for encoding in self.encodings}
+        for datagram in self.h.take_sent(self.peer.address):
+            for packet in rtcp.parse_compound(self.peer.unprotect.unprotect_rtcp(datagram)):
+                if isinstance(packet, rtcp.PictureLossIndication):
+                    encoding = by_ssrc.get(packet.media_ssrc)
+                    if encoding is not None:
+                        encoding.force_keyframe = True
+                        self.keyframe_requests.append(encoding.rid)
+
+
+class DecodingViewer:
+    """A viewer socket: SRTP off, RFC 7741 depacketisation, libvpx decoding."""
+
+    def __init__(self, h: RouterHarness) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.peer = connect(h, WHEP_OFFER, self.sock.getsockname(), publish=False)
+        self.decoder = av.CodecContext.create("vp8", "r")
+        self.packets: list[rtp.RtpPacket] = []
+        self.frame_data = b""
+        self.widths: list[int] = []
+
+    def drain(self) -> None:
+        while True:
+            try:
+                datagram = self.sock.recv(4096)
+            except BlockingIOError:
+                return
+            if datagram[1] in (200, 201):  # an SR relayed from the publisher: not media
+                continue
+            packet = rtp.RtpPacket.parse(self.peer.unprotect.unprotect(datagram))
+            if packet.payload_type != VP8_PT:
+                continue
+            self.packets.append(packet)
+            descriptor, data = Vp8PayloadDescriptor.split(packet.payload)
+            if descriptor.start_of_partition and descriptor.partition_index == 0:
+                self.frame_data = b""
+            self.frame_data += data
+            if packet.marker:
+                for frame in self.decoder.decode(av.Packet(self.frame_data)):
+                    self.widths.append(frame.width)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def simulcast() -> Iterator[tuple[RouterHarness, SimulcastPublisher, DecodingViewer]]:
+    h = RouterHarness()
+    publisher = SimulcastPublisher(h, connect(h, SIMULCAST_OFFER, PUBLISHER, publish=True))
+    now = 0.0
+    for _ in range(3):  # every layer bound (by RID) and measured before the viewer comes
+        publisher.send_frame(now)
+        now += 1 / FPS
+    viewer = DecodingViewer(h)
+    yield h, publisher, viewer
+    viewer.close()
+    h.close()
+
+
+def run(
+    h: RouterHarness,
+    publisher: SimulcastPublisher,
+    viewer: DecodingViewer,
+    start: float,
+    frames: int,
+) -> float:
+    now = start
+    for _ in range(frames):
+        publisher.send_frame(now)
+        h.router.handle_timer(now)
+        viewer.drain()
+        now += 1 / FPS
+    return now
+
+
+def test_simulcast_layers_are_bound_by_rid_and_measured(
+    simulcast: tuple[RouterHarness, SimulcastPublisher, DecodingViewer],
+) -> None:
+    h, publisher, viewer = simulcast
+    run(h, publisher, viewer, 0.1, 40)
+    stream = h.router.streams["live"]
+    layers = stream.layers()
+    assert [t.rid for t in layers] == ["q", "h", "f"]  # ordered by measured size
+    assert [(t.width, t.height) for t in layers] == list(LAYER_SIZES.values())
+    assert h.router.counters["drop_ingest_unknown_ssrc"] == 0
+    video = h.router.stream_layers("live", 1.4)["1"]
+    assert isinstance(video, list)
+    assert [(layer["rid"], layer["width"]) for layer in video] == [
+        ("q", 160),
+        ("h", 320),
+        ("f", 640),
+    ]
+    assert all(layer["bitrate"] > 0 for layer in video)
+    assert any(e.type == "layers" for e in h.events)
+    # New viewers start on the middle layer.
+    assert viewer.widths and set(viewer.widths) == {320}
+
+
+def test_a_viewer_switches_low_high_low_without_gaps_or_decode_errors(
+    simulcast: tuple[RouterHarness, SimulcastPublisher, DecodingViewer],
+) -> None:
+    h, publisher, viewer = simulcast
+    now = run(h, publisher, viewer, 0.1, 10)
+    status = h.router.select_layer(viewer.peer.session_id, LayerRequest(rid="q"), now)
+    assert status["pendingRid"] == "q" and status["automatic"] is False
+    now = run(h, publisher, viewer, now, 10)
+    assert publisher.keyframe_requests.count("q") >= 1  # PLI on the target layer
+    h.router.select_layer(viewer.peer.session_id, LayerRequest(rid="f"), now)
+    now = run(h, publisher, viewer, now, 10)
+    h.router.select_layer(viewer.peer.session_id, LayerRequest(spatial_layer=0), now)
+    now = run(h, publisher, viewer, now, 10)
+    assert h.router.layer_status(viewer.peer.session_id, now)["rid"] == "q"
+
+    # Widths follow the choice: h (start) -> q -> f -> q, each change once.
+    changes = [w for i, w in enumerate(viewer.widths) if i == 0 or viewer.widths[i - 1] != w]
+    assert changes == [320, 160, 640, 160]
+    # One SSRC, sequence numbers +1 throughout (RFC 3550 §5.1), timestamps increasing.
+    packets = viewer.packets
+    assert len({p.ssrc for p in packets}) == 1
+    for before, after in itertools.pairwise(packets):
+        assert after.sequence_number == (before.sequence_number + 1) & 0xFFFF
+        assert 0 <= (after.timestamp - before.timestamp) & 0xFFFFFFFF < 90000
+    assert h.router.counters["layer_switches_completed"] == 3
+
+
+def test_unknown_layers_are_refused_and_an_empty_request_means_automatic(
+    simulcast: tuple[RouterHarness, SimulcastPublisher, DecodingViewer],
+) -> None:
+    h, publisher, viewer = simulcast
+    now = run(h, publisher, viewer, 0.1, 5)
+    session = viewer.peer.session_id
+    for bad in (
+        LayerRequest(rid="x"),
+        LayerRequest(spatial_layer=3),
+        LayerRequest(media_id="0"),  # the audio m-line
+        LayerRequest(temporal_layer=4),
+    ):
+        with pytest.raises(PeerError):
+            h.router.select_layer(session, bad, now)
+    h.router.select_layer(session, LayerRequest(rid="f"), now)
+    assert h.router.select_layer(session, LayerRequest(media_id="1"), now)["automatic"] is True
+    # Automatic with a ceiling: maxWidth 200 allows the 160-pixel layer only.
+    h.router.select_layer(session, LayerRequest(max_width=200), now)
+    run(h, publisher, viewer, now, 10)
+    assert viewer.widths[-1] == 160
+
+
+def send_receiver_report(h: RouterHarness, viewer: DecodingViewer, lost: int, now: float) -> None:
+    """The viewer's RR on its video SSRC (RFC 3550 §6.4.2), ``lost``/256 of packets lost."""
+    ssrc = viewer.packets[-1].ssrc
+    report = rtcp.ReceiverReport(
+        ssrc=0x77,
+        reports=[
+            rtcp.ReportBlock(
+                ssrc=ssrc,
+                fraction_lost=lost,
+                cumulative_lost=0,
+                highest_sequence=viewer.packets[-1].sequence_number,
+                jitter=0,
+                last_sender_report=0,
+                delay_since_last_sender_report=0,
+            )
+        ],
+    )
+    h.router.datagram_received(
+        viewer.peer.protect.protect_rtcp(bytes(report)), viewer.peer.address, now
+    )
+
+
+def test_automatic_choice_moves_down_under_loss_and_back_up_when_clean(
+    simulcast: tuple[RouterHarness, SimulcastPublisher, DecodingViewer],
+) -> None:
+    h, publisher, viewer = simulcast
+    now = run(h, publisher, viewer, 0.1, 10)
+    assert viewer.widths[-1] == 320
+    for _ in range(3):  # 25 % loss in each of three reports, a second apart
+        send_receiver_report(h, viewer, 64, now)
+        now = run(h, publisher, viewer, now, FPS)
+    assert viewer.widths[-1] == 160
+    assert h.router.counters["layer_auto_down"] == 1
+    for _ in range(16):  # clean: up one layer per clean period (5 s), with hysteresis
+        send_receiver_report(h, viewer, 0, now)
+        now = run(h, publisher, viewer, now, FPS)
+    assert h.router.counters["layer_auto_up"] == 2
+    assert viewer.widths[-1] == 640

@@ -18,6 +18,13 @@ Media for viewers never passes through Python per viewer: ``Fanout.push`` re-enc
 sends for every subscriber in C. Python runs once per *ingested* packet (a few hundred per
 second) and once per viewer RTCP/STUN packet (about one per viewer per second).
 
+Simulcast: every encoding of a publisher's media is its own Fanout track (a "layer"),
+bound to its SSRC by a=ssrc-group:SIM, or on first sight by the RID / repaired-RID header
+extension (RFC 8852 §3). Each viewer receives one layer per media under its one SSRC: a
+``LayerChoice`` records which, chosen by the layer extension (``select_layer``) or by the
+``LayerPolicy`` from its RTCP, and ``Fanout.switch`` moves it keyframe-aligned in C.
+Layers are ordered low to high by measured resolution, then bitrate, then signalling.
+
 The router is driven like the protocol layer (``datagram_received(data, addr, now)``,
 ``get_timer()``, ``handle_timer(now)``); ``transport.py`` is the thin asyncio driver.
 """
@@ -30,18 +37,27 @@ import math
 import secrets
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
-from whepfan.errors import Conflict, NotFound, PeerError, ServiceUnavailable, Unprocessable
-from whepfan.protocol import codecs, rtcp, sdp
+from whepfan.errors import (
+    Conflict,
+    NotFound,
+    ParseError,
+    PeerError,
+    ServiceUnavailable,
+    Unprocessable,
+)
+from whepfan.protocol import codecs, rtcp, rtp, sdp
 from whepfan.protocol.demux import PacketKind, classify, is_rtcp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsSession
 from whepfan.protocol.ice import stun_local_ufrag
 from whepfan.protocol.negotiation import (
+    EgressMedia,
     IngestMedia,
+    IngestTrack,
     LocalTransport,
     accept_counter_answer,
     answer_publisher,
@@ -148,6 +164,178 @@ class IngestReceiveStats:
 
 
 @dataclass(eq=False, kw_only=True)
+class LayerMeter:
+    """Measured rates of one ingest track over fixed windows (RFC 3550 §6.4.1 counts the
+    same octets: payload only). A track that went quiet reads as zero."""
+
+    window: float = 1.0
+    window_start: float | None = None
+    octets: int = 0
+    packets: int = 0
+    frames: int = 0
+    last_timestamp: int | None = None
+    last_packet_at: float = -math.inf
+    bitrate: float = 0.0  # bits/s
+    packet_rate: float = 0.0  # packets/s
+    frame_rate: float = 0.0  # pictures/s: distinct RTP timestamps (RFC 3550 §5.1)
+
+    def add(self, payload_octets: int, timestamp: int, now: float) -> None:
+        if self.window_start is None:
+            self.window_start = now
+        elapsed = now - self.window_start
+        if elapsed >= self.window:
+            self.bitrate = self.octets * 8 / elapsed
+            self.packet_rate = self.packets / elapsed
+            self.frame_rate = self.frames / elapsed
+            self.window_start = now
+            self.octets = self.packets = self.frames = 0
+        self.octets += payload_octets
+        self.packets += 1
+        if timestamp != self.last_timestamp:
+            self.frames += 1
+            self.last_timestamp = timestamp
+        self.last_packet_at = now
+
+    def flowing(self, now: float) -> bool:
+        return now - self.last_packet_at <= 2 * self.window
+
+    def rates(self, now: float) -> tuple[float, float, float]:
+        """(bits/s, packets/s, frames/s), zero once the track has been silent a while."""
+        if not self.flowing(now):
+            return 0.0, 0.0, 0.0
+        return self.bitrate, self.packet_rate, self.frame_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerRequest:
+    """A viewer's layer choice (WHEP layer extension, EXT §5; spec notes §4.3). Nothing
+    set means "automatic"; max* fields constrain the automatic choice too."""
+
+    media_id: str | None = None
+    rid: str | None = None
+    spatial_layer: int | None = None
+    temporal_layer: int | None = None
+    max_spatial_layer: int | None = None
+    max_temporal_layer: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+
+    @property
+    def automatic(self) -> bool:
+        return self.rid is None and self.spatial_layer is None
+
+
+@dataclass(eq=False, kw_only=True)
+class LayerPolicyState:
+    """Per-viewer memory of the automatic policy (see ``LayerPolicy``)."""
+
+    up_wait: float
+    clean_since: float | None = None
+    moved_at: float = -math.inf
+    raised_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerPolicy:
+    """Automatic simulcast layer choice from what the viewer reports, with hysteresis.
+
+    Down at once (after ``hold`` on the current layer) when an RTCP RR shows more than
+    ``loss_down`` of the interval's packets lost (RFC 3550 §6.4.1 fraction lost), or when
+    the viewer's REMB estimate (draft-alvestrand-rmcat-remb §2) falls below
+    ``remb_margin`` times what the current layer sends; as far down as the REMB requires.
+    Up one layer after ``up_wait`` of clean reports (loss at most ``loss_clean``) and no
+    REMB congestion. A REMB is not required to exceed the next layer's rate: it is a
+    receive-side estimate, about the rate received while the link is clear, so without
+    probing it never shows room for more. Instead, an upswitch followed by a downswitch
+    within ``failed_up_window`` doubles the wait before the next try (up to
+    ``max_up_wait``), so a viewer on a marginal link does not oscillate.
+    """
+
+    loss_down: float = 0.10
+    loss_clean: float = 0.02
+    up_wait: float = 5.0
+    max_up_wait: float = 60.0
+    failed_up_window: float = 10.0
+    remb_margin: float = 0.85
+    hold: float = 2.0
+
+    def new_state(self) -> LayerPolicyState:
+        return LayerPolicyState(up_wait=self.up_wait)
+
+    @staticmethod
+    def initial(count: int) -> int:
+        """New viewers start in the middle (index into layers ordered low to high)."""
+        return max(count - 1, 0) // 2
+
+    def decide(
+        self,
+        state: LayerPolicyState,
+        *,
+        bitrates: Sequence[float],
+        current: int,
+        ceiling: int,
+        fraction_lost: float | None,
+        remb: int | None,
+        now: float,
+    ) -> int:
+        """The layer index (``bitrates`` ordered low to high) the viewer should be on."""
+        if current > ceiling:
+            state.moved_at = now
+            return ceiling
+        congested = (fraction_lost is not None and fraction_lost > self.loss_down) or (
+            remb is not None and remb < bitrates[current] * self.remb_margin
+        )
+        if congested:
+            state.clean_since = None
+            if current == 0 or now - state.moved_at < self.hold:
+                return current
+            target = current - 1
+            if remb is not None:
+                while target > 0 and bitrates[target] > remb:
+                    target -= 1
+            if state.raised_at is not None and now - state.raised_at < self.failed_up_window:
+                state.up_wait = min(state.up_wait * 2, self.max_up_wait)
+            state.raised_at = None
+            state.moved_at = now
+            return target
+        if fraction_lost is not None and fraction_lost > self.loss_clean:
+            state.clean_since = None
+            return current
+        if state.clean_since is None:
+            state.clean_since = now
+        if (
+            current >= ceiling
+            or now - state.clean_since < state.up_wait
+            or now - state.moved_at < self.hold
+        ):
+            return current
+        state.clean_since = state.moved_at = state.raised_at = now
+        return current + 1
+
+
+@dataclass(eq=False, kw_only=True)
+class LayerChoice:
+    """Which layer of a simulcast media one viewer receives, and why."""
+
+    session: ViewerSession
+    egress: EgressMedia
+    policy: LayerPolicyState
+    current: Track | None = None  # forwarding (Fanout subscription state 2 or 1 at start)
+    pending: Track | None = None  # Fanout.switch() issued, waiting for its keyframe
+    manual: Track | None = None  # chosen through the layer extension; None: automatic
+    temporal_limit: int = -1  # -1: every temporal layer
+    max_spatial_layer: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+    fraction_lost: float | None = None
+    remb: int | None = None
+
+    @property
+    def target(self) -> Track | None:
+        return self.pending or self.current
+
+
+@dataclass(eq=False, kw_only=True)
 class Track:
     """One ingested media source as the Fanout knows it (a fanout track id).
 
@@ -171,12 +359,39 @@ class Track:
     ext_remap: bytes | None = None
     packets: int = 0
     octets: int = 0
+    # Simulcast: this track is one encoding of its media (RFC 8853), named by ``rid``.
+    rid: str | None = None
+    encoding_index: int = 0  # position among the publisher's encodings (signalled order)
+    active: bool = True  # bound to an encoding of the current (or last) publisher
+    width: int | None = None  # from the last keyframe (codecs.keyframe_size)
+    height: int | None = None
+    max_temporal_layer: int | None = None  # highest VP8 TID seen (RFC 7741 §4.2)
+    meter: LayerMeter = field(default_factory=LayerMeter)
+    last_keyframe_request: float = -math.inf
+    keyframes: int = 0
+
+    def layer_info(self, now: float, spatial_layer: int) -> dict[str, object]:
+        """This layer as the SSE ``layers`` event and the layer API describe it (EXT
+        §4.3.3: rid, spatialLayerId, temporalLayerId, bitrate, width, height)."""
+        bitrate, _, frame_rate = self.meter.rates(now)
+        info: dict[str, object] = {
+            "rid": self.rid,
+            "encodingId": self.rid,  # the M02-W01 name of the same thing
+            "spatialLayerId": spatial_layer,
+            "temporalLayerId": self.max_temporal_layer or 0,
+            "bitrate": int(bitrate),
+            "framerate": round(frame_rate, 1),
+        }
+        if self.width is not None and self.height is not None:
+            info["width"], info["height"] = self.width, self.height
+        return info
 
 
 @dataclass(eq=False, kw_only=True)
 class Stream:
     name: str
-    tracks: dict[str, Track] = field(default_factory=dict)
+    # kind -> its tracks: one per simulcast encoding, in the publisher's signalled order
+    tracks: dict[str, list[Track]] = field(default_factory=dict)
     publisher: PublisherSession | None = None
     viewers: dict[str, ViewerSession] = field(default_factory=dict)
     last_keyframe_request: float = -math.inf
@@ -190,10 +405,27 @@ class Stream:
     next_feedback_at: float = math.inf
     # True from the publisher's first keyed moment until it leaves ("active" event sent).
     active: bool = False
+    # viewer session id -> its layer choice for the stream's video (simulcast or not)
+    choices: dict[str, LayerChoice] = field(default_factory=dict)
+    layers_reported_at: float = -math.inf
+    layers_reported: object = None
 
     @property
     def live(self) -> bool:
         return self.publisher is not None and self.publisher.state is not SessionState.CLOSED
+
+    def layers(self, kind: str = "video") -> list[Track]:
+        """The active layers of ``kind``, low to high: by measured resolution, then
+        measured bitrate, then signalled order (RFC 8853 leaves the order to the sender;
+        a=ssrc-group:SIM lists lowest first)."""
+        return sorted(
+            (track for track in self.tracks.get(kind, ()) if track.active),
+            key=lambda t: ((t.width or 0) * (t.height or 0), t.meter.bitrate, t.encoding_index),
+        )
+
+    def canonical_ingest(self) -> list[IngestMedia]:
+        """The negotiation viewers are answered against: one IngestMedia per kind."""
+        return [tracks[0].ingest for tracks in self.tracks.values() if tracks]
 
 
 class Router:
@@ -208,8 +440,10 @@ class Router:
         send: SendDatagram,
         candidates: list[sdp.Candidate],
         wake: Callable[[], None] = lambda: None,
+        layer_policy: LayerPolicy = LayerPolicy(),
     ) -> None:
         self.config = config
+        self.layer_policy = layer_policy
         # Called when a deadline earlier than any before is scheduled, so the I/O driver
         # re-arms its single timer (signalling calls create sessions outside datagram input).
         self._wake = wake
@@ -228,6 +462,9 @@ class Router:
         self.rtcp_ssrc = secrets.randbits(32)
         self.counters: Counter[str] = Counter()
         self._listeners: list[StreamListener] = []
+        # stream name -> layers whose keyframe request was throttled and is still owed.
+        self._keyframe_retry: dict[str, list[Track]] = {}
+        self._choice_by_slot: dict[int, LayerChoice] = {}
 
     # ------------------------------------------------------------------ signalling API
 
@@ -265,11 +502,14 @@ class Router:
         offer = sdp.SessionDescription.parse(offer_text)
         session = self._new_session(ViewerSession, SessionKind.VIEWER, stream_name, offer, now)
         assert isinstance(session, ViewerSession)
-        ingest = [track.ingest for track in stream.tracks.values()]
         answer, egress = answer_viewer(
-            offer, self._local_transport(session), ingest, ssrc_source=self._new_ssrc
+            offer,
+            self._local_transport(session),
+            stream.canonical_ingest(),
+            ssrc_source=self._new_ssrc,
         )
         session.egress = egress
+        self._new_layer_choice(stream, session)
         stream.viewers[session.id] = session
         self._register(session, now)
         self.counters["viewers_created"] += 1
@@ -303,7 +543,7 @@ class Router:
         assert isinstance(session, ViewerSession)
         offer = build_counter_offer(
             self._local_transport(session),
-            [track.ingest for track in stream.tracks.values()],
+            stream.canonical_ingest(),
             ssrc_source=self._new_ssrc,
         )
         session.counter_offer = str(offer)
@@ -334,6 +574,9 @@ class Router:
         )
         session.ice.set_remote_credentials(remote.ice_ufrag, remote.ice_pwd)
         session.egress = egress
+        stream = self.streams.get(session.stream)
+        if stream is not None:
+            self._new_layer_choice(stream, session)
         session.counter_offer = None
         session.answer_deadline = None
         self._reschedule(session)
@@ -382,7 +625,10 @@ class Router:
         if isinstance(session, ViewerSession):
             if session.fanout_slot is not None:
                 self.fanout.remove_viewer(session.fanout_slot)
+                self._choice_by_slot.pop(session.fanout_slot, None)
                 session.fanout_slot = None
+            if stream is not None:
+                stream.choices.pop(session.id, None)
             if stream is not None and stream.viewers.pop(session.id, None) is not None:
                 self._emit_viewer_count(stream)
         elif (
@@ -495,6 +741,14 @@ class Router:
                 if stream is not None:
                     self._stream_timer(stream, now)
                 continue
+            if key.startswith("keyframe:"):
+                stream = self.streams.get(key[9:])
+                pending = self._keyframe_retry.pop(key[9:], [])
+                current = [t for layers in stream.tracks.values() for t in layers] if stream else []
+                live = [t for t in pending if t in current]
+                if stream is not None and live:
+                    self._request_keyframe(stream, now, tracks=live)
+                continue
             session = self.sessions.get(key)
             if session is None:
                 continue
@@ -555,48 +809,73 @@ class Router:
         stream.ingest_by_ssrc.clear()
         stream.ingest_stats.clear()
         for media in session.ingest:
-            track = stream.tracks.get(media.kind)
-            if track is not None and (
-                track.codec_name.lower() != media.codec.name.lower()
-                or track.clock_rate != media.codec.clock_rate
+            tracks = stream.tracks.get(media.kind, [])
+            if tracks and (
+                tracks[0].codec_name.lower() != media.codec.name.lower()
+                or tracks[0].clock_rate != media.codec.clock_rate
             ):
                 # Viewers negotiated the old codec; they cannot decode the new one.
-                self._drop_track(stream, track, now)
-                track = None
-            if track is None:
-                cache = (
-                    self.config.video_cache_packets
-                    if media.kind == "video"
-                    else self.config.audio_cache_packets
-                )
-                track = Track(
-                    fanout_id=self.fanout.add_track(cache_packets=cache),
-                    kind=media.kind,
-                    ingest=media,
-                    codec_name=media.codec.name,
-                    clock_rate=media.codec.clock_rate,
-                )
-                stream.tracks[media.kind] = track
-            else:
-                track.rebase_pending = True
-                track.ext_remap = _extension_remap(media, track.ingest)
-            # Simulcast layers are separate sources; until per-layer tracks exist only
-            # the first signalled encoding feeds the track (the others are dropped).
-            for layer in media.tracks[:1]:
-                if layer.ssrc is not None:
-                    stream.ingest_by_ssrc[layer.ssrc] = (track, False)
-                if layer.rtx_ssrc is not None:
-                    stream.ingest_by_ssrc[layer.rtx_ssrc] = (track, True)
+                self._drop_tracks(stream, media.kind, now)
+                tracks = []
+            encodings = media.tracks or (IngestTrack(),)
+            for index, encoding in enumerate(encodings):
+                if index < len(tracks):
+                    track = tracks[index]
+                    track.rebase_pending = True
+                    track.ext_remap = _extension_remap(media, track.ingest)
+                    track.active = True
+                    track.rid = encoding.rid
+                else:
+                    track = self._new_track(media, index, encoding.rid)
+                    tracks.append(track)
+                # SSRCs signalled in the SDP (a=ssrc, SIM and FID groups, RFC 5576 §4.2,
+                # RFC 4588 §8); rid-only encodings are bound on first sight instead.
+                if encoding.ssrc is not None:
+                    stream.ingest_by_ssrc[encoding.ssrc] = (track, False)
+                if encoding.rtx_ssrc is not None:
+                    stream.ingest_by_ssrc[encoding.rtx_ssrc] = (track, True)
+            # A returning publisher with fewer encodings: the extra tracks stay (viewers
+            # on them are moved) but get nothing until a publisher sends them again.
+            for track in tracks[len(encodings) :]:
+                track.active = False
+            stream.tracks[media.kind] = tracks
         for kind in list(stream.tracks):
             if all(m.kind != kind for m in session.ingest):
-                self._drop_track(stream, stream.tracks[kind], now)
+                self._drop_tracks(stream, kind, now)
+        for choice in list(stream.choices.values()):
+            if choice.target is not None and not choice.target.active:
+                self._apply_choice(stream, choice, now)
 
-    def _drop_track(self, stream: Stream, track: Track, now: float) -> None:
+    def _new_track(self, media: IngestMedia, encoding_index: int, rid: str | None) -> Track:
+        video = media.kind == "video"
+        cache = self.config.video_cache_packets if video else self.config.audio_cache_packets
+        payload_format = (
+            _fastpath.PAYLOAD_VP8
+            if video and media.codec.name.upper() == "VP8"
+            else _fastpath.PAYLOAD_OPAQUE
+        )
+        return Track(
+            fanout_id=self.fanout.add_track(
+                cache_packets=cache,
+                clock_rate=media.codec.clock_rate,
+                payload_format=payload_format,
+            ),
+            kind=media.kind,
+            ingest=media,
+            codec_name=media.codec.name,
+            clock_rate=media.codec.clock_rate,
+            rid=rid,
+            encoding_index=encoding_index,
+        )
+
+    def _drop_tracks(self, stream: Stream, kind: str, now: float) -> None:
+        tracks = stream.tracks.pop(kind, [])
+        fanout_ids = {track.fanout_id for track in tracks}
         for viewer in list(stream.viewers.values()):
-            if track.fanout_id in viewer.track_by_ssrc.values():
+            if fanout_ids.intersection(viewer.track_by_ssrc.values()):
                 self.end_session(viewer.id, now, "codec-changed")
-        self.fanout.remove_track(track.fanout_id)
-        del stream.tracks[track.kind]
+        for track in tracks:
+            self.fanout.remove_track(track.fanout_id)
 
     def _detach_publisher(self, stream: Stream) -> None:
         """The publisher left: viewers stay subscribed, waiting for the next one (issue:
@@ -610,8 +889,9 @@ class Router:
         stream.next_feedback_at = math.inf
         self._schedule("stream:" + stream.name, None)
         if not stream.viewers:
-            for track in list(stream.tracks.values()):
-                self.fanout.remove_track(track.fanout_id)
+            for tracks in stream.tracks.values():
+                for track in tracks:
+                    self.fanout.remove_track(track.fanout_id)
             del self.streams[stream.name]
 
     def _publisher_keyed(self, session: PublisherSession, now: float) -> None:
@@ -667,19 +947,54 @@ class Router:
     def _learn_ingest_ssrc(
         self, stream: Stream, session: PublisherSession, plain: bytes
     ) -> tuple[Track, bool] | None:
-        """Unsignalled SSRC (e.g. Chromium simulcast): bind it by payload type / MID."""
-        pt = plain[1] & 0x7F
+        """An SSRC the SDP did not name (browsers signal simulcast by rid only): bind it
+        to its media by MID (RFC 9143 §15) or payload type, and to its encoding by the
+        RID or, for RTX, repaired-RID header extension (RFC 8852 §3.1, §3.2)."""
+        try:
+            packet = rtp.RtpPacket.parse(plain)
+        except ParseError:
+            return None
         for media in session.ingest:
-            track = stream.tracks.get(media.kind)
-            if track is None:
+            tracks = stream.tracks.get(media.kind)
+            if not tracks:
                 continue
-            if pt == media.codec.payload_type:
-                entry = (track, False)
-            elif media.codec.rtx_payload_type is not None and pt == media.codec.rtx_payload_type:
-                entry = (track, True)
+            try:
+                mid = rtp.read_sdes_string(packet, media.mid_extension_id)
+                rid = rtp.read_sdes_string(packet, media.rid_extension_id)
+                repaired_rid = rtp.read_sdes_string(packet, media.repaired_rid_extension_id)
+            except ParseError:
+                self.counters["drop_ingest_bad_sdes"] += 1
+                return None
+            if mid is not None and media.mid is not None and mid != media.mid:
+                continue
+            if packet.payload_type == media.codec.payload_type:
+                is_rtx, layer_rid = False, rid
+            elif packet.payload_type == media.codec.rtx_payload_type:
+                is_rtx, layer_rid = True, repaired_rid
             else:
                 continue
-            stream.ingest_by_ssrc[int.from_bytes(plain[8:12], "big")] = entry
+            active = [track for track in tracks if track.active]
+            if not active:
+                return None
+            if media.rids:
+                # Simulcast: only the RID says which encoding this is. Packets before the
+                # first one carrying it are dropped rather than guessed.
+                track = next((t for t in active if t.rid == layer_rid), None)
+                if track is None:
+                    self.counters["drop_ingest_unbound_rid"] += 1
+                    return None
+            else:
+                track = active[0]
+            entry = (track, is_rtx)
+            stream.ingest_by_ssrc[packet.ssrc] = entry
+            log.debug(
+                "stream %r: ssrc %08x is %s%s%s",
+                stream.name,
+                packet.ssrc,
+                media.kind,
+                f" rid {track.rid}" if track.rid else "",
+                " (rtx)" if is_rtx else "",
+            )
             return entry
         return None
 
@@ -723,12 +1038,46 @@ class Router:
             track.last_out_seq = out_seq
             track.last_out_ts = (timestamp + track.ts_offset) % RTP_TS_MOD
             track.last_packet_at = now
-        keyframe = track.kind == "video" and codecs.is_keyframe_start(
-            track.codec_name, bytes(packet[header_len:])
-        )
+        keyframe = False
+        if track.kind == "video":
+            payload = bytes(packet[header_len:])
+            keyframe = codecs.is_keyframe_start(track.codec_name, payload)
+            if keyframe:  # VP8 keyframe header, or an H.264 SPS (a keyframe start too)
+                self._measure_picture(track, payload)
+            if track.codec_name.upper() == "VP8" and not retransmission:
+                self._note_temporal_layer(track, payload)
         track.packets += 1
         track.octets += len(packet) - header_len
-        self.fanout.push(track.fanout_id, bytes(packet), keyframe)
+        if not retransmission:
+            track.meter.add(len(packet) - header_len, timestamp, now)
+        self.fanout.push(track.fanout_id, bytes(packet), keyframe, now)
+        if track.kind == "video":
+            for slot, _, to_track in self.fanout.take_switches():
+                self._switch_completed(slot, to_track)
+
+    def _measure_picture(self, track: Track, payload: bytes) -> None:
+        """Resolution from the keyframe header (VP8) or SPS (H.264): simulcast layers are
+        told apart and ordered by it."""
+        try:
+            size = codecs.keyframe_size(track.codec_name, payload)
+        except ParseError:
+            self.counters["ingest_unreadable_keyframe"] += 1
+            return
+        if size is not None:
+            if size != (track.width, track.height):
+                log.debug("track %d (rid %s) is %dx%d", track.fanout_id, track.rid, *size)
+            track.width, track.height = size
+            track.keyframes += 1
+
+    @staticmethod
+    def _note_temporal_layer(track: Track, payload: bytes) -> None:
+        try:
+            descriptor = codecs.Vp8PayloadDescriptor.parse(payload)
+        except ParseError:
+            return
+        layer = descriptor.temporal_layer
+        if layer is not None and layer >= (track.max_temporal_layer or 0):
+            track.max_temporal_layer = layer
 
     def _rebase(self, track: Track, seq: int, timestamp: int, now: float) -> None:
         """First packet of a returning publisher: continue the viewers' sequence and
@@ -799,22 +1148,55 @@ class Router:
             self.counters["publisher_feedback_failed"] += 1
         stream.next_feedback_at = now + self.config.publisher_feedback_interval
         self._schedule("stream:" + stream.name, stream.next_feedback_at)
+        self._report_layers(stream, now)
 
-    def _request_keyframe(self, stream: Stream, now: float, *, force: bool = False) -> bool:
-        """PLI upstream (RFC 4585 §6.3.1), at most once per interval per stream."""
-        if not force and now - stream.last_keyframe_request < self.config.keyframe_request_interval:
+    def _request_keyframe(
+        self,
+        stream: Stream,
+        now: float,
+        *,
+        tracks: Sequence[Track] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """PLI upstream (RFC 4585 §6.3.1) for ``tracks`` (default: every video layer), at
+        most once per interval per layer: a storm of joining viewers or layer switches
+        must not make the publisher send keyframes back to back."""
+        candidates = [
+            track
+            for track in (tracks if tracks is not None else stream.tracks.get("video", ()))
+            if track.kind == "video"
+        ]
+        due = [
+            track
+            for track in candidates
+            if force or now - track.last_keyframe_request >= self.config.keyframe_request_interval
+        ]
+        throttled = [track for track in candidates if track not in due]
+        if throttled:
+            # Deferred, never dropped: a viewer waiting for a keyframe gets no video until one
+            # comes, and browser publishers send none unasked. Ask again when the interval ends.
             self.counters["keyframe_requests_throttled"] += 1
+            pending = self._keyframe_retry.setdefault(stream.name, [])
+            pending.extend(t for t in throttled if t not in pending)
+            retry_at = min(t.last_keyframe_request for t in throttled)
+            self._schedule(
+                "keyframe:" + stream.name, retry_at + self.config.keyframe_request_interval
+            )
+        if not due:
             return False
         publisher = stream.publisher
         if publisher is None or publisher.address is None or stream.publisher_srtcp_out is None:
             return False
+        wanted = {id(track) for track in due}
         video_ssrcs = [
             ssrc
             for ssrc, (track, rtx) in stream.ingest_by_ssrc.items()
-            if not rtx and track.kind == "video"
+            if not rtx and id(track) in wanted
         ]
         if not video_ssrcs:
             return False
+        for track in due:
+            track.last_keyframe_request = now
         stream.last_keyframe_request = now
         stream.keyframe_requests_sent += 1
         compound = b"".join(
@@ -847,25 +1229,37 @@ class Router:
             rx_salt=keys.remote_salt,
         )
         session.fanout_slot = slot
+        choice = stream.choices.get(session.id) or self._new_layer_choice(stream, session)
+        if choice is not None:
+            self._choice_by_slot[slot] = choice
         for media in session.egress:
-            track = stream.tracks.get(media.kind)
-            if track is None:
+            if choice is not None and media is choice.egress:
+                # Video starts on a keyframe of the chosen layer (see _apply_choice).
+                self._apply_choice(stream, choice, now)
                 continue
-            self.fanout.subscribe(
-                slot,
-                track.fanout_id,
-                ssrc=media.ssrc,
-                payload_type=media.payload_type,
-                ext_map=media.ext_map_for(track.ingest),
-                rtx_ssrc=media.rtx_ssrc or 0,
-                rtx_payload_type=-1 if media.rtx_payload_type is None else media.rtx_payload_type,
-                # Video starts on a keyframe so the first frame decodes; audio at once.
-                wait_keyframe=media.kind == "video",
-            )
-            session.track_by_ssrc[media.ssrc] = track.fanout_id
-        # A new viewer needs a keyframe now rather than at the next periodic one: this
-        # is what makes time-to-first-frame about one frame interval.
-        self._request_keyframe(stream, now)
+            tracks = stream.tracks.get(media.kind)
+            if not tracks:
+                continue
+            self._subscribe(session, media, tracks[0])
+        if choice is None:
+            # A new viewer needs a keyframe now rather than at the next periodic one: this
+            # is what makes time-to-first-frame about one frame interval.
+            self._request_keyframe(stream, now)
+
+    def _subscribe(self, session: ViewerSession, media: EgressMedia, track: Track) -> None:
+        assert session.fanout_slot is not None
+        self.fanout.subscribe(
+            session.fanout_slot,
+            track.fanout_id,
+            ssrc=media.ssrc,
+            payload_type=media.payload_type,
+            ext_map=media.ext_map_for(track.ingest),
+            rtx_ssrc=media.rtx_ssrc or 0,
+            rtx_payload_type=-1 if media.rtx_payload_type is None else media.rtx_payload_type,
+            # Video starts on a keyframe so the first frame decodes; audio at once.
+            wait_keyframe=media.kind == "video",
+        )
+        session.track_by_ssrc[media.ssrc] = track.fanout_id
 
     def _viewer_rtcp(self, session: ViewerSession, data: bytes, now: float) -> None:
         slot = session.fanout_slot
@@ -878,6 +1272,8 @@ class Router:
             self.counters["drop_viewer_rtcp"] += 1
             return
         stream = self.streams.get(session.stream)
+        choice = stream.choices.get(session.id) if stream is not None else None
+        reported = False
         for packet in packets:
             if isinstance(packet, rtcp.GenericNack):
                 track = session.track_by_ssrc.get(packet.media_ssrc)
@@ -889,14 +1285,240 @@ class Router:
             elif isinstance(packet, (rtcp.PictureLossIndication, rtcp.FullIntraRequest)):
                 session.keyframe_requests += 1
                 if stream is not None:
-                    self._request_keyframe(stream, now)
+                    wanted = None
+                    if choice is not None and choice.egress.ssrc == packet.media_ssrc:
+                        wanted = [t for t in (choice.current, choice.pending) if t is not None]
+                    self._request_keyframe(stream, now, tracks=wanted)
             elif isinstance(packet, rtcp.ReceiverReport):
                 for block in packet.reports:
                     if block.ssrc in session.track_by_ssrc:
                         session.fraction_lost = block.fraction_lost / 256
                         session.jitter = block.jitter
+                        if choice is not None and block.ssrc == choice.egress.ssrc:
+                            choice.fraction_lost = block.fraction_lost / 256
+                            reported = True
             elif isinstance(packet, rtcp.ReceiverEstimatedMaxBitrate):
                 session.remb_bitrate = packet.bitrate
+                if choice is not None:
+                    choice.remb = packet.bitrate
+                    reported = True
+        if reported and stream is not None and choice is not None and choice.manual is None:
+            self._automatic_layer(stream, choice, now)
+
+    # ------------------------------------------------------------------ simulcast layers
+
+    def _new_layer_choice(self, stream: Stream, session: ViewerSession) -> LayerChoice | None:
+        """Every viewer's video gets a LayerChoice (one layer or many), so the layer API
+        answers the same way whether or not the stream is simulcast."""
+        video = next((m for m in session.egress if m.kind == "video"), None)
+        if video is None:
+            return None
+        choice = LayerChoice(session=session, egress=video, policy=self.layer_policy.new_state())
+        stream.choices[session.id] = choice
+        return choice
+
+    def select_layer(self, session_id: str, request: LayerRequest, now: float) -> dict[str, object]:
+        """The WHEP layer extension (EXT §5): pin a viewer to a layer, constrain it, or
+        (nothing set) return it to automatic choice. Raises NotFound for an unknown
+        session and PeerError (400) for a media or layer the stream does not have.
+        Returns the viewer's layer state (``layer_status``)."""
+        session = self.get_session(session_id)
+        if not isinstance(session, ViewerSession):
+            raise NotFound("no such viewer session")
+        stream = self.streams.get(session.stream)
+        choice = stream.choices.get(session.id) if stream is not None else None
+        if stream is None or choice is None:
+            raise PeerError("this session receives no video")
+        if request.media_id is not None and not self._names_media(session, choice, request):
+            raise PeerError(f"mediaId {request.media_id!r} is not a video m-line of the session")
+        layers = stream.layers()
+        manual: Track | None = None
+        if request.rid is not None:
+            manual = next((t for t in layers if t.rid == request.rid), None)
+            if manual is None:
+                known = ", ".join(t.rid for t in layers if t.rid) or "none"
+                raise PeerError(f"no layer with rid {request.rid!r} (layers: {known})")
+        elif request.spatial_layer is not None:
+            if not 0 <= request.spatial_layer < len(layers):
+                raise PeerError(f"no spatial layer {request.spatial_layer}")
+            manual = layers[request.spatial_layer]
+        if request.max_spatial_layer is not None and request.max_spatial_layer < 0:
+            raise PeerError("maxSpatialLayerId is not negative")
+        temporal = request.temporal_layer
+        if request.max_temporal_layer is not None:
+            temporal = (
+                request.max_temporal_layer
+                if temporal is None
+                else min(temporal, request.max_temporal_layer)
+            )
+        if temporal is not None and not 0 <= temporal <= 3:
+            raise PeerError("a temporal layer id is 0..3 (VP8 TID, RFC 7741 §4.2)")
+        choice.manual = manual
+        choice.temporal_limit = -1 if temporal is None else temporal
+        choice.max_spatial_layer = request.max_spatial_layer
+        choice.max_width, choice.max_height = request.max_width, request.max_height
+        choice.policy = self.layer_policy.new_state()
+        self.counters["layer_selections" if manual is not None else "layer_automatic"] += 1
+        self._apply_choice(stream, choice, now)
+        return self.layer_status(session_id, now)
+
+    @staticmethod
+    def _names_media(session: ViewerSession, choice: LayerChoice, request: LayerRequest) -> bool:
+        """mediaId is the m-line index (EXT §5); players also send the mid, often equal."""
+        if request.media_id == choice.egress.mid:
+            return True
+        return request.media_id == str(session.egress.index(choice.egress))
+
+    def layer_status(self, session_id: str, now: float) -> dict[str, object]:
+        """One viewer's layer state for the layer API (GET on the layer URL)."""
+        session = self.get_session(session_id)
+        stream = self.streams.get(session.stream)
+        choice = stream.choices.get(session.id) if stream is not None else None
+        if stream is None or choice is None:
+            raise NotFound("this session receives no video")
+        layers = stream.layers()
+        return {
+            "mediaId": choice.egress.mid,
+            "automatic": choice.manual is None,
+            "rid": choice.current.rid if choice.current is not None else None,
+            "pendingRid": choice.pending.rid if choice.pending is not None else None,
+            "temporalLayerId": choice.temporal_limit if choice.temporal_limit >= 0 else None,
+            "maxWidth": choice.max_width,
+            "maxHeight": choice.max_height,
+            "layers": [track.layer_info(now, index) for index, track in enumerate(layers)],
+        }
+
+    def stream_layers(self, stream_name: str, now: float) -> dict[str, object]:
+        """The SSE ``layers`` payload (EXT §4.3.3): keyed by the m-line index of the
+        publisher's video, a list of layers low to high with measured bitrate, size and
+        frame rate. Viewers of a WHEP session number m-lines the same way in practice
+        (audio, then video)."""
+        stream = self.streams.get(stream_name)
+        if stream is None or stream.publisher is None:
+            return {}
+        report: dict[str, object] = {}
+        for index, media in enumerate(stream.publisher.ingest):
+            if media.kind == "video":
+                layers = stream.layers()
+                report[str(index)] = [t.layer_info(now, i) for i, t in enumerate(layers)]
+        return report
+
+    def viewer_egress_bitrate(self, session_id: str, now: float) -> float:
+        """What the viewer currently costs in bits/s of payload: its layers' measured
+        rates (capacity accounting follows the layer it is on)."""
+        session = self.get_session(session_id)
+        stream = self.streams.get(session.stream)
+        if stream is None or not isinstance(session, ViewerSession):
+            return 0.0
+        by_id = {t.fanout_id: t for tracks in stream.tracks.values() for t in tracks}
+        return sum(
+            by_id[fanout_id].meter.rates(now)[0]
+            for fanout_id in set(session.track_by_ssrc.values())
+            if fanout_id in by_id
+        )
+
+    def _ceiling(self, choice: LayerChoice, layers: list[Track]) -> int:
+        """The highest layer index allowed by maxSpatialLayerId / maxWidth / maxHeight (at
+        least the lowest layer, so a too-small limit still gets a picture)."""
+        ceiling = len(layers) - 1
+        if choice.max_spatial_layer is not None:
+            ceiling = min(ceiling, choice.max_spatial_layer)
+        while ceiling > 0:
+            track = layers[ceiling]
+            too_wide = choice.max_width is not None and (track.width or 0) > choice.max_width
+            too_tall = choice.max_height is not None and (track.height or 0) > choice.max_height
+            if not (too_wide or too_tall):
+                break
+            ceiling -= 1
+        return max(ceiling, 0)
+
+    def _automatic_layer(self, stream: Stream, choice: LayerChoice, now: float) -> None:
+        layers = stream.layers()
+        current = choice.target
+        if len(layers) < 2 or current is None or current not in layers:
+            return
+        index = layers.index(current)
+        target = self.layer_policy.decide(
+            choice.policy,
+            bitrates=[track.meter.rates(now)[0] for track in layers],
+            current=index,
+            ceiling=self._ceiling(choice, layers),
+            fraction_lost=choice.fraction_lost,
+            remb=choice.remb,
+            now=now,
+        )
+        choice.fraction_lost = None  # each report is used once
+        if target != index:
+            self.counters["layer_auto_down" if target < index else "layer_auto_up"] += 1
+            self._move(stream, choice, layers[target], now)
+
+    def _apply_choice(self, stream: Stream, choice: LayerChoice, now: float) -> None:
+        """Bring the viewer's subscription in line with its choice (manual or automatic)."""
+        layers = stream.layers()
+        if not layers:
+            return
+        ceiling = self._ceiling(choice, layers)
+        if choice.manual is not None and choice.manual.active:
+            target = choice.manual
+        elif choice.target is not None and choice.target in layers:
+            target = layers[min(layers.index(choice.target), ceiling)]
+        else:
+            target = layers[min(self.layer_policy.initial(len(layers)), ceiling)]
+        self._move(stream, choice, target, now)
+
+    def _move(self, stream: Stream, choice: LayerChoice, target: Track, now: float) -> None:
+        """Subscribe, or switch keyframe-aligned (Fanout.switch), to ``target``."""
+        slot = choice.session.fanout_slot
+        if slot is None:
+            # Not keyed yet: remember; _viewer_keyed subscribes to the choice.
+            choice.current = target
+            return
+        if choice.pending is not None and choice.pending is not target:
+            self.fanout.unsubscribe(slot, choice.pending.fanout_id)
+            choice.pending = None
+        if choice.current is None or not self.fanout.subscription_state(
+            slot, choice.current.fanout_id
+        ):
+            self._subscribe(choice.session, choice.egress, target)
+            choice.current = target
+        elif choice.current is not target and choice.pending is None:
+            self.fanout.switch(slot, choice.current.fanout_id, target.fanout_id)
+            choice.pending = target
+            self.counters["layer_switches_started"] += 1
+        for track in (choice.current, choice.pending):
+            if track is not None:
+                self.fanout.set_temporal_layer(slot, track.fanout_id, choice.temporal_limit)
+        waiting = [
+            track
+            for track in (choice.current, choice.pending)
+            if track is not None and self.fanout.subscription_state(slot, track.fanout_id) == 1
+        ]
+        if waiting:
+            # The switch (or the start) completes on the target's next keyframe: ask now.
+            self._request_keyframe(stream, now, tracks=waiting)
+
+    def _switch_completed(self, slot: int, to_track: int) -> None:
+        choice = self._choice_by_slot.get(slot)
+        if choice is None or choice.pending is None or choice.pending.fanout_id != to_track:
+            return
+        choice.current, choice.pending = choice.pending, None
+        choice.session.track_by_ssrc[choice.egress.ssrc] = to_track
+        self.counters["layer_switches_completed"] += 1
+
+    def _report_layers(self, stream: Stream, now: float) -> None:
+        """The SSE ``layers`` event, when the layers changed or every few seconds (EXT
+        §4.3.3 allows either); the event hub drops repeats of an unchanged payload."""
+        report = self.stream_layers(stream.name, now)
+        if not report:
+            return
+        shape = {
+            key: [(layer["rid"], layer.get("width"), layer.get("height")) for layer in value]
+            for key, value in report.items()
+            if isinstance(value, list)
+        }
+        if shape != stream.layers_reported or now - stream.layers_reported_at >= 5.0:
+            stream.layers_reported, stream.layers_reported_at = shape, now
+            self._emit(stream.name, "layers", report)
 
     # ------------------------------------------------------------------ helpers
 
