@@ -20,6 +20,7 @@ from whepfan.errors import PeerError, ServiceUnavailable
 from whepfan.http.backend import SessionRouter
 from whepfan.http.cors import cors_middleware
 from whepfan.http.events import EventHub, EventOptions, ObservableRouter
+from whepfan.http.layers import LayerRouter, LayerSelection
 from whepfan.http.pages import add_page_routes
 from whepfan.http.problem import problem_response
 from whepfan.http.routes import SESSION_PATTERN, STREAM_PATTERN, HttpOptions, WhipWhepResources
@@ -81,6 +82,12 @@ def create_app(
         hub = EventHub(router=router, options=event_options)
         hub.add_routes(app, stream_pattern=STREAM_PATTERN, session_pattern=SESSION_PATTERN)
         resources.viewer_links = hub.links_for
+    if isinstance(router, LayerRouter):
+        # EXT §5: the layer extension (its "layers" data reaches players through SSE).
+        layer_api = LayerSelection(router=router, clock=clock, view_token=options.view_token)
+        layer_api.add_routes(app, stream_pattern=STREAM_PATTERN, session_pattern=SESSION_PATTERN)
+        resources.viewer_links = layer_api.links_with(resources.viewer_links)
+        resources.viewer_created = layer_api.viewer_created
     resources.add_routes(app)
     if isinstance(router, StatusRouter):
         StreamStatus(router=router, clock=clock, hub=hub, view_token=options.view_token).add_routes(

@@ -113,6 +113,8 @@ class WhipWhepResources:
     )
     # Extension Links for a WHEP 201, from (stream, session id): WHEP draft-03 §4.9 [M].
     viewer_links: Callable[[str, str], list[str]] | None = None
+    # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
+    viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -150,6 +152,8 @@ class WhipWhepResources:
                 session, answer = self.router.view(stream, offer, now)
             except NotAcceptable:
                 return self._counter_offer(stream, now)
+            if self.viewer_created is not None:
+                self.viewer_created(request, session, now)
         headers = {
             "Location": self._location(protocol, session),
             "ETag": session.etag,
