@@ -235,3 +235,28 @@ async def test_killed_worker_ends_only_its_sessions_and_is_replaced(pool: Worker
             await late.close()
         await publisher.close()
     assert os.path.isdir(pool.relay_dir)
+
+
+async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
+    import aiohttp
+    from test_drain import LiveServer, publish, view
+
+    live = LiveServer(workers="2")
+    try:
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            publisher = await publish(http, "cam")
+            answers = [await view(http, "cam") for _ in range(2)]
+            assert [a.status for a in answers] == [201, 201]
+            pool = live.info.backend if live.info is not None else None
+            assert isinstance(pool, WorkerPool)
+            placed = {pool.worker_of(a.headers["Location"].rsplit("/", 1)[1]) for a in answers}
+            assert placed == {0, 1}
+            for answer in answers:
+                async with http.delete(answer.headers["Location"]) as response:
+                    assert response.status == 200
+                async with http.delete(answer.headers["Location"]) as response:
+                    assert response.status == 404
+            assert pool.viewer_count == 0
+            await publisher.close()
+    finally:
+        live.close()

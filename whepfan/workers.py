@@ -826,7 +826,9 @@ class ProxyIce:
     remote_ufrag: str | None
 
 
-@dataclass(slots=True, kw_only=True)
+# eq=False keeps identity hashing and weakref_slot lets the HTTP layer key weak maps by
+# session, as it does for the router's own sessions.
+@dataclass(slots=True, kw_only=True, eq=False, weakref_slot=True)
 class ProxySession:
     """The main process's record of a session living on a worker."""
 
