@@ -73,11 +73,16 @@ def _ice_credentials(offer: str) -> tuple[str, str]:
     return ufrag.group(1), pwd.group(1)
 
 
-def connect_viewer(h: Harness, now: float) -> tuple[str, IceControllingChecker, float]:
-    """A viewer that completes ICE and DTLS against the router, in memory."""
+def connect_viewer(
+    h: Harness, now: float, *, publisher: bool = False, client: tuple[str, int] = CLIENT
+) -> tuple[str, IceControllingChecker, float]:
+    """A viewer (or publisher) that completes ICE and DTLS against the router, in memory."""
     client_cert = DtlsCertificate.generate()
-    offer = _with_fingerprint(WHEP_OFFER, client_cert)
-    session, answer = h.router.view("live", offer, now)
+    offer = _with_fingerprint(WHIP_OFFER if publisher else WHEP_OFFER, client_cert)
+    if publisher:
+        session, answer = h.router.publish("live", offer, now)
+    else:
+        session, answer = h.router.view("live", offer, now)
     ufrag, pwd = _ice_credentials(offer)
     checker = IceControllingChecker(
         local_ufrag=ufrag,
@@ -96,21 +101,21 @@ def connect_viewer(h: Harness, now: float) -> tuple[str, IceControllingChecker, 
     for _ in range(200):
         request = checker.next_request(now)
         if request is not None:
-            h.router.datagram_received(request[0], CLIENT, now)
+            h.router.datagram_received(request[0], client, now)
             for response in h.take_sent():
                 checker.receive_stun(response, SERVER, now)
         while (event := checker.next_event()) is not None:
             if isinstance(event, IceConnected):
                 dtls.start(now)
         for datagram in dtls.datagrams_to_send():
-            h.router.datagram_received(datagram, CLIENT, now)
+            h.router.datagram_received(datagram, client, now)
         for datagram in h.take_sent():
             dtls.receive(datagram, now)
         while (event := dtls.next_event()) is not None:
             connected = connected or isinstance(event, DtlsConnected)
         if connected:
             for datagram in dtls.datagrams_to_send():  # the client's last flight, if any
-                h.router.datagram_received(datagram, CLIENT, now)
+                h.router.datagram_received(datagram, client, now)
             return session.id, checker, now
         now += 0.05
     raise AssertionError("viewer did not connect")
@@ -248,3 +253,24 @@ def test_ice_restart_issues_new_credentials_and_etag(harness: Harness) -> None:
     assert answer.usable_candidates
     harness.router.end_session(publisher.id, 2.0)
     assert not harness.router._by_ufrag  # both ufrags forgotten
+
+
+def test_a_throttled_keyframe_request_is_deferred_not_dropped(harness: Harness) -> None:
+    """A viewer joining within the throttle interval of the last PLI must still get its
+    keyframe: the request is sent when the interval ends (browsers send none unasked)."""
+    publisher_address = ("127.0.0.1", 50002)
+    connect_viewer(harness, 0.0, publisher=True, client=publisher_address)
+    sent_at_start = harness.router.counters["keyframe_requests_sent"]
+    assert sent_at_start == 1  # the publisher's first keyed moment asks for one
+    harness.sent.clear()
+    connect_viewer(harness, 0.1)  # within 0.5 s of that request: throttled
+    assert harness.router.counters["keyframe_requests_throttled"] >= 1
+    assert harness.router.counters["keyframe_requests_sent"] == sent_at_start
+    last_request = harness.router.streams["live"].last_keyframe_request
+    retry_at = harness.router.get_timer()
+    assert retry_at == pytest.approx(last_request + 0.5)
+    harness.router.handle_timer(retry_at - 0.001)
+    assert harness.router.counters["keyframe_requests_sent"] == sent_at_start
+    harness.router.handle_timer(retry_at)
+    assert harness.router.counters["keyframe_requests_sent"] == sent_at_start + 1
+    assert any(addr == publisher_address for _, addr in harness.sent)  # the PLI went upstream
