@@ -69,6 +69,7 @@ AUDIO_PAYLOAD_TYPE = 111
 PUBLISHER_SSRC = 0x1234_5678
 VIDEO_CLOCK_STEP = 3000  # 90 kHz clock at 30 frames/s (RFC 3551 §5)
 SEND_BUFFER = 4 << 20
+SIMULCAST_LAYERS = 3  # the simulcast case: Chromium's usual q/h/f encodings
 FIXED_DESCRIPTORS = 64  # stdio, pipes, the sender socket, epoll: kept free below the limit
 
 # Targets from issue 2, reported against and never asserted.
@@ -284,6 +285,53 @@ def measure_fanout(
     return throughput, latencies
 
 
+def measure_simulcast(
+    sender: socket.socket,
+    pool: ReceiverPool,
+    addresses: Sequence[tuple[str, int]],
+    profile: int,
+    pushes: int,
+) -> Throughput:
+    """The simulcast case: one Fanout track per layer (three), the viewers spread over
+    them round robin as the router places them. Each round pushes one packet on every
+    layer, so every viewer still gets one datagram per round and the rate compares with
+    the same limit as the single-layer case."""
+    fanout = Fanout(sender.fileno())
+    layers = [fanout.add_track() for _ in range(SIMULCAST_LAYERS)]
+    for index, (host, port) in enumerate(addresses):
+        slot = fanout.add_viewer(host, port, profile=profile, **fresh_keys(profile))
+        fanout.subscribe(
+            slot,
+            layers[index % SIMULCAST_LAYERS],
+            ssrc=0x10001 + 2 * index,
+            payload_type=VIDEO_PAYLOAD_TYPE,
+            wait_keyframe=False,
+        )
+    packet = rtp_template()
+    sequence = 0
+
+    def send_round(count: int) -> int:
+        nonlocal sequence
+        push, pack = fanout.push, struct.pack_into
+        sent = 0
+        for _ in range(count):
+            pack("!HI", packet, 2, sequence & 0xFFFF, (sequence * VIDEO_CLOCK_STEP) & 0xFFFFFFFF)
+            sequence += 1
+            ingested = bytes(packet)
+            for layer in layers:
+                sent += push(layer, ingested)
+        return sent
+
+    warm_up(pool, send_round)
+    return run_rounds(
+        pool,
+        viewers=len(addresses),
+        pushes=pushes,
+        send_round=send_round,
+        expected_size=PACKET_SIZE + SRTP_TRAILER[profile],
+    )
+
+
 def measure_limit(
     sender: socket.socket,
     pool: ReceiverPool,
@@ -455,10 +503,15 @@ class RunFigures:
     latency_p99_us: float
     pushes: int
     baseline_pushes: int
+    simulcast_rate: float = 0.0
 
     @property
     def limit_ratio(self) -> float:
         return self.fanout_rate / self.limit_rate if self.limit_rate else 0.0
+
+    @property
+    def simulcast_ratio(self) -> float:
+        return self.simulcast_rate / self.limit_rate if self.limit_rate else 0.0
 
     @property
     def baseline_ratio(self) -> float:
@@ -488,6 +541,8 @@ class Row:
     baseline_kernel_ns: float
     runs: list[dict[str, float]] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
+    simulcast_rate: float = 0.0
+    simulcast_ratio: float = 0.0
 
 
 def run_once(
@@ -508,6 +563,7 @@ def run_once(
     else:
         fanout, latencies = measure_fanout(sender, pool, addresses, profile, pushes)
         limit = measure_limit(sender, pool, addresses, profile, pushes)
+    simulcast = measure_simulcast(sender, pool, addresses, profile, pushes)
     baseline_pushes = plan.baseline_pushes(viewers)
     baseline = measure_baseline(sender, pool, addresses, profile, baseline_pushes)
     latencies.sort()
@@ -527,6 +583,7 @@ def run_once(
         latency_p99_us=percentile(latencies, 0.99) / 1000,
         pushes=pushes,
         baseline_pushes=baseline_pushes,
+        simulcast_rate=simulcast.per_cpu_second,
     )
 
 
@@ -611,10 +668,17 @@ def summarise(
         baseline_user_ns=median(lambda f: f.baseline_user_ns),
         baseline_kernel_ns=median(lambda f: f.baseline_kernel_ns),
         runs=[
-            {**asdict(f), "limit_ratio": f.limit_ratio, "baseline_ratio": f.baseline_ratio}
+            {
+                **asdict(f),
+                "limit_ratio": f.limit_ratio,
+                "baseline_ratio": f.baseline_ratio,
+                "simulcast_ratio": f.simulcast_ratio,
+            }
             for f in figures
         ],
         memory=asdict(memory),
+        simulcast_rate=median(lambda f: f.simulcast_rate),
+        simulcast_ratio=median(lambda f: f.simulcast_ratio),
     )
 
 
@@ -692,6 +756,16 @@ def format_table(rows: Sequence[Row], plan: Plan) -> str:
             f"{row.viewers:>7}  {row.profile:<4}  {row.fanout_user_ns:>12.0f}"
             f"  {row.fanout_kernel_ns:>14.0f}  {row.baseline_user_ns:>8.0f}"
             f"  {row.baseline_kernel_ns:>9.0f}"
+        )
+    lines.append(
+        f"simulcast: viewers spread over {SIMULCAST_LAYERS} layers (one Fanout track each),"
+        " against the same limit:"
+    )
+    lines.append(f"{'viewers':>7}  {'prof':<4}  {'fan-out k/CPU-s':>15}  {'÷limit':>6}")
+    for row in rows:
+        lines.append(
+            f"{row.viewers:>7}  {row.profile:<4}  {row.simulcast_rate / 1000:>15.1f}"
+            f"  {row.simulcast_ratio:>6.2f}"
         )
     shared = [row for row in rows if row.sockets < row.viewers]
     for row in shared:
