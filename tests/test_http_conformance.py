@@ -7,82 +7,32 @@ this module checks that real offers negotiate into answers real peers accept.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import urllib.parse
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 from _paths import SDP_FIXTURES
+from _server import TOKEN, LiveServer, settings_for
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from whepfan.protocol import sdp
-from whepfan.server import RunningServer, run
-from whepfan.settings import Settings
 
 FIXTURES = SDP_FIXTURES
 WHEP_OFFER = (FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 SIMULCAST_OFFER = (FIXTURES / "chromium-156-whip-simulcast-offer.sdp").read_text()
-TOKEN = "conformance-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SDP = {"Content-Type": "application/sdp"}
 FRAG = {"Content-Type": "application/trickle-ice-sdpfrag"}
 
 
-class LiveServer:
-    """``whepfan.server.run`` on its own loop thread, as ``whepfan serve`` runs it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.stop = asyncio.Event()
-        self.info: RunningServer | None = None
-        self.app_counters: object = None
-        ready = threading.Event()
-
-        def started(info: RunningServer) -> None:
-            self.info = info
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(run(settings, stop=self.stop, started=started))
-            ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        ready.wait(30)
-        assert self.info is not None, "server did not start"
-
-    @property
-    def url(self) -> str:
-        assert self.info is not None
-        return self.info.http_url
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        self.loop.close()
-
-
-def _settings(**extra: object) -> Settings:
-    cli: dict[str, object] = {
-        "http": "127.0.0.1:0",
-        "udp": "127.0.0.1:0",
-        "public_ip": ["127.0.0.1"],
-        "publish_token": TOKEN,
-    }
-    cli.update(extra)
-    return Settings.resolve(cli=cli, environ={})
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer(_settings(max_viewers="3"))
+    live = LiveServer(settings_for(max_viewers="3"))
     yield live
     live.close()
 
@@ -255,7 +205,7 @@ async def test_trickle_and_ice_restart_over_the_real_router(
 
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[LiveServer]:
-    live = LiveServer(_settings(max_viewers="100000"))
+    live = LiveServer(settings_for(max_viewers="100000"))
     yield live
     live.close()
 

@@ -52,7 +52,9 @@ ACCEPT_PATCH = SDPFRAG
 # URL-safe unreserved characters (RFC 3986 §2.3) so Locations never need escaping.
 STREAM_PATTERN = r"[A-Za-z0-9._~-]{1,128}"
 SESSION_PATTERN = r"[A-Za-z0-9_-]{16,128}"
-ENDPOINT_METHODS = "OPTIONS, GET, HEAD, POST"
+# PATCH and DELETE are listed on the endpoint too: some players (Eyevinn) only trickle
+# when the endpoint's OPTIONS permits PATCH (spec notes §1.1).
+ENDPOINT_METHODS = "OPTIONS, GET, HEAD, POST, PATCH, DELETE"
 SESSION_METHODS = "OPTIONS, GET, HEAD, PATCH, DELETE"
 # WHEP draft-03 §4.2.2: without valid-until a counter-offer is valid for 30 s.
 DEFAULT_COUNTER_OFFER_TTL = 30.0

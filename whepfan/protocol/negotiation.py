@@ -801,6 +801,17 @@ def answer_viewer(
                 match = (index, source, found)
                 break
         if match is None:
+            if any(
+                source.kind == section.kind and index not in used_sources
+                for index, source in enumerate(ingest)
+            ):
+                # The viewer asked for a kind the stream carries but can decode none of its
+                # codecs: answering without it would play silently without video (or audio).
+                # WHEP §4.2.2: 406 with a counter-offer lets the client decide.
+                raise NotAcceptable(
+                    f"the offer's {section.kind} section has no codec matching the stream's "
+                    "(a counter-offer follows)"
+                )
             answer.media.append(_rejected_answer(section))
             continue
         index, source, (codec, _) = match

@@ -1,0 +1,58 @@
+"""A real whepfan server for tests: ``whepfan.server.run`` (media worker + aiohttp) on its
+own event-loop thread, exactly as ``whepfan serve`` runs it, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from whepfan.server import RunningServer, run
+from whepfan.settings import Settings
+
+TOKEN = "conformance-token"
+
+
+class LiveServer:
+    """``whepfan.server.run`` on its own loop thread, as ``whepfan serve`` runs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.info: RunningServer | None = None
+        self.app_counters: object = None
+        ready = threading.Event()
+
+        def started(info: RunningServer) -> None:
+            self.info = info
+            ready.set()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(run(settings, stop=self.stop, started=started))
+            ready.set()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait(30)
+        assert self.info is not None, "server did not start"
+
+    @property
+    def url(self) -> str:
+        assert self.info is not None
+        return self.info.http_url
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def settings_for(**extra: object) -> Settings:
+    cli: dict[str, object] = {
+        "http": "127.0.0.1:0",
+        "udp": "127.0.0.1:0",
+        "public_ip": ["127.0.0.1"],
+        "publish_token": TOKEN,
+    }
+    cli.update(extra)
+    return Settings.resolve(cli=cli, environ={})
