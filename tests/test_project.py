@@ -42,3 +42,13 @@ def test_protocol_layer_is_sans_io() -> None:
             else:
                 continue
             assert not forbidden.intersection(names), f"{path.name} imports {names}"
+
+
+def test_deploy_example_config_is_valid() -> None:
+    """The README points at deploy/whepfan.toml: it must parse into real settings."""
+    from whepfan.settings import Settings
+
+    settings = Settings.resolve(cli={}, environ={}, config_path=ROOT / "deploy" / "whepfan.toml")
+    media = settings.media_config()
+    assert media.public_ips == ("203.0.113.10",)
+    assert settings.workers == 2
