@@ -13,13 +13,15 @@ TOKEN = "conformance-token"
 
 
 class LiveServer:
-    """``whepfan.server.run`` on its own loop thread, as ``whepfan serve`` runs it."""
+    """``whepfan.server.run`` on its own loop thread, with the events SIGINT and SIGTERM
+    would set: ``close()`` stops it, ``begin_drain()`` starts a graceful drain."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.stop = asyncio.Event()
+        self.drain = asyncio.Event()
         self.info: RunningServer | None = None
-        self.app_counters: object = None
         ready = threading.Event()
 
         def started(info: RunningServer) -> None:
@@ -28,12 +30,14 @@ class LiveServer:
 
         def main() -> None:
             asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(run(settings, stop=self.stop, started=started))
+            self.loop.run_until_complete(
+                run(settings, stop=self.stop, started=started, drain=self.drain)
+            )
             ready.set()
 
         self.thread = threading.Thread(target=main, daemon=True)
         self.thread.start()
-        ready.wait(30)
+        ready.wait(60)
         assert self.info is not None, "server did not start"
 
     @property
@@ -41,18 +45,25 @@ class LiveServer:
         assert self.info is not None
         return self.info.http_url
 
+    def begin_drain(self) -> None:
+        self.loop.call_soon_threadsafe(self.drain.set)
+
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
+        assert not self.thread.is_alive(), "the server did not stop"
         self.loop.close()
 
 
-def settings_for(**extra: object) -> Settings:
+def settings_for(*, token: str = TOKEN, **extra: object) -> Settings:
+    """Settings as the command line would give them: loopback only, a known publish token."""
     cli: dict[str, object] = {
         "http": "127.0.0.1:0",
         "udp": "127.0.0.1:0",
         "public_ip": ["127.0.0.1"],
-        "publish_token": TOKEN,
+        "publish_token": token,
+        "log_level": "warning",
     }
     cli.update(extra)
     return Settings.resolve(cli=cli, environ={})

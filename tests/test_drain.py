@@ -8,69 +8,16 @@ test sets the drain event where SIGTERM would.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from _server import LiveServer, settings_for
 from aiortc import RTCConfiguration, RTCPeerConnection
-
-from whepfan.server import RunningServer, run
-from whepfan.settings import Settings
 
 TOKEN = "drain-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SDP = {"Content-Type": "application/sdp"}
-
-
-class LiveServer:
-    """``whepfan.server.run`` on a loop thread, with its stop and drain events."""
-
-    def __init__(self, **settings: object) -> None:
-        cli: dict[str, object] = {
-            "http": "127.0.0.1:0",
-            "udp": "127.0.0.1:0",
-            "public_ip": ["127.0.0.1"],
-            "publish_token": TOKEN,
-            "log_level": "warning",
-        }
-        cli.update(settings)
-        self.settings = Settings.resolve(cli=cli, environ={})
-        self.loop = asyncio.new_event_loop()
-        self.stop = asyncio.Event()
-        self.drain = asyncio.Event()
-        self.info: RunningServer | None = None
-        ready = threading.Event()
-
-        def started(info: RunningServer) -> None:
-            self.info = info
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(
-                run(self.settings, stop=self.stop, started=started, drain=self.drain)
-            )
-            ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        ready.wait(60)
-        assert self.info is not None, "server did not start"
-
-    @property
-    def url(self) -> str:
-        assert self.info is not None
-        return self.info.http_url
-
-    def begin_drain(self) -> None:
-        self.loop.call_soon_threadsafe(self.drain.set)
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        self.loop.close()
 
 
 async def publisher_offer() -> tuple[RTCPeerConnection, str]:
@@ -110,7 +57,7 @@ async def view(http: aiohttp.ClientSession, stream: str) -> aiohttp.ClientRespon
 
 @pytest.fixture
 def server() -> Iterator[LiveServer]:
-    live = LiveServer(drain_timeout="30")
+    live = LiveServer(settings_for(token=TOKEN, drain_timeout="30"))
     yield live
     live.close()
 
@@ -168,7 +115,7 @@ async def test_drain_refuses_new_sessions_tells_readers_and_exits_when_viewers_l
 
 
 async def test_drain_gives_up_after_its_timeout() -> None:
-    live = LiveServer(drain_timeout="0.5")
+    live = LiveServer(settings_for(token=TOKEN, drain_timeout="0.5"))
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             publisher = await publish(http, "cam")

@@ -19,6 +19,7 @@ import aioice.ice
 import orjson
 import pytest
 from _paths import SDP_FIXTURES
+from _server import LiveServer
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -44,7 +45,6 @@ from whepfan.http.events import (
 from whepfan.http.status import stream_tracks
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import StreamEvent
-from whepfan.server import RunningServer, run
 from whepfan.settings import Settings
 from whepfan.transport import MediaWorker
 
@@ -559,43 +559,6 @@ async def test_preflight_on_the_event_resources(client: TestClient) -> None:
 
 
 # ---------------------------------------------------------------------------- end to end
-
-
-class LiveServer:
-    """``whepfan.server.run`` on its own loop thread, as ``whepfan serve`` runs it."""
-
-    def __init__(self, settings: Settings) -> None:
-        import threading
-
-        self.loop = asyncio.new_event_loop()
-        self.stop = asyncio.Event()
-        self.info: RunningServer | None = None
-        ready = threading.Event()
-
-        def started(info: RunningServer) -> None:
-            self.info = info
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(run(settings, stop=self.stop, started=started))
-            ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        ready.wait(30)
-        assert self.info is not None, "server did not start"
-
-    @property
-    def url(self) -> str:
-        assert self.info is not None
-        return self.info.http_url
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the server did not stop"
-        self.loop.close()
 
 
 @pytest.fixture
