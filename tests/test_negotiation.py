@@ -499,3 +499,16 @@ def test_counter_answer_must_be_recvonly() -> None:
     bogus.media[0].port = 0
     with pytest.raises(NotAcceptable):
         accept_counter_answer(counter, bogus)
+
+
+def test_rid_max_br_becomes_the_layers_target_bitrate() -> None:
+    """RFC 8851 §5: a=rid ... max-br=N is the publisher's ceiling for that encoding; it is
+    what the SSE `layers` event can honestly call targetBitrate."""
+    offer = SessionDescription.parse(
+        WHIP_SIMULCAST.replace("a=rid:q send", "a=rid:q send max-br=150000")
+    )
+    _, ingest = answer_publisher(offer, LOCAL)
+    video = next(media for media in ingest if media.kind == "video")
+    by_rid = {track.rid: track.max_bitrate for track in video.tracks}
+    assert by_rid["q"] == 150000
+    assert by_rid["h"] is None and by_rid["f"] is None

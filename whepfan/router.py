@@ -361,6 +361,8 @@ class Track:
     octets: int = 0
     # Simulcast: this track is one encoding of its media (RFC 8853), named by ``rid``.
     rid: str | None = None
+    # The encoder's target ceiling when the publisher signalled one (a=rid max-br).
+    max_bitrate: int | None = None
     encoding_index: int = 0  # position among the publisher's encodings (signalled order)
     active: bool = True  # bound to an encoding of the current (or last) publisher
     width: int | None = None  # from the last keyframe (codecs.keyframe_size)
@@ -382,6 +384,10 @@ class Track:
             "bitrate": int(bitrate),
             "framerate": round(frame_rate, 1),
         }
+        if self.max_bitrate is not None:
+            # The SFU cannot see the encoder's target; the publisher's signalled
+            # ceiling is the closest it is told (omitted rather than guessed).
+            info["targetBitrate"] = self.max_bitrate
         if self.width is not None and self.height is not None:
             info["width"], info["height"] = self.width, self.height
         return info
@@ -828,6 +834,7 @@ class Router:
                 else:
                     track = self._new_track(media, index, encoding.rid)
                     tracks.append(track)
+                track.max_bitrate = encoding.max_bitrate
                 # SSRCs signalled in the SDP (a=ssrc, SIM and FID groups, RFC 5576 §4.2,
                 # RFC 4588 §8); rid-only encodings are bound on first sight instead.
                 if encoding.ssrc is not None:
@@ -1044,6 +1051,11 @@ class Router:
             keyframe = codecs.is_keyframe_start(track.codec_name, payload)
             if keyframe:  # VP8 keyframe header, or an H.264 SPS (a keyframe start too)
                 self._measure_picture(track, payload)
+            # A retransmitted keyframe start is an old picture (Chromium also resends
+            # old packets as RTX padding, RFC 4588 §8.3): a viewer starting or switching
+            # there would be renumbered from a stale sequence number and timestamp, and
+            # every live packet after it would land past a gap of the packets in between.
+            keyframe = keyframe and not retransmission
             if track.codec_name.upper() == "VP8" and not retransmission:
                 self._note_temporal_layer(track, payload)
         track.packets += 1

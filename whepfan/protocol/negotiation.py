@@ -281,6 +281,8 @@ class IngestTrack:
     ssrc: int | None = None
     rtx_ssrc: int | None = None
     paused: bool = False
+    # RFC 8851 §5 "max-br" restriction of the rid, in bits/s: the encoder's target ceiling.
+    max_bitrate: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,6 +617,14 @@ def _choose_ingest_codec(
     )
 
 
+def _rid_max_bitrate(rid: Rid) -> int | None:
+    """The rid's max-br restriction (RFC 8851 §5), bits/s, if given and well-formed."""
+    for key, value in rid.restrictions:
+        if key == "max-br" and value.isdigit():
+            return int(value)
+    return None
+
+
 def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestTrack, ...]:
     """Encodings of one publisher m= section; fills the answer's rid/simulcast lines."""
     send_rids = {rid.id: rid for rid in section.rids if rid.direction == "send"}
@@ -627,7 +637,13 @@ def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestT
                     raise Unprocessable(f"a=simulcast names undeclared rid {stream.rid!r}")
                 answer.rids.append(Rid(id=stream.rid, direction="recv"))
             first = alternatives[0]
-            tracks.append(IngestTrack(rid=first.rid, paused=first.paused))
+            tracks.append(
+                IngestTrack(
+                    rid=first.rid,
+                    paused=first.paused,
+                    max_bitrate=_rid_max_bitrate(send_rids[first.rid]),
+                )
+            )
         # RFC 8853 §5.3.2: the answer mirrors the offer, send becoming recv, so that the
         # sender keeps every layer (Chromium sends one layer otherwise).
         answer.simulcast = Simulcast(recv=[list(alt) for alt in streams])
@@ -635,7 +651,10 @@ def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestT
     if send_rids:
         for rid_id in send_rids:
             answer.rids.append(Rid(id=rid_id, direction="recv"))
-        return tuple(IngestTrack(rid=rid_id) for rid_id in send_rids)
+        return tuple(
+            IngestTrack(rid=rid_id, max_bitrate=_rid_max_bitrate(rid))
+            for rid_id, rid in send_rids.items()
+        )
     fid = {g.ssrcs[0]: g.ssrcs[1] for g in section.ssrc_groups if g.semantics == "FID"}
     fid = {k: v for k, v in fid.items() if k != v}
     sim = next((g.ssrcs for g in section.ssrc_groups if g.semantics == "SIM"), None)
