@@ -62,4 +62,59 @@ window.__checks = {
     }
     return "";
   },
+
+  // The inbound video figures the layer-switch tests follow, or null before there is an
+  // inbound video stream (W3C webrtc-stats RTCInboundRtpStreamStats).
+  async video(pc) {
+    const report = await pc.getStats();
+    for (const stats of report.values()) {
+      if (stats.type !== "inbound-rtp" || stats.kind !== "video") continue;
+      return {
+        framesDecoded: stats.framesDecoded || 0,
+        keyFramesDecoded: stats.keyFramesDecoded || 0,
+        frameWidth: stats.frameWidth || 0,
+        frameHeight: stats.frameHeight || 0,
+        framesDropped: stats.framesDropped || 0,
+        pliCount: stats.pliCount || 0,
+        nackCount: stats.nackCount || 0,
+        packetsLost: stats.packetsLost || 0,
+        freezeCount: stats.freezeCount || 0,
+        totalFreezesDuration: stats.totalFreezesDuration || 0,
+      };
+    }
+    return null;
+  },
+
+  // Poll video(pc) until `done(figures)` holds; returns the figures and the time taken
+  // (`reached` false on timeout, with the last figures seen).
+  async waitForVideo(pc, done, { timeoutMs = 5000, pollMs = 20 } = {}) {
+    const started = performance.now();
+    for (;;) {
+      const figures = await this.video(pc);
+      const elapsedMs = performance.now() - started;
+      if (figures && done(figures)) return { reached: true, elapsedMs, figures };
+      if (elapsedMs > timeoutMs) return { reached: false, elapsedMs, figures };
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+    }
+  },
+
+  // What a simulcast sender puts out, per rid (for diagnostics when a layer is missing).
+  async outboundLayers(pc) {
+    const report = await pc.getStats();
+    const layers = [];
+    for (const stats of report.values()) {
+      if (stats.type !== "outbound-rtp" || stats.kind !== "video") continue;
+      layers.push({
+        rid: stats.rid || "",
+        frameWidth: stats.frameWidth || 0,
+        frameHeight: stats.frameHeight || 0,
+        framesEncoded: stats.framesEncoded || 0,
+        bytesSent: stats.bytesSent || 0,
+        targetBitrate: stats.targetBitrate || 0,
+        active: stats.active,
+        qualityLimitationReason: stats.qualityLimitationReason || "",
+      });
+    }
+    return layers;
+  },
 };
