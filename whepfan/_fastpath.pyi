@@ -151,3 +151,37 @@ def measure_send_limit(
     """The same-run limit for benchmarks: a plain C loop that protects one packet per
     destination with the same crypto and sends with ``sendmmsg``.
     Returns (datagrams sent, seconds)."""
+
+# --- receive side (loadtest)
+
+class Receiver:
+    """Batched receive path of ``whepfan loadtest`` (``_receiver.pxi``): one bound,
+    non-blocking UDP socket per simulated viewer, all in one epoll set; ``drain()`` reads
+    every ready socket with ``recvmmsg``, counts RTP from its clear header (packets,
+    bytes, per-SSRC sequence gaps, duplicates, RFC 3550 jitter), SRTP-unprotects every
+    packet until the viewer's first keyframe and then every ``verify_every``-th, and
+    returns the STUN/DTLS datagrams for Python. The sockets stay the caller's."""
+
+    def __init__(
+        self, *, max_viewers: int = 4096, batch_size: int = 64, verify_every: int = 1
+    ) -> None: ...
+    def fileno(self) -> int:
+        """The epoll fd, readable whenever a viewer socket is (for ``loop.add_reader``)."""
+
+    def add_viewer(self, fd: int) -> int: ...
+    def remove_viewer(self, viewer: int) -> None: ...
+    def set_payload_type(
+        self, viewer: int, payload_type: int, *, kind: str, clock_rate: int
+    ) -> None:
+        """``kind``: "audio", "vp8", "h264" or "video" (keyframes inspected for vp8/h264)."""
+
+    def set_keys(self, viewer: int, *, profile: int, key: bytes, salt: bytes) -> None: ...
+    def drain(self) -> list[tuple[int, bytes, tuple[str, int]]]: ...
+    def viewer_stats(self, viewer: int) -> dict[str, int | float | None]:
+        """packets, bytes, expected, lost, duplicates, late, rtcp_packets,
+        control_packets, control_dropped, decrypted, decrypt_failures, replayed, unkeyed,
+        malformed, other_streams, streams, audio_jitter_ms, video_jitter_ms, and the
+        CLOCK_MONOTONIC (= time.monotonic()) times first_rtp_at, first_keyframe_at,
+        last_rtp_at (None until they happen)."""
+
+    def stats(self) -> dict[str, int]: ...

@@ -14,3 +14,4 @@ API in ``_fastpath.pyi``.
 
 include "_srtp.pxi"
 include "_fanout.pxi"
+include "_receiver.pxi"

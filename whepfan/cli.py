@@ -176,7 +176,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_publish_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_publish_command(commands: argparse._SubParsersAction) -> None:
     publish = commands.add_parser(
         "publish",
         help="publish a synthetic test stream over WHIP",
@@ -259,7 +259,7 @@ def run_publish(args: argparse.Namespace) -> int:
         return 0
 
 
-def add_loadtest_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
     loadtest = commands.add_parser(
         "loadtest",
         help="load-test a WHEP endpoint with N real viewers",

@@ -1,0 +1,632 @@
+"""whepfan loadtest: the compiled receive side on loopback sockets, the report, and whole
+runs against ``whepfan serve`` fed by ``whepfan publish`` and against an aiortc-based
+WHEP server written here."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aioice.ice
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from whepfan import _fastpath
+from whepfan.cli import main as whepfan_main
+from whepfan.client.loadtest import LoadTest, LoadTestOptions, ViewerResult
+from whepfan.client.report import Sample, percentile, render_html, render_text, summarize
+from whepfan.protocol.rtp import RtpPacket
+
+TOKEN = "loadtest-token"
+GCM = _fastpath.PROFILE_AEAD_AES_128_GCM
+CM80 = _fastpath.PROFILE_AES128_CM_SHA1_80
+
+
+# --- the compiled receiver on loopback ---------------------------------------------------
+
+
+class Bench:
+    """One Receiver viewer socket and a sender socket aimed at it, with known keys."""
+
+    def __init__(self, profile: int = GCM, verify_every: int = 1) -> None:
+        key_length, salt_length = _fastpath.profile_key_lengths(profile)
+        self.key, self.salt = os.urandom(key_length), os.urandom(salt_length)
+        self.protect = _fastpath.SrtpSession(profile, self.key, self.salt)
+        self.receiver = _fastpath.Receiver(max_viewers=4, verify_every=verify_every)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sender.bind(("127.0.0.1", 0))
+        self.viewer = self.receiver.add_viewer(self.socket.fileno())
+        self.receiver.set_payload_type(self.viewer, 111, kind="audio", clock_rate=48000)
+        self.receiver.set_payload_type(self.viewer, 96, kind="vp8", clock_rate=90000)
+        self.receiver.set_payload_type(self.viewer, 102, kind="h264", clock_rate=90000)
+        self.profile = profile
+
+    def key_receiver(self) -> None:
+        self.receiver.set_keys(self.viewer, profile=self.profile, key=self.key, salt=self.salt)
+
+    def send(self, datagram: bytes) -> None:
+        self.sender.sendto(datagram, self.socket.getsockname())
+
+    def rtp(
+        self, seq: int, *, pt: int = 111, ssrc: int = 7, payload: bytes = b"\x00" * 40
+    ) -> bytes:
+        packet = RtpPacket(
+            payload_type=pt,
+            sequence_number=seq & 0xFFFF,
+            timestamp=seq * 960,
+            ssrc=ssrc,
+            payload=payload,
+        )
+        return self.protect.protect(packet.serialize())
+
+    def drain(self, expect_packets: int) -> list[tuple[int, bytes, tuple[str, int]]]:
+        """Drain until the receiver has seen ``expect_packets`` datagrams (loopback UDP
+        delivers in order and without loss at these volumes; the loop only waits for it)."""
+        control = []
+        seen = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            control += self.receiver.drain()
+            stats = self.receiver.viewer_stats(self.viewer)
+            kinds = ("packets", "rtcp_packets", "control_packets", "malformed")
+            seen = sum(int(stats[kind] or 0) for kind in kinds)
+            if seen >= expect_packets:
+                return control
+            # Wait on the epoll fd itself: readable as soon as the next datagram lands.
+            select.select([self.receiver.fileno()], [], [], 0.5)
+        raise AssertionError(f"only {seen} of {expect_packets} datagrams arrived")
+
+    def close(self) -> None:
+        self.receiver.remove_viewer(self.viewer)
+        self.socket.close()
+        self.sender.close()
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    fixture = Bench()
+    yield fixture
+    fixture.close()
+
+
+@pytest.mark.parametrize("profile", [GCM, CM80])
+def test_receiver_counts_and_decrypts_every_packet(profile: int) -> None:
+    bench = Bench(profile)
+    try:
+        bench.key_receiver()
+        for seq in range(65530, 65536 + 20):  # across the 16-bit wrap (RFC 3550 §A.1)
+            bench.send(bench.rtp(seq))
+        bench.drain(26)
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        assert stats["packets"] == stats["expected"] == stats["decrypted"] == 26
+        assert stats["lost"] == stats["duplicates"] == stats["decrypt_failures"] == 0
+        assert stats["streams"] == 1
+        assert stats["first_rtp_at"] is not None and stats["first_rtp_at"] <= time.monotonic()
+    finally:
+        bench.close()
+
+
+def test_receiver_counts_gaps_duplicates_and_late_packets(bench: Bench) -> None:
+    bench.key_receiver()
+    order = [*range(0, 10), 12, 13, 12, 11, *range(14, 100), 5]
+    for seq in order:
+        bench.send(bench.rtp(seq))
+    bench.drain(len(order))
+    stats = bench.receiver.viewer_stats(bench.viewer)
+    # 100 expected, every one arrived; 12 twice and 5 twice (within the window): duplicates.
+    assert stats["expected"] == 100
+    assert stats["lost"] == 0
+    assert stats["duplicates"] == 1
+    assert stats["late"] == 1  # seq 5 came 94 packets late: beyond the 64-packet window
+    missing = [seq for seq in range(200, 300) if seq % 10 != 3]
+    for seq in missing:
+        bench.send(bench.rtp(seq))
+    bench.drain(len(order) + len(missing))
+    stats = bench.receiver.viewer_stats(bench.viewer)
+    # 100..199 never sent and ten more missing: sequence gaps.
+    assert stats["lost"] == 100 + 10
+
+
+def test_receiver_reports_decrypt_failures_rtcp_and_unkeyed_packets(bench: Bench) -> None:
+    bench.send(bench.rtp(1))  # before the keys: counted, not decrypted
+    bench.drain(1)
+    bench.key_receiver()
+    tampered = bytearray(bench.rtp(2))
+    tampered[-1] ^= 1
+    bench.send(bytes(tampered))
+    bench.send(bench.rtp(3))
+    rtcp = bench.protect.protect_rtcp(bytes.fromhex("80c90001") + b"\x00\x00\x00\x07")
+    bench.send(rtcp)
+    bench.drain(4)
+    stats = bench.receiver.viewer_stats(bench.viewer)
+    assert stats["unkeyed"] == 1
+    assert stats["decrypt_failures"] == 1
+    assert stats["decrypted"] == 1
+    assert stats["rtcp_packets"] == 1
+
+
+def test_receiver_returns_stun_and_dtls_with_their_source(bench: Bench) -> None:
+    stun_like = bytes.fromhex("0001000021122a442233445566778899aabbccdd")
+    dtls_like = bytes.fromhex("16fefd0000000000000000000100")
+    bench.send(stun_like)
+    bench.send(dtls_like)
+    control = bench.drain(2)
+    source = bench.sender.getsockname()
+    assert control == [(bench.viewer, stun_like, source), (bench.viewer, dtls_like, source)]
+
+
+def test_receiver_samples_after_the_first_keyframe() -> None:
+    bench = Bench(verify_every=4)
+    try:
+        bench.key_receiver()
+        delta = b"\x90\x80\x80\x01\x01" + bytes(30)  # VP8 descriptor, P=1: not a keyframe
+        key = b"\x90\x80\x80\x02\x10" + bytes(30)  # P=0: keyframe (RFC 7741 §4.3)
+        for seq in range(3):
+            bench.send(bench.rtp(seq, pt=96, ssrc=9, payload=delta))
+        bench.send(bench.rtp(3, pt=96, ssrc=9, payload=key))
+        for seq in range(4, 44):
+            bench.send(bench.rtp(seq, pt=96, ssrc=9, payload=delta))
+        bench.drain(44)
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        assert stats["first_keyframe_at"] is not None
+        assert stats["packets"] == 44 and stats["lost"] == 0
+        # All four up to the keyframe, then one in four of the other 40.
+        assert stats["decrypted"] == 4 + 10
+        assert stats["decrypt_failures"] == 0
+    finally:
+        bench.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "keyframe"),
+    [
+        (b"\x7c\x85\x88\x80", True),  # FU-A start of an IDR slice (RFC 6184 §5.8)
+        (b"\x7c\x05\x88\x80", False),  # FU-A continuation
+        (b"\x78\x00\x03\x67\x42\x00\x00\x02\x68\xce", True),  # STAP-A with an SPS (§5.7.1)
+        (b"\x41\x9a\x00", False),  # non-IDR slice
+        (b"\x65\x88\x80", True),  # IDR slice alone (§5.6)
+    ],
+)
+def test_receiver_finds_h264_keyframes(bench: Bench, payload: bytes, keyframe: bool) -> None:
+    bench.key_receiver()
+    bench.send(bench.rtp(1, pt=102, ssrc=3, payload=payload))
+    bench.drain(1)
+    stats = bench.receiver.viewer_stats(bench.viewer)
+    assert (stats["first_keyframe_at"] is not None) is keyframe
+
+
+@settings(max_examples=40)
+@given(steps=st.lists(st.integers(-3, 5), min_size=1, max_size=60))
+def test_receiver_loss_and_duplicates_match_a_reference(steps: list[int]) -> None:
+    """Sequence numbers wander (gaps, repeats, reordering within the window); the counters
+    must match a plain-Python model of RFC 3550 §A.3 with exact duplicate detection."""
+    bench = Bench()
+    try:
+        bench.key_receiver()
+        seq = 1000
+        sent = []
+        for step in steps:
+            seq += step
+            sent.append(seq)
+            bench.send(bench.rtp(seq))
+        bench.drain(len(sent))
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        unique = set(sent)
+        assert stats["expected"] == max(sent) - min(sent) + 1
+        assert stats["duplicates"] == len(sent) - len(unique)
+        assert stats["lost"] == stats["expected"] - len(unique)
+        assert stats["decrypt_failures"] == 0
+    finally:
+        bench.close()
+
+
+@settings(max_examples=60)
+@given(datagrams=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=20))
+def test_receiver_fuzz_never_fails(datagrams: list[bytes]) -> None:
+    bench = Bench()
+    try:
+        bench.key_receiver()
+        for datagram in datagrams:
+            bench.send(datagram)
+        control = bench.drain(len(datagrams))
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        assert stats["decrypted"] == 0  # nothing random authenticates
+        assert len(control) == sum(1 for d in datagrams if not 128 <= d[0] <= 191)
+    finally:
+        bench.close()
+
+
+def test_receiver_rejects_bad_arguments() -> None:
+    receiver = _fastpath.Receiver(max_viewers=1)
+    with pytest.raises(KeyError):
+        receiver.viewer_stats(0)
+    with pytest.raises(ValueError):
+        _fastpath.Receiver(verify_every=0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        viewer = receiver.add_viewer(sock.fileno())
+        with pytest.raises(ValueError):
+            receiver.add_viewer(sock.fileno())  # one slot only
+        with pytest.raises(ValueError):
+            receiver.set_payload_type(viewer, 200, kind="audio", clock_rate=48000)
+        with pytest.raises(ValueError):
+            receiver.set_keys(viewer, profile=GCM, key=b"short", salt=b"x" * 12)
+    finally:
+        sock.close()
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.95) == 95.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.5) is None
+
+
+def _result(index: int, **fields: object) -> ViewerResult:
+    result = ViewerResult(index=index)
+    for name, value in fields.items():
+        setattr(result, name, value)
+    return result
+
+
+def test_summary_reports_failures_and_answers() -> None:
+    viewers = [
+        _result(
+            0,
+            outcome="connected",
+            status=201,
+            answered=0.002,
+            ice_connected=0.004,
+            dtls_connected=0.006,
+            first_rtp=0.01,
+            first_keyframe=0.3,
+            bitrate=5e5,
+            counters={"packets": 100, "bytes": 1000, "lost": 2, "expected": 100},
+        ),
+        _result(1, outcome="rejected", status=503, error="HTTP 503"),
+        _result(2, outcome="failed", status=201, error="not connected within 10 s"),
+    ]
+    samples = [Sample(1.0, 3, 1, 1, 1, 1000, 2, 100), Sample(2.0, 3, 1, 1, 1, 126000, 2, 200)]
+    report = summarize(
+        url="http://x/whep/a",
+        options={},
+        viewers=viewers,
+        samples=samples,
+        wall_seconds=2.0,
+        cpu_seconds=0.5,
+    )
+    summary = report.summary
+    assert summary["answers"] == {"201": 2, "503": 1}
+    assert (summary["connected"], summary["rejected"], summary["failed"]) == (1, 1, 1)
+    assert summary["latency_ms"]["first_keyframe"]["p50"] == pytest.approx(300)
+    assert summary["loss_percent"]["max"] == pytest.approx(2.0)
+    assert summary["harness_cpu_percent"] == pytest.approx(25.0)
+    assert report.timeline[1]["mbps"] == pytest.approx(1.0)
+    assert not report.all_viewers_received_media
+    text = render_text(report)
+    assert "503 x1" in text and "not connected within 10 s x1" in text
+    page = render_html(report)
+    assert page.count("<svg") == 3 and "<script" not in page
+    assert json.loads(report.to_json())["summary"]["viewers"] == 3
+
+
+def test_loadtest_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        LoadTestOptions(url="http://x/whep/a", viewers=0)
+    with pytest.raises(ValueError):
+        LoadTestOptions(url="http://x/whep/a", viewers=1, verify_every=0)
+
+
+# --- whole runs -------------------------------------------------------------------------------
+
+
+def _wait_for_line(path: Path, pattern: str, process: subprocess.Popen[bytes]) -> re.Match[str]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = re.search(pattern, path.read_text(errors="replace"))
+        if match:
+            return match
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in {path}:\n{path.read_text(errors='replace')}")
+
+
+class Deployment:
+    """``whepfan serve`` and ``whepfan publish`` as the user runs them, on loopback."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        serve_log = workdir / "serve.log"
+        serve = self._start(
+            serve_log,
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--public-ip",
+            "127.0.0.1",
+            "--publish-token",
+            TOKEN,
+            "--log-level",
+            "info",
+            *extra,
+        )
+        self.url = _wait_for_line(serve_log, r"WHIP on (http://127\.0\.0\.1:\d+)/whip", serve)[1]
+        publish_log = workdir / "publish.log"
+        publish = self._start(
+            publish_log,
+            "publish",
+            f"{self.url}/whip/live",
+            "--token",
+            TOKEN,
+            "--size",
+            "320x240",
+            "--bitrate",
+            "400k",
+            "--keyframe-interval",
+            "1",
+            "--duration",
+            "60",
+        )
+        _wait_for_line(publish_log, r"publishing to", publish)
+
+    def _start(self, log: Path, *args: str) -> subprocess.Popen[bytes]:
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "whepfan.cli", *args], stdout=output, stderr=output
+            )
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _loadtest(url: str, tmp_path: Path, *args: str) -> tuple[int, dict[str, object]]:
+    report = tmp_path / "report.json"
+    status = whepfan_main(
+        [
+            "loadtest",
+            url,
+            "--json",
+            str(report),
+            "--html",
+            str(tmp_path / "report.html"),
+            "--quiet",
+            *args,
+        ]
+    )
+    return status, json.loads(report.read_text())
+
+
+@pytest.mark.slow
+def test_fifty_viewers_against_whepfan_serve_fed_by_whepfan_publish(tmp_path: Path) -> None:
+    deployment = Deployment(tmp_path)
+    try:
+        status, report = _loadtest(
+            f"{deployment.url}/whep/live",
+            tmp_path,
+            "--viewers",
+            "50",
+            "--ramp",
+            "50",
+            "--duration",
+            "3",
+        )
+    finally:
+        deployment.close()
+    viewers = report["viewers"]
+    assert isinstance(viewers, list) and len(viewers) == 50
+    assert status == 0
+    for viewer in viewers:
+        assert viewer["outcome"] == "connected", viewer
+        assert viewer["status"] == 201
+        counters = viewer["counters"]
+        assert counters["packets"] > 50, viewer
+        assert counters["decrypt_failures"] == 0, viewer
+        assert counters["lost"] == 0, viewer
+        # SRTP can arrive in the same recvmmsg batch as the DTLS Finished, before the
+        # keys are set: counted as unkeyed, never as a failure.
+        verified = counters["decrypted"] + counters["unkeyed"]
+        assert verified == counters["packets"] - counters["duplicates"], viewer
+        assert viewer["first_keyframe"] is not None, viewer
+    summary = report["summary"]
+    assert isinstance(summary, dict)
+    assert summary["connected"] == summary["received_media"] == 50
+    assert (tmp_path / "report.html").read_text().count("<svg") == 3
+
+
+@pytest.mark.slow
+def test_server_limited_to_ten_viewers_answers_503_to_the_rest(tmp_path: Path) -> None:
+    deployment = Deployment(tmp_path, "--max-viewers", "10")
+    try:
+        status, report = _loadtest(
+            f"{deployment.url}/whep/live",
+            tmp_path,
+            "--viewers",
+            "15",
+            "--ramp",
+            "30",
+            "--duration",
+            "1",
+            "--verify-every",
+            "8",
+        )
+    finally:
+        deployment.close()
+    assert status == 3  # not every viewer got media
+    viewers = report["viewers"]
+    assert isinstance(viewers, list)
+    connected = [v for v in viewers if v["outcome"] == "connected"]
+    rejected = [v for v in viewers if v["outcome"] == "rejected"]
+    assert len(connected) == 10
+    assert len(rejected) == 5 and all(v["status"] == 503 for v in rejected)
+    assert all(v["counters"]["decrypt_failures"] == 0 for v in connected)
+    assert report["summary"]["answers"] == {"201": 10, "503": 5}  # type: ignore[index]
+
+
+# --- an aiortc-based WHEP server ------------------------------------------------------------
+
+
+class SmallPattern(MediaStreamTrack):
+    """A 160x120 moving bar at 15 fps: cheap for aiortc to encode once per viewer."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._index / 15
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        # Straight into yuv420p: MediaRelay hands the same frame object to every viewer's
+        # encoder thread, and aiortc would otherwise reformat it in each of them at once
+        # (PyAV frames are not thread-safe; that crashes the interpreter).
+        planes = np.full((180, 160), 128, dtype=np.uint8)
+        planes[:120] = 16
+        planes[:120, (self._index * 4) % 150 : (self._index * 4) % 150 + 10] = 235
+        frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+        frame.pts = self._index * 6000
+        frame.time_base = fractions.Fraction(1, 90000)
+        self._index += 1
+        return frame
+
+
+class AiortcWhepServer:
+    """A WHEP server as the aiortc examples build one: an RTCPeerConnection per viewer,
+    a MediaRelay fanning out one source, aiohttp for signalling; on its own loop thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.peers: dict[str, RTCPeerConnection] = {}
+        self.url = ""
+        ready = threading.Event()
+        self.stop = asyncio.Event()
+
+        async def serve() -> None:
+            relay = MediaRelay()
+            video, audio = SmallPattern(), AudioStreamTrack()
+
+            async def offer(request: web.Request) -> web.Response:
+                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                await pc.setRemoteDescription(
+                    RTCSessionDescription(sdp=await request.text(), type="offer")
+                )
+                for transceiver in pc.getTransceivers():
+                    source = video if transceiver.kind == "video" else audio
+                    transceiver.sender.replaceTrack(relay.subscribe(source))
+                    transceiver.direction = "sendonly"
+                await pc.setLocalDescription(await pc.createAnswer())
+                session = f"s{len(self.peers)}"
+                self.peers[session] = pc
+                return web.Response(
+                    status=201,
+                    text=pc.localDescription.sdp,
+                    content_type="application/sdp",
+                    headers={"Location": f"/whep/live/{session}"},
+                )
+
+            async def delete(request: web.Request) -> web.Response:
+                pc = self.peers.pop(request.match_info["session"], None)
+                if pc is None:
+                    return web.Response(status=404)
+                await pc.close()
+                return web.Response(status=200)
+
+            app = web.Application()
+            app.router.add_post("/whep/live", offer)
+            app.router.add_delete("/whep/live/{session}", delete)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            self.url = f"http://127.0.0.1:{port}/whep/live"
+            ready.set()
+            await self.stop.wait()
+            for pc in list(self.peers.values()):
+                await pc.close()
+            video.stop()
+            audio.stop()
+            await runner.cleanup()
+            current = asyncio.current_task()
+            pending = [task for task in asyncio.all_tasks() if task is not current]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        self.thread = threading.Thread(
+            target=lambda: self.loop.run_until_complete(serve()), daemon=True
+        )
+        self.thread.start()
+        assert ready.wait(10), "aiortc WHEP server did not start"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(20)
+
+
+@pytest.fixture
+def aiortc_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[AiortcWhepServer]:
+    # aioice skips loopback when gathering; everything here stays on 127.0.0.1.
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    server = AiortcWhepServer()
+    yield server
+    server.close()
+
+
+async def test_loadtest_against_an_aiortc_whep_server(aiortc_server: AiortcWhepServer) -> None:
+    # aiortc encodes once per viewer in Python threads: few viewers, time for the first
+    # keyframe even on a busy machine.
+    options = LoadTestOptions(url=aiortc_server.url, viewers=2, ramp=10, duration=5)
+    report = await LoadTest(options).run()
+    assert report.summary["connected"] == 2, report.summary
+    for viewer in report.viewers:
+        counters = viewer["counters"]
+        assert viewer["dtls_connected"] is not None
+        assert counters["packets"] > 20, viewer
+        assert counters["decrypted"] > 0 and counters["decrypt_failures"] == 0, viewer
+        assert counters["streams"] == 2, viewer  # audio and video
+        assert viewer["first_keyframe"] is not None, viewer
+    assert report.all_viewers_received_media
+    # The run ended every session with DELETE.
+    await asyncio.sleep(0.2)
+    assert not aiortc_server.peers
