@@ -1,35 +1,58 @@
-"""Capacity benchmark (issue 8): ``whepfan serve`` with 1 and with 2 workers, fed by
-``whepfan publish`` (720p VP8 at 1.5 Mbit/s + Opus), loaded by ``whepfan loadtest`` with
-growing viewer counts. For each step: loss, packets delivered, and the server's CPU
-microseconds per delivered packet (user + system of the server and its worker processes,
-from /proc), beside the same-run loopback limit of ``whepfan calibrate``.
+"""Capacity benchmark (issue 8): whepfan against the naive aiortc SFU, and the join storm.
 
-    python bench/capacity.py                         # 1 and 2 workers, 50..400 viewers, 30 s
-    python bench/capacity.py --viewers 25,50 --hold 8 --workers 1   # short run
+Contenders, measured the same way in the same run: ``whepfan serve`` with 1 and with 2
+workers, and ``bench/naive_sfu.py`` (aiortc, one ``RTCPeerConnection`` per viewer fed
+through ``MediaRelay``). Each is fed by the same ``whepfan publish`` (720p VP8 at
+1.5 Mbit/s + Opus) and loaded by ``whepfan loadtest`` with the same growing viewer
+counts and the same hold. Per step, over the steady window (every viewer started, then
+a settling second, to the end of the hold):
 
-The largest step with < 0.5 % loss over the hold is reported as "holding". Everything
-(server, publisher, load generator) shares this machine, so the load generator's CPU
-limits what can be shown; the CPU per delivered packet is the figure that carries over.
-Not measured here yet: the naive aiortc SFU side by side, and the 1,000-viewer join storm.
+- loss: sequence gaps over packets expected, from the load generator's receive counters;
+- per-viewer media rate; a transcoding SFU that falls behind drops whole frames, which
+  leaves no sequence gap, so "holding" also needs the rate within 10 % of the best the
+  same contender delivered at any step;
+- the server's CPU (user + system of the server and every descendant, from /proc) per
+  delivered packet, and its cores busy; the load generator's cores busy beside it, since
+  on this machine it shares the cores with the server.
+
+"Viewers per core" is a step's viewers divided by the server's cores busy, at the
+largest step that holds (< 0.5 % loss, every viewer connected and receiving, full rate).
+
+The join storm: N viewers (``--storm``, default 1,000) arrive within ``--storm-window``
+seconds against whepfan; time to first frame is POST -> first VP8 keyframe packet as the
+load generator's receiver sees it (first RTP is reported beside it), and the viewers
+that never got one are counted as failed.
+
+    python bench/capacity.py                     # the full run (~15-20 min)
+    python bench/capacity.py --smoke             # tiny, under a minute
+    python bench/capacity.py --viewers 1,50 --hold 8 --workers 1 --storm 0
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import platform
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
 
 # bench/ holds scripts: run from a checkout without installing (the server, publisher and
 # load generator subprocesses get the same path through PYTHONPATH).
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(BENCH)
 if REPOSITORY not in sys.path:
     sys.path.insert(0, REPOSITORY)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
@@ -38,6 +61,19 @@ from whepfan.calibrate import calibrate  # noqa: E402
 TOKEN = "bench-capacity"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOSS_LIMIT_PERCENT = 0.5
+FULL_RATE_FRACTION = 0.9  # of the contender's best per-viewer rate
+SETTLE_SECONDS = 1.0  # after the last viewer started, before the window opens
+CPU_SAMPLE_INTERVAL = 0.25
+# A step this bad shows the contender is past its limit: larger steps are not run.
+OVERLOAD_LOSS_PERCENT = 5.0
+OVERLOAD_RATE_FRACTION = 0.5
+TARGET_RATIO_TO_NAIVE = 50.0
+TARGET_VIEWERS_PER_CORE = 1500
+TARGET_FRACTION_OF_LIMIT = 0.7
+NAIVE = "naive aiortc"
+
+
+# --- processes and their CPU -----------------------------------------------------------
 
 
 def _free_port(kind: int) -> int:
@@ -46,143 +82,617 @@ def _free_port(kind: int) -> int:
         return int(sock.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants (the worker processes)."""
-    total = 0.0
-    pending = [pid]
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            # The command name (field 2) may hold spaces and parentheses: split after it.
+            return handle.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant (worker processes, whatever thread forked them)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, pending = [], [root]
     while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(children.get(pid, ()))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime (proc(5) fields 14 and 15; all threads) of ``pids``."""
+    total = 0.0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
             total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            with open(f"/proc/{current}/task/{current}/children") as handle:
-                pending.extend(int(child) for child in handle.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
     return total
+
+
+class CpuSampler:
+    """Samples (monotonic time, server CPU s, load generator CPU s) on a thread, so a
+    window chosen afterwards from the load generator's timeline can be read off."""
+
+    def __init__(self, server_pid: int, loadgen_pid: int) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self._server_pid, self._loadgen_pid = server_pid, loadgen_pid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            server = cpu_seconds(process_tree(self._server_pid))
+            loadgen = cpu_seconds(process_tree(self._loadgen_pid))
+            self.samples.append((time.monotonic(), server, loadgen))
+            if self._stop.wait(CPU_SAMPLE_INTERVAL):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, moment: float) -> tuple[float, float]:
+        """Server and load-generator CPU seconds at ``moment``, linearly interpolated."""
+        return interpolate(self.samples, moment)
+
+
+def interpolate(
+    samples: Sequence[tuple[float, float, float]], moment: float
+) -> tuple[float, float]:
+    if not samples:
+        raise ValueError("no CPU samples")
+    if moment <= samples[0][0]:
+        return samples[0][1], samples[0][2]
+    for (t0, s0, l0), (t1, s1, l1) in itertools.pairwise(samples):
+        if t0 <= moment <= t1:
+            share = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
+            return s0 + (s1 - s0) * share, l0 + (l1 - l0) * share
+    return samples[-1][1], samples[-1][2]
+
+
+# --- the servers and the publisher -----------------------------------------------------
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start")
+
+
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def close(self) -> None:
+        self.process.terminate()  # whepfan: SIGTERM drains (no viewers left), then exits
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class WhepfanServer(Server):
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.name = f"whepfan {workers} worker{'s' if workers > 1 else ''}"
+        http_port = _free_port(socket.SOCK_STREAM)
+        udp_port = _free_port(socket.SOCK_DGRAM)
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "whepfan.cli", "serve",
+                "--http", f"127.0.0.1:{http_port}", "--udp", f"127.0.0.1:{udp_port}",
+                "--public-ip", "127.0.0.1", "--publish-token", TOKEN,
+                "--workers", str(workers), "--log-level", "warning",
+            ]
+        )  # fmt: skip
+        _wait_http(self.url + "/metrics", self.process, self.name)
+
+
+class NaiveServer(Server):
+    def __init__(self, video_bitrate: int) -> None:
+        self.name = NAIVE
+        http_port = _free_port(socket.SOCK_STREAM)
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable, os.path.join(BENCH, "naive_sfu.py"),
+                "--http", f"127.0.0.1:{http_port}", "--video-bitrate", str(video_bitrate),
+            ],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_http(self.url + "/status", self.process, self.name)
+
+
+@dataclass(frozen=True)
+class Stream:
+    size: str = "1280x720"
+    bitrate: int = 1_500_000
+
+    def publish(self, server: Server) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "whepfan.cli", "publish", "--token", TOKEN,
+                "--bitrate", str(self.bitrate), "--size", self.size, "--log-level", "warning",
+                f"{server.url}/whip/live",
+            ]
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def deployment(server: Server, stream: Stream) -> Iterator[Server]:
+    """``server`` with the stream published to it; both stopped on the way out."""
+    publisher: subprocess.Popen[bytes] | None = None
+    try:
+        publisher = stream.publish(server)
+        time.sleep(3)  # WHIP, ICE, DTLS and the first keyframe
+        if publisher.poll() is not None:
+            raise RuntimeError(f"publisher to {server.name} exited: {publisher.returncode}")
+        yield server
+    finally:
+        if publisher is not None:
+            publisher.terminate()
+            try:
+                publisher.wait(10)
+            except subprocess.TimeoutExpired:
+                publisher.kill()
+        server.close()
+
+
+# --- one load step ---------------------------------------------------------------------
+
+PROGRESS = re.compile(r"^\[\s*([\d.]+)s\] viewers (\d+)/(\d+) connected")
 
 
 @dataclass
 class Step:
-    workers: int
+    contender: str
     viewers: int
     connected: int
-    loss_percent: float
-    packets: int
-    server_cpu: float
-    wall: float
+    received_media: int
+    failed: int
+    loss_percent: float  # over the steady window
+    packets: int  # delivered in the window (bytes x packets/byte of the whole run)
+    window_seconds: float
+    server_cpu: float  # CPU seconds in the window, server and its workers
+    loadgen_cpu: float
+    kbps_per_viewer: float
+    errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def cpu_us_per_packet(self) -> float:
         return self.server_cpu / self.packets * 1e6 if self.packets else float("nan")
 
+    @property
+    def server_cores(self) -> float:
+        return self.server_cpu / self.window_seconds if self.window_seconds else float("nan")
 
-class Server:
-    def __init__(self, workers: int) -> None:
-        self.http_port = _free_port(socket.SOCK_STREAM)
-        udp_port = _free_port(socket.SOCK_DGRAM)
-        cmd = [
-            sys.executable, "-m", "whepfan.cli", "serve",
-            "--http", f"127.0.0.1:{self.http_port}", "--udp", f"127.0.0.1:{udp_port}",
-            "--public-ip", "127.0.0.1", "--publish-token", TOKEN,
-            "--workers", str(workers), "--log-level", "warning",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(cmd)
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(self.url + "/metrics", timeout=1).read()
-                return
-            time.sleep(0.2)
-        raise RuntimeError("server did not start")
+    @property
+    def loadgen_cores(self) -> float:
+        return self.loadgen_cpu / self.window_seconds if self.window_seconds else float("nan")
 
-    def close(self) -> None:
-        self.process.terminate()  # SIGTERM: drain (no viewers left), then exit
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+    @property
+    def viewers_per_core(self) -> float:
+        return self.connected / self.server_cores if self.server_cores > 0 else float("nan")
+
+    @property
+    def complete(self) -> bool:
+        return self.connected == self.received_media == self.viewers
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "cpu_us_per_packet": self.cpu_us_per_packet,
+            "server_cores": self.server_cores,
+            "loadgen_cores": self.loadgen_cores,
+            "viewers_per_core": self.viewers_per_core,
+        }
 
 
-def run_step(server: Server, workers: int, viewers: int, hold: float) -> Step:
-    with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
-        cpu_before, wall_before = _cpu_seconds(server.process.pid), time.monotonic()
-        subprocess.run(
+def steady_window(timeline: Sequence[dict[str, Any]], viewers: int) -> tuple[int, int]:
+    """Indexes (first, last) of the load generator's cumulative samples bounding the
+    steady part of a step: from ``SETTLE_SECONDS`` after every viewer had started to the
+    last sample, taken at the end of the hold. Short runs fall back to the whole run."""
+    last = len(timeline) - 1
+    everyone = next((i for i, s in enumerate(timeline) if s["started"] >= viewers), None)
+    if everyone is not None:
+        opens = timeline[everyone]["time"] + SETTLE_SECONDS
+        first = next((i for i, s in enumerate(timeline) if s["time"] >= opens), last)
+        if last - first >= 2:
+            return first, last
+    return 0, last
+
+
+class LoadRun:
+    """One ``whepfan loadtest`` subprocess, with its progress lines timestamped on our
+    clock (they map its timeline onto the CPU samples) and its JSON report."""
+
+    def __init__(self, url: str, viewers: int, *, ramp: float, hold: float, timeout: float):
+        descriptor, self._report = tempfile.mkstemp(suffix=".json", prefix="capacity-")
+        os.close(descriptor)
+        self.clock_pairs: list[tuple[float, float]] = []  # (our monotonic, its seconds)
+        self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "whepfan.cli", "loadtest", "--viewers", str(viewers),
-                "--ramp", "100", "--duration", str(hold), "--verify-every", "50", "--quiet",
-                "--json", report_file.name, f"{server.url}/whep/live",
+                "--ramp", f"{ramp:g}", "--duration", f"{hold:g}", "--verify-every", "50",
+                "--setup-timeout", f"{timeout:g}", "--json", self._report, f"{url}/whep/live",
             ],
-            check=False,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
-        cpu = _cpu_seconds(server.process.pid) - cpu_before
-        wall = time.monotonic() - wall_before
-        with open(report_file.name) as handle:
-            report = json.load(handle)
-    totals = report["summary"]["totals"]
-    expected = totals["expected"] or 1
-    return Step(
-        workers=workers,
-        viewers=viewers,
-        connected=report["summary"]["connected"],
-        loss_percent=100.0 * totals["lost"] / expected,
-        packets=totals["packets"],
-        server_cpu=cpu,
-        wall=wall,
-    )
+        assert self.process.stderr is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,))
+        self._reader.start()
 
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            match = PROGRESS.match(line)
+            if match:
+                self.clock_pairs.append((time.monotonic(), float(match[1])))
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--viewers", default="50,100,200,400")
-    parser.add_argument("--hold", type=float, default=30.0)
-    args = parser.parse_args()
-    limit = calibrate()
-    print(
-        f"loopback limit (whepfan calibrate): {limit.cpu_seconds_per_packet * 1e6:.2f} CPU µs "
-        f"per packet, {limit.packets_per_cpu_second:,.0f} packets per CPU second"
-    )
-    steps: list[Step] = []
-    for workers in (int(w) for w in args.workers.split(",")):
-        server = Server(workers)
-        publisher = subprocess.Popen(
-            [
-                sys.executable, "-m", "whepfan.cli", "publish", "--token", TOKEN,
-                "--bitrate", "1500k", "--size", "1280x720", "--log-level", "warning",
-                f"{server.url}/whip/live",
-            ]
-        )  # fmt: skip
+    def wait(self) -> dict[str, Any]:
+        self.process.wait()
+        self._reader.join()
         try:
-            time.sleep(3)
-            for viewers in (int(v) for v in args.viewers.split(",")):
-                step = run_step(server, workers, viewers, args.hold)
-                steps.append(step)
-                print(
-                    f"workers {workers}  viewers {viewers:5d}  connected {step.connected:5d}  "
-                    f"loss {step.loss_percent:6.3f} %  packets {step.packets:9d}  "
-                    f"server CPU {step.server_cpu:6.2f} s  "
-                    f"{step.cpu_us_per_packet:6.2f} µs/packet  "
-                    f"({step.cpu_us_per_packet / (limit.cpu_seconds_per_packet * 1e6):.2f}x "
-                    "the loopback limit)",
-                    flush=True,
-                )
+            with open(self._report) as handle:
+                return dict(json.load(handle))
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(
+                f"loadtest wrote no report (status {self.process.returncode})"
+            ) from exc
         finally:
-            publisher.terminate()
-            publisher.wait(10)
-            server.close()
-    for workers in sorted({s.workers for s in steps}):
-        holding = [
-            s.viewers
-            for s in steps
-            if s.workers == workers
-            and s.connected == s.viewers
-            and s.loss_percent < LOSS_LIMIT_PERCENT
+            os.unlink(self._report)
+
+    def our_clock(self, its_seconds: float) -> float:
+        """Its timeline's seconds on our monotonic clock: each progress line is written
+        right after the sample it shows, so the smallest offset is the closest."""
+        if not self.clock_pairs:
+            raise RuntimeError("loadtest printed no progress")
+        return its_seconds + min(ours - its for ours, its in self.clock_pairs)
+
+
+def run_step(server: Server, viewers: int, *, ramp: float, hold: float) -> Step:
+    run = LoadRun(server.url, viewers, ramp=ramp, hold=hold, timeout=20.0)
+    sampler = CpuSampler(server.process.pid, run.process.pid)
+    try:
+        report = run.wait()
+    finally:
+        sampler.stop()
+    summary, timeline = report["summary"], report["timeline"]
+    first, last = steady_window(timeline, viewers)
+    opened, closed = timeline[first], timeline[last]
+    server_a, loadgen_a = sampler.at(run.our_clock(opened["time"]))
+    server_b, loadgen_b = sampler.at(run.our_clock(closed["time"]))
+    window = closed["time"] - opened["time"]
+    delivered_bytes = closed["bytes"] - opened["bytes"]
+    expected = closed["expected"] - opened["expected"]
+    totals = summary["totals"]
+    packets_per_byte = totals["packets"] / totals["bytes"] if totals.get("bytes") else 0.0
+    connected = summary["connected"]
+    return Step(
+        contender=server.name,
+        viewers=viewers,
+        connected=connected,
+        received_media=summary["received_media"],
+        failed=summary["failed"] + summary["rejected"],
+        loss_percent=100.0 * (closed["lost"] - opened["lost"]) / expected if expected else 0.0,
+        packets=round(delivered_bytes * packets_per_byte),
+        window_seconds=window,
+        server_cpu=server_b - server_a,
+        loadgen_cpu=loadgen_b - loadgen_a,
+        kbps_per_viewer=delivered_bytes * 8 / window / connected / 1000
+        if window > 0 and connected
+        else 0.0,
+        errors=dict(summary.get("errors") or {}),
+    )
+
+
+def overloaded(step: Step, first: Step) -> bool:
+    """Past the limit beyond doubt: larger steps would only take time."""
+    return (
+        not step.complete
+        or step.loss_percent >= OVERLOAD_LOSS_PERCENT
+        or step.kbps_per_viewer < OVERLOAD_RATE_FRACTION * first.kbps_per_viewer
+    )
+
+
+def holding(steps: Sequence[Step]) -> list[Step]:
+    """Steps of one contender that hold: every viewer connected and receiving, loss under
+    the limit, and the per-viewer rate within ``FULL_RATE_FRACTION`` of its best."""
+    best = max((s.kbps_per_viewer for s in steps), default=0.0)
+    return [
+        s
+        for s in steps
+        if s.complete
+        and s.loss_percent < LOSS_LIMIT_PERCENT
+        and s.kbps_per_viewer >= FULL_RATE_FRACTION * best
+    ]
+
+
+# --- the join storm --------------------------------------------------------------------
+
+
+@dataclass
+class Storm:
+    contender: str
+    viewers: int
+    window_seconds: float
+    connected: int
+    failed: int  # no keyframe: rejected, not connected, or connected without a frame
+    first_frame_p50_ms: float | None
+    first_frame_p99_ms: float | None
+    first_rtp_p50_ms: float | None
+    first_rtp_p99_ms: float | None
+    all_media_after_s: float | None  # first POST -> last viewer's first keyframe
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def run_storm(server: Server, viewers: int, *, window: float, hold: float) -> Storm:
+    run = LoadRun(server.url, viewers, ramp=viewers / window, hold=hold, timeout=30.0)
+    report = run.wait()
+    summary, latency = report["summary"], report["summary"]["latency_ms"]
+    framed = [v for v in report["viewers"] if v["first_keyframe"] is not None]
+    return Storm(
+        contender=server.name,
+        viewers=viewers,
+        window_seconds=window,
+        connected=summary["connected"],
+        failed=viewers - len(framed),
+        first_frame_p50_ms=latency["first_keyframe"]["p50"],
+        first_frame_p99_ms=latency["first_keyframe"]["p99"],
+        first_rtp_p50_ms=latency["first_rtp"]["p50"],
+        first_rtp_p99_ms=latency["first_rtp"]["p99"],
+        all_media_after_s=max(
+            (v["started_at"] + v["first_keyframe"] for v in framed), default=None
+        ),
+        errors=dict(summary.get("errors") or {}),
+    )
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+STEP_HEADER = (
+    f"{'contender':<19}{'viewers':>8}{'conn':>6}{'loss %':>8}{'kbit/s/v':>10}"
+    f"{'packets':>10}{'µs/pkt':>8}{'srv cores':>10}{'gen cores':>10}{'viewers/core':>13}"
+)
+
+
+def step_line(step: Step) -> str:
+    return (
+        f"{step.contender:<19}{step.viewers:>8}{step.connected:>6}{step.loss_percent:>8.3f}"
+        f"{step.kbps_per_viewer:>10.0f}{step.packets:>10}{step.cpu_us_per_packet:>8.2f}"
+        f"{step.server_cores:>10.2f}{step.loadgen_cores:>10.2f}{step.viewers_per_core:>13.1f}"
+    )
+
+
+SUMMARY_HEADER = (
+    f"{'contender':<19}{'holding':>8}{'µs/pkt':>8}{'viewers/core':>13}{'kbit/s/v':>10}"
+    f"{'srv cores':>10}{'gen cores':>10}{'÷limit':>8}{'÷naive':>8}"
+)
+
+
+def summarize(steps: Sequence[Step], limit_us_per_packet: float) -> list[dict[str, Any]]:
+    """One row per contender, at its largest holding step; ratios against the naive SFU
+    are of viewers per core, against the limit of packets per CPU second."""
+    rows: list[dict[str, Any]] = []
+    for contender in dict.fromkeys(s.contender for s in steps):
+        held = holding([s for s in steps if s.contender == contender])
+        best = max(held, key=lambda s: s.viewers, default=None)
+        rows.append(
+            {
+                "contender": contender,
+                "holding": best.viewers if best else 0,
+                "cpu_us_per_packet": best.cpu_us_per_packet if best else None,
+                "viewers_per_core": best.viewers_per_core if best else None,
+                "kbps_per_viewer": best.kbps_per_viewer if best else None,
+                "server_cores": best.server_cores if best else None,
+                "loadgen_cores": best.loadgen_cores if best else None,
+                "fraction_of_limit": limit_us_per_packet / best.cpu_us_per_packet
+                if best and best.packets
+                else None,
+            }
+        )
+    naive = next((r for r in rows if r["contender"] == NAIVE), None)
+    for row in rows:
+        row["ratio_to_naive"] = (
+            row["viewers_per_core"] / naive["viewers_per_core"]
+            if naive and naive["viewers_per_core"] and row["viewers_per_core"]
+            else None
+        )
+    return rows
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['contender']:<19}{row['holding']:>8}{_cell(row['cpu_us_per_packet'], 8, 2)}"
+        f"{_cell(row['viewers_per_core'], 13, 1)}{_cell(row['kbps_per_viewer'], 10, 0)}"
+        f"{_cell(row['server_cores'], 10, 2)}{_cell(row['loadgen_cores'], 10, 2)}"
+        f"{_cell(row['fraction_of_limit'], 8, 2)}{_cell(row['ratio_to_naive'], 8, 1)}"
+    )
+
+
+def target_lines(rows: Sequence[dict[str, Any]], stream: Stream) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["contender"] == NAIVE or row["viewers_per_core"] is None:
+            continue
+        checks = [
+            ("viewers/core", row["viewers_per_core"], TARGET_VIEWERS_PER_CORE, ".0f"),
+            ("÷limit", row["fraction_of_limit"], TARGET_FRACTION_OF_LIMIT, ".2f"),
+            ("÷naive", row["ratio_to_naive"], TARGET_RATIO_TO_NAIVE, ".1f"),
         ]
-        print(f"workers {workers}: largest step holding < 0.5 % loss: {max(holding, default=0)}")
+        parts = [
+            f"{label} {'-' if value is None else format(value, spec)} "
+            f"(target >= {format(target, spec)}: "
+            f"{'n/a' if value is None else 'met' if value >= target else 'MISSED'})"
+            for label, value, target, spec in checks
+        ]
+        rate = f"{stream.size} at {stream.bitrate // 1000} kbit/s"
+        lines.append(f"target, {row['contender']} ({rate}): " + "; ".join(parts))
+    return lines
+
+
+def storm_line(storm: Storm) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} ms"
+
+    span = "-" if storm.all_media_after_s is None else f"{storm.all_media_after_s:.1f} s"
+    return (
+        f"join storm, {storm.contender}: {storm.viewers} viewers within "
+        f"{storm.window_seconds:g} s: {storm.connected} connected, {storm.failed} failed; "
+        f"POST -> first keyframe p50 {ms(storm.first_frame_p50_ms)} p99 "
+        f"{ms(storm.first_frame_p99_ms)} (first RTP p50 {ms(storm.first_rtp_p50_ms)} p99 "
+        f"{ms(storm.first_rtp_p99_ms)}); all had media {span} after the first POST"
+    )
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def _counts(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
+    parser.add_argument("--viewers", default="1,2,5,10,50,100,200,400,800,1200")
+    parser.add_argument("--hold", type=float, default=30.0, help="seconds at each step")
+    parser.add_argument("--ramp", type=float, default=100.0, help="viewers started per second")
+    parser.add_argument("--no-naive", dest="naive", action="store_false")
+    parser.add_argument("--storm", type=int, default=1000, help="join storm viewers (0: none)")
+    parser.add_argument("--storm-window", type=float, default=10.0)
+    parser.add_argument("--storm-hold", type=float, default=5.0)
+    parser.add_argument("--storm-workers", type=int, help="default: the largest of --workers")
+    parser.add_argument("--size", default="1280x720")
+    parser.add_argument("--bitrate", type=int, default=1_500_000)
+    parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (< 60 s)")
+    args = parser.parse_args(argv)
+    calibration_packets = 200_000
+    if args.smoke:
+        args.workers, args.viewers, args.hold, args.ramp = "1", "1,2", 4.0, 20.0
+        args.storm, args.storm_window, args.storm_hold = 6, 1.0, 1.0
+        args.size, args.bitrate = "320x240", 300_000
+        calibration_packets = 20_000
+    stream = Stream(size=args.size, bitrate=args.bitrate)
+    worker_counts = _counts(args.workers)
+
+    host = machine()
+    print(
+        f"machine: {host['cpu']}, {host['cores']} cores, Linux {host['kernel']}, Python "
+        f"{host['python']}; load average {host['load_average']:.2f}; {host['date']}",
+        flush=True,
+    )
+    limit = calibrate(packets=calibration_packets)
+    limit_us = limit.cpu_seconds_per_packet * 1e6
+    print(
+        f"loopback limit (whepfan calibrate): {limit_us:.2f} CPU µs per packet, "
+        f"{limit.packets_per_cpu_second:,.0f} packets per CPU second",
+        flush=True,
+    )
+    print(f"stream: {stream.size} VP8 at {stream.bitrate // 1000} kbit/s + Opus", flush=True)
+
+    servers: list[tuple[str, Any]] = [
+        (f"whepfan {w}", lambda w=w: WhepfanServer(w)) for w in worker_counts
+    ]
+    if args.naive:
+        servers.append((NAIVE, lambda: NaiveServer(stream.bitrate)))
+    steps: list[Step] = []
+    print(STEP_HEADER, flush=True)
+    for _, start in servers:
+        with deployment(start(), stream) as server:
+            mine: list[Step] = []
+            for viewers in _counts(args.viewers):
+                try:
+                    step = run_step(server, viewers, ramp=args.ramp, hold=args.hold)
+                except RuntimeError as exc:  # the load generator died: nothing to measure
+                    print(f"{server.name}: {viewers} viewers: {exc}; larger steps not run")
+                    break
+                mine.append(step)
+                print(step_line(step), flush=True)
+                if overloaded(step, mine[0]):
+                    print(f"{server.name}: overloaded at {viewers} viewers, larger steps not run",
+                          flush=True)  # fmt: skip
+                    break
+            steps += mine
+
+    storm: Storm | None = None
+    if args.storm > 0:
+        workers = args.storm_workers or max(worker_counts, default=1)
+        with deployment(WhepfanServer(workers), stream) as server:
+            storm = run_storm(server, args.storm, window=args.storm_window, hold=args.storm_hold)
+
+    rows = summarize(steps, limit_us)
+    print()
+    print(f"largest viewer count holding < {LOSS_LIMIT_PERCENT} % loss at full rate for "
+          f"{args.hold:g} s, side by side:")  # fmt: skip
+    print(SUMMARY_HEADER)
+    for row in rows:
+        print(summary_line(row))
+    for line in target_lines(rows, stream):
+        print(line)
+    if storm is not None:
+        print(storm_line(storm))
+        if storm.errors:
+            print("storm errors: " + "; ".join(f"{e} x{n}" for e, n in storm.errors.items()))
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "machine": host,
+                    "stream": asdict(stream),
+                    "hold_seconds": args.hold,
+                    "limit_us_per_packet": limit_us,
+                    "steps": [s.as_dict() for s in steps],
+                    "summary": rows,
+                    "storm": asdict(storm) if storm else None,
+                },
+                handle,
+                indent=2,
+            )
     return 0
 
 
