@@ -37,6 +37,7 @@ class Sample:
     bytes: int
     lost: int
     expected: int
+    cpu: float = 0.0  # the harness's own CPU seconds (user + system) since the start
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:
@@ -144,10 +145,12 @@ def summarize(
     for sample in samples:
         interval = sample.time - (previous.time if previous else 0.0)
         delivered = sample.bytes - (previous.bytes if previous else 0)
+        spent = sample.cpu - (previous.cpu if previous else 0.0)
         timeline.append(
             {
                 **asdict(sample),
                 "mbps": delivered * 8 / interval / 1e6 if interval > 0 else 0.0,
+                "cpu_percent": 100.0 * spent / interval if interval > 0 else 0.0,
             }
         )
         previous = sample
