@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_drain import LiveServer, publish, view
+from test_drain import live_server, publish, view
 
 from whepfan.capacity import (
     DEFAULT_VIEWER_COST,
@@ -173,7 +173,7 @@ def test_latency_histogram_round_trips_as_json() -> None:
 async def test_http_answers_503_with_retry_after_exactly_at_the_budget() -> None:
     viewers_that_fit = 3
     budget = DEFAULT_VIEWER_COST.packets_per_second * viewers_that_fit
-    live = LiveServer(worker_packet_budget=str(budget))
+    live = live_server(worker_packet_budget=str(budget))
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             publisher = await publish(http, "cam")

@@ -55,9 +55,15 @@ async def view(http: aiohttp.ClientSession, stream: str) -> aiohttp.ClientRespon
         await pc.close()
 
 
+def live_server(**settings: object) -> LiveServer:
+    """A running server whose publish token is this module's TOKEN (other modules reuse
+    it with the publish/view helpers above)."""
+    return LiveServer(settings_for(token=TOKEN, **settings))
+
+
 @pytest.fixture
 def server() -> Iterator[LiveServer]:
-    live = LiveServer(settings_for(token=TOKEN, drain_timeout="30"))
+    live = live_server(drain_timeout="30")
     yield live
     live.close()
 
@@ -115,7 +121,7 @@ async def test_drain_refuses_new_sessions_tells_readers_and_exits_when_viewers_l
 
 
 async def test_drain_gives_up_after_its_timeout() -> None:
-    live = LiveServer(settings_for(token=TOKEN, drain_timeout="0.5"))
+    live = live_server(drain_timeout="0.5")
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             publisher = await publish(http, "cam")

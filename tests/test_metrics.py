@@ -9,7 +9,7 @@ import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from prometheus_client.parser import text_string_to_metric_families
-from test_drain import AUTH, SDP, LiveServer, publish, publisher_offer, view
+from test_drain import AUTH, SDP, live_server, publish, publisher_offer, view
 
 from whepfan.capacity import (
     DEFAULT_VIEWER_COST,
@@ -102,7 +102,7 @@ async def _connect(http: aiohttp.ClientSession, pc: RTCPeerConnection, url: str)
 
 async def test_metrics_counters_move_with_admissions_refusals_and_media() -> None:
     # Room for exactly one viewer of the default cost.
-    live = LiveServer(worker_packet_budget=str(DEFAULT_VIEWER_COST.packets_per_second))
+    live = live_server(worker_packet_budget=str(DEFAULT_VIEWER_COST.packets_per_second))
     publisher = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     publisher.addTrack(AudioStreamTrack())
     publisher.addTrack(VideoStreamTrack())
@@ -141,7 +141,7 @@ async def test_metrics_counters_move_with_admissions_refusals_and_media() -> Non
 
 
 async def test_refused_publisher_while_draining_is_counted() -> None:
-    live = LiveServer()
+    live = live_server()
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             first = await publish(http, "cam")

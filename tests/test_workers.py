@@ -239,9 +239,9 @@ async def test_killed_worker_ends_only_its_sessions_and_is_replaced(pool: Worker
 
 async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
     import aiohttp
-    from test_drain import LiveServer, publish, view
+    from test_drain import live_server, publish, view
 
-    live = LiveServer(workers="2")
+    live = live_server(workers="2")
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             publisher = await publish(http, "cam")
