@@ -274,3 +274,23 @@ def test_a_throttled_keyframe_request_is_deferred_not_dropped(harness: Harness) 
     harness.router.handle_timer(retry_at)
     assert harness.router.counters["keyframe_requests_sent"] == sent_at_start + 1
     assert any(addr == publisher_address for _, addr in harness.sent)  # the PLI went upstream
+
+
+def test_the_final_dtls_flight_leaves_before_the_first_keyframe_request(harness: Harness) -> None:
+    """The PLI sent when a publisher becomes keyed is SRTCP; the peer can only read it
+    after our Finished, so the handshake flight must be sent first."""
+    publisher_address = ("127.0.0.1", 50003)
+    order: list[str] = []
+    send = harness.router._send
+
+    def classify(data: bytes, addr: tuple[str, int]) -> None:
+        if addr == publisher_address:
+            order.append("dtls" if 20 <= data[0] <= 63 else "rtcp" if data[0] >= 128 else "stun")
+        send(data, addr)
+
+    harness.router._send = classify
+    connect_viewer(harness, 0.0, publisher=True, client=publisher_address)
+    assert "rtcp" in order
+    first_rtcp = order.index("rtcp")
+    assert "dtls" in order[:first_rtcp]
+    assert "dtls" not in order[first_rtcp:]

@@ -696,7 +696,11 @@ class Router:
             self.counters["drop_unknown_address"] += 1
             return
         if kind is PacketKind.DTLS:
-            self._handle_events(session, session.receive_dtls(data, now), now)
+            events = session.receive_dtls(data, now)
+            # Our last handshake flight goes out before anything the events trigger (the
+            # first PLI is SRTCP: a peer without keys yet would have to buffer or drop it).
+            self._flush(session)
+            self._handle_events(session, events, now)
             self._flush(session)
             self._reschedule(session)
         elif kind is PacketKind.RTP_OR_RTCP:
