@@ -19,7 +19,7 @@ from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
 from whepfan.router import Router, StreamEvent
-from whepfan.session import SessionState
+from whepfan.session import MediaSession, SessionState
 
 FIXTURES = SDP_FIXTURES
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
@@ -79,6 +79,7 @@ def connect_viewer(
     """A viewer (or publisher) that completes ICE and DTLS against the router, in memory."""
     client_cert = DtlsCertificate.generate()
     offer = _with_fingerprint(WHIP_OFFER if publisher else WHEP_OFFER, client_cert)
+    session: MediaSession
     if publisher:
         session, answer = h.router.publish("live", offer, now)
     else:
@@ -111,8 +112,8 @@ def connect_viewer(
             h.router.datagram_received(datagram, client, now)
         for datagram in h.take_sent():
             dtls.receive(datagram, now)
-        while (event := dtls.next_event()) is not None:
-            connected = connected or isinstance(event, DtlsConnected)
+        while (dtls_event := dtls.next_event()) is not None:
+            connected = connected or isinstance(dtls_event, DtlsConnected)
         if connected:
             for datagram in dtls.datagrams_to_send():  # the client's last flight, if any
                 h.router.datagram_received(datagram, client, now)
@@ -136,6 +137,7 @@ def test_consent_expiry_frees_a_silent_viewer_at_exactly_30_seconds(harness: Har
     deadline = harness.router.get_timer()
     assert deadline is not None
     viewer_deadline = harness.router.get_session(session_id).get_timer()
+    assert viewer_deadline is not None
     assert viewer_deadline == pytest.approx(connected_at + 30.0, abs=0.06)
     harness.router.handle_timer(viewer_deadline - 0.001)
     assert session_id in harness.router.sessions
@@ -268,6 +270,7 @@ def test_a_throttled_keyframe_request_is_deferred_not_dropped(harness: Harness) 
     assert harness.router.counters["keyframe_requests_sent"] == sent_at_start
     last_request = harness.router.streams["live"].last_keyframe_request
     retry_at = harness.router.get_timer()
+    assert retry_at is not None
     assert retry_at == pytest.approx(last_request + 0.5)
     harness.router.handle_timer(retry_at - 0.001)
     assert harness.router.counters["keyframe_requests_sent"] == sent_at_start
@@ -294,3 +297,47 @@ def test_the_final_dtls_flight_leaves_before_the_first_keyframe_request(harness:
     first_rtcp = order.index("rtcp")
     assert "dtls" in order[:first_rtcp]
     assert "dtls" not in order[first_rtcp:]
+
+
+class _RecordingFanout:
+    """The real Fanout, with the keyframe flag of every push recorded."""
+
+    def __init__(self, inner: _fastpath.Fanout) -> None:
+        self._inner = inner
+        self.pushes: list[bool] = []
+
+    def push(
+        self, track: int, packet: bytes, keyframe: bool = False, now: float | None = None
+    ) -> int:
+        self.pushes.append(keyframe)
+        return (
+            self._inner.push(track, packet, keyframe, now)
+            if now is not None
+            else (self._inner.push(track, packet, keyframe))
+        )
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_a_retransmitted_keyframe_start_is_not_pushed_as_a_keyframe(harness: Harness) -> None:
+    """RFC 4588 §8.3: RTX may resend old packets (Chromium pads with them when probing).
+    A resent keyframe start must not start or switch a viewer: it would be renumbered from
+    a stale sequence number and every live packet after it would look lost."""
+    harness.router.publish("live", WHIP_OFFER, 0.0)
+    stream = harness.router.streams["live"]
+    track = stream.tracks["video"][0]
+    recorder = _RecordingFanout(harness.router.fanout)
+    harness.router.fanout = recorder  # type: ignore[assignment]
+    # RTP header (PT 96, seq 1000) + VP8 descriptor with S=1, PID=0 (RFC 7741 §4.2) +
+    # a keyframe's first bytes (P=0) and start code 9d 01 2a with 320x240 (RFC 6386 §9.1).
+    header = bytes([0x80, 96]) + (1000).to_bytes(2, "big") + (90000).to_bytes(4, "big")
+    header += (0x1234).to_bytes(4, "big")
+    payload = (
+        b"\x10" + bytes([0x50, 0x02, 0x00, 0x9D, 0x01, 0x2A, 0x40, 0x01, 0xF0, 0x00]) + b"\x00" * 40
+    )
+    harness.router._ingest(stream, track, 0x1234, bytearray(header + payload), 1.0)
+    harness.router._ingest(
+        stream, track, 0x1234, bytearray(header + payload), 1.1, retransmission=True
+    )
+    assert recorder.pushes == [True, False]
