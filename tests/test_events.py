@@ -758,3 +758,17 @@ async def test_a_thousand_idle_readers_leave_fanout_throughput_alone(
         )
         # A generous noise band (two cores shared with the readers' process).
         assert with_readers > 0.5 * without
+
+
+async def test_reconnect_sessions_tells_only_those_sessions_then_ends_their_streams() -> None:
+    """A crashed worker's sessions (issue 8): their readers get `reconnect`, others do not,
+    and the streams end after the grace period (so the frame can leave first)."""
+    hub = EventHub(router=FakeRouter({"cam": FakeStream(active=True, viewers={})}))
+    lost = hub.subscribe("cam", "lost-session", frozenset(EVENT_TYPES))
+    kept = hub.subscribe("cam", "kept-session", frozenset(EVENT_TYPES))
+    assert hub.reconnect_sessions(["lost-session", "unknown"], grace=0.05) == 1
+    assert b"event: reconnect" in lost.take()
+    assert b"reconnect" not in kept.take()
+    await asyncio.sleep(0.1)
+    assert lost.closed and not kept.closed
+    assert hub.reader_count == 1

@@ -260,3 +260,36 @@ async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
             await publisher.close()
     finally:
         live.close()
+
+
+async def test_a_crashed_workers_viewers_are_told_to_reconnect_over_sse() -> None:
+    """Issue 8: a worker dies -> its sessions end (404) and their event readers get
+    `reconnect` (EXT §4.3.5), so players come back through signalling to a live worker."""
+    import aiohttp
+    from test_drain import live_server, publish, view
+
+    live = live_server(workers="2")
+    try:
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            publisher = await publish(http, "cam")
+            answer = await view(http, "cam")
+            assert answer.status == 201
+            location = answer.headers["Location"]
+            pool = live.info.backend if live.info is not None else None
+            assert isinstance(pool, WorkerPool)
+            worker = pool.worker_of(location.rsplit("/", 1)[1])
+            async with http.get(location + "/events") as events:
+                assert events.status == 200
+                await events.content.readline()  # the stream is open
+                live.loop.call_soon_threadsafe(pool.kill_worker, worker)
+                received = b""
+                deadline = asyncio.get_running_loop().time() + 10
+                while b"event: reconnect" not in received:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    assert remaining > 0, received
+                    received += await asyncio.wait_for(events.content.readline(), remaining)
+            async with http.delete(location) as response:
+                assert response.status == 404
+            await publisher.close()
+    finally:
+        live.close()

@@ -105,6 +105,9 @@ async def run(
     app = create_app(router=backend, clock=clock, options=settings.http_options())
     add_metrics_route(app, backend.stats)
     hub = app.get(EVENT_HUB_KEY)
+    if isinstance(backend, WorkerPool) and hub is not None:
+        # A crashed worker's viewers must come back through signalling (another worker).
+        backend.on_sessions_lost = hub.reconnect_sessions
     ticker = asyncio.ensure_future(_tick(backend))
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).

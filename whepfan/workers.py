@@ -76,7 +76,7 @@ from whepfan.session import MediaSession, PublisherSession, SessionKind, Session
 
 log = logging.getLogger("whepfan.workers")
 
-SessionLostHook = Callable[[list[str]], None]
+SessionLostHook = Callable[[list[str]], object]  # return value ignored
 
 # ====================================================================== relay wire format
 
@@ -1058,14 +1058,15 @@ class WorkerPool:
     def _worker_lost(self, index: int) -> None:
         self.ledger.remove_worker(index)
         lost = [sid for sid, session in self.sessions.items() if session.worker == index]
+        if lost and self.on_sessions_lost is not None:
+            # Before unregistering: the event hub must hear of them while they are known.
+            self.on_sessions_lost(lost)
         for session_id in lost:
             self._unregister(session_id)
         for stream in list(self._streams.values()):
             if stream.origin == index:
                 stream.origin = None
                 stream.canonical_offer = None
-        if lost and self.on_sessions_lost is not None:
-            self.on_sessions_lost(lost)
 
     # channel ------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -264,6 +264,8 @@ class EventHub:
         self.frames_dropped = 0
         self._attached = False
         self._serial = 0
+        # Sessions told to reconnect: their streams outlive the session for a grace period.
+        self._reconnecting: set[str] = set()
 
     # ------------------------------------------------------------------ wiring
 
@@ -345,6 +347,30 @@ class EventHub:
             self._fan_out(channel, "reconnect", frame) for channel in self._channels.values()
         )
 
+    def reconnect_sessions(self, session_ids: Iterable[str], *, grace: float = 2.0) -> int:
+        """Sessions that ended without a DELETE (their media worker died): tell their
+        players to reconnect (EXT §4.3.5; ``{}`` means "to the endpoint you came from"),
+        then end those event streams once the frame has had ``grace`` seconds to leave
+        (ending a stream drops what is queued). Returns the number of streams told."""
+        wanted = set(session_ids)
+        frame = encode_event("reconnect", {})
+        told = 0
+        loop = asyncio.get_running_loop()
+        for stream, channel in list(self._channels.items()):
+            for session_id in wanted.intersection(channel.by_session):
+                for reader_id in channel.by_session[session_id]:
+                    reader = channel.readers[reader_id]
+                    if "reconnect" in reader.types:
+                        reader.deliver(frame)
+                        told += 1
+                self._reconnecting.add(session_id)
+                loop.call_later(grace, self._end_reconnected, session_id, stream)
+        return told
+
+    def _end_reconnected(self, session_id: str, stream: str) -> None:
+        self._reconnecting.discard(session_id)
+        self.close_session(session_id, stream)
+
     def layers(self, stream: str) -> dict[str, object] | None:
         channel = self._channels.get(stream)
         return None if channel is None else channel.layers
@@ -397,7 +423,8 @@ class EventHub:
         state = self.router.streams.get(stream)
         viewers: Mapping[str, object] = {} if state is None else state.viewers
         for session_id in [s for s in channel.by_session if s not in viewers]:
-            self.close_session(session_id, stream)
+            if session_id not in self._reconnecting:  # those end after their grace period
+                self.close_session(session_id, stream)
 
     # ------------------------------------------------------------------ event streams
 
