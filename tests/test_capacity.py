@@ -187,3 +187,50 @@ async def test_http_answers_503_with_retry_after_exactly_at_the_budget() -> None
             await publisher.close()
     finally:
         live.close()
+
+
+class _LayeredRouter:
+    """Just enough of the Router for admission: one live stream with three layers, viewer
+    creation, and a record of the layer constraints the admission applies."""
+
+    def __init__(self) -> None:
+        self.streams = {"s": self}
+        self.live = True
+        self.requests: list[tuple[str, object]] = []
+        self._next = 0
+
+    def layers(self) -> list[str]:
+        return ["q", "h", "f"]  # the router orders layers low to high
+
+    def view(self, stream_name: str, offer_text: str, now: float) -> tuple[object, str]:
+        self._next += 1
+        return type("Session", (), {"id": f"v{self._next}"})(), "answer"
+
+    def select_layer(self, session_id: str, request: object, now: float) -> dict[str, object]:
+        self.requests.append((session_id, request))
+        return {}
+
+
+def test_a_viewer_admitted_on_a_lower_layer_is_capped_there() -> None:
+    """admit_lower_layer: the third viewer only fits one layer down, so it is admitted with
+    a ceiling one below the top and cannot climb back over the budget it was admitted under."""
+    from whepfan.router import LayerRequest
+    from whepfan.workers import InProcessWorkers
+
+    router = _LayeredRouter()
+    ledger = CapacityLedger(
+        policy=CapacityPolicy(worker_packet_budget=700.0, admit_lower_layer=True)
+    )
+    ledger.set_stream_layers(
+        "s",
+        [
+            LayerCost(packets_per_second=300.0, bits_per_second=2_000_000.0),
+            LayerCost(packets_per_second=100.0, bits_per_second=500_000.0),
+            LayerCost(packets_per_second=50.0, bits_per_second=150_000.0),
+        ],
+    )
+    workers = InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+    for _ in range(3):
+        workers.view("s", "offer", 0.0)
+    assert router.requests == [("v3", LayerRequest(max_spatial_layer=1))]
+    assert workers.lower_layer_admissions == 1

@@ -71,7 +71,7 @@ from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError, ServiceUnavailable, WhepfanError
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.router import Router, Stream, StreamEvent, StreamListener
+from whepfan.router import LayerRequest, Router, Stream, StreamEvent, StreamListener
 from whepfan.session import MediaSession, PublisherSession, SessionKind, SessionState
 
 log = logging.getLogger("whepfan.workers")
@@ -391,6 +391,7 @@ class InProcessWorkers:
         self.ledger = ledger
         self.monitor = RouterMonitor(router, worker=0)
         self._meters: dict[tuple[str, str], RateMeter] = {}
+        self.lower_layer_admissions = 0
 
     # SessionRouter ----------------------------------------------------------------------
 
@@ -419,10 +420,12 @@ class InProcessWorkers:
         return self.router.publish(stream_name, offer_text, now)
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[Any, str]:
-        return self._admit(stream_name, lambda: self.router.view(stream_name, offer_text, now))
+        return self._admit(
+            stream_name, lambda: self.router.view(stream_name, offer_text, now), now
+        )
 
     def counter_offer(self, stream_name: str, now: float) -> tuple[Any, str]:
-        return self._admit(stream_name, lambda: self.router.counter_offer(stream_name, now))
+        return self._admit(stream_name, lambda: self.router.counter_offer(stream_name, now), now)
 
     def accept_counter_answer(self, session_id: str, answer_text: str, now: float) -> None:
         self.router.accept_counter_answer(session_id, answer_text, now)
@@ -448,7 +451,9 @@ class InProcessWorkers:
 
     # admission, load, stats ------------------------------------------------------------
 
-    def _admit(self, stream_name: str, create: Callable[[], tuple[Any, str]]) -> tuple[Any, str]:
+    def _admit(
+        self, stream_name: str, create: Callable[[], tuple[Any, str]], now: float
+    ) -> tuple[Any, str]:
         stream = self.router.streams.get(stream_name)
         if stream is None or not stream.live:
             return create()  # the router answers 409 (WHEP §4.2.8) before any 503
@@ -460,7 +465,20 @@ class InProcessWorkers:
             admission = self.ledger.reserve(stream_name)
         session, answer = create()
         self.ledger.commit(session.id, stream_name, admission)
+        if admission.layer > 0:
+            self._cap_layer(session.id, stream, admission.layer, now)
         return session, answer
+
+    def _cap_layer(self, session_id: str, stream: Any, from_top: int, now: float) -> None:
+        """Admitted below the top layer (``admit_lower_layer``): the viewer may not climb
+        above what it was admitted at, or the budget it was admitted under would not hold.
+        The ledger counts layers from the top, the router from the bottom."""
+        layers = stream.layers()
+        if len(layers) < 2:
+            return
+        ceiling = max(0, len(layers) - 1 - from_top)
+        self.router.select_layer(session_id, LayerRequest(max_spatial_layer=ceiling), now)
+        self.lower_layer_admissions += 1
 
     def tick(self, now: float | None) -> None:
         """Once a second: settle ended sessions, observe setup latency, measure streams."""
