@@ -24,11 +24,13 @@
 # target's keyframe passes through push(), that subscription takes over inside the same
 # nogil loop: it keeps the viewer's SSRC, continues its sequence numbers (out seq = last
 # out seq + 1), advances its timestamp by the real time elapsed since the last packet the
-# viewer got (RFC 3550 §5.1: timestamps follow the sampling clock), continues VP8 picture
-# ids and TL0PICIDX (RFC 7741 §4.2), and the old subscription is removed. Python only
-# hears of it afterwards, through take_switches(). VP8 temporal layers above a viewer's
-# limit are dropped per packet, shrinking the viewer's sequence numbers and picture ids so
-# that neither shows a gap (a gap would read as loss and trigger NACKs and PLIs).
+# viewer got (RFC 3550 §5.1: timestamps follow the sampling clock), continues VP8/VP9
+# picture ids and TL0PICIDX (RFC 7741 §4.2, RFC 9628 §4.2), and the old subscription is
+# removed. Python only hears of it afterwards, through take_switches(). VP8 temporal
+# layers above a viewer's limit are dropped per packet, shrinking the viewer's sequence
+# numbers and picture ids so that neither shows a gap (a gap would read as loss and
+# trigger NACKs and PLIs). VP9 temporal dropping shrinks sequence numbers only: VP9
+# receivers derive references from picture-id distances (see _drop_temporal_vp9).
 #
 # Not thread-safe: call every method from the thread that owns the worker's event loop
 # (the nogil sections release the GIL for other Python threads, not for re-entry).
@@ -80,11 +82,17 @@ cdef enum:
     RTCP_SR_SIZE = 28            # RFC 3550 §6.4.1, no report blocks
     SWITCH_LOG_SIZE = 1024       # completed switches kept until take_switches()
     ALL_TEMPORAL_LAYERS = 255    # no temporal-layer limit
+    # VP9 flexible mode (RFC 9628 §4.2): a P_DIFF reaches at most 127 pictures back, so
+    # the fate of the last 128 pictures (by picture id mod 128) is all a check needs.
+    VP9_PICTURE_HISTORY = 128
+    VP9_PICTURE_DROPPED = 0x8000   # history entry flag: not sent to this viewer
+    VP9_MAX_REFERENCES = 3         # RFC 9628 §4.2: up to three P_DIFF octets
 
 # How a track's payload is read in the fan-out loop (everything else is opaque bytes).
 cpdef enum:
     PAYLOAD_OPAQUE = 0
     PAYLOAD_VP8 = 1              # RFC 7741 payload descriptor: temporal layers, picture ids
+    PAYLOAD_VP9 = 2              # RFC 9628 payload descriptor: temporal layers, picture ids
 
 cdef enum ExtensionForm:
     EXT_NONE = 0                 # no header extension (X = 0)
@@ -105,17 +113,22 @@ cdef struct RtpLayout:
     uint8_t ext_id[MAX_EXT_ELEMENTS]
 
 
-# The fields of a VP8 payload descriptor (RFC 7741 §4.2) the fan-out acts on.
-cdef struct Vp8Fields:
+# The fields of a VP8 (RFC 7741 §4.2) or VP9 (RFC 9628 §4.2) payload descriptor the fan-out
+# acts on. The picture id (M bit: 15 bits) and TL0PICIDX have the same wire form in both.
+cdef struct DescriptorFields:
     int present                  # 1 if the payload carried a parseable descriptor
-    int frame_start              # S = 1 and partition index 0: first packet of a picture
+    int frame_start              # first packet of a picture: VP8 S and partition 0, VP9 B, SID 0
     int picture_id               # -1: absent
     int picture_id_offset        # offset of the picture id in the payload
     int long_picture_id          # M bit: 15-bit picture id
     int tl0_pic_idx              # -1: absent
     int tl0_offset
     int temporal_layer           # TID; -1: absent
-    int layer_sync               # Y bit
+    int layer_sync               # VP8 Y bit, VP9 U bit (switching-up point)
+    # VP9 only.
+    int flexible                 # F bit: references as P_DIFFs, no TL0PICIDX
+    int reference_count          # P_DIFF octets (P and F set)
+    int reference_diff[VP9_MAX_REFERENCES]
 
 
 # One viewer's copy of one track.
@@ -143,8 +156,9 @@ cdef struct Subscription:
     uint16_t offset_valid_from
     uint8_t offset_floor_set     # offset_valid_from is set
     int32_t switch_from          # pending switch: the track it replaces; -1: none
-    # VP8 (RFC 7741 §4.2): rewritten so the viewer sees one gap-free sequence.
-    uint8_t has_vp8_state
+    # VP8 (RFC 7741 §4.2) / VP9 (RFC 9628 §4.2) picture ids and TL0PICIDX, rewritten so
+    # the viewer sees one stream across switches (and, VP8 only, temporal drops).
+    uint8_t has_picture_state
     uint8_t temporal_limit       # highest TID forwarded (ALL_TEMPORAL_LAYERS: all)
     uint8_t temporal_target      # the limit asked for; applied at a picture boundary
     uint8_t tl0_offset
@@ -152,6 +166,9 @@ cdef struct Subscription:
     uint16_t picture_id_offset   # mod 2^15
     uint16_t last_picture_id
     int32_t last_dropped_picture  # picture id of the last dropped picture; -1: none
+    # VP9 tracks: VP9_PICTURE_HISTORY entries, index picture id mod 128, each the id of
+    # the last picture seen there | VP9_PICTURE_DROPPED, or -1; NULL for other formats.
+    int32_t* vp9_picture_history
 
 
 cdef struct Viewer:
@@ -387,11 +404,12 @@ cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
 #  T/K: |TID|Y| KEYIDX  |  TID decides temporal dropping, Y allows an upswitch
 #       +-+-+-+-+-+-+-+-+
 
-cdef void vp8_parse_fields(const uint8_t* payload, int length, Vp8Fields* fields) noexcept nogil:
+cdef void vp8_parse_fields(const uint8_t* payload, int length,
+                           DescriptorFields* fields) noexcept nogil:
     """Fill ``fields``; ``present`` stays 0 if the descriptor is truncated."""
     cdef int position = 1
     cdef uint8_t first, extension
-    memset(fields, 0, sizeof(Vp8Fields))
+    memset(fields, 0, sizeof(DescriptorFields))
     fields.picture_id = -1
     fields.tl0_pic_idx = -1
     fields.temporal_layer = -1
@@ -433,9 +451,12 @@ cdef void vp8_parse_fields(const uint8_t* payload, int length, Vp8Fields* fields
     fields.present = 1
 
 
-cdef inline void vp8_rewrite(uint8_t* payload, const Vp8Fields* fields,
-                             const Subscription* subscription) noexcept nogil:
-    """Shift picture id and TL0PICIDX into the viewer's continuous numbering (same length)."""
+cdef inline void descriptor_rewrite(uint8_t* payload, const DescriptorFields* fields,
+                                    const Subscription* subscription) noexcept nogil:
+    """Shift picture id and TL0PICIDX into the viewer's continuous numbering (same length).
+    VP8 and VP9 share this: both put |M| id | [id] | and a one-octet TL0PICIDX in place.
+    A 7-bit id gets the low 7 bits of the viewer's 15-bit count, so both widths stay
+    continuous modulo their own size for one subscription."""
     cdef uint16_t picture_id
     if fields.picture_id >= 0 and subscription.picture_id_offset:
         picture_id = <uint16_t>((fields.picture_id + subscription.picture_id_offset) & 0x7FFF)
@@ -446,6 +467,82 @@ cdef inline void vp8_rewrite(uint8_t* payload, const Vp8Fields* fields,
             payload[fields.picture_id_offset] = <uint8_t>(picture_id & 0x7F)
     if fields.tl0_pic_idx >= 0 and subscription.tl0_offset:
         payload[fields.tl0_offset] = <uint8_t>(fields.tl0_pic_idx + subscription.tl0_offset)
+
+
+# ---------------------------------------------------------------------------------------
+# VP9 payload descriptor (RFC 9628 §4.2), read once per push and patched per viewer.
+#
+#        0 1 2 3 4 5 6 7
+#       +-+-+-+-+-+-+-+-+
+#       |I|P|L|F|B|E|V|Z|  P: inter-picture predicted, F: flexible, B/E: frame start/end
+#       +-+-+-+-+-+-+-+-+
+#  I:   |M| PICTURE ID  |  <- + picture_id_offset (7 or, with M, 15 bits)
+#       +-+-+-+-+-+-+-+-+
+#  M:   | EXTENDED PID  |
+#       +-+-+-+-+-+-+-+-+
+#  L:   | TID |U| SID |D|  TID decides temporal dropping, U allows an upswitch
+#       +-+-+-+-+-+-+-+-+
+#       |   TL0PICIDX   |  <- + tl0_offset (L set, non-flexible mode only)
+#       +-+-+-+-+-+-+-+-+
+#  P,F: | P_DIFF      |N|  flexible mode: up to 3 references, picture id distances
+#       +-+-+-+-+-+-+-+-+
+#  V:   | SS ...        |  scalability structure (§4.2.1): not needed here
+
+cdef void vp9_parse_fields(const uint8_t* payload, int length,
+                           DescriptorFields* fields) noexcept nogil:
+    """Fill ``fields``; ``present`` stays 0 if the descriptor is truncated or malformed."""
+    cdef int position = 1, spatial_layer = 0
+    cdef uint8_t first, octet
+    memset(fields, 0, sizeof(DescriptorFields))
+    fields.picture_id = -1
+    fields.tl0_pic_idx = -1
+    fields.temporal_layer = -1
+    if length < 1:
+        return
+    first = payload[0]
+    if first & 0x80:
+        if position >= length:
+            return
+        fields.picture_id_offset = position
+        if payload[position] & 0x80:
+            if position + 2 > length:
+                return
+            fields.long_picture_id = 1
+            fields.picture_id = ((payload[position] & 0x7F) << 8) | payload[position + 1]
+            position += 2
+        else:
+            fields.picture_id = payload[position]
+            position += 1
+    fields.flexible = (first & 0x10) != 0
+    if first & 0x20:
+        if position >= length:
+            return
+        octet = payload[position]
+        fields.temporal_layer = octet >> 5
+        fields.layer_sync = (octet >> 4) & 1
+        spatial_layer = (octet >> 1) & 0x07
+        position += 1
+        if not fields.flexible:
+            if position >= length:
+                return
+            fields.tl0_offset = position
+            fields.tl0_pic_idx = payload[position]
+            position += 1
+    if fields.flexible and first & 0x40:
+        while True:
+            if position >= length or fields.reference_count == VP9_MAX_REFERENCES:
+                return
+            octet = payload[position]
+            position += 1
+            if octet >> 1 == 0:
+                return   # a zero distance would be the picture itself
+            fields.reference_diff[fields.reference_count] = octet >> 1
+            fields.reference_count += 1
+            if not octet & 0x01:
+                break
+    # A picture is every spatial layer frame at one instant: it starts at layer 0's B.
+    fields.frame_start = (first & 0x08) != 0 and spatial_layer == 0
+    fields.present = 1
 
 
 cdef inline bint seq_before(uint16_t a, uint16_t b) noexcept nogil:
@@ -692,14 +789,15 @@ cdef class Fanout:
     def add_track(self, *, int cache_packets=1024, int clock_rate=90000,
                   int payload_format=PAYLOAD_OPAQUE) -> int:
         """A new ingest stream with a NACK cache of ``cache_packets`` packets, its RTP
-        ``clock_rate``, and how its payload may be read (``PAYLOAD_VP8``: temporal layers)."""
+        ``clock_rate``, and how its payload may be read (``PAYLOAD_VP8``/``PAYLOAD_VP9``:
+        temporal layers, picture ids)."""
         cdef int index
         cdef Track* track
         if not 1 <= cache_packets <= 65536:   # one slot per 16-bit sequence number at most
             raise ValueError("cache_packets must be in 1..65536")
         if clock_rate <= 0:
             raise ValueError("clock_rate must be positive")
-        if payload_format != PAYLOAD_OPAQUE and payload_format != PAYLOAD_VP8:
+        if payload_format not in (PAYLOAD_OPAQUE, PAYLOAD_VP8, PAYLOAD_VP9):
             raise ValueError(f"unknown payload format {payload_format}")
         for index in range(self.max_tracks):
             if not self.tracks[index].in_use:
@@ -727,6 +825,7 @@ cdef class Fanout:
         cdef int index
         for index in range(track.subscription_count):
             free(track.subscriptions[index].ext_map)
+            free(track.subscriptions[index].vp9_picture_history)
         free(track.subscriptions)
         free(track.cache)
         free(track.cache_seq)
@@ -801,11 +900,18 @@ cdef class Fanout:
         """Append a zeroed subscription of ``viewer`` to ``target`` (growing the array)."""
         cdef Subscription* grown
         cdef Subscription* subscription
+        cdef int32_t* history = NULL
         cdef int capacity
+        if target.payload_format == PAYLOAD_VP9:
+            history = <int32_t*>malloc(VP9_PICTURE_HISTORY * sizeof(int32_t))
+            if history == NULL:
+                raise MemoryError()
+            memset(history, 0xFF, VP9_PICTURE_HISTORY * sizeof(int32_t))   # -1: unknown
         if target.subscription_count == target.subscription_capacity:
             capacity = max(16, 2 * target.subscription_capacity)
             grown = <Subscription*>realloc(target.subscriptions, capacity * sizeof(Subscription))
             if grown == NULL:
+                free(history)
                 raise MemoryError()
             target.subscriptions = grown
             target.subscription_capacity = capacity
@@ -816,6 +922,7 @@ cdef class Fanout:
         subscription.last_dropped_picture = -1
         subscription.temporal_limit = ALL_TEMPORAL_LAYERS
         subscription.temporal_target = ALL_TEMPORAL_LAYERS
+        subscription.vp9_picture_history = history
         target.subscription_of_viewer[viewer] = target.subscription_count
         target.subscription_count += 1
         return subscription
@@ -910,16 +1017,20 @@ cdef class Fanout:
         pending.switch_from = from_track
 
     def set_temporal_layer(self, int viewer, int track, int limit) -> None:
-        """Forward only VP8 temporal layers 0..``limit`` of ``track`` to ``viewer`` (-1: all).
-        A lower limit applies at the next picture; a higher one at the next picture that
-        decodes from what the viewer has (TID 0, or a layer sync picture: RFC 7741 §4.2 Y)."""
+        """Forward only VP8/VP9 temporal layers 0..``limit`` of ``track`` to ``viewer``
+        (-1: all). A lower limit applies at the next picture; a higher one at the next
+        picture that decodes from what the viewer has (TID 0, or a layer sync picture:
+        RFC 7741 §4.2 Y, RFC 9628 §4.2 U)."""
         cdef Track* source = self._track(track)
         cdef Subscription* subscription
         self._viewer(viewer)
         subscription = self._subscription(source, viewer)
         if limit < 0:
             limit = ALL_TEMPORAL_LAYERS
-        if limit > 3 and limit != ALL_TEMPORAL_LAYERS:
+        if source.payload_format == PAYLOAD_VP9:
+            if limit > 7 and limit != ALL_TEMPORAL_LAYERS:
+                raise ValueError("a VP9 temporal layer id is 0..7 (TID is 3 bits)")
+        elif limit > 3 and limit != ALL_TEMPORAL_LAYERS:
             raise ValueError("a VP8 temporal layer id is 0..3 (TID is 2 bits)")
         subscription.temporal_target = limit
 
@@ -957,6 +1068,7 @@ cdef class Fanout:
         cdef int32_t index = track.subscription_of_viewer[viewer]
         cdef int32_t last = track.subscription_count - 1
         free(track.subscriptions[index].ext_map)
+        free(track.subscriptions[index].vp9_picture_history)
         if index != last:
             track.subscriptions[index] = track.subscriptions[last]
             track.subscription_of_viewer[track.subscriptions[index].viewer] = index
@@ -1002,7 +1114,7 @@ cdef class Fanout:
 
     cdef void _complete_switch(self, Track* target, Subscription* subscription,
                                uint16_t sequence, uint32_t timestamp, double now,
-                               const Vp8Fields* vp8) noexcept nogil:
+                               const DescriptorFields* descriptor) noexcept nogil:
         """The target layer's keyframe is here: continue the viewer's numbering from its
         old subscription, which is then removed (see the theory of operation)."""
         cdef Track* previous = NULL
@@ -1033,15 +1145,15 @@ cdef class Fanout:
                     # Same SSRC, so RFC 3550 §6.4.1 sender counts carry on.
                     subscription.packets_sent = old.packets_sent
                     subscription.octets_sent = old.octets_sent
-                    if old.has_vp8_state and vp8.present:
+                    if old.has_picture_state and descriptor.present:
                         # RFC 7741 §4.2: the keyframe is the next picture, and (TID 0) the
                         # next TL0 picture, of the viewer's one VP8 stream.
-                        if vp8.picture_id >= 0:
+                        if descriptor.picture_id >= 0:
                             subscription.picture_id_offset = <uint16_t>(
-                                (old.last_picture_id + 1 - vp8.picture_id) & 0x7FFF)
-                        if vp8.tl0_pic_idx >= 0:
+                                (old.last_picture_id + 1 - descriptor.picture_id) & 0x7FFF)
+                        if descriptor.tl0_pic_idx >= 0:
                             subscription.tl0_offset = <uint8_t>(
-                                old.last_tl0 + 1 - vp8.tl0_pic_idx)
+                                old.last_tl0 + 1 - descriptor.tl0_pic_idx)
                 self._unsubscribe(previous, subscription.viewer)
         subscription.offset_valid_from = sequence
         subscription.offset_floor_set = 1
@@ -1056,7 +1168,7 @@ cdef class Fanout:
         else:
             self.counters.switch_log_overflows += 1
 
-    cdef bint _drop_temporal(self, Subscription* subscription, const Vp8Fields* vp8,
+    cdef bint _drop_temporal(self, Subscription* subscription, const DescriptorFields* vp8,
                              uint16_t sequence) noexcept nogil:
         """Apply the viewer's VP8 temporal-layer limit; 1 if this packet is not sent."""
         cdef uint8_t layer
@@ -1085,6 +1197,65 @@ cdef class Fanout:
                                                         & 0x7FFF)
         return 1
 
+    cdef bint _drop_temporal_vp9(self, Subscription* subscription,
+                                 const DescriptorFields* descriptor,
+                                 uint16_t sequence) noexcept nogil:
+        """Apply the viewer's temporal-layer limit to a VP9 packet; 1 if it is not sent.
+
+        Unlike VP8, the viewer's picture ids keep the gaps dropped pictures leave; only
+        its sequence numbers close up. A VP9 receiver finds each picture's references
+        from picture-id distances: in non-flexible mode from the distance to the start of
+        the group of frames in the scalability structure (RFC 9628 §4.2.1, N_G pattern),
+        in flexible mode from the P_DIFFs (§4.2). Renumbering would point both at the
+        wrong pictures (libwebrtc's VP9 reference finder reads them exactly so), while a
+        gap reads as a dropped higher-layer picture, which lower layers never need.
+
+        In flexible mode the references are explicit, so they are checked as well: a
+        picture whose P_DIFF points at a picture this viewer did not get is dropped too,
+        whatever its TID, and the decision holds for every packet of that picture.
+        """
+        cdef uint8_t layer
+        cdef bint drop
+        cdef int32_t* history = subscription.vp9_picture_history
+        cdef int32_t entry, reference, mask
+        cdef int index
+        if not descriptor.present or descriptor.temporal_layer < 0:
+            return 0   # no layer indices: a single layer, nothing to drop
+        layer = <uint8_t>descriptor.temporal_layer
+        if (subscription.temporal_target != subscription.temporal_limit
+                and descriptor.frame_start):
+            # Lower: at any picture boundary. Higher: only where the higher layer decodes
+            # from what the viewer has (TID 0, or U: RFC 9628 §4.2 switching-up point).
+            if (subscription.temporal_target < subscription.temporal_limit or layer == 0
+                    or (descriptor.layer_sync and layer <= subscription.temporal_target)):
+                subscription.temporal_limit = subscription.temporal_target
+        drop = layer > subscription.temporal_limit
+        if descriptor.flexible and history != NULL and descriptor.picture_id >= 0:
+            entry = history[descriptor.picture_id % VP9_PICTURE_HISTORY]
+            if entry >= 0 and (entry & 0x7FFF) == descriptor.picture_id:
+                drop = (entry & VP9_PICTURE_DROPPED) != 0   # decided at its first packet
+            else:
+                mask = 0x7FFF if descriptor.long_picture_id else 0x7F
+                for index in range(descriptor.reference_count):
+                    reference = (descriptor.picture_id - descriptor.reference_diff[index]) & mask
+                    entry = history[reference % VP9_PICTURE_HISTORY]
+                    if (entry >= 0 and (entry & 0x7FFF) == reference
+                            and entry & VP9_PICTURE_DROPPED):
+                        drop = 1   # it would predict from a picture the viewer lacks
+                history[descriptor.picture_id % VP9_PICTURE_HISTORY] = (
+                    descriptor.picture_id | (VP9_PICTURE_DROPPED if drop else 0))
+        if not drop:
+            return 0
+        if subscription.has_sent and not seq_before(
+                subscription.last_seq, <uint16_t>(sequence + subscription.seq_offset)):
+            return 1   # a late copy of a packet from before the last drop: no renumbering
+        # Close the gap the dropped packet leaves in the viewer's sequence numbers (a gap
+        # would read as loss: RFC 4585 NACKs, then PLIs).
+        subscription.seq_offset -= 1
+        subscription.offset_valid_from = <uint16_t>(sequence + 1)
+        subscription.offset_floor_set = 1
+        return 1
+
     def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False,
              now=None) -> int:
         """Cache ``packet`` (plain RTP) and send it to every subscriber of ``track``;
@@ -1094,7 +1265,8 @@ cdef class Fanout:
         cdef Track* source = self._track(track)
         cdef int length = packet.shape[0]
         cdef RtpLayout layout
-        cdef Vp8Fields vp8
+        cdef DescriptorFields descriptor
+        cdef bint dropped
         cdef uint16_t sequence, out_seq
         cdef uint32_t timestamp
         cdef int index, protected_len, sent = 0, cache_index
@@ -1115,9 +1287,11 @@ cdef class Fanout:
         timestamp = load32(&packet[4])
         with nogil:
             if source.payload_format == PAYLOAD_VP8:
-                vp8_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &vp8)
+                vp8_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &descriptor)
+            elif source.payload_format == PAYLOAD_VP9:
+                vp9_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &descriptor)
             else:
-                vp8.present = 0
+                descriptor.present = 0
             # The one copy that outlives this call: NACKs are answered from it.
             cache_index = sequence % source.cache_packets
             cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
@@ -1138,34 +1312,38 @@ cdef class Fanout:
                     subscription.wait_keyframe = 0
                     if subscription.switch_from >= 0:
                         self._complete_switch(source, subscription, sequence, timestamp,
-                                              arrival, &vp8)
+                                              arrival, &descriptor)
                 elif subscription.offset_floor_set and seq_before(
                         sequence, subscription.offset_valid_from):
                     # A late packet (a retransmission) from before this viewer's offsets
                     # last changed: renumbered now it would collide with packets sent.
                     self.counters.dropped_stale += 1
                     continue
-                if self._drop_temporal(subscription, &vp8, sequence):
+                if source.payload_format == PAYLOAD_VP9:
+                    dropped = self._drop_temporal_vp9(subscription, &descriptor, sequence)
+                else:
+                    dropped = self._drop_temporal(subscription, &descriptor, sequence)
+                if dropped:
                     self.counters.dropped_temporal_layer += 1
                     continue
                 slot = batch_next_slot(&self.batch)
                 memcpy(slot, cached, length)
                 rtp_rewrite(slot, &layout, subscription, sequence, timestamp)
-                if vp8.present:
-                    vp8_rewrite(slot + layout.header_len, &vp8, subscription)
+                if descriptor.present:
+                    descriptor_rewrite(slot + layout.header_len, &descriptor, subscription)
                 out_seq = <uint16_t>(sequence + subscription.seq_offset)
                 if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
                     subscription.has_sent = 1
                     subscription.last_seq = out_seq
                     subscription.last_ts = timestamp + subscription.ts_offset
                     subscription.last_sent_at = arrival
-                    if vp8.present and vp8.picture_id >= 0:
-                        subscription.has_vp8_state = 1
+                    if descriptor.present and descriptor.picture_id >= 0:
+                        subscription.has_picture_state = 1
                         subscription.last_picture_id = <uint16_t>(
-                            (vp8.picture_id + subscription.picture_id_offset) & 0x7FFF)
-                        if vp8.tl0_pic_idx >= 0:
+                            (descriptor.picture_id + subscription.picture_id_offset) & 0x7FFF)
+                        if descriptor.tl0_pic_idx >= 0:
                             subscription.last_tl0 = <uint8_t>(
-                                vp8.tl0_pic_idx + subscription.tl0_offset)
+                                descriptor.tl0_pic_idx + subscription.tl0_offset)
                 protected_len = srtp_protect_rtp(&viewer.tx, slot, length, BATCH_SLOT_SIZE)
                 if protected_len < 0:
                     viewer.protect_errors += 1

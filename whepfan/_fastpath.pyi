@@ -49,6 +49,7 @@ class SrtpSession:
 # How a Fanout track's payload may be read (Fanout.add_track ``payload_format``).
 PAYLOAD_OPAQUE: int
 PAYLOAD_VP8: int  # RFC 7741 descriptors: temporal-layer dropping, picture-id continuity
+PAYLOAD_VP9: int  # RFC 9628 descriptors: the same (picture ids kept as sent on drops)
 
 class Fanout:
     """Per-worker send path: re-encrypts each pushed RTP packet once per subscribed viewer
@@ -102,13 +103,17 @@ class Fanout:
     def switch(self, viewer: int, from_track: int, to_track: int) -> None:
         """Move ``viewer`` to another simulcast layer at ``to_track``'s next keyframe,
         keeping its SSRC/PT and continuing its sequence numbers (last + 1), timestamps (+
-        real elapsed time) and VP8 picture id / TL0PICIDX. ``from_track`` keeps flowing
+        real elapsed time) and VP8/VP9 picture id / TL0PICIDX. ``from_track`` keeps flowing
         until then; ``unsubscribe(viewer, to_track)`` cancels. Completions are reported by
         ``take_switches``."""
 
     def set_temporal_layer(self, viewer: int, track: int, limit: int) -> None:
-        """Forward VP8 temporal layers 0..``limit`` only (-1: all), applied at a picture
-        boundary (upwards only where decodable: TID 0 or the Y bit)."""
+        """Forward VP8 (0..3) or VP9 (0..7) temporal layers 0..``limit`` only (-1: all),
+        applied at a picture boundary (upwards only where decodable: TID 0, or the VP8 Y /
+        VP9 U bit). Dropped packets close up the viewer's sequence numbers; VP8 picture
+        ids close up too, VP9 picture ids keep their gaps (VP9 references are picture-id
+        distances), and a VP9 flexible-mode picture whose P_DIFF names a dropped picture
+        is dropped as well."""
 
     def subscription_state(self, viewer: int, track: int) -> int:
         """0: not subscribed, 1: waiting for a keyframe (start or switch), 2: forwarding."""

@@ -860,10 +860,8 @@ class Router:
     def _new_track(self, media: IngestMedia, encoding_index: int, rid: str | None) -> Track:
         video = media.kind == "video"
         cache = self.config.video_cache_packets if video else self.config.audio_cache_packets
-        payload_format = (
-            _fastpath.PAYLOAD_VP8
-            if video and media.codec.name.upper() == "VP8"
-            else _fastpath.PAYLOAD_OPAQUE
+        payload_format = {"VP8": _fastpath.PAYLOAD_VP8, "VP9": _fastpath.PAYLOAD_VP9}.get(
+            media.codec.name.upper() if video else "", _fastpath.PAYLOAD_OPAQUE
         )
         return Track(
             fanout_id=self.fanout.add_track(

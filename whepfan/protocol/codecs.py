@@ -1,4 +1,4 @@
-"""Codec payload inspection on the ingest side: keyframe starts, VP8 descriptors, sizes.
+"""Codec payload inspection on the ingest side: keyframe starts, VP8/VP9 descriptors, sizes.
 
 The fan-out needs to know where a viewer may start (or switch simulcast layers)
 cleanly: at the first RTP packet of a keyframe. That is read from the RTP payload
@@ -177,6 +177,288 @@ def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
     width = int.from_bytes(frame[6:8], "little") & 0x3FFF
     height = int.from_bytes(frame[8:10], "little") & 0x3FFF
     return width, height
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vp9GroupPicture:
+    """One picture of a VP9 group of frames (RFC 9628 §4.2.1, the N_G loop of the SS):
+    its temporal layer, U bit, and references as picture-id distances (0 to 3)."""
+
+    temporal_layer: int
+    switching_up: bool = False
+    reference_diffs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vp9ScalabilityStructure:
+    """The VP9 scalability structure (RFC 9628 §4.2.1)::
+
+             +-+-+-+-+-+-+-+-+
+        V:   | N_S |Y|G|-|-|-|
+             +-+-+-+-+-+-+-+-+              -+
+        Y:   |     WIDTH     | (16 bits)     .
+             |     HEIGHT    | (16 bits)     . N_S + 1 times
+             +-+-+-+-+-+-+-+-+              -+
+        G:   |      N_G      |
+             +-+-+-+-+-+-+-+-+                           -+
+        N_G: |  T  |U| R |-|-|                            .
+             +-+-+-+-+-+-+-+-+              -+            . N_G times
+             |    P_DIFF     | (R times)     .            .
+             +-+-+-+-+-+-+-+-+              -+           -+
+
+    In non-flexible mode a receiver maps each picture to ``pictures[(picture id -
+    first picture id of the group) % N_G]`` to learn its references.
+    """
+
+    spatial_layers: int = 1
+    resolutions: tuple[tuple[int, int], ...] | None = None  # (width, height) per layer
+    pictures: tuple[Vp9GroupPicture, ...] | None = None
+
+    @classmethod
+    def parse_from(
+        cls, data: bytes | bytearray | memoryview, offset: int
+    ) -> tuple[Vp9ScalabilityStructure, int]:
+        """The structure starting at ``offset`` and the offset after it."""
+        size = len(data)
+        if offset >= size:
+            raise ParseError("VP9 scalability structure missing")
+        first = data[offset]
+        offset += 1
+        spatial_layers = (first >> 5) + 1
+        resolutions = None
+        if first & 0x10:
+            if offset + 4 * spatial_layers > size:
+                raise ParseError("VP9 scalability structure truncated in its resolutions")
+            resolutions = tuple(
+                (
+                    int.from_bytes(data[offset + 4 * i : offset + 4 * i + 2], "big"),
+                    int.from_bytes(data[offset + 4 * i + 2 : offset + 4 * i + 4], "big"),
+                )
+                for i in range(spatial_layers)
+            )
+            offset += 4 * spatial_layers
+        pictures = None
+        if first & 0x08:
+            if offset >= size:
+                raise ParseError("VP9 scalability structure truncated in N_G")
+            count = data[offset]
+            offset += 1
+            group = []
+            for _ in range(count):
+                if offset >= size:
+                    raise ParseError("VP9 scalability structure truncated in its group")
+                octet = data[offset]
+                references = octet >> 2 & 0x03
+                if offset + 1 + references > size:
+                    raise ParseError("VP9 scalability structure truncated in a P_DIFF")
+                group.append(
+                    Vp9GroupPicture(
+                        temporal_layer=octet >> 5,
+                        switching_up=bool(octet & 0x10),
+                        reference_diffs=tuple(data[offset + 1 : offset + 1 + references]),
+                    )
+                )
+                offset += 1 + references
+            pictures = tuple(group)
+        structure = cls(spatial_layers=spatial_layers, resolutions=resolutions, pictures=pictures)
+        return structure, offset
+
+    def serialize(self) -> bytes:
+        if not 1 <= self.spatial_layers <= 8:
+            raise ValueError("a VP9 scalability structure has 1..8 spatial layers (N_S + 1)")
+        encoded = bytearray(
+            (
+                (self.spatial_layers - 1) << 5
+                | (0x10 if self.resolutions is not None else 0)
+                | (0x08 if self.pictures is not None else 0),
+            )
+        )
+        if self.resolutions is not None:
+            if len(self.resolutions) != self.spatial_layers:
+                raise ValueError("one VP9 resolution per spatial layer")
+            for width, height in self.resolutions:
+                encoded += width.to_bytes(2, "big") + height.to_bytes(2, "big")
+        if self.pictures is not None:
+            if len(self.pictures) > 255:
+                raise ValueError("a VP9 group of frames has at most 255 pictures (N_G)")
+            encoded.append(len(self.pictures))
+            for picture in self.pictures:
+                if not 0 <= picture.temporal_layer <= 7 or len(picture.reference_diffs) > 3:
+                    raise ValueError("VP9 group picture: TID 0..7, at most 3 references")
+                encoded.append(
+                    picture.temporal_layer << 5
+                    | (0x10 if picture.switching_up else 0)
+                    | len(picture.reference_diffs) << 2
+                )
+                encoded += bytes(picture.reference_diffs)
+        return bytes(encoded)
+
+    __bytes__ = serialize
+
+
+@dataclass(slots=True, kw_only=True)
+class Vp9PayloadDescriptor:
+    """The VP9 RTP payload descriptor (RFC 9628 §4.2)::
+
+             0 1 2 3 4 5 6 7
+            +-+-+-+-+-+-+-+-+
+            |I|P|L|F|B|E|V|Z| (REQUIRED)
+            +-+-+-+-+-+-+-+-+
+       I:   |M| PICTURE ID  | (M set: 15-bit picture id over two bytes)
+            +-+-+-+-+-+-+-+-+
+       M:   | EXTENDED PID  |
+            +-+-+-+-+-+-+-+-+
+       L:   | TID |U| SID |D|
+            +-+-+-+-+-+-+-+-+
+            |   TL0PICIDX   | (L set, non-flexible mode)
+            +-+-+-+-+-+-+-+-+
+       P,F: | P_DIFF      |N| (flexible mode, P set: 1 to 3 times)
+            +-+-+-+-+-+-+-+-+
+       V:   | SS ...        | (Vp9ScalabilityStructure)
+            +-+-+-+-+-+-+-+-+
+
+    Layer indices are present when ``temporal_layer`` is not None; in non-flexible mode
+    they always carry ``tl0_pic_idx``.
+    """
+
+    picture_id: int | None = None
+    # M bit: the picture id takes 15 bits (two bytes) rather than 7.
+    long_picture_id: bool = True
+    inter_picture_predicted: bool = False  # P
+    flexible: bool = False  # F
+    start_of_frame: bool = False  # B
+    end_of_frame: bool = False  # E
+    not_upper_layer_reference: bool = False  # Z
+    temporal_layer: int | None = None  # TID; None: no layer indices (L clear)
+    switching_up: bool = False  # U
+    spatial_layer: int = 0  # SID
+    inter_layer_dependency: bool = False  # D
+    tl0_pic_idx: int | None = None
+    reference_diffs: tuple[int, ...] = ()  # P_DIFF, flexible mode with P set
+    scalability_structure: Vp9ScalabilityStructure | None = None
+
+    @classmethod
+    def parse(cls, payload: bytes | bytearray | memoryview) -> Vp9PayloadDescriptor:
+        return cls.split(payload)[0]
+
+    @classmethod
+    def split(cls, payload: bytes | bytearray | memoryview) -> tuple[Vp9PayloadDescriptor, bytes]:
+        """The descriptor and the VP9 data following it."""
+        size = len(payload)
+        if size < 1:
+            raise ParseError("empty VP9 payload")
+        first = payload[0]
+        descriptor = cls(
+            inter_picture_predicted=bool(first & 0x40),
+            flexible=bool(first & 0x10),
+            start_of_frame=bool(first & 0x08),
+            end_of_frame=bool(first & 0x04),
+            not_upper_layer_reference=bool(first & 0x01),
+        )
+        offset = 1
+        if first & 0x80:
+            if offset >= size:
+                raise ParseError("VP9 descriptor truncated in its picture id")
+            if payload[offset] & 0x80:
+                if offset + 2 > size:
+                    raise ParseError("VP9 descriptor truncated in its 15-bit picture id")
+                descriptor.picture_id = (payload[offset] & 0x7F) << 8 | payload[offset + 1]
+                offset += 2
+            else:
+                descriptor.picture_id = payload[offset]
+                descriptor.long_picture_id = False
+                offset += 1
+        if first & 0x20:
+            if offset >= size:
+                raise ParseError("VP9 descriptor truncated in its layer indices")
+            layers = payload[offset]
+            offset += 1
+            descriptor.temporal_layer = layers >> 5
+            descriptor.switching_up = bool(layers & 0x10)
+            descriptor.spatial_layer = layers >> 1 & 0x07
+            descriptor.inter_layer_dependency = bool(layers & 0x01)
+            if not descriptor.flexible:
+                if offset >= size:
+                    raise ParseError("VP9 descriptor truncated in its TL0PICIDX")
+                descriptor.tl0_pic_idx = payload[offset]
+                offset += 1
+        if descriptor.flexible and descriptor.inter_picture_predicted:
+            diffs: list[int] = []
+            while True:
+                if offset >= size:
+                    raise ParseError("VP9 descriptor truncated in its reference indices")
+                if len(diffs) == 3:
+                    raise ParseError("VP9 descriptor has more than 3 reference indices")
+                octet = payload[offset]
+                offset += 1
+                if octet >> 1 == 0:
+                    raise ParseError("VP9 reference index P_DIFF 0 names the picture itself")
+                diffs.append(octet >> 1)
+                if not octet & 0x01:
+                    break
+            descriptor.reference_diffs = tuple(diffs)
+        if first & 0x02:
+            descriptor.scalability_structure, offset = Vp9ScalabilityStructure.parse_from(
+                payload, offset
+            )
+        return descriptor, bytes(payload[offset:])
+
+    def serialize(self) -> bytes:
+        has_layers = self.temporal_layer is not None
+        with_references = self.flexible and self.inter_picture_predicted
+        if not 0 <= self.spatial_layer <= 7 or not 0 <= (self.temporal_layer or 0) <= 7:
+            raise ValueError("VP9 TID and SID are 0..7")
+        if has_layers and not self.flexible:
+            if self.tl0_pic_idx is None or not 0 <= self.tl0_pic_idx <= 0xFF:
+                raise ValueError("non-flexible VP9 layer indices carry an 8-bit TL0PICIDX")
+        elif self.tl0_pic_idx is not None:
+            raise ValueError("TL0PICIDX only comes with layer indices in non-flexible mode")
+        if with_references != bool(self.reference_diffs):
+            raise ValueError("VP9 reference indices: 1..3 exactly when both F and P are set")
+        if len(self.reference_diffs) > 3 or not all(1 <= d <= 127 for d in self.reference_diffs):
+            raise ValueError("VP9 P_DIFFs are 1..127, at most 3")
+        if not has_layers and (
+            self.switching_up or self.spatial_layer or self.inter_layer_dependency
+        ):
+            raise ValueError("U, SID and D need layer indices (a temporal layer)")
+        encoded = bytearray(
+            (
+                (0x80 if self.picture_id is not None else 0)
+                | (0x40 if self.inter_picture_predicted else 0)
+                | (0x20 if has_layers else 0)
+                | (0x10 if self.flexible else 0)
+                | (0x08 if self.start_of_frame else 0)
+                | (0x04 if self.end_of_frame else 0)
+                | (0x02 if self.scalability_structure is not None else 0)
+                | (0x01 if self.not_upper_layer_reference else 0),
+            )
+        )
+        if self.picture_id is not None:
+            if self.long_picture_id:
+                if not 0 <= self.picture_id <= 0x7FFF:
+                    raise ValueError("a 15-bit VP9 picture id is 0..32767")
+                encoded += bytes((0x80 | self.picture_id >> 8, self.picture_id & 0xFF))
+            else:
+                if not 0 <= self.picture_id <= 0x7F:
+                    raise ValueError("a 7-bit VP9 picture id is 0..127")
+                encoded.append(self.picture_id)
+        if self.temporal_layer is not None:
+            encoded.append(
+                self.temporal_layer << 5
+                | (0x10 if self.switching_up else 0)
+                | self.spatial_layer << 1
+                | (0x01 if self.inter_layer_dependency else 0)
+            )
+            if self.tl0_pic_idx is not None:
+                encoded.append(self.tl0_pic_idx)
+        for index, diff in enumerate(self.reference_diffs):
+            more = index + 1 < len(self.reference_diffs)
+            encoded.append(diff << 1 | (0x01 if more else 0))
+        if self.scalability_structure is not None:
+            encoded += self.scalability_structure.serialize()
+        return bytes(encoded)
+
+    __bytes__ = serialize
 
 
 def _vp9_is_keyframe_start(payload: bytes) -> bool:
