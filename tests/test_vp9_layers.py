@@ -742,3 +742,22 @@ def test_parser_fuzz_returns_a_descriptor_or_parse_error(data: bytes) -> None:
     encoded = bytes(descriptor)
     assert len(encoded) + len(frame) == len(data)
     assert Vp9PayloadDescriptor.parse(encoded) == descriptor
+
+
+def test_vp9_keyframe_size_comes_from_the_scalability_structure() -> None:
+    """RFC 9628 §4.2.1: a keyframe's SS carries each spatial layer's size; the layer
+    measurements (SSE `layers`, status API) report the highest one."""
+    from whepfan.protocol.codecs import keyframe_size
+
+    keyframe = Vp9PayloadDescriptor(
+        picture_id=1,
+        start_of_frame=True,
+        end_of_frame=True,
+        scalability_structure=Vp9ScalabilityStructure(
+            spatial_layers=2, resolutions=((320, 180), (640, 360))
+        ),
+    )
+    assert keyframe_size("VP9", bytes(keyframe) + b"\x82\x49\x83\x42") == (640, 360)
+    no_structure = Vp9PayloadDescriptor(picture_id=2, start_of_frame=True, end_of_frame=True)
+    assert keyframe_size("VP9", bytes(no_structure) + b"\x00") is None
+    assert keyframe_size("VP9", b"") is None

@@ -367,7 +367,7 @@ class Track:
     active: bool = True  # bound to an encoding of the current (or last) publisher
     width: int | None = None  # from the last keyframe (codecs.keyframe_size)
     height: int | None = None
-    max_temporal_layer: int | None = None  # highest VP8 TID seen (RFC 7741 §4.2)
+    max_temporal_layer: int | None = None  # highest VP8/VP9 TID seen
     meter: LayerMeter = field(default_factory=LayerMeter)
     last_keyframe_request: float = -math.inf
     keyframes: int = 0
@@ -1058,7 +1058,7 @@ class Router:
             # there would be renumbered from a stale sequence number and timestamp, and
             # every live packet after it would land past a gap of the packets in between.
             keyframe = keyframe and not retransmission
-            if track.codec_name.upper() == "VP8" and not retransmission:
+            if track.codec_name.upper() in ("VP8", "VP9") and not retransmission:
                 self._note_temporal_layer(track, payload)
         track.packets += 1
         track.octets += len(packet) - header_len
@@ -1085,8 +1085,14 @@ class Router:
 
     @staticmethod
     def _note_temporal_layer(track: Track, payload: bytes) -> None:
+        """The highest temporal layer id seen (VP8 TID, RFC 7741 §4.2; VP9 TID,
+        RFC 9628 §4.2), for the layers event and the layer API's bounds."""
+        descriptor: codecs.Vp8PayloadDescriptor | codecs.Vp9PayloadDescriptor
         try:
-            descriptor = codecs.Vp8PayloadDescriptor.parse(payload)
+            if track.codec_name.upper() == "VP9":
+                descriptor = codecs.Vp9PayloadDescriptor.parse(payload)
+            else:
+                descriptor = codecs.Vp8PayloadDescriptor.parse(payload)
         except ParseError:
             return
         layer = descriptor.temporal_layer
@@ -1365,8 +1371,10 @@ class Router:
                 if temporal is None
                 else min(temporal, request.max_temporal_layer)
             )
-        if temporal is not None and not 0 <= temporal <= 3:
-            raise PeerError("a temporal layer id is 0..3 (VP8 TID, RFC 7741 §4.2)")
+        # TID is 2 bits in VP8 (RFC 7741 §4.2) and 3 bits in VP9 (RFC 9628 §4.2).
+        highest_tid = 7 if any(t.codec_name.upper() == "VP9" for t in layers) else 3
+        if temporal is not None and not 0 <= temporal <= highest_tid:
+            raise PeerError(f"a temporal layer id is 0..{highest_tid} for this codec")
         choice.manual = manual
         choice.temporal_limit = -1 if temporal is None else temporal
         choice.max_spatial_layer = request.max_spatial_layer

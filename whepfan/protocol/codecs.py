@@ -703,13 +703,29 @@ def h264_keyframe_size(payload: bytes) -> tuple[int, int] | None:
     return None
 
 
+def vp9_keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """(width, height) of the highest spatial layer from the scalability structure that
+    VP9 keyframes carry (RFC 9628 §4.2.1, V and Y bits); None when absent."""
+    try:
+        descriptor = Vp9PayloadDescriptor.parse(payload)
+    except ParseError:
+        return None
+    structure = descriptor.scalability_structure
+    if structure is None or not structure.resolutions:
+        return None
+    width, height = structure.resolutions[-1]
+    return (width, height) if width and height else None
+
+
 _SIZE_READERS: dict[str, Callable[[bytes], tuple[int, int] | None]] = {
     "VP8": vp8_keyframe_size,
+    "VP9": vp9_keyframe_size,
     "H264": h264_keyframe_size,
 }
 
 
 def keyframe_size(codec_name: str, payload: bytes) -> tuple[int, int] | None:
-    """(width, height) when this payload carries it (VP8 keyframe start, H.264 SPS)."""
+    """(width, height) when this payload carries it (VP8 keyframe start, VP9 scalability
+    structure, H.264 SPS)."""
     reader = _SIZE_READERS.get(_codec_key(codec_name))
     return reader(payload) if reader is not None else None
