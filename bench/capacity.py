@@ -116,21 +116,21 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 class CpuSampler:
-    """Samples (monotonic time, server CPU s, load generator CPU s) on a thread, so a
-    window chosen afterwards from the load generator's timeline can be read off."""
+    """Samples (monotonic time, CPU seconds of each process tree in ``roots``) on a
+    thread, so a window chosen afterwards from the load generator's timeline can be read
+    off."""
 
-    def __init__(self, server_pid: int, loadgen_pid: int) -> None:
-        self.samples: list[tuple[float, float, float]] = []
-        self._server_pid, self._loadgen_pid = server_pid, loadgen_pid
+    def __init__(self, *roots: int) -> None:
+        self.samples: list[tuple[float, ...]] = []
+        self._roots = roots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            server = cpu_seconds(process_tree(self._server_pid))
-            loadgen = cpu_seconds(process_tree(self._loadgen_pid))
-            self.samples.append((time.monotonic(), server, loadgen))
+            cpu = [cpu_seconds(process_tree(root)) for root in self._roots]
+            self.samples.append((time.monotonic(), *cpu))
             if self._stop.wait(CPU_SAMPLE_INTERVAL):
                 return
 
@@ -138,23 +138,24 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def at(self, moment: float) -> tuple[float, float]:
-        """Server and load-generator CPU seconds at ``moment``, linearly interpolated."""
+    def at(self, moment: float) -> tuple[float, ...]:
+        """CPU seconds of each root's tree at ``moment``, linearly interpolated."""
         return interpolate(self.samples, moment)
 
 
-def interpolate(
-    samples: Sequence[tuple[float, float, float]], moment: float
-) -> tuple[float, float]:
+def interpolate(samples: Sequence[tuple[float, ...]], moment: float) -> tuple[float, ...]:
+    """``samples`` are (time, value, ...) in time order; values at ``moment``, held
+    constant outside the sampled span."""
     if not samples:
         raise ValueError("no CPU samples")
     if moment <= samples[0][0]:
-        return samples[0][1], samples[0][2]
-    for (t0, s0, l0), (t1, s1, l1) in itertools.pairwise(samples):
-        if t0 <= moment <= t1:
-            share = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
-            return s0 + (s1 - s0) * share, l0 + (l1 - l0) * share
-    return samples[-1][1], samples[-1][2]
+        return samples[0][1:]
+    for before, after in itertools.pairwise(samples):
+        if before[0] <= moment <= after[0]:
+            span = after[0] - before[0]
+            share = (moment - before[0]) / span if span > 0 else 0.0
+            return tuple(a + (b - a) * share for a, b in zip(before[1:], after[1:], strict=True))
+    return samples[-1][1:]
 
 
 # --- the servers and the publisher -----------------------------------------------------
@@ -179,6 +180,7 @@ class Server:
     name: str
     url: str
     process: subprocess.Popen[bytes]
+    publisher: subprocess.Popen[bytes] | None = None  # set while the stream is published
 
     def close(self) -> None:
         self.process.terminate()  # whepfan: SIGTERM drains (no viewers left), then exits
@@ -242,7 +244,7 @@ def deployment(server: Server, stream: Stream) -> Iterator[Server]:
     """``server`` with the stream published to it; both stopped on the way out."""
     publisher: subprocess.Popen[bytes] | None = None
     try:
-        publisher = stream.publish(server)
+        publisher = server.publisher = stream.publish(server)
         time.sleep(3)  # WHIP, ICE, DTLS and the first keyframe
         if publisher.poll() is not None:
             raise RuntimeError(f"publisher to {server.name} exited: {publisher.returncode}")
@@ -275,6 +277,9 @@ class Step:
     server_cpu: float  # CPU seconds in the window, server and its workers
     loadgen_cpu: float
     kbps_per_viewer: float
+    # The publisher encodes live and skips frames when starved of CPU: a rate drop with
+    # no loss at a large step is the source slowing down on a shared machine.
+    publisher_cpu: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -290,6 +295,10 @@ class Step:
         return self.loadgen_cpu / self.window_seconds if self.window_seconds else float("nan")
 
     @property
+    def publisher_cores(self) -> float:
+        return self.publisher_cpu / self.window_seconds if self.window_seconds else float("nan")
+
+    @property
     def viewers_per_core(self) -> float:
         return self.connected / self.server_cores if self.server_cores > 0 else float("nan")
 
@@ -303,6 +312,7 @@ class Step:
             "cpu_us_per_packet": self.cpu_us_per_packet,
             "server_cores": self.server_cores,
             "loadgen_cores": self.loadgen_cores,
+            "publisher_cores": self.publisher_cores,
             "viewers_per_core": self.viewers_per_core,
         }
 
@@ -371,8 +381,10 @@ class LoadRun:
 
 
 def run_step(server: Server, viewers: int, *, ramp: float, hold: float) -> Step:
+    if server.publisher is None:
+        raise RuntimeError(f"nothing is published to {server.name}")
     run = LoadRun(server.url, viewers, ramp=ramp, hold=hold, timeout=20.0)
-    sampler = CpuSampler(server.process.pid, run.process.pid)
+    sampler = CpuSampler(server.process.pid, run.process.pid, server.publisher.pid)
     try:
         report = run.wait()
     finally:
@@ -380,8 +392,8 @@ def run_step(server: Server, viewers: int, *, ramp: float, hold: float) -> Step:
     summary, timeline = report["summary"], report["timeline"]
     first, last = steady_window(timeline, viewers)
     opened, closed = timeline[first], timeline[last]
-    server_a, loadgen_a = sampler.at(run.our_clock(opened["time"]))
-    server_b, loadgen_b = sampler.at(run.our_clock(closed["time"]))
+    server_a, loadgen_a, publisher_a = sampler.at(run.our_clock(opened["time"]))
+    server_b, loadgen_b, publisher_b = sampler.at(run.our_clock(closed["time"]))
     window = closed["time"] - opened["time"]
     delivered_bytes = closed["bytes"] - opened["bytes"]
     expected = closed["expected"] - opened["expected"]
@@ -399,6 +411,7 @@ def run_step(server: Server, viewers: int, *, ramp: float, hold: float) -> Step:
         window_seconds=window,
         server_cpu=server_b - server_a,
         loadgen_cpu=loadgen_b - loadgen_a,
+        publisher_cpu=publisher_b - publisher_a,
         kbps_per_viewer=delivered_bytes * 8 / window / connected / 1000
         if window > 0 and connected
         else 0.0,
@@ -490,7 +503,8 @@ def machine() -> dict[str, Any]:
 
 STEP_HEADER = (
     f"{'contender':<19}{'viewers':>8}{'conn':>6}{'loss %':>8}{'kbit/s/v':>10}"
-    f"{'packets':>10}{'µs/pkt':>8}{'srv cores':>10}{'gen cores':>10}{'viewers/core':>13}"
+    f"{'packets':>10}{'µs/pkt':>8}{'srv cores':>10}{'gen cores':>10}{'pub cores':>10}"
+    f"{'viewers/core':>13}"
 )
 
 
@@ -498,7 +512,8 @@ def step_line(step: Step) -> str:
     return (
         f"{step.contender:<19}{step.viewers:>8}{step.connected:>6}{step.loss_percent:>8.3f}"
         f"{step.kbps_per_viewer:>10.0f}{step.packets:>10}{step.cpu_us_per_packet:>8.2f}"
-        f"{step.server_cores:>10.2f}{step.loadgen_cores:>10.2f}{step.viewers_per_core:>13.1f}"
+        f"{step.server_cores:>10.2f}{step.loadgen_cores:>10.2f}{step.publisher_cores:>10.2f}"
+        f"{step.viewers_per_core:>13.1f}"
     )
 
 
@@ -525,7 +540,7 @@ def summarize(steps: Sequence[Step], limit_us_per_packet: float) -> list[dict[st
                 "server_cores": best.server_cores if best else None,
                 "loadgen_cores": best.loadgen_cores if best else None,
                 "fraction_of_limit": limit_us_per_packet / best.cpu_us_per_packet
-                if best and best.packets
+                if best and best.cpu_us_per_packet > 0  # zero ticks: not measurable
                 else None,
             }
         )

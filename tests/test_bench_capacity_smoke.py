@@ -25,9 +25,9 @@ CONTENDERS = ("whepfan 1 worker", "naive aiortc")
 STORM_VIEWERS = 6
 TIMEOUT = 300  # a generous ceiling for a shared CI machine, not a performance threshold
 NUMBER = r"[-+]?(?:\d+(?:\.\d+)?|nan)"
-# A step row: contender, viewers, connected, then seven figures (bench/README.md).
+# A step row: contender, viewers, connected, then eight figures (bench/README.md).
 STEP_ROW = re.compile(
-    rf"^(whepfan \d+ workers?|naive aiortc)\s+(\d+)\s+(\d+)((?:\s+{NUMBER}){{7}})\s*$"
+    rf"^(whepfan \d+ workers?|naive aiortc)\s+(\d+)\s+(\d+)((?:\s+{NUMBER}){{8}})\s*$"
 )
 # A summary row: contender, holding, then seven figures or "-".
 SUMMARY_ROW = re.compile(
@@ -66,14 +66,21 @@ def test_step_table_has_every_contender_and_viewer_count(
         if match:
             rows[match[1], int(match[2])] = (int(match[3]), match[4].split())
     assert sorted(rows) == sorted((c, n) for c in CONTENDERS for n in SMOKE_VIEWERS)
-    for (_, viewers), (connected, figures) in rows.items():
+    for (contender, viewers), (connected, figures) in rows.items():
         assert connected == viewers
-        loss, kbps, packets, us_per_packet, server_cores, loadgen_cores, per_core = map(
-            float, figures
+        loss, kbps, packets, us_per_packet, server_cores, loadgen_cores, publisher_cores = map(
+            float, figures[:7]
         )
+        per_core = float(figures[7])
         assert 0 <= loss < 100
-        assert kbps > 0 and packets > 0 and us_per_packet > 0
-        assert server_cores > 0 and loadgen_cores >= 0 and per_core > 0
+        assert kbps > 0 and packets > 0
+        # /proc counts CPU in clock ticks (10 ms): an idle whepfan at one viewer may show
+        # none in a few seconds; the transcoding naive SFU always shows some.
+        assert us_per_packet >= 0 and server_cores >= 0
+        assert loadgen_cores >= 0 and publisher_cores >= 0
+        assert per_core > 0 or math.isnan(per_core)  # nan: no CPU tick in the window
+        if contender == "naive aiortc":
+            assert us_per_packet > 0 and server_cores > 0
 
 
 @pytest.mark.slow
@@ -88,9 +95,12 @@ def test_summary_puts_both_servers_side_by_side(smoke: tuple[str, dict[str, Any]
     for contender in CONTENDERS:
         row = summary[contender]
         assert int(rows[contender][2]) == row["holding"]
-        if row["holding"]:
-            assert row["viewers_per_core"] > 0 and row["cpu_us_per_packet"] > 0
-            assert row["fraction_of_limit"] > 0 and math.isfinite(row["ratio_to_naive"])
+        assert row["holding"] > 0  # one and two viewers are well within either server
+        assert row["kbps_per_viewer"] > 0 and row["cpu_us_per_packet"] >= 0
+        # Zero CPU ticks in the window (an idle whepfan, see above) leaves these undefined.
+        for name in ("viewers_per_core", "ratio_to_naive"):
+            assert row[name] is None or math.isnan(row[name]) or row[name] > 0
+    assert summary[CONTENDERS[1]]["viewers_per_core"] > 0
     # Targets are reported for whepfan only, as met/MISSED, never asserted by the run.
     targets = [line for line in output.splitlines() if line.startswith("target, ")]
     assert len(targets) == 1 and "whepfan 1 worker" in targets[0]
@@ -117,7 +127,7 @@ def test_json_steps_match_the_table(smoke: tuple[str, dict[str, Any]]) -> None:
     assert report["limit_us_per_packet"] > 0
     assert report["machine"]["cores"] >= 1
     for step in report["steps"]:
-        assert step["window_seconds"] > 0 and step["server_cpu"] > 0
+        assert step["window_seconds"] > 0 and step["server_cpu"] >= 0
         assert step["cpu_us_per_packet"] == pytest.approx(
             step["server_cpu"] / step["packets"] * 1e6
         )
@@ -174,7 +184,7 @@ def test_steady_window_falls_back_to_the_whole_run_when_too_short() -> None:
 
 
 def test_cpu_is_interpolated_between_samples_and_clamped_outside() -> None:
-    samples = [(10.0, 1.0, 0.0), (11.0, 2.0, 0.5), (13.0, 2.0, 2.5)]
+    samples = [(10.0, 1.0, 0.0), (11.0, 2.0, 0.5), (13.0, 2.0, 2.5)]  # (time, CPU, CPU)
     assert capacity.interpolate(samples, 10.5) == pytest.approx((1.5, 0.25))
     assert capacity.interpolate(samples, 12.0) == pytest.approx((2.0, 1.5))
     assert capacity.interpolate(samples, 5.0) == (1.0, 0.0)
