@@ -420,9 +420,7 @@ class InProcessWorkers:
         return self.router.publish(stream_name, offer_text, now)
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[Any, str]:
-        return self._admit(
-            stream_name, lambda: self.router.view(stream_name, offer_text, now), now
-        )
+        return self._admit(stream_name, lambda: self.router.view(stream_name, offer_text, now), now)
 
     def counter_offer(self, stream_name: str, now: float) -> tuple[Any, str]:
         return self._admit(stream_name, lambda: self.router.counter_offer(stream_name, now), now)
