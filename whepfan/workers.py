@@ -31,6 +31,11 @@ canonical offer, with a stand-in publisher session that is never registered (no 
 timers, no address), so ``view()`` negotiates exactly as on the origin and relayed
 packets, already rebased and renumbered by the origin, go straight to ``Fanout.push``.
 
+The layer API (EXT §5) is forwarded to the viewer's worker like any session call. The
+status API reads the registry plus what each worker's once-a-second stats message
+reports: every worker its viewers receiving media per stream, the origin also the
+publisher and its tracks; the origin's "layers" events are forwarded as they happen.
+
 A worker process that exits is seen through its process sentinel: its sessions leave the
 registry (their PATCH/DELETE answer 404), event readers of those sessions are told to
 reconnect, streams it originated go inactive, and a replacement starts on the same port.
@@ -52,7 +57,7 @@ import socket
 import struct
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 import orjson
@@ -290,6 +295,41 @@ class RelayRouter(Router):
         self.counters["keyframe_requests_relayed"] += 1
         self.forward_keyframe_request(origin, stream.name)
         return True
+
+    def stream_status(self, now: float) -> dict[str, dict[str, Any]]:
+        """What the main process's status API (http/status.py) needs of every stream
+        here: viewers receiving media and subscribers per track key on every worker; the
+        publisher and its tracks only where the publisher is (relay copies hold a stand-in).
+        O(streams * tracks + viewers), once per stats interval."""
+        report: dict[str, dict[str, Any]] = {}
+        for name, stream in self.streams.items():
+            keys = {track.fanout_id: key for key, track in stream_tracks(stream)}
+            subscribers: dict[str, int] = {}
+            connected = 0
+            for viewer in stream.viewers.values():
+                if viewer.fanout_slot is None:
+                    continue
+                connected += 1
+                for fanout_id in set(viewer.track_by_ssrc.values()):
+                    key = keys.get(fanout_id)
+                    if key is not None:
+                        subscribers[key] = subscribers.get(key, 0) + 1
+            entry: dict[str, Any] = {"connected": connected, "subscribers": subscribers}
+            publisher = stream.publisher
+            if name not in self.relayed and publisher is not None:
+                entry["publisher"] = {
+                    "state": publisher.state.value,
+                    # A duration, not a time: the two processes' clocks need not agree.
+                    "connected_for": None
+                    if publisher.connected_at is None
+                    else max(0.0, now - publisher.connected_at),
+                }
+                entry["tracks"] = [
+                    [key, t.kind, t.codec_name, t.clock_rate, t.packets, t.octets]
+                    for key, t in stream_tracks(stream)
+                ]
+            report[name] = entry
+        return report
 
     def origin_stream_counters(self) -> dict[str, list[tuple[str, str, int, int]]]:
         """(track key, kind, packets, payload octets) of the streams published here."""
@@ -713,6 +753,11 @@ class WorkerNode:
             return {"session": _session_json(router.get_session(args["session"])), "answer": answer}
         if op == "end_session":
             return {"ended": router.end_session(args["session"], now, args["reason"])}
+        if op == "select_layer":
+            request = _layer_request_from_json(args["request"])
+            return router.select_layer(args["session"], request, now)
+        if op == "layer_status":
+            return router.layer_status(args["session"], now)
         if op == "attach_relay":
             router.attach_relay(args["stream"], args["offer"], args["origin"], now)
             return None
@@ -735,6 +780,7 @@ class WorkerNode:
                     "event": "stats",
                     "stats": self.monitor.stats().to_json(),
                     "streams": self.router.origin_stream_counters(),
+                    "status": self.router.stream_status(self._loop.time()),
                 }
             )
 
@@ -745,8 +791,15 @@ class WorkerNode:
             self._send({"event": "ended", "sessions": ended})
 
     def _on_stream_event(self, event: StreamEvent) -> None:
-        if event.type in ("active", "inactive") and event.stream not in self.router.relayed:
-            self._send({"event": "stream", "stream": event.stream, "type": event.type})
+        if (
+            event.type in ("active", "inactive", "layers")
+            and event.stream not in self.router.relayed
+        ):
+            # "layers" (EXT §4.3.3) only from the origin: it measures the publisher's
+            # encodings; relay copies measure the same packets again.
+            self._send(
+                {"event": "stream", "stream": event.stream, "type": event.type, "data": event.data}
+            )
         # Every viewer leave emits viewercount: settle ended sessions soon, once per batch.
         if not self._sweep_pending:
             self._sweep_pending = True
@@ -834,6 +887,16 @@ def _fragment_from_json(data: dict[str, Any]) -> sdp.SdpFragment:
     return sdp.SdpFragment(**{**data, "candidates": candidates(data["candidates"]), "media": media})
 
 
+def _layer_request_json(request: LayerRequest) -> dict[str, Any]:
+    return {item.name: getattr(request, item.name) for item in fields(LayerRequest)}
+
+
+def _layer_request_from_json(data: Any) -> LayerRequest:
+    if not isinstance(data, dict):
+        raise ParseError("a layer request is a JSON object")
+    return LayerRequest(**{item.name: data.get(item.name) for item in fields(LayerRequest)})
+
+
 # ====================================================================== main side
 
 
@@ -854,10 +917,28 @@ class ProxySession:
     etag: str
     ice: ProxyIce
     worker: int
+    # Publishers only, for the status API: from the origin worker's stats messages.
+    state: SessionState = SessionState.NEW
+    connected_at: float | None = None
 
     def update(self, data: dict[str, Any]) -> None:
         self.etag = data["etag"]
         self.ice.remote_ufrag = data["remote_ufrag"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyTrack:
+    """One ingested track as the origin worker last reported it (http/status.py's
+    TrackStatusView). ``fanout_id`` numbers the stream's tracks in the origin's order:
+    the status API only needs it to tell one track's counters from another's."""
+
+    fanout_id: int
+    key: str
+    kind: str
+    codec_name: str
+    clock_rate: int
+    packets: int
+    octets: int
 
 
 @dataclass(slots=True, kw_only=True)
@@ -868,10 +949,84 @@ class ProxyStream:
     canonical_offer: str | None = None
     active: bool = False
     viewers: dict[str, ProxySession] = field(default_factory=dict)
+    # From the workers' stats messages: the origin's tracks, and per worker the viewers
+    # receiving media and the subscribers per track key.
+    reported_tracks: dict[str, ProxyTrack] = field(default_factory=dict)
+    reported_viewers: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
         return self.publisher is not None
+
+    @property
+    def tracks(self) -> Mapping[str, ProxyTrack]:
+        return self.reported_tracks if self.live else {}
+
+    def subscriptions(self) -> tuple[int, Mapping[int, int]]:
+        """Viewers receiving media on every worker, and subscribers per track
+        (``fanout_id``): the workers' counts added up (http/status.py)."""
+        connected = 0
+        subscribers: dict[int, int] = {}
+        for count, by_key in self.reported_viewers.values():
+            connected += count
+            for key, number in by_key.items():
+                track = self.reported_tracks.get(key)
+                if track is not None:
+                    subscribers[track.fanout_id] = subscribers.get(track.fanout_id, 0) + number
+        return connected, subscribers
+
+    def report(self, worker: int, entry: dict[str, Any], now: float) -> None:
+        """One worker's ``stream_status`` entry for this stream."""
+        self.reported_viewers[worker] = (
+            int(entry.get("connected", 0)),
+            {str(k): int(v) for k, v in entry.get("subscribers", {}).items()},
+        )
+        if worker != self.origin:
+            return
+        publisher = entry.get("publisher")
+        if publisher is not None and self.publisher is not None:
+            self.publisher.state = SessionState(publisher["state"])
+            connected_for = publisher.get("connected_for")
+            self.publisher.connected_at = (
+                None if connected_for is None else now - float(connected_for)
+            )
+        rows = entry.get("tracks")
+        if rows is not None:
+            self.reported_tracks = {
+                str(key): ProxyTrack(
+                    fanout_id=index,
+                    key=str(key),
+                    kind=str(kind),
+                    codec_name=str(codec),
+                    clock_rate=int(clock_rate),
+                    packets=int(packets),
+                    octets=int(octets),
+                )
+                for index, (key, kind, codec, clock_rate, packets, octets) in enumerate(rows)
+            }
+
+
+class PoolFanoutStats:
+    """The workers' Fanout counters added up (http/status.py's FanoutStatsView). A
+    replaced worker starts its counters from zero: totals only ever grow, by each
+    worker's increase since its previous report, so rates over them stay right."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self._last: dict[int, tuple[int, dict[str, int]]] = {}  # worker -> (pid, counters)
+
+    def update(self, worker: int, pid: int, counters: Mapping[str, int]) -> None:
+        last_pid, last = self._last.get(worker, (pid, {}))
+        if last_pid != pid:
+            last = {}
+        for name, value in counters.items():
+            before = last.get(name, 0)
+            increase = value - before if value >= before else value
+            self.totals[name] = self.totals.get(name, 0) + increase
+        self._last[worker] = (pid, dict(counters))
+
+    def stats(self) -> dict[str, int]:
+        return {"bytes_sent": 0, **self.totals}
 
 
 class WorkerGone(Exception):
@@ -950,6 +1105,7 @@ class WorkerPool:
         self._streams: dict[str, ProxyStream] = {}
         self._listeners: list[StreamListener] = []
         self._meters: dict[tuple[str, str], RateMeter] = {}
+        self._fanout_stats = PoolFanoutStats()
         self.on_sessions_lost: SessionLostHook | None = None
         self.restarts = 0
         self._closing = False
@@ -1080,9 +1236,11 @@ class WorkerPool:
         for session_id in lost:
             self._unregister(session_id)
         for stream in list(self._streams.values()):
+            stream.reported_viewers.pop(index, None)
             if stream.origin == index:
                 stream.origin = None
                 stream.canonical_offer = None
+                stream.reported_tracks = {}
 
     # channel ------------------------------------------------------------------------------
 
@@ -1112,8 +1270,10 @@ class WorkerPool:
         elif event == "stream":
             stream = self._streams.get(message["stream"])
             if stream is not None and stream.origin == handle.index:
-                stream.active = message["type"] == "active"
-                self._emit(stream.name, message["type"], {})
+                type_ = str(message["type"])
+                if type_ in ("active", "inactive"):
+                    stream.active = type_ == "active"
+                self._emit(stream.name, type_, message.get("data") or {})
         # Replies outside a request (one that timed out) are dropped here.
 
     def _on_stats(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
@@ -1124,6 +1284,14 @@ class WorkerPool:
             return
         handle.stats = stats
         now = self._loop.time()
+        self._fanout_stats.update(handle.index, stats.pid, stats.fanout)
+        reported = message.get("status", {})
+        for name, proxy in self._streams.items():
+            entry = reported.get(name)
+            if entry is not None:
+                proxy.report(handle.index, entry, now)
+            else:
+                proxy.reported_viewers.pop(handle.index, None)  # none left there
         for name, counters in message.get("streams", {}).items():
             stream = self._streams.get(name)
             if stream is None or stream.origin != handle.index:
@@ -1297,6 +1465,27 @@ class WorkerPool:
             ended = False
         self._unregister(session_id)
         return bool(ended)
+
+    # layer API (EXT §5, http/layers.py) -------------------------------------------------
+
+    def select_layer(self, session_id: str, request: LayerRequest, now: float) -> dict[str, object]:
+        """The viewer's worker decides (its router holds the layers and the choice);
+        its NotFound/PeerError come back as themselves, so HTTP answers as in-process."""
+        session = self.get_session(session_id)
+        # Not _session_request: a NotFound here may mean "receives no video" of a session
+        # that lives on; one that ended is unregistered by the worker's "ended" report.
+        args = {"session": session_id, "request": _layer_request_json(request)}
+        return cast(dict[str, object], self._request(session.worker, "select_layer", args))
+
+    def layer_status(self, session_id: str, now: float) -> dict[str, object]:
+        session = self.get_session(session_id)
+        result = self._request(session.worker, "layer_status", {"session": session_id})
+        return cast(dict[str, object], result)
+
+    @property
+    def fanout(self) -> PoolFanoutStats:
+        """Every worker's Fanout counters added up (the status API's egress bitrate)."""
+        return self._fanout_stats
 
     def get_session(self, session_id: str) -> ProxySession:
         session = self.sessions.get(session_id)

@@ -86,6 +86,16 @@ class StreamStatusView(Protocol):
     def viewers(self) -> Mapping[str, ViewerStatusView]: ...
 
 
+@runtime_checkable
+class CountedViewersView(Protocol):
+    """A stream whose viewers live elsewhere (worker processes, whepfan/workers.py): it
+    counts them itself instead of exposing each viewer's fanout slot and tracks."""
+
+    def subscriptions(self) -> tuple[int, Mapping[int, int]]:
+        """(viewers receiving media, subscribers per track ``fanout_id``)."""
+        ...
+
+
 class FanoutStatsView(Protocol):
     def stats(self) -> dict[str, int]: ...
 
@@ -209,10 +219,14 @@ class StreamStatus:
         # Subscribers per fanout track, counted over the viewers receiving media.
         subscribers: Counter[int] = Counter()
         connected = 0
-        for viewer in stream.viewers.values():
-            if viewer.fanout_slot is not None:
-                connected += 1
-                subscribers.update(set(viewer.track_by_ssrc.values()))
+        if isinstance(stream, CountedViewersView):
+            connected, counts = stream.subscriptions()
+            subscribers.update(counts)
+        else:
+            for viewer in stream.viewers.values():
+                if viewer.fanout_slot is not None:
+                    connected += 1
+                    subscribers.update(set(viewer.track_by_ssrc.values()))
         tracks = []
         ingress = egress = 0.0
         for track in stream_tracks(stream):
