@@ -234,3 +234,28 @@ def test_a_viewer_admitted_on_a_lower_layer_is_capped_there() -> None:
         workers.view("s", "offer", 0.0)
     assert router.requests == [("v3", LayerRequest(max_spatial_layer=1))]
     assert workers.lower_layer_admissions == 1
+
+
+def test_an_audio_only_viewer_admitted_lower_is_not_an_error() -> None:
+    """The router answers "receives no video" for an audio-only viewer: nothing to cap."""
+    from whepfan.errors import PeerError
+    from whepfan.workers import InProcessWorkers
+
+    class AudioOnlyRouter(_LayeredRouter):
+        def select_layer(self, session_id: str, request: object, now: float) -> dict[str, object]:
+            raise PeerError("this session receives no video")
+
+    router = AudioOnlyRouter()
+    ledger = CapacityLedger(
+        policy=CapacityPolicy(worker_packet_budget=700.0, admit_lower_layer=True)
+    )
+    ledger.set_stream_layers(
+        "s",
+        [
+            LayerCost(packets_per_second=300.0, bits_per_second=2_000_000.0),
+            LayerCost(packets_per_second=100.0, bits_per_second=500_000.0),
+        ],
+    )
+    workers = InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+    sessions = [workers.view("s", "offer", 0.0)[0] for _ in range(3)]
+    assert len(sessions) == 3 and workers.lower_layer_admissions == 0

@@ -73,7 +73,7 @@ from whepfan.capacity import (
     WorkerStats,
 )
 from whepfan.config import MediaConfig
-from whepfan.errors import NotFound, ParseError, ServiceUnavailable, WhepfanError
+from whepfan.errors import NotFound, ParseError, PeerError, ServiceUnavailable, WhepfanError
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import LayerRequest, Router, Stream, StreamEvent, StreamListener
@@ -515,7 +515,10 @@ class InProcessWorkers:
         if len(layers) < 2:
             return
         ceiling = max(0, len(layers) - 1 - from_top)
-        self.router.select_layer(session_id, LayerRequest(max_spatial_layer=ceiling), now)
+        try:
+            self.router.select_layer(session_id, LayerRequest(max_spatial_layer=ceiling), now)
+        except PeerError:
+            return  # an audio-only viewer: nothing to cap
         self.lower_layer_admissions += 1
 
     def tick(self, now: float | None) -> None:
@@ -1108,6 +1111,7 @@ class WorkerPool:
         self._fanout_stats = PoolFanoutStats()
         self.on_sessions_lost: SessionLostHook | None = None
         self.restarts = 0
+        self.lower_layer_admissions = 0
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._context = multiprocessing.get_context("spawn")
@@ -1413,12 +1417,14 @@ class WorkerPool:
         return session, str(result["answer"])
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[ProxySession, str]:
-        return self._admit(stream_name, "view", {"stream": stream_name, "offer": offer_text})
+        return self._admit(stream_name, "view", {"stream": stream_name, "offer": offer_text}, now)
 
     def counter_offer(self, stream_name: str, now: float) -> tuple[ProxySession, str]:
-        return self._admit(stream_name, "counter_offer", {"stream": stream_name})
+        return self._admit(stream_name, "counter_offer", {"stream": stream_name}, now)
 
-    def _admit(self, stream_name: str, op: str, args: dict[str, Any]) -> tuple[ProxySession, str]:
+    def _admit(
+        self, stream_name: str, op: str, args: dict[str, Any], now: float
+    ) -> tuple[ProxySession, str]:
         stream = self._streams.get(stream_name)
         if stream is None or not stream.live:
             # WHEP draft-03 §4.2.8: 409 + Retry-After when the stream is not live.
@@ -1429,6 +1435,16 @@ class WorkerPool:
         result = self._request(admission.worker, op, args)
         session = self._register(admission.worker, result["session"])
         self.ledger.commit(session.id, stream_name, admission)
+        if admission.layer > 0:
+            # As in-process (InProcessWorkers._cap_layer): no climbing above the admitted cost.
+            video_layers = sum(1 for t in stream.tracks.values() if t.kind == "video")
+            if video_layers > 1:
+                ceiling = max(0, video_layers - 1 - admission.layer)
+                try:
+                    self.select_layer(session.id, LayerRequest(max_spatial_layer=ceiling), now)
+                    self.lower_layer_admissions += 1
+                except errors.PeerError:
+                    pass  # an audio-only viewer: nothing to cap
         return session, str(result["answer"])
 
     def accept_counter_answer(self, session_id: str, answer_text: str, now: float) -> None:
