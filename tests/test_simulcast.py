@@ -7,24 +7,22 @@ from __future__ import annotations
 
 import fractions
 import itertools
-import os
 import re
-import select
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import _loopback
 import av
 import numpy as np
 import pytest
 from _paths import SDP_FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pylibsrtp import Policy, Session
 
-from whepfan._fastpath import PAYLOAD_VP8, PROFILE_AEAD_AES_128_GCM, Fanout, SrtpSession
+from whepfan._fastpath import PAYLOAD_VP8, Fanout, SrtpSession
 from whepfan.config import MediaConfig
 from whepfan.errors import PeerError
 from whepfan.protocol import rtcp, rtp, sdp
@@ -92,84 +90,14 @@ class Vp8Layer:
         return out
 
 
-@dataclass
-class Received:
-    seq: int
-    timestamp: int
-    ssrc: int
-    marker: bool
-    descriptor: Vp8PayloadDescriptor
+Received = _loopback.Received
 
 
-class Loopback:
-    """A Fanout on one UDP socket and one viewer socket with libsrtp keys."""
+class Loopback(_loopback.DescriptorLoopback[Vp8PayloadDescriptor]):
+    """The shared loopback harness on a VP8 track."""
 
     def __init__(self) -> None:
-        self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.send_sock.bind(("127.0.0.1", 0))
-        self.send_sock.setblocking(False)
-        self.viewer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.viewer_sock.bind(("127.0.0.1", 0))
-        self.viewer_sock.setblocking(False)
-        self.fanout = Fanout(self.send_sock.fileno(), max_viewers=8, max_tracks=8)
-        key, salt = os.urandom(16), os.urandom(12)
-        self.slot = self.fanout.add_viewer(
-            "127.0.0.1",
-            self.viewer_sock.getsockname()[1],
-            profile=PROFILE_AEAD_AES_128_GCM,
-            tx_key=key,
-            tx_salt=salt,
-            rx_key=os.urandom(16),
-            rx_salt=os.urandom(12),
-        )
-        self.key_and_salt = key + salt
-        self.inbound = self.fresh_inbound()
-
-    def fresh_inbound(self) -> Session:
-        """A new libsrtp receiver: resends reuse sequence numbers, which the first one's
-        replay window (RFC 3711 §3.3.2) rightly refuses."""
-        return Session(
-            Policy(
-                key=self.key_and_salt,
-                ssrc_type=Policy.SSRC_ANY_INBOUND,
-                srtp_profile=Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
-            )
-        )
-
-    def add_layer(self) -> int:
-        return self.fanout.add_track(clock_rate=VIDEO_CLOCK, payload_format=PAYLOAD_VP8)
-
-    def push(self, track: int, packets: list[tuple[bytes, bool]], now: float) -> None:
-        for packet, keyframe in packets:
-            self.fanout.push(track, packet, keyframe, now)
-
-    def receive(self) -> list[Received]:
-        """Every datagram delivered so far, decrypted by libsrtp and parsed."""
-        out: list[Received] = []
-        poller = select.poll()
-        poller.register(self.viewer_sock, select.POLLIN)
-        # Loopback delivery completes within sendmmsg; poll only guards against a race.
-        while poller.poll(0 if out else 50):
-            try:
-                datagram = self.viewer_sock.recv(4096)
-            except BlockingIOError:
-                break
-            plain = self.inbound.unprotect(datagram)
-            second, seq, timestamp, ssrc = struct.unpack_from("!xBHII", plain)
-            out.append(
-                Received(
-                    seq=seq,
-                    timestamp=timestamp,
-                    ssrc=ssrc,
-                    marker=bool(second & 0x80),
-                    descriptor=Vp8PayloadDescriptor.parse(plain[12:]),
-                )
-            )
-        return out
-
-    def close(self) -> None:
-        self.send_sock.close()
-        self.viewer_sock.close()
+        super().__init__(payload_format=PAYLOAD_VP8, parse_descriptor=Vp8PayloadDescriptor.parse)
 
 
 @pytest.fixture

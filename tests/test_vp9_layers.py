@@ -17,24 +17,19 @@ here are built by hand with libwebrtc's L1T3 group of frames.
 from __future__ import annotations
 
 import itertools
-import os
-import select
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import _loopback
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pylibsrtp import Policy, Session
 
 from whepfan._fastpath import (
     PAYLOAD_OPAQUE,
     PAYLOAD_VP8,
     PAYLOAD_VP9,
-    PROFILE_AEAD_AES_128_GCM,
-    Fanout,
 )
 from whepfan.errors import ParseError
 from whepfan.protocol.codecs import (
@@ -133,84 +128,25 @@ class Vp9Layer:
         return out
 
 
-@dataclass
-class Received:
-    seq: int
-    timestamp: int
-    ssrc: int
-    marker: bool
-    descriptor: Vp9PayloadDescriptor
+Received = _loopback.Received
 
 
-class Loopback:
-    """A Fanout on one UDP socket, one viewer socket with libsrtp keys."""
+class Loopback(_loopback.DescriptorLoopback[Vp9PayloadDescriptor]):
+    """The shared loopback harness on a VP9 track, with helpers for one subscription."""
 
     def __init__(self) -> None:
-        self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.send_sock.bind(("127.0.0.1", 0))
-        self.send_sock.setblocking(False)
-        self.viewer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.viewer_sock.bind(("127.0.0.1", 0))
-        self.viewer_sock.setblocking(False)
-        self.fanout = Fanout(self.send_sock.fileno(), max_viewers=4, max_tracks=4)
-        key, salt = os.urandom(16), os.urandom(12)
-        self.slot = self.fanout.add_viewer(
-            "127.0.0.1",
-            self.viewer_sock.getsockname()[1],
-            profile=PROFILE_AEAD_AES_128_GCM,
-            tx_key=key,
-            tx_salt=salt,
-            rx_key=os.urandom(16),
-            rx_salt=os.urandom(12),
+        super().__init__(
+            payload_format=PAYLOAD_VP9,
+            parse_descriptor=Vp9PayloadDescriptor.parse,
+            max_viewers=4,
+            max_tracks=4,
         )
-        self.inbound = Session(
-            Policy(
-                key=key + salt,
-                ssrc_type=Policy.SSRC_ANY_INBOUND,
-                srtp_profile=Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
-            )
-        )
-
-    def add_layer(self) -> int:
-        return self.fanout.add_track(clock_rate=VIDEO_CLOCK, payload_format=PAYLOAD_VP9)
 
     def subscribe(self, track: int) -> None:
         self.fanout.subscribe(self.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
 
-    def push(self, track: int, packets: list[tuple[bytes, bool]], now: float) -> None:
-        for packet, keyframe in packets:
-            self.fanout.push(track, packet, keyframe, now)
-
     def limit(self, track: int, limit: int) -> None:
         self.fanout.set_temporal_layer(self.slot, track, limit)
-
-    def receive(self) -> list[Received]:
-        """Every datagram delivered so far, decrypted by libsrtp and parsed."""
-        out: list[Received] = []
-        poller = select.poll()
-        poller.register(self.viewer_sock, select.POLLIN)
-        # Loopback delivery completes within sendmmsg; poll only guards against a race.
-        while poller.poll(0 if out else 50):
-            try:
-                datagram = self.viewer_sock.recv(4096)
-            except BlockingIOError:
-                break
-            plain = self.inbound.unprotect(datagram)
-            second, seq, timestamp, ssrc = struct.unpack_from("!xBHII", plain)
-            out.append(
-                Received(
-                    seq=seq,
-                    timestamp=timestamp,
-                    ssrc=ssrc,
-                    marker=bool(second & 0x80),
-                    descriptor=Vp9PayloadDescriptor.parse(plain[12:]),
-                )
-            )
-        return out
-
-    def close(self) -> None:
-        self.send_sock.close()
-        self.viewer_sock.close()
 
 
 @pytest.fixture
