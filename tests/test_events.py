@@ -19,7 +19,7 @@ import aioice.ice
 import orjson
 import pytest
 from _paths import SDP_FIXTURES
-from _server import LiveServer
+from _server import LiveServer, settings_for
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -45,7 +45,6 @@ from whepfan.http.events import (
 from whepfan.http.status import stream_tracks
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import StreamEvent
-from whepfan.settings import Settings
 from whepfan.transport import MediaWorker
 
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
@@ -563,16 +562,7 @@ async def test_preflight_on_the_event_resources(client: TestClient) -> None:
 
 @pytest.fixture
 def server() -> Iterator[LiveServer]:
-    settings = Settings.resolve(
-        cli={
-            "http": "127.0.0.1:0",
-            "udp": "127.0.0.1:0",
-            "public_ip": ["127.0.0.1"],
-            "publish_token": TOKEN,
-        },
-        environ={},
-    )
-    live = LiveServer(settings)
+    live = LiveServer(settings_for(token=TOKEN, log_level="info"))
     yield live
     live.close()
 

@@ -13,19 +13,18 @@ import aiohttp
 import aioice.ice
 import pytest
 from _paths import SDP_FIXTURES
+from _server import LiveServer, settings_for
 from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from hypothesis import given
 from hypothesis import strategies as st
-from test_events import LiveServer
 
 from whepfan.config import MediaConfig
 from whepfan.http import HttpOptions, create_app
 from whepfan.http.events import EventHub
 from whepfan.http.status import STREAM_STATUS_KEY, RateMeter, StreamStatus
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.settings import Settings
 from whepfan.transport import MediaWorker
 
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
@@ -319,16 +318,7 @@ async def test_the_view_token_guards_the_listing(worker: MediaWorker) -> None:
 
 @pytest.fixture
 def server() -> Iterator[LiveServer]:
-    settings = Settings.resolve(
-        cli={
-            "http": "127.0.0.1:0",
-            "udp": "127.0.0.1:0",
-            "public_ip": ["127.0.0.1"],
-            "publish_token": TOKEN,
-        },
-        environ={},
-    )
-    live = LiveServer(settings)
+    live = LiveServer(settings_for(token=TOKEN, log_level="info"))
     yield live
     live.close()
 
