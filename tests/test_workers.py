@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import socket
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 
 import aioice.ice
 import av
@@ -27,7 +31,7 @@ from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.session import SessionKind
-from whepfan.workers import RelayFrame, RelayKind, WorkerPool
+from whepfan.workers import RelayFrame, RelayKind, RelayPeer, WorkerPool
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +66,133 @@ def test_relay_frame_parse_fuzz(data: bytes) -> None:
     except ParseError:
         return
     assert isinstance(frame, RelayFrame)
+
+
+# ---------------------------------------------------------------------- relay send side
+
+
+@pytest.fixture
+def relay_dir() -> Iterator[str]:
+    # Short: a Unix socket path is at most 107 bytes (pytest's tmp_path can be longer).
+    path = tempfile.mkdtemp(prefix="wf-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _bound(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    return sock
+
+
+def _rtp_frames(count: int) -> list[bytes]:
+    """Relay frames of 1,200-byte RTP packets with sequence numbers 0..count-1."""
+    return [
+        bytes(
+            RelayFrame(
+                kind=RelayKind.RTP,
+                stream="live",
+                track="video/2",
+                body=bytes([0x80, 96]) + seq.to_bytes(2, "big") + bytes(1196),
+            )
+        )
+        for seq in range(count)
+    ]
+
+
+async def test_a_relay_burst_larger_than_the_kernel_queue_arrives_whole_and_in_order(
+    relay_dir: str,
+) -> None:
+    """A keyframe burst to a worker that is busy (not reading): Linux queues at most
+    net.unix.max_dgram_qlen datagrams (10 by default) on the receiving socket, so the
+    burst meets EAGAIN; it waits in the sender's backlog and arrives whole, in order,
+    once the worker reads (the relay loss of the 2-worker capacity bench)."""
+    loop = asyncio.get_running_loop()
+    path = os.path.join(relay_dir, "relay-1.sock")
+    receiver = _bound(path)
+    counters: Counter[str] = Counter()
+    peer = RelayPeer(path=path, loop=loop, counters=counters)
+    frames = _rtp_frames(300)
+    try:
+        for frame in frames:
+            peer.send(frame)
+        # The kernel queue filled up: the rest is waiting here, nothing was dropped.
+        assert counters["relay_backlogged"] > 0 and len(peer.backlog) > 0
+        assert counters["relay_sent"] + len(peer.backlog) == len(frames)
+        received: list[bytes] = []
+        everything = asyncio.Event()
+
+        def on_readable() -> None:
+            while True:
+                try:
+                    received.append(receiver.recv(65536))
+                except BlockingIOError:
+                    break
+            if len(received) == len(frames):
+                everything.set()
+
+        loop.add_reader(receiver.fileno(), on_readable)
+        try:
+            await asyncio.wait_for(everything.wait(), 10)
+        finally:
+            loop.remove_reader(receiver.fileno())
+        assert received == frames
+        assert counters["relay_sent"] == len(frames)
+        assert counters["drop_relay_queue_full"] == 0 and not peer.backlog
+    finally:
+        peer.close()
+        receiver.close()
+
+
+async def test_a_stuck_relay_peer_loses_only_what_overflows_the_backlog(relay_dir: str) -> None:
+    loop = asyncio.get_running_loop()
+    path = os.path.join(relay_dir, "relay-1.sock")
+    receiver = _bound(path)  # never read: the worker is stuck
+    counters: Counter[str] = Counter()
+    peer = RelayPeer(path=path, loop=loop, counters=counters, backlog_limit=5)
+    try:
+        for frame in _rtp_frames(100):
+            peer.send(frame)
+        assert len(peer.backlog) == 5
+        assert counters["drop_relay_queue_full"] > 0
+        assert counters["relay_sent"] + 5 + counters["drop_relay_queue_full"] == 100
+        # What did go out is the head of the burst, in order.
+        first = receiver.recv(65536)
+        assert RelayFrame.parse(first).body[2:4] == bytes(2)
+    finally:
+        peer.close()
+        receiver.close()
+
+
+async def test_a_relay_peer_that_is_absent_or_replaced_is_counted_then_reconnected(
+    relay_dir: str,
+) -> None:
+    loop = asyncio.get_running_loop()
+    path = os.path.join(relay_dir, "relay-1.sock")
+    counters: Counter[str] = Counter()
+    peer = RelayPeer(path=path, loop=loop, counters=counters)
+    frame = _rtp_frames(1)[0]
+    try:
+        peer.send(frame)  # that worker has not bound its socket yet
+        assert counters["drop_relay_no_peer"] == 1
+        first = _bound(path)
+        peer.send(frame)
+        assert first.recv(65536) == frame
+        # The worker exits; a replacement binds a new socket at the same path.
+        first.close()
+        os.unlink(path)
+        peer.send(frame)
+        assert counters["drop_relay_no_peer"] == 2
+        second = _bound(path)
+        try:
+            peer.send(frame)
+            assert second.recv(65536) == frame
+        finally:
+            second.close()
+        assert counters["relay_sent"] == 2
+    finally:
+        peer.close()
 
 
 # ---------------------------------------------------------------------- two workers

@@ -56,7 +56,8 @@ import signal
 import socket
 import struct
 import tempfile
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
@@ -155,6 +156,124 @@ class RelayFrame:
 
 def relay_path(relay_dir: str, worker: int) -> str:
     return os.path.join(relay_dir, f"relay-{worker}.sock")
+
+
+# Frames one peer may have waiting in this process while its relay socket is full: about
+# two seconds of a 720p simulcast stream (~700 packets/s with audio). A peer further
+# behind than that is stuck, and its viewers are better served by fresh packets later
+# than by an ever-growing queue.
+RELAY_BACKLOG_FRAMES = 1536
+
+
+class RelayPeer:
+    """The send side of the relay towards one other worker: a Unix datagram socket
+    *connected* to that worker's relay socket, and a bounded backlog.
+
+    Why connected, and why a backlog: Linux bounds an AF_UNIX datagram socket's receive
+    queue by *datagrams*, ``net.unix.max_dgram_qlen`` (10 by default), not by SO_RCVBUF.
+    A keyframe arrives from the publisher as a burst of tens of packets; when the other
+    worker is busy for a millisecond (a DTLS handshake in a join storm) the eleventh
+    packet of the burst would meet EAGAIN and be lost (measured: 12 packets in a
+    50-viewer join, every viewer on that worker saw the gap). On a connected socket
+    ``poll`` reports writable only when the peer's queue has room (the kernel's
+    unix_dgram_poll peer-wake), so frames that meet EAGAIN wait here, in order, and go
+    out as soon as the peer reads. Only a peer more than ``backlog_limit`` frames behind
+    loses frames (``drop_relay_queue_full``)."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        loop: asyncio.AbstractEventLoop,
+        counters: MutableMapping[str, int],
+        backlog_limit: int = RELAY_BACKLOG_FRAMES,
+    ) -> None:
+        self.path = path
+        self._loop = loop
+        self._counters = counters
+        self.backlog_limit = backlog_limit
+        self.backlog: deque[bytes] = deque()
+        self._sock: socket.socket | None = None
+        self._writer_fd: int | None = None
+
+    def send(self, frame: bytes) -> None:
+        if self.backlog:
+            self._queue(frame)  # behind what is waiting: the relay keeps packet order
+            return
+        sock = self._connected()
+        if sock is None:
+            self._counters["drop_relay_no_peer"] += 1
+            return
+        try:
+            sock.send(frame)
+        except BlockingIOError:
+            self._queue(frame)
+            self._wait_writable(sock)
+        except OSError as exc:
+            self._peer_gone(exc, lost=1)
+        else:
+            self._counters["relay_sent"] += 1
+
+    def close(self) -> None:
+        self._stop_waiting()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.backlog.clear()
+
+    def _connected(self) -> socket.socket | None:
+        """The socket, connected now if it was not (the peer may start after us, or have
+        been replaced: a new process binds a new socket at the same path)."""
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()  # ENOENT/ECONNREFUSED: not (yet) there; try again next frame
+            return None
+        self._sock = sock
+        return sock
+
+    def _queue(self, frame: bytes) -> None:
+        if len(self.backlog) >= self.backlog_limit:
+            self._counters["drop_relay_queue_full"] += 1
+            return
+        self.backlog.append(frame)
+        self._counters["relay_backlogged"] += 1
+
+    def _wait_writable(self, sock: socket.socket) -> None:
+        if self._writer_fd is None:
+            self._writer_fd = sock.fileno()
+            self._loop.add_writer(self._writer_fd, self._flush)
+
+    def _stop_waiting(self) -> None:
+        if self._writer_fd is not None:
+            self._loop.remove_writer(self._writer_fd)
+            self._writer_fd = None
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while self.backlog and sock is not None:
+            try:
+                sock.send(self.backlog[0])
+            except BlockingIOError:
+                return  # still full: the loop calls again when the peer has read
+            except OSError as exc:
+                self._peer_gone(exc, lost=0)
+                return
+            self.backlog.popleft()
+            self._counters["relay_sent"] += 1
+        self._stop_waiting()
+
+    def _peer_gone(self, exc: OSError, *, lost: int) -> None:
+        # ECONNREFUSED/ENOENT: that worker exited (its viewers are gone with it); a
+        # replacement binds the path again and the next frame reconnects.
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
+            log.warning("relay to %s failed: %s", self.path, exc)
+        self._counters["drop_relay_no_peer"] += lost + len(self.backlog)
+        self.close()
 
 
 # ====================================================================== worker side
@@ -420,6 +539,27 @@ def stream_layers(
     ]
 
 
+def capped_layer_request(
+    request: LayerRequest, layers: Sequence[Any], ceiling: int
+) -> LayerRequest:
+    """``request`` (EXT §5) as a viewer admitted no higher than layer ``ceiling`` (index
+    low to high, as the router counts) may have it: a layer named above the ceiling
+    becomes the ceiling layer, and maxSpatialLayerId never exceeds it, so neither a
+    manual pick nor the automatic policy (a request with nothing set) climbs over the
+    cost the viewer was admitted at. A rid or index the stream does not have is left
+    for the router to refuse (400)."""
+    if request.rid is not None:
+        named = next((i for i, track in enumerate(layers) if track.rid == request.rid), None)
+    else:
+        named = request.spatial_layer
+    limit = (
+        ceiling if request.max_spatial_layer is None else min(request.max_spatial_layer, ceiling)
+    )
+    if named is not None and ceiling < named < len(layers):
+        return replace(request, rid=None, spatial_layer=ceiling, max_spatial_layer=limit)
+    return replace(request, max_spatial_layer=limit)
+
+
 # ====================================================================== in-process
 
 
@@ -432,6 +572,7 @@ class InProcessWorkers:
         self.monitor = RouterMonitor(router, worker=0)
         self._meters: dict[tuple[str, str], RateMeter] = {}
         self.lower_layer_admissions = 0
+        self.layer_ceilings: dict[str, int] = {}  # viewers admitted on a lower layer
 
     # SessionRouter ----------------------------------------------------------------------
 
@@ -476,7 +617,18 @@ class InProcessWorkers:
 
     def end_session(self, session_id: str, now: float, reason: str = "deleted") -> bool:
         self.ledger.release(session_id)
+        self.layer_ceilings.pop(session_id, None)
         return self.router.end_session(session_id, now, reason)
+
+    def select_layer(self, session_id: str, request: LayerRequest, now: float) -> dict[str, object]:
+        """The layer API (EXT §5), within the ceiling of a lower-layer admission."""
+        ceiling = self.layer_ceilings.get(session_id)
+        if ceiling is not None:
+            session = self.router.get_session(session_id)
+            stream = self.router.streams.get(session.stream)
+            layers = stream.layers() if stream is not None else []
+            request = capped_layer_request(request, layers, ceiling)
+        return self.router.select_layer(session_id, request, now)
 
     def get_session(self, session_id: str) -> MediaSession:
         return self.router.get_session(session_id)
@@ -519,11 +671,14 @@ class InProcessWorkers:
             self.router.select_layer(session_id, LayerRequest(max_spatial_layer=ceiling), now)
         except PeerError:
             return  # an audio-only viewer: nothing to cap
+        # Kept, not just applied once: every later layer request is held under it.
+        self.layer_ceilings[session_id] = ceiling
         self.lower_layer_admissions += 1
 
     def tick(self, now: float | None) -> None:
         """Once a second: settle ended sessions, observe setup latency, measure streams."""
-        self.monitor.sample()
+        for session_id, _, _ in self.monitor.sample():
+            self.layer_ceilings.pop(session_id, None)
         self.ledger.retain(
             s.id for s in self.router.sessions.values() if s.kind is SessionKind.VIEWER
         )
@@ -636,10 +791,8 @@ class WorkerNode:
             os.unlink(path)
         self.relay.bind(path)
         self.relay.setblocking(False)
-        self.relay.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        self._peers = [
-            relay_path(spec.relay_dir, i) for i in range(spec.workers) if i != spec.index
-        ]
+        # Bursts wait on the sender's side (RelayPeer): an AF_UNIX datagram queue is
+        # bounded by net.unix.max_dgram_qlen datagrams, whatever SO_RCVBUF says.
         self._track_names: dict[int, tuple[str, str]] = {}
         # The MediaWorker built a plain Router; this worker's is the relaying one, on the
         # same fanout (wrapped), socket, candidates and timer.
@@ -653,7 +806,19 @@ class WorkerNode:
             candidates=plain.candidates,
             wake=media.arm_timer,
         )
+        self._peers: dict[int, RelayPeer] = {
+            index: RelayPeer(
+                path=relay_path(spec.relay_dir, index),
+                loop=self._loop,
+                counters=self.router.counters,
+            )
+            for index in range(spec.workers)
+            if index != spec.index
+        }
         media.router = self.router
+        # Viewers admitted on a lower layer (the main process's "cap_layer"): session ->
+        # highest layer index allowed, held here because only this worker knows the rids.
+        self.layer_ceilings: dict[str, int] = {}
         self.monitor = RouterMonitor(self.router, worker=spec.index)
         self.router.add_listener(self._on_stream_event)
         self._sweep_pending = False
@@ -672,6 +837,8 @@ class WorkerNode:
             self._loop.remove_reader(self.relay.fileno())
             self.media.close()
             self.relay.close()
+            for peer in self._peers.values():
+                peer.close()
 
     # control channel ---------------------------------------------------------------------
 
@@ -758,7 +925,17 @@ class WorkerNode:
             return {"ended": router.end_session(args["session"], now, args["reason"])}
         if op == "select_layer":
             request = _layer_request_from_json(args["request"])
+            ceiling = self.layer_ceilings.get(args["session"])
+            if ceiling is not None:
+                request = capped_layer_request(request, self._layers_of(args["session"]), ceiling)
             return router.select_layer(args["session"], request, now)
+        if op == "cap_layer":
+            ceiling = int(args["ceiling"])
+            status = router.select_layer(
+                args["session"], LayerRequest(max_spatial_layer=ceiling), now
+            )
+            self.layer_ceilings[args["session"]] = ceiling
+            return status
         if op == "layer_status":
             return router.layer_status(args["session"], now)
         if op == "attach_relay":
@@ -771,6 +948,10 @@ class WorkerNode:
             self._done.set()
             return None
         raise errors.PeerError(f"unknown control operation {op!r}")
+
+    def _layers_of(self, session_id: str) -> list[Any]:
+        stream = self.router.streams.get(self.router.get_session(session_id).stream)
+        return stream.layers() if stream is not None else []
 
     # stats and ended sessions --------------------------------------------------------------
 
@@ -790,6 +971,8 @@ class WorkerNode:
     def _sweep(self) -> None:
         self._sweep_pending = False
         ended = self.monitor.sample()
+        for session_id, _, _ in ended:
+            self.layer_ceilings.pop(session_id, None)
         if ended:
             self._send({"event": "ended", "sessions": ended})
 
@@ -828,24 +1011,13 @@ class WorkerNode:
         frame = bytes(
             RelayFrame(kind=kind, stream=names[0], track=names[1], keyframe=keyframe, body=body)
         )
-        for path in self._peers:
-            self._relay_send(frame, path)
-
-    def _relay_send(self, frame: bytes, path: str) -> None:
-        try:
-            self.relay.sendto(frame, path)
-            self.router.counters["relay_sent"] += 1
-        except BlockingIOError:
-            self.router.counters["drop_relay_queue_full"] += 1
-        except OSError as exc:
-            # ENOENT/ECONNREFUSED: that worker is restarting; its viewers are gone anyway.
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                log.warning("relay to %s failed: %s", path, exc)
-            self.router.counters["drop_relay_no_peer"] += 1
+        for peer in self._peers.values():
+            peer.send(frame)
 
     def _send_keyframe_request(self, origin: int, stream: str) -> None:
-        frame = bytes(RelayFrame(kind=RelayKind.KEYFRAME_REQUEST, stream=stream))
-        self._relay_send(frame, relay_path(self.spec.relay_dir, origin))
+        peer = self._peers.get(origin)
+        if peer is not None:
+            peer.send(bytes(RelayFrame(kind=RelayKind.KEYFRAME_REQUEST, stream=stream)))
 
     def _on_relay(self) -> None:
         now = self._loop.time()
@@ -1441,7 +1613,10 @@ class WorkerPool:
             if video_layers > 1:
                 ceiling = max(0, video_layers - 1 - admission.layer)
                 try:
-                    self.select_layer(session.id, LayerRequest(max_spatial_layer=ceiling), now)
+                    # The worker keeps the ceiling and holds later layer requests under it.
+                    self._request(
+                        session.worker, "cap_layer", {"session": session.id, "ceiling": ceiling}
+                    )
                     self.lower_layer_admissions += 1
                 except errors.PeerError:
                     pass  # an audio-only viewer: nothing to cap
