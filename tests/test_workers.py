@@ -252,7 +252,7 @@ class PoolViewer:
                 frame = await track.recv()
             except Exception:
                 return
-            if track.kind == "video":
+            if isinstance(frame, av.VideoFrame):
                 self.video_frames.append(frame)
 
     async def start(self) -> None:

@@ -24,10 +24,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_workers_http_apis import JSON, SDP, HttpViewer, _wait_for
 
-from whepfan.capacity import LayerCost
+from whepfan.capacity import CapacityLedger, CapacityPolicy, LayerCost
 from whepfan.client.publisher import Publisher, PublisherOptions
 from whepfan.router import LayerRequest
-from whepfan.workers import WorkerPool, capped_layer_request
+from whepfan.workers import InProcessWorkers, WorkerPool, capped_layer_request
 
 # ---------------------------------------------------------------------- the capping rule
 
@@ -89,6 +89,68 @@ def test_no_capped_request_reaches_above_the_ceiling(
     index = rids.index(capped.rid) if capped.rid in rids else capped.spatial_layer
     if index is not None and index < len(LAYERS):
         assert index <= ceiling  # a layer of the stream above the ceiling is never named
+
+
+class _LayeredStream:
+    live = True
+
+    def layers(self) -> list[_Layer]:
+        return LAYERS
+
+
+class _Session:
+    def __init__(self, session_id: str) -> None:
+        self.id, self.stream = session_id, "s"
+
+
+class _RecordingRouter:
+    """What InProcessWorkers asks of the router on admission and on the layer API."""
+
+    def __init__(self) -> None:
+        self.streams = {"s": _LayeredStream()}
+        self.requests: list[tuple[str, LayerRequest]] = []
+        self._sessions: dict[str, _Session] = {}
+
+    def view(self, stream_name: str, offer_text: str, now: float) -> tuple[_Session, str]:
+        session = _Session(f"v{len(self._sessions) + 1}")
+        self._sessions[session.id] = session
+        return session, "answer"
+
+    def get_session(self, session_id: str) -> _Session:
+        return self._sessions[session_id]
+
+    def select_layer(self, session_id: str, request: LayerRequest, now: float) -> dict[str, object]:
+        self.requests.append((session_id, request))
+        return {}
+
+    def end_session(self, session_id: str, now: float, reason: str) -> bool:
+        return self._sessions.pop(session_id, None) is not None
+
+
+def test_in_process_layer_requests_stay_under_the_admitted_layer() -> None:
+    """``--workers 1``: the second viewer fits only on the lowest layer; its later pick of
+    the top layer reaches the router as the lowest, while the first viewer's does not."""
+    router = _RecordingRouter()
+    ledger = CapacityLedger(
+        policy=CapacityPolicy(worker_packet_budget=WORKER_PACKET_BUDGET, admit_lower_layer=True)
+    )
+    ledger.set_stream_layers("s", [TOP, MIDDLE, LOWEST])
+    workers = InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+    first, _ = workers.view("s", "offer", 0.0)
+    second, _ = workers.view("s", "offer", 0.0)
+    assert router.requests == [("v2", LayerRequest(max_spatial_layer=0))]
+    router.requests.clear()
+    workers.select_layer(first.id, LayerRequest(rid="f"), 0.0)
+    workers.select_layer(second.id, LayerRequest(rid="f"), 0.0)
+    workers.select_layer(second.id, LayerRequest(), 0.0)
+    assert router.requests == [
+        ("v1", LayerRequest(rid="f")),
+        ("v2", LayerRequest(spatial_layer=0, max_spatial_layer=0)),
+        ("v2", LayerRequest(max_spatial_layer=0)),
+    ]
+    # The ceiling leaves with the session.
+    workers.end_session(second.id, 0.0)
+    assert second.id not in workers.layer_ceilings
 
 
 # ---------------------------------------------------------------------- two worker processes

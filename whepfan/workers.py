@@ -31,7 +31,13 @@ canonical offer, with a stand-in publisher session that is never registered (no 
 timers, no address), so ``view()`` negotiates exactly as on the origin and relayed
 packets, already rebased and renumbered by the origin, go straight to ``Fanout.push``.
 
-The layer API (EXT §5) is forwarded to the viewer's worker like any session call. The
+Each worker sends to each other worker on its own connected datagram socket
+(:class:`RelayPeer`): a burst the receiving worker cannot take yet waits, in order, in a
+bounded backlog instead of being dropped at the kernel's 10-datagram queue.
+
+The layer API (EXT §5) is forwarded to the viewer's worker like any session call; a
+viewer admitted on a lower layer has its ceiling kept by its worker ("cap_layer"), which
+holds every later request under it (:func:`capped_layer_request`). The
 status API reads the registry plus what each worker's once-a-second stats message
 reports: every worker its viewers receiving media per stream, the origin also the
 publisher and its tracks; the origin's "layers" events are forwarded as they happen.
