@@ -18,6 +18,16 @@ a settling second, to the end of the hold):
 "Viewers per core" is a step's viewers divided by the server's cores busy, at the
 largest step that holds (< 0.5 % loss, every viewer connected and receiving, full rate).
 
+Cores: with ``--pin`` (the default on a machine with 2 or more CPUs) a one-process server
+(whepfan with 1 worker, the naive SFU) and the loopback limit run on CPU 0, the publisher
+and the load generator on the others, so the server's core is its own and the figures
+are not bent by the encoder or the load generator competing for it. A multi-worker
+whepfan needs every CPU, so it and its load share them unpinned.
+
+The load generator polls connected viewers' sockets (``whepfan loadtest --poll-ms``)
+rather than being woken per datagram: on loopback the sender pays for that wake-up, a
+cost no viewer across a network imposes (see whepfan/_receiver.pxi).
+
 The join storm: N viewers (``--storm``, default 1,000) arrive within ``--storm-window``
 seconds against whepfan; time to first frame is POST -> first VP8 keyframe packet as the
 load generator's receiver sees it (first RTP is reported beside it), and the viewers
@@ -70,7 +80,20 @@ OVERLOAD_RATE_FRACTION = 0.5
 TARGET_RATIO_TO_NAIVE = 50.0
 TARGET_VIEWERS_PER_CORE = 1500
 TARGET_FRACTION_OF_LIMIT = 0.7
+# The packet rate behind the viewers-per-core target: shared/reference/performance.md's
+# arithmetic ("a 720p30 stream at 1.5 Mbps is ~150-170 packets/s with audio"; 320k
+# packets/s per core ~ 2,000 viewers). Our stream is measured, and printed beside it.
+TARGET_PACKETS_PER_VIEWER = 160
 NAIVE = "naive aiortc"
+SERVER_CPUS: set[int] | None = None  # set by --pin: the server's core
+LOAD_CPUS: set[int] | None = None  # the publisher's and load generator's cores
+
+
+def _pinned(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` that confines the child (and what it forks) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 # --- processes and their CPU -----------------------------------------------------------
@@ -181,6 +204,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     publisher: subprocess.Popen[bytes] | None = None  # set while the stream is published
+    pinned = False  # on SERVER_CPUS, its publisher and load on LOAD_CPUS
 
     def close(self) -> None:
         self.process.terminate()  # whepfan: SIGTERM drains (no viewers left), then exits
@@ -195,6 +219,7 @@ class WhepfanServer(Server):
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.name = f"whepfan {workers} worker{'s' if workers > 1 else ''}"
+        self.pinned = SERVER_CPUS is not None and workers == 1
         http_port = _free_port(socket.SOCK_STREAM)
         udp_port = _free_port(socket.SOCK_DGRAM)
         self.url = f"http://127.0.0.1:{http_port}"
@@ -204,7 +229,8 @@ class WhepfanServer(Server):
                 "--http", f"127.0.0.1:{http_port}", "--udp", f"127.0.0.1:{udp_port}",
                 "--public-ip", "127.0.0.1", "--publish-token", TOKEN,
                 "--workers", str(workers), "--log-level", "warning",
-            ]
+            ],
+            preexec_fn=_pinned(SERVER_CPUS if workers == 1 else None),
         )  # fmt: skip
         _wait_http(self.url + "/metrics", self.process, self.name)
 
@@ -212,6 +238,7 @@ class WhepfanServer(Server):
 class NaiveServer(Server):
     def __init__(self, video_bitrate: int) -> None:
         self.name = NAIVE
+        self.pinned = SERVER_CPUS is not None
         http_port = _free_port(socket.SOCK_STREAM)
         self.url = f"http://127.0.0.1:{http_port}"
         self.process = subprocess.Popen(
@@ -220,6 +247,7 @@ class NaiveServer(Server):
                 "--http", f"127.0.0.1:{http_port}", "--video-bitrate", str(video_bitrate),
             ],
             stdout=subprocess.DEVNULL,
+            preexec_fn=_pinned(SERVER_CPUS),
         )  # fmt: skip
         _wait_http(self.url + "/status", self.process, self.name)
 
@@ -230,12 +258,14 @@ class Stream:
     bitrate: int = 1_500_000
 
     def publish(self, server: Server) -> subprocess.Popen[bytes]:
+        pinned = server.pinned
         return subprocess.Popen(
             [
                 sys.executable, "-m", "whepfan.cli", "publish", "--token", TOKEN,
                 "--bitrate", str(self.bitrate), "--size", self.size, "--log-level", "warning",
                 f"{server.url}/whip/live",
-            ]
+            ],
+            preexec_fn=_pinned(LOAD_CPUS if pinned else None),
         )  # fmt: skip
 
 
@@ -299,6 +329,12 @@ class Step:
         return self.publisher_cpu / self.window_seconds if self.window_seconds else float("nan")
 
     @property
+    def packets_per_viewer_second(self) -> float:
+        if not self.window_seconds or not self.connected:
+            return float("nan")
+        return self.packets / self.window_seconds / self.connected
+
+    @property
     def viewers_per_core(self) -> float:
         return self.connected / self.server_cores if self.server_cores > 0 else float("nan")
 
@@ -314,6 +350,7 @@ class Step:
             "loadgen_cores": self.loadgen_cores,
             "publisher_cores": self.publisher_cores,
             "viewers_per_core": self.viewers_per_core,
+            "packets_per_viewer_second": self.packets_per_viewer_second,
         }
 
 
@@ -335,7 +372,17 @@ class LoadRun:
     """One ``whepfan loadtest`` subprocess, with its progress lines timestamped on our
     clock (they map its timeline onto the CPU samples) and its JSON report."""
 
-    def __init__(self, url: str, viewers: int, *, ramp: float, hold: float, timeout: float):
+    def __init__(
+        self,
+        url: str,
+        viewers: int,
+        *,
+        ramp: float,
+        hold: float,
+        timeout: float,
+        poll_ms: float,
+        pinned: bool,
+    ):
         descriptor, self._report = tempfile.mkstemp(suffix=".json", prefix="capacity-")
         os.close(descriptor)
         self.clock_pairs: list[tuple[float, float]] = []  # (our monotonic, its seconds)
@@ -343,8 +390,10 @@ class LoadRun:
             [
                 sys.executable, "-m", "whepfan.cli", "loadtest", "--viewers", str(viewers),
                 "--ramp", f"{ramp:g}", "--duration", f"{hold:g}", "--verify-every", "50",
-                "--setup-timeout", f"{timeout:g}", "--json", self._report, f"{url}/whep/live",
+                "--setup-timeout", f"{timeout:g}", "--poll-ms", f"{poll_ms:g}",
+                "--json", self._report, f"{url}/whep/live",
             ],
+            preexec_fn=_pinned(LOAD_CPUS if pinned else None),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -380,10 +429,18 @@ class LoadRun:
         return its_seconds + min(ours - its for ours, its in self.clock_pairs)
 
 
-def run_step(server: Server, viewers: int, *, ramp: float, hold: float) -> Step:
+def run_step(server: Server, viewers: int, *, ramp: float, hold: float, poll_ms: float) -> Step:
     if server.publisher is None:
         raise RuntimeError(f"nothing is published to {server.name}")
-    run = LoadRun(server.url, viewers, ramp=ramp, hold=hold, timeout=20.0)
+    run = LoadRun(
+        server.url,
+        viewers,
+        ramp=ramp,
+        hold=hold,
+        timeout=20.0,
+        poll_ms=poll_ms,
+        pinned=server.pinned,
+    )
     sampler = CpuSampler(server.process.pid, run.process.pid, server.publisher.pid)
     try:
         report = run.wait()
@@ -459,8 +516,16 @@ class Storm:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-def run_storm(server: Server, viewers: int, *, window: float, hold: float) -> Storm:
-    run = LoadRun(server.url, viewers, ramp=viewers / window, hold=hold, timeout=30.0)
+def run_storm(server: Server, viewers: int, *, window: float, hold: float, poll_ms: float) -> Storm:
+    run = LoadRun(
+        server.url,
+        viewers,
+        ramp=viewers / window,
+        hold=hold,
+        timeout=30.0,
+        poll_ms=poll_ms,
+        pinned=server.pinned,
+    )
     report = run.wait()
     summary, latency = report["summary"], report["summary"]["latency_ms"]
     framed = [v for v in report["viewers"] if v["first_keyframe"] is not None]
@@ -503,15 +568,16 @@ def machine() -> dict[str, Any]:
 
 STEP_HEADER = (
     f"{'contender':<19}{'viewers':>8}{'conn':>6}{'loss %':>8}{'kbit/s/v':>10}"
-    f"{'packets':>10}{'µs/pkt':>8}{'srv cores':>10}{'gen cores':>10}{'pub cores':>10}"
-    f"{'viewers/core':>13}"
+    f"{'pkt/s/v':>8}{'packets':>10}{'µs/pkt':>8}{'srv cores':>10}{'gen cores':>10}"
+    f"{'pub cores':>10}{'viewers/core':>13}"
 )
 
 
 def step_line(step: Step) -> str:
     return (
         f"{step.contender:<19}{step.viewers:>8}{step.connected:>6}{step.loss_percent:>8.3f}"
-        f"{step.kbps_per_viewer:>10.0f}{step.packets:>10}{step.cpu_us_per_packet:>8.2f}"
+        f"{step.kbps_per_viewer:>10.0f}{step.packets_per_viewer_second:>8.0f}"
+        f"{step.packets:>10}{step.cpu_us_per_packet:>8.2f}"
         f"{step.server_cores:>10.2f}{step.loadgen_cores:>10.2f}{step.publisher_cores:>10.2f}"
         f"{step.viewers_per_core:>13.1f}"
     )
@@ -536,6 +602,13 @@ def summarize(steps: Sequence[Step], limit_us_per_packet: float) -> list[dict[st
                 "holding": best.viewers if best else 0,
                 "cpu_us_per_packet": best.cpu_us_per_packet if best else None,
                 "viewers_per_core": best.viewers_per_core if best else None,
+                "packets_per_viewer_second": best.packets_per_viewer_second if best else None,
+                # The same cost per packet at the target's assumed packet rate.
+                "viewers_per_core_at_target_rate": 1e6
+                / best.cpu_us_per_packet
+                / TARGET_PACKETS_PER_VIEWER
+                if best and best.cpu_us_per_packet > 0
+                else None,
                 "kbps_per_viewer": best.kbps_per_viewer if best else None,
                 "server_cores": best.server_cores if best else None,
                 "loadgen_cores": best.loadgen_cores if best else None,
@@ -585,6 +658,12 @@ def target_lines(rows: Sequence[dict[str, Any]], stream: Stream) -> list[str]:
         ]
         rate = f"{stream.size} at {stream.bitrate // 1000} kbit/s"
         lines.append(f"target, {row['contender']} ({rate}): " + "; ".join(parts))
+        lines.append(
+            f"  measured stream: {row['packets_per_viewer_second']:.0f} packets/s per viewer; "
+            f"at the {TARGET_PACKETS_PER_VIEWER} packets/s the viewers/core target assumes, "
+            f"{row['cpu_us_per_packet']:.2f} µs/packet is "
+            f"{row['viewers_per_core_at_target_rate']:.0f} viewers per core"
+        )
     return lines
 
 
@@ -612,7 +691,7 @@ def _counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
-    parser.add_argument("--viewers", default="1,2,5,10,50,100,200,400,800,1200")
+    parser.add_argument("--viewers", default="1,10,100,400,800,1000,1200,1400,1600")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds at each step")
     parser.add_argument("--ramp", type=float, default=100.0, help="viewers started per second")
     parser.add_argument("--no-naive", dest="naive", action="store_false")
@@ -622,6 +701,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-workers", type=int, help="default: the largest of --workers")
     parser.add_argument("--size", default="1280x720")
     parser.add_argument("--bitrate", type=int, default=1_500_000)
+    parser.add_argument(
+        "--poll-ms",
+        type=float,
+        default=10.0,
+        help="the load generator's poll interval (0: woken per datagram, as before)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not give a one-process server a core of its own",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (< 60 s)")
     args = parser.parse_args(argv)
@@ -633,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         calibration_packets = 20_000
     stream = Stream(size=args.size, bitrate=args.bitrate)
     worker_counts = _counts(args.workers)
+    global SERVER_CPUS, LOAD_CPUS
+    available = sorted(os.sched_getaffinity(0))
+    if args.pin and len(available) >= 2:
+        SERVER_CPUS, LOAD_CPUS = {available[0]}, set(available[1:])
 
     host = machine()
     print(
@@ -640,7 +735,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{host['python']}; load average {host['load_average']:.2f}; {host['date']}",
         flush=True,
     )
-    limit = calibrate(packets=calibration_packets)
+    if SERVER_CPUS is not None:
+        print(
+            f"pinned: a one-process server and the limit on CPU {sorted(SERVER_CPUS)}, "
+            f"publisher and load generator on CPUs {sorted(LOAD_CPUS or ())}; "
+            f"multi-worker servers unpinned",
+            flush=True,
+        )
+    own_cpus = os.sched_getaffinity(0)
+    if SERVER_CPUS is not None:
+        os.sched_setaffinity(0, SERVER_CPUS)  # the limit is measured on the server's core
+    try:
+        limit = calibrate(packets=calibration_packets)
+    finally:
+        os.sched_setaffinity(0, own_cpus)
     limit_us = limit.cpu_seconds_per_packet * 1e6
     print(
         f"loopback limit (whepfan calibrate): {limit_us:.2f} CPU µs per packet, "
@@ -661,7 +769,9 @@ def main(argv: list[str] | None = None) -> int:
             mine: list[Step] = []
             for viewers in _counts(args.viewers):
                 try:
-                    step = run_step(server, viewers, ramp=args.ramp, hold=args.hold)
+                    step = run_step(
+                        server, viewers, ramp=args.ramp, hold=args.hold, poll_ms=args.poll_ms
+                    )
                 except RuntimeError as exc:  # the load generator died: nothing to measure
                     print(f"{server.name}: {viewers} viewers: {exc}; larger steps not run")
                     break
@@ -677,7 +787,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.storm > 0:
         workers = args.storm_workers or max(worker_counts, default=1)
         with deployment(WhepfanServer(workers), stream) as server:
-            storm = run_storm(server, args.storm, window=args.storm_window, hold=args.storm_hold)
+            storm = run_storm(
+                server,
+                args.storm,
+                window=args.storm_window,
+                hold=args.storm_hold,
+                poll_ms=args.poll_ms,
+            )
 
     rows = summarize(steps, limit_us)
     print()
@@ -700,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": host,
                     "stream": asdict(stream),
                     "hold_seconds": args.hold,
+                    "poll_ms": args.poll_ms,
+                    "server_cpus": sorted(SERVER_CPUS) if SERVER_CPUS else None,
+                    "load_cpus": sorted(LOAD_CPUS) if LOAD_CPUS else None,
                     "limit_us_per_packet": limit_us,
                     "steps": [s.as_dict() for s in steps],
                     "summary": rows,

@@ -25,9 +25,9 @@ CONTENDERS = ("whepfan 1 worker", "naive aiortc")
 STORM_VIEWERS = 6
 TIMEOUT = 300  # a generous ceiling for a shared CI machine, not a performance threshold
 NUMBER = r"[-+]?(?:\d+(?:\.\d+)?|nan)"
-# A step row: contender, viewers, connected, then eight figures (bench/README.md).
+# A step row: contender, viewers, connected, then nine figures (bench/README.md).
 STEP_ROW = re.compile(
-    rf"^(whepfan \d+ workers?|naive aiortc)\s+(\d+)\s+(\d+)((?:\s+{NUMBER}){{8}})\s*$"
+    rf"^(whepfan \d+ workers?|naive aiortc)\s+(\d+)\s+(\d+)((?:\s+{NUMBER}){{9}})\s*$"
 )
 # A summary row: contender, holding, then seven figures or "-".
 SUMMARY_ROW = re.compile(
@@ -68,12 +68,19 @@ def test_step_table_has_every_contender_and_viewer_count(
     assert sorted(rows) == sorted((c, n) for c in CONTENDERS for n in SMOKE_VIEWERS)
     for (contender, viewers), (connected, figures) in rows.items():
         assert connected == viewers
-        loss, kbps, packets, us_per_packet, server_cores, loadgen_cores, publisher_cores = map(
-            float, figures[:7]
-        )
-        per_core = float(figures[7])
+        (
+            loss,
+            kbps,
+            packet_rate,
+            packets,
+            us_per_packet,
+            server_cores,
+            loadgen_cores,
+            publisher_cores,
+        ) = map(float, figures[:8])
+        per_core = float(figures[8])
         assert 0 <= loss < 100
-        assert kbps > 0 and packets > 0
+        assert kbps > 0 and packets > 0 and packet_rate > 0
         # /proc counts CPU in clock ticks (10 ms): an idle whepfan at one viewer may show
         # none in a few seconds; the transcoding naive SFU always shows some.
         assert us_per_packet >= 0 and server_cores >= 0
@@ -105,6 +112,13 @@ def test_summary_puts_both_servers_side_by_side(smoke: tuple[str, dict[str, Any]
     targets = [line for line in output.splitlines() if line.startswith("target, ")]
     assert len(targets) == 1 and "whepfan 1 worker" in targets[0]
     assert targets[0].count("(target >= ") == 3
+    # Beside it, the measured packet rate and the same cost at the target's assumed rate.
+    rate_line = output.splitlines()[output.splitlines().index(targets[0]) + 1]
+    assert "packets/s per viewer; at the 160 packets/s" in rate_line
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "pinned: a one-process server and the limit on CPU" in output
+        assert report["server_cpus"] and report["load_cpus"]
+        assert not set(report["server_cpus"]) & set(report["load_cpus"])
 
 
 @pytest.mark.slow
@@ -199,6 +213,7 @@ def test_step_figures_are_per_delivered_packet_and_per_busy_core() -> None:
     assert step.server_cores == pytest.approx(0.01)
     assert step.loadgen_cores == pytest.approx(0.02)
     assert step.viewers_per_core == pytest.approx(1000.0)
+    assert step.packets_per_viewer_second == pytest.approx(200.0)  # 60,000 / 30 s / 10
     assert math.isnan(_step(packets=0).cpu_us_per_packet)
 
 
@@ -234,9 +249,12 @@ def test_summary_ratios_are_against_the_naive_sfu_and_the_limit() -> None:
     assert naive["viewers_per_core"] == pytest.approx(2.0)
     assert whepfan["ratio_to_naive"] == pytest.approx(500.0)
     assert whepfan["fraction_of_limit"] == pytest.approx(2.5 / 50.0)
+    # 50 µs per packet at the target's 160 packets/s per viewer: 125 viewers per core.
+    assert whepfan["viewers_per_core_at_target_rate"] == pytest.approx(125.0)
     lines = capacity.target_lines(list(rows.values()), capacity.Stream())
-    assert len(lines) == 1 and "÷naive 500.0 (target >= 50.0: met)" in lines[0]
+    assert len(lines) == 2 and "÷naive 500.0 (target >= 50.0: met)" in lines[0]
     assert "viewers/core 1000 (target >= 1500: MISSED)" in lines[0]
+    assert "50.00 µs/packet is 125 viewers per core" in lines[1]
 
 
 def test_process_cpu_is_read_from_proc() -> None:

@@ -277,6 +277,80 @@ def test_receiver_rejects_bad_arguments() -> None:
         sock.close()
 
 
+def _poll_until(bench: Bench, expect_packets: int) -> list[tuple[int, bytes, tuple[str, int]]]:
+    """poll() until ``expect_packets`` datagrams were read (loopback delivery is
+    synchronous with sendto, so this normally takes one call)."""
+    control = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        control += bench.receiver.poll()
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        if int(stats["packets"] or 0) + int(stats["control_packets"] or 0) >= expect_packets:
+            return control
+        time.sleep(0.01)
+    raise AssertionError(f"fewer than {expect_packets} datagrams arrived")
+
+
+def test_polled_viewer_leaves_the_epoll_set_and_is_read_by_poll(bench: Bench) -> None:
+    bench.key_receiver()
+    bench.receiver.set_polled(bench.viewer, True)
+    for seq in range(10):
+        bench.send(bench.rtp(seq))
+    stun_like = bytes.fromhex("0001000021122a442233445566778899aabbccdd")
+    bench.send(stun_like)
+    # No waiter on the socket any more: the epoll fd stays quiet, drain() reads nothing.
+    assert select.select([bench.receiver.fileno()], [], [], 0.05)[0] == []
+    assert bench.receiver.drain() == []
+    assert bench.receiver.viewer_stats(bench.viewer)["packets"] == 0
+    control = _poll_until(bench, 11)
+    assert control == [(bench.viewer, stun_like, bench.sender.getsockname())]
+    stats = bench.receiver.viewer_stats(bench.viewer)
+    assert stats["packets"] == stats["decrypted"] == stats["expected"] == 10
+    assert bench.receiver.stats()["polls"] >= 1
+    # And back: watched again, the epoll fd signals the next datagram.
+    bench.receiver.set_polled(bench.viewer, False)
+    bench.send(bench.rtp(10))
+    assert select.select([bench.receiver.fileno()], [], [], 5)[0] == [bench.receiver.fileno()]
+    bench.drain(12)
+    assert bench.receiver.poll() == []
+
+
+def test_arrival_times_are_the_kernels_receive_timestamps(bench: Bench) -> None:
+    bench.key_receiver()
+    bench.receiver.set_polled(bench.viewer, True)
+    sent_at = time.monotonic()
+    bench.send(bench.rtp(1))
+    # Read it well after it arrived: the recorded time must be the arrival, not the read.
+    time.sleep(0.2)
+    read_at = time.monotonic()
+    _poll_until(bench, 1)
+    first = bench.receiver.viewer_stats(bench.viewer)["first_rtp_at"]
+    assert first is not None
+    assert sent_at - 0.01 <= first < read_at - 0.1
+
+
+def test_socket_drops_are_counted_apart_and_show_as_loss() -> None:
+    bench = Bench()
+    try:
+        bench.key_receiver()
+        bench.receiver.set_polled(bench.viewer, True)
+        # The smallest buffer the kernel allows holds a few datagrams: flood it unread.
+        bench.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        payload = b"\x00" * 1000
+        for seq in range(200):
+            bench.send(bench.rtp(seq, payload=payload))
+        bench.receiver.poll()
+        bench.send(bench.rtp(200, payload=payload))  # after the gap: the loss is visible
+        _poll_until(bench, 1)
+        stats = bench.receiver.viewer_stats(bench.viewer)
+        assert stats["socket_drops"] > 0
+        # Every datagram was RTP: each one the socket dropped is a sequence gap.
+        assert stats["lost"] == stats["socket_drops"]
+        assert stats["packets"] + stats["lost"] == 201
+    finally:
+        bench.close()
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -342,6 +416,11 @@ def test_loadtest_options_are_validated() -> None:
         LoadTestOptions(url="http://x/whep/a", viewers=0)
     with pytest.raises(ValueError):
         LoadTestOptions(url="http://x/whep/a", viewers=1, verify_every=0)
+    with pytest.raises(ValueError):
+        LoadTestOptions(url="http://x/whep/a", viewers=1, poll_interval=-0.001)
+    with pytest.raises(ValueError):
+        LoadTestOptions(url="http://x/whep/a", viewers=1, poll_interval=1.0)
+    assert LoadTestOptions(url="http://x/whep/a", viewers=1, poll_interval=0).poll_interval == 0
 
 
 # --- whole runs -------------------------------------------------------------------------------
@@ -459,6 +538,7 @@ def test_fifty_viewers_against_whepfan_serve_fed_by_whepfan_publish(tmp_path: Pa
         assert counters["packets"] > 50, viewer
         assert counters["decrypt_failures"] == 0, viewer
         assert counters["lost"] == 0, viewer
+        assert counters["socket_drops"] == 0, viewer
         # SRTP can arrive in the same recvmmsg batch as the DTLS Finished, before the
         # keys are set: counted as unkeyed, never as a failure.
         verified = counters["decrypted"] + counters["unkeyed"]

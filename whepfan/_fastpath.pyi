@@ -161,11 +161,14 @@ def measure_send_limit(
 
 class Receiver:
     """Batched receive path of ``whepfan loadtest`` (``_receiver.pxi``): one bound,
-    non-blocking UDP socket per simulated viewer, all in one epoll set; ``drain()`` reads
-    every ready socket with ``recvmmsg``, counts RTP from its clear header (packets,
-    bytes, per-SSRC sequence gaps, duplicates, RFC 3550 jitter), SRTP-unprotects every
-    packet until the viewer's first keyframe and then every ``verify_every``-th, and
-    returns the STUN/DTLS datagrams for Python. The sockets stay the caller's."""
+    non-blocking UDP socket per simulated viewer, watched in one epoll set (``drain()``
+    reads every ready one) or, once ``set_polled``, swept by ``poll()`` on the caller's
+    timer so the sender is not made to wake us per datagram. Either reads with
+    ``recvmmsg``, stamps arrivals with the kernel's receive time (SO_TIMESTAMPNS),
+    counts RTP from its clear header (packets, bytes, per-SSRC sequence gaps, duplicates,
+    RFC 3550 jitter, the socket's own drops), SRTP-unprotects every packet until the
+    viewer's first keyframe and then every ``verify_every``-th, and returns the STUN/DTLS
+    datagrams for Python. The sockets stay the caller's."""
 
     def __init__(
         self, *, max_viewers: int = 4096, batch_size: int = 64, verify_every: int = 1
@@ -181,11 +184,13 @@ class Receiver:
         """``kind``: "audio", "vp8", "h264" or "video" (keyframes inspected for vp8/h264)."""
 
     def set_keys(self, viewer: int, *, profile: int, key: bytes, salt: bytes) -> None: ...
+    def set_polled(self, viewer: int, polled: bool) -> None: ...
     def drain(self) -> list[tuple[int, bytes, tuple[str, int]]]: ...
+    def poll(self) -> list[tuple[int, bytes, tuple[str, int]]]: ...
     def viewer_stats(self, viewer: int) -> dict[str, int | float | None]:
         """packets, bytes, expected, lost, duplicates, late, rtcp_packets,
         control_packets, control_dropped, decrypted, decrypt_failures, replayed, unkeyed,
-        malformed, other_streams, streams, audio_jitter_ms, video_jitter_ms, and the
+        malformed, other_streams, socket_drops, streams, audio_jitter_ms, video_jitter_ms, and the
         CLOCK_MONOTONIC (= time.monotonic()) times first_rtp_at, first_keyframe_at,
         last_rtp_at (None until they happen)."""
 

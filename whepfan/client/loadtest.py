@@ -3,8 +3,13 @@
 Each viewer is a real WebRTC session: its own UDP socket, an HTTP POST with a recvonly
 offer, full ICE as the controlling agent (so full-ICE servers work as well as ICE-lite
 ones), a DTLS handshake in the role the answer gives, and SRTP. The media path never
-reaches Python: every socket sits in the compiled ``Receiver``'s epoll set, which
-counts and (all or a sample of) decrypts RTP and hands back only STUN and DTLS.
+reaches Python: every socket belongs to the compiled ``Receiver``, which counts and (all
+or a sample of) decrypts RTP and hands back only STUN and DTLS. While a viewer sets up,
+its socket is watched (epoll: every datagram wakes us, so join latencies are exact); once
+connected it is polled every ``poll_interval`` seconds instead, so that the server under
+test does not pay for waking the load generator on every datagram it sends, a cost of
+loopback that no real viewer imposes (see ``_receiver.pxi``). Arrival times are the
+kernel's receive timestamps either way.
 
 Per viewer the run records the server's answer (201/409/503/...), the latencies POST ->
 201, -> ICE connected, -> DTLS done, -> first RTP, -> first keyframe, and the receive
@@ -50,6 +55,11 @@ log = logging.getLogger("whepfan.loadtest")
 
 EXIT_SOME_VIEWERS_FAILED = 3
 SAMPLE_INTERVAL = 1.0
+DEFAULT_POLL_INTERVAL = 0.010
+# A socket holds about SOCKET_BUFFER_BYTES between sweeps: at 1.5 Mbit/s, 10 ms is
+# ~2 KB, a 720p keyframe burst ~60 KB. Longer intervals would need bigger buffers.
+MAX_POLL_INTERVAL = 0.1
+SOCKET_BUFFER_BYTES = 1 << 20
 _VIDEO_KINDS = {"vp8": "vp8", "h264": "h264"}
 
 
@@ -62,6 +72,9 @@ class LoadTestOptions:
     token: str | None = None
     verify_every: int = 1
     setup_timeout: float = 10.0
+    # Seconds between sweeps of connected viewers' sockets; 0 keeps every socket watched
+    # (each datagram wakes the load generator, and the server pays for the wake-up).
+    poll_interval: float = DEFAULT_POLL_INTERVAL
     audio: bool = True
     video: bool = True
 
@@ -70,6 +83,8 @@ class LoadTestOptions:
             raise ValueError("--viewers must be at least 1")
         if self.ramp <= 0 or self.duration <= 0 or self.setup_timeout <= 0:
             raise ValueError("ramp, duration and setup timeout must be positive")
+        if not 0 <= self.poll_interval <= MAX_POLL_INTERVAL:
+            raise ValueError(f"--poll-ms must be 0..{MAX_POLL_INTERVAL * 1000:g}")
         if self.verify_every < 1:
             raise ValueError("--verify-every must be at least 1")
         if not self.audio and not self.video:
@@ -120,6 +135,7 @@ class _Viewer:
             self.socket = socket.socket(test.family, socket.SOCK_DGRAM)
             self.socket.bind((test.local_host, 0))
             self.socket.setblocking(False)
+            _enlarge_receive_buffer(self.socket)
             self.slot = test.receiver.add_viewer(self.socket.fileno())
             test.by_slot[self.slot] = self
             ufrag, pwd = new_ice_credentials()
@@ -272,6 +288,8 @@ class _Viewer:
                 self.test.receiver.set_keys(
                     self.slot, profile=keys.profile, key=keys.remote_key, salt=keys.remote_salt
                 )
+                if self.test.options.poll_interval > 0:
+                    self.test.receiver.set_polled(self.slot, True)
                 if not self.keyed.done():
                     self.keyed.set_result(None)
             elif isinstance(event, TransportFailed):
@@ -315,10 +333,26 @@ class LoadTest:
         self.http: aiohttp.ClientSession
 
     def _readable(self) -> None:
-        for slot, data, addr in self.receiver.drain():
+        self._dispatch(self.receiver.drain())
+
+    def _dispatch(self, control: list[tuple[int, bytes, tuple[str, int]]]) -> None:
+        for slot, data, addr in control:
             viewer = self.by_slot.get(slot)
             if viewer is not None:
                 viewer.receive(data, addr)
+
+    async def _poll_connected(self, interval: float) -> None:
+        """Sweeps the polled sockets on a fixed cadence (a late sweep does not shift the
+        ones after it, so a slow moment is caught up, not accumulated)."""
+        due = self.loop.time()
+        while True:
+            due += interval
+            delay = due - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                due = self.loop.time()
+            self._dispatch(self.receiver.poll())
 
     def _sample(self) -> Sample:
         connected = failed = rejected = 0
@@ -376,6 +410,11 @@ class LoadTest:
                 previous = sample
 
         sampling = self.loop.create_task(sampler())
+        polling = (
+            self.loop.create_task(self._poll_connected(options.poll_interval))
+            if options.poll_interval > 0
+            else None
+        )
         try:
             for index in range(options.viewers):
                 due = self.started_at + index / options.ramp
@@ -390,9 +429,11 @@ class LoadTest:
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
+            for task in (sampling, polling):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self.loop.remove_reader(self.receiver.fileno())
             await self.http.close()
         wall = time.monotonic() - self.started_at
@@ -405,6 +446,18 @@ class LoadTest:
             wall_seconds=wall,
             cpu_seconds=cpu,
         )
+
+
+def _enlarge_receive_buffer(sock: socket.socket) -> None:
+    """Room for a keyframe burst plus a late sweep. SO_RCVBUF is capped at
+    net.core.rmem_max; SO_RCVBUFFORCE (CAP_NET_ADMIN) is not, so try it first."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
+            return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
 
 
 def _cpu_seconds() -> float:

@@ -114,6 +114,7 @@ def summarize(
             "decrypt_failures",
             "replayed",
             "rtcp_packets",
+            "socket_drops",
         ):
             total[key] += int(viewer.counters.get(key) or 0)
     bitrates = [v.bitrate for v in viewers if v.bitrate]
@@ -201,7 +202,8 @@ def render_text(report: LoadTestReport) -> str:
         f"min..max over viewers in the JSON report",
         f"packets {totals.get('packets', 0)}, lost {totals.get('lost', 0)}, duplicates "
         f"{totals.get('duplicates', 0)}, decrypted {totals.get('decrypted', 0)}, decrypt "
-        f"failures {totals.get('decrypt_failures', 0)}",
+        f"failures {totals.get('decrypt_failures', 0)}; dropped by the load generator's own "
+        f"full socket buffers (counted in lost too): {totals.get('socket_drops', 0)}",
         f"harness: {report.wall_seconds:.1f} s wall, {report.cpu_seconds:.1f} s CPU "
         f"({summary['harness_cpu_percent']:.0f}% of one core)",
     ]

@@ -3,13 +3,29 @@
 from libc.stdint cimport uint32_t, uint64_t
 from posix.time cimport timespec
 
-from whepfan.includes.system cimport mmsghdr, sockaddr, socklen_t
+from whepfan.includes.system cimport mmsghdr, msghdr, sockaddr, socklen_t
 
 
 cdef extern from "<sys/socket.h>" nogil:
     # Linux recvmmsg(2): a whole batch of datagrams, each with its source (msg_name)
     # and length (msg_len), in one system call.
     int recvmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags, timespec* timeout)
+
+    # Ancillary data (cmsg(3)): the kernel's receive timestamp (socket(7) SO_TIMESTAMPNS,
+    # CLOCK_REALTIME) and the socket's cumulative drop count (SO_RXQ_OVFL) per datagram.
+    cdef struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr* CMSG_FIRSTHDR(msghdr* message)
+    cmsghdr* CMSG_NXTHDR(msghdr* message, cmsghdr* header)
+    unsigned char* CMSG_DATA(cmsghdr* header)
+    size_t CMSG_SPACE(size_t length)
+    enum: SO_TIMESTAMPNS
+    enum: SCM_TIMESTAMPNS
+    enum: SO_RXQ_OVFL
+    int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
 
 
 cdef extern from "<sys/epoll.h>" nogil:
