@@ -229,6 +229,9 @@ class WhepfanServer(Server):
                 "--http", f"127.0.0.1:{http_port}", "--udp", f"127.0.0.1:{udp_port}",
                 "--public-ip", "127.0.0.1", "--publish-token", TOKEN,
                 "--workers", str(workers), "--log-level", "warning",
+                # The raw capacity is what is measured: the default budget ("auto", 0.7 of
+                # the limit) would refuse viewers first; the report prints where.
+                "--worker-packet-budget", "none",
             ],
             preexec_fn=_pinned(SERVER_CPUS if workers == 1 else None),
         )  # fmt: skip
@@ -640,7 +643,9 @@ def summary_line(row: dict[str, Any]) -> str:
     )
 
 
-def target_lines(rows: Sequence[dict[str, Any]], stream: Stream) -> list[str]:
+def target_lines(
+    rows: Sequence[dict[str, Any]], stream: Stream, limit_us_per_packet: float | None = None
+) -> list[str]:
     lines = []
     for row in rows:
         if row["contender"] == NAIVE or row["viewers_per_core"] is None:
@@ -664,6 +669,13 @@ def target_lines(rows: Sequence[dict[str, Any]], stream: Stream) -> list[str]:
             f"{row['cpu_us_per_packet']:.2f} µs/packet is "
             f"{row['viewers_per_core_at_target_rate']:.0f} viewers per core"
         )
+        if limit_us_per_packet:
+            rate = row["packets_per_viewer_second"]
+            lines.append(
+                f"  the loopback limit itself carries {1e6 / limit_us_per_packet / rate:.0f} "
+                f"viewers of this stream per core; whepfan's default admission budget "
+                f"(0.7 of it) admits {0.7e6 / limit_us_per_packet / rate:.0f} per worker"
+            )
     return lines
 
 
@@ -691,7 +703,8 @@ def _counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
-    parser.add_argument("--viewers", default="1,10,100,400,800,1000,1200,1400,1600")
+    # 2 and 5 place the naive SFU's limit (it transcodes: a core holds a handful).
+    parser.add_argument("--viewers", default="1,2,5,10,100,400,800,1000,1200,1400,1600")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds at each step")
     parser.add_argument("--ramp", type=float, default=100.0, help="viewers started per second")
     parser.add_argument("--no-naive", dest="naive", action="store_false")
@@ -802,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     print(SUMMARY_HEADER)
     for row in rows:
         print(summary_line(row))
-    for line in target_lines(rows, stream):
+    for line in target_lines(rows, stream, limit_us):
         print(line)
     if storm is not None:
         print(storm_line(storm))

@@ -115,6 +115,9 @@ def test_summary_puts_both_servers_side_by_side(smoke: tuple[str, dict[str, Any]
     # Beside it, the measured packet rate and the same cost at the target's assumed rate.
     rate_line = output.splitlines()[output.splitlines().index(targets[0]) + 1]
     assert "packets/s per viewer; at the 160 packets/s" in rate_line
+    limit_line = output.splitlines()[output.splitlines().index(targets[0]) + 2]
+    assert "the loopback limit itself carries" in limit_line
+    assert "default admission budget (0.7 of it) admits" in limit_line
     if len(os.sched_getaffinity(0)) >= 2:
         assert "pinned: a one-process server and the limit on CPU" in output
         assert report["server_cpus"] and report["load_cpus"]

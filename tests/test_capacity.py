@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_drain import live_server, publish, view
 
+from whepfan.calibrate import calibrate
 from whepfan.capacity import (
     DEFAULT_VIEWER_COST,
     PACKET_OVERHEAD_BYTES,
@@ -187,6 +188,33 @@ async def test_http_answers_503_with_retry_after_exactly_at_the_budget() -> None
             await publisher.close()
     finally:
         live.close()
+
+
+async def test_a_default_server_measures_its_own_packet_budget() -> None:
+    # No --worker-packet-budget: the server measures this machine at start-up, so it
+    # refuses before it falls behind, and says so in /metrics.
+    live = live_server()
+    try:
+        budget = live.info.backend.ledger.policy.worker_packet_budget if live.info else None
+        assert isinstance(budget, float) and budget > 0
+        # The same loop as `whepfan calibrate` at 0.7 headroom: within a factor of a few
+        # of a fresh measurement, whatever else this machine is doing.
+        reference = calibrate(packets=20_000).worker_packet_budget
+        assert reference / 4 < budget < reference * 4
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            text = await (await http.get("/metrics")).text()
+        gauges = [
+            line for line in text.splitlines() if line.startswith("whepfan_worker_packet_budget{")
+        ]
+        assert gauges and float(gauges[0].split()[-1]) == budget
+    finally:
+        live.close()
+    unbounded = live_server(worker_packet_budget="none")
+    try:
+        assert unbounded.info is not None
+        assert unbounded.info.backend.ledger.policy.worker_packet_budget is None
+    finally:
+        unbounded.close()
 
 
 class _LayeredRouter:

@@ -160,3 +160,67 @@ def test_bad_toml_files(tmp_path: Path) -> None:
 )
 def test_parse_host_port(value: str, expected: tuple[str, int]) -> None:
     assert parse_host_port(value, what="x") == expected
+
+
+# --- the worker packet budget: measured by default, or a number, or none ----------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, "auto"),
+        ("auto", "auto"),
+        (" AUTO ", "auto"),
+        ("none", None),
+        ("unbounded", None),
+        ("off", None),
+        ("225000", 225000.0),
+        ("1.5e5", 150000.0),
+    ],
+)
+def test_worker_packet_budget_is_auto_none_or_a_number(
+    given: str | None, expected: float | str | None
+) -> None:
+    cli = {} if given is None else {"worker_packet_budget": given}
+    assert Settings.resolve(cli=cli, environ={}).worker_packet_budget == expected
+    environ = {} if given is None else {"WHEPFAN_WORKER_PACKET_BUDGET": given}
+    assert Settings.resolve(cli={}, environ=environ).worker_packet_budget == expected
+
+
+def test_worker_packet_budget_from_toml(tmp_path: Path) -> None:
+    for text, expected in (('"auto"', "auto"), ('"none"', None), ("180000", 180000.0)):
+        path = tmp_path / "budget.toml"
+        path.write_text(f"worker_packet_budget = {text}\n")
+        settings = Settings.resolve(cli={}, environ={}, config_path=path)
+        assert settings.worker_packet_budget == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5", "0", "", "auto-ish"])
+def test_worker_packet_budget_rejects_anything_else(bad: str) -> None:
+    if bad == "":
+        # An empty variable counts as unset (WHEPFAN_* convention): the default stays.
+        environ = {"WHEPFAN_WORKER_PACKET_BUDGET": bad}
+        assert Settings.resolve(cli={}, environ=environ).worker_packet_budget == "auto"
+        return
+    with pytest.raises(SettingsError, match="worker_packet_budget"):
+        Settings.resolve(cli={"worker_packet_budget": bad}, environ={})
+
+
+def test_automatic_budget_is_measured_once_and_only_when_asked() -> None:
+    calls: list[int] = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 123456.0
+
+    automatic = Settings.resolve(cli={}, environ={})
+    with pytest.raises(ValueError, match="measure"):
+        automatic.capacity_policy()  # "auto" is not a budget until measured
+    measured = automatic.with_measured_budget(measure)
+    assert measured.capacity_policy().worker_packet_budget == 123456.0
+    assert measured.with_measured_budget(measure) is measured
+    fixed = Settings.resolve(cli={"worker_packet_budget": "9000"}, environ={})
+    assert fixed.with_measured_budget(measure).capacity_policy().worker_packet_budget == 9000.0
+    unbounded = Settings.resolve(cli={"worker_packet_budget": "none"}, environ={})
+    assert unbounded.with_measured_budget(measure).capacity_policy().worker_packet_budget is None
+    assert calls == [1]

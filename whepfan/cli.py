@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-packet-budget",
         dest="worker_packet_budget",
         metavar="PPS",
-        help="packets/s one worker may send (see 'whepfan calibrate'); beyond it WHEP answers 503",
+        help="packets/s one worker may send; beyond it WHEP answers 503. Default 'auto': "
+        "measured at start-up (as 'whepfan calibrate' does) x 0.7; 'none': unbounded",
     )
     serve.add_argument(
         "--egress-budget",

@@ -21,6 +21,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from whepfan.calibrate import calibrate
 from whepfan.capacity import CapacityLedger
 from whepfan.http import create_app
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
@@ -83,6 +84,7 @@ async def run(
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGTERM, drain.set)
     certificate = DtlsCertificate.generate()
+    settings = settings.with_measured_budget(_measure_worker_budget)
     ledger = CapacityLedger(policy=settings.capacity_policy(), workers=settings.workers)
     backend: InProcessWorkers | WorkerPool
     if settings.workers == 1:
@@ -147,6 +149,26 @@ async def run(
             await backend.close()
         else:
             worker.close()
+
+
+# Start-up calibration: ~0.15 s of one core, enough for a budget within a few per cent of
+# a full `whepfan calibrate` (which the operator can run and pass instead).
+STARTUP_CALIBRATION_PACKETS = 50_000
+
+
+def _measure_worker_budget() -> float:
+    """``worker_packet_budget = "auto"``: this machine's send cost per packet, measured
+    now, times the calibration headroom (0.7 of the loopback limit: the issue-8 target,
+    and where bench/capacity.py shows whepfan still delivering every packet on time)."""
+    measured = calibrate(packets=STARTUP_CALIBRATION_PACKETS)
+    log.info(
+        "worker packet budget %d packets/s: %.2f CPU µs per packet measured here x %.0f%% "
+        "headroom (--worker-packet-budget N to set it, 'none' for no limit)",
+        measured.worker_packet_budget,
+        measured.cpu_seconds_per_packet * 1e6,
+        measured.headroom * 100,
+    )
+    return float(measured.worker_packet_budget)
 
 
 async def drain_sessions(

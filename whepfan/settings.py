@@ -12,10 +12,10 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from whepfan.capacity import CapacityPolicy
 from whepfan.config import MediaConfig
@@ -24,6 +24,10 @@ from whepfan.http.links import IceServer
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
 
 ENV_PREFIX = "WHEPFAN_"
+# worker_packet_budget = "auto": measured by `whepfan serve` at start-up (whepfan calibrate's
+# send loop, briefly) x the calibration headroom; "none": no packet budget at all.
+AUTO_BUDGET: Literal["auto"] = "auto"
+NO_BUDGET_WORDS = frozenset({"none", "unbounded", "off"})
 
 
 class SettingsError(ValueError):
@@ -72,7 +76,10 @@ class Settings:
     # Scale-out and capacity (DESIGN.md §2): worker processes (1 = in-process), budgets
     # (None = unbounded) and the SIGTERM drain.
     workers: int = 1
-    worker_packet_budget: float | None = None  # packets/s per worker (whepfan calibrate)
+    # Packets/s per worker. The default measures this machine at start-up: a server that
+    # admits past what its cores can send does not refuse, it falls behind, and every
+    # viewer's latency grows (bench/capacity.py shows it). None: unbounded.
+    worker_packet_budget: float | Literal["auto"] | None = AUTO_BUDGET
     egress_budget: float | None = None  # bits/s for the server (e.g. NIC rate x 0.8)
     stream_viewer_cap: int | None = None
     admit_lower_layer: bool = False
@@ -107,7 +114,9 @@ class Settings:
             raise SettingsError("workers is at least 1")
         for name in ("worker_packet_budget", "egress_budget"):
             budget = getattr(self, name)
-            if budget is not None and budget <= 0:
+            if budget == AUTO_BUDGET and name == "worker_packet_budget":
+                continue
+            if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
                 raise SettingsError(f"{name} must be positive")
         if self.stream_viewer_cap is not None and self.stream_viewer_cap < 0:
             raise SettingsError("stream_viewer_cap cannot be negative")
@@ -142,9 +151,19 @@ class Settings:
             values["counter_offer_ttl"] = self.counter_offer_ttl
         return MediaConfig(**values)
 
+    def with_measured_budget(self, measure: Callable[[], float]) -> Settings:
+        """With ``worker_packet_budget = "auto"``, the budget ``measure()`` gives (the
+        server passes whepfan calibrate's); any other setting is kept as it is."""
+        if self.worker_packet_budget != AUTO_BUDGET:
+            return self
+        return replace(self, worker_packet_budget=float(measure()))
+
     def capacity_policy(self) -> CapacityPolicy:
+        budget = self.worker_packet_budget
+        if isinstance(budget, str):
+            raise ValueError("measure the automatic budget first (with_measured_budget)")
         return CapacityPolicy(
-            worker_packet_budget=self.worker_packet_budget,
+            worker_packet_budget=budget,
             egress_bit_budget=self.egress_budget,
             stream_viewer_cap=self.stream_viewer_cap,
             admit_lower_layer=self.admit_lower_layer,
@@ -198,7 +217,7 @@ _OPTIONS: dict[str, str] = {
     "counter_offer_ttl": "float",
     "log_level": "str",
     "workers": "int",
-    "worker_packet_budget": "float",
+    "worker_packet_budget": "budget",
     "egress_budget": "float",
     "stream_viewer_cap": "int",
     "admit_lower_layer": "bool",
@@ -265,6 +284,8 @@ def _convert(raw: Mapping[str, Any]) -> dict[str, Any]:
                 out[name] = _number(value, int, name)
             elif kind == "float":
                 out[name] = float(_number(value, float, name))
+            elif kind == "budget":
+                out[name] = _budget(value, name)
         except ParseError as exc:
             raise SettingsError(f"{name}: {exc.detail}") from None
     return out
@@ -299,6 +320,18 @@ def _number(value: Any, kind: type[int] | type[float], name: str) -> int | float
         except ValueError:
             pass
     raise SettingsError(f"{name}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+
+
+def _budget(value: Any, name: str) -> float | str | None:
+    """A number, "auto" or "none" (also "unbounded"/"off"), from any source."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_BUDGET:
+        return AUTO_BUDGET
+    if isinstance(value, str) and value.strip().lower() in NO_BUDGET_WORDS:
+        return None
+    try:
+        return float(_number(value, float, name))
+    except SettingsError:
+        raise SettingsError(f"{name}: {value!r} is not a number, 'auto' or 'none'") from None
 
 
 def _ice_server(value: Any) -> IceServer:
