@@ -4,8 +4,11 @@ counters that move as sessions are admitted, refused, connected and fed media.""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
+import orjson
+import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,8 +87,8 @@ def test_snapshot_renders_every_family() -> None:
     assert samples[("whepfan_session_setup_seconds_bucket", (("le", "+Inf"), *w))] == 2
 
 
-async def _scrape(http: aiohttp.ClientSession) -> Samples:
-    async with http.get("/metrics") as response:
+async def _scrape(http: aiohttp.ClientSession, headers: dict[str, str] | None = None) -> Samples:
+    async with http.get("/metrics", headers=headers) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         return parse(await response.text())
@@ -162,3 +165,80 @@ async def test_refused_publisher_while_draining_is_counted() -> None:
             await second.close()
     finally:
         live.close()
+
+
+# --- the metrics token (--metrics-token): RFC 6750 bearer auth on /metrics ---------------
+
+METRICS_TOKEN = "scrape-secret"
+
+
+async def _refused(http: aiohttp.ClientSession, headers: dict[str, str]) -> dict[str, object]:
+    async with http.get("/metrics", headers=headers) as response:
+        assert response.status == 401
+        # RFC 9110 §11.6.1: a 401 carries a challenge; RFC 6750 §3 names the scheme.
+        assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+        assert response.headers["Content-Type"].startswith("application/problem+json")
+        problem: dict[str, object] = orjson.loads(await response.read())
+    assert problem["status"] == 401 and problem["detail"]
+    # Not a byte of the exposition leaks into the refusal.
+    assert "whepfan_" not in str(problem)
+    return problem
+
+
+async def test_metrics_token_refuses_missing_and_wrong_tokens_and_admits_the_right_one() -> None:
+    live = live_server(metrics_token=METRICS_TOKEN)
+    try:
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            await _refused(http, {})
+            wrong = await _refused(http, {"Authorization": "Bearer not-the-token"})
+            async with http.get("/metrics", headers=AUTH) as response:
+                assert response.status == 401  # the publish token is not the metrics token
+            # A token that merely starts with the right one is as wrong as any other.
+            prefix = await _refused(http, {"Authorization": f"Bearer {METRICS_TOKEN}x"})
+            assert prefix["detail"] == wrong["detail"]
+            # RFC 6750 §3.1: invalid_token only when credentials were presented.
+            async with http.get("/metrics") as response:
+                assert "error=" not in response.headers["WWW-Authenticate"]
+            async with http.get("/metrics", headers={"Authorization": "Bearer wrong"}) as response:
+                assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+            samples = await _scrape(http, {"Authorization": f"Bearer {METRICS_TOKEN}"})
+            assert samples[("whepfan_workers", ())] == 1
+            assert samples[("whepfan_viewers", (("worker", "0"),))] == 0
+    finally:
+        live.close()
+
+
+async def test_metrics_stay_open_without_a_token_and_loopback_logs_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="whepfan.server")
+    live = live_server()
+    try:
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            samples = await _scrape(http)
+            assert samples[("whepfan_workers", ())] == 1
+            # A token the server never asked for is ignored, not refused.
+            ignored = await _scrape(http, {"Authorization": "Bearer anything"})
+            assert ignored[("whepfan_workers", ())] == 1
+    finally:
+        live.close()
+    assert not [r for r in caplog.records if "/metrics" in r.getMessage()]
+
+
+async def test_open_metrics_off_loopback_logs_one_warning_at_start_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="whepfan.server")
+    live = live_server(http="0.0.0.0:0", allow_insecure_http=True)
+    try:
+        warnings = [r for r in caplog.records if "/metrics" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "unauthenticated" in warnings[0].getMessage()
+        assert "--metrics-token" in warnings[0].getMessage()
+    finally:
+        live.close()
+    guarded = live_server(http="0.0.0.0:0", allow_insecure_http=True, metrics_token="t")
+    try:
+        assert len([r for r in caplog.records if "/metrics" in r.getMessage()]) == 1
+    finally:
+        guarded.close()

@@ -224,3 +224,50 @@ def test_automatic_budget_is_measured_once_and_only_when_asked() -> None:
     unbounded = Settings.resolve(cli={"worker_packet_budget": "none"}, environ={})
     assert unbounded.with_measured_budget(measure).capacity_policy().worker_packet_budget is None
     assert calls == [1]
+
+
+# --- the /metrics token: open by default, a bearer token when set -----------------------
+
+
+def test_metrics_token_from_every_source(tmp_path: Path) -> None:
+    assert Settings.resolve(cli={}, environ={}).metrics_token is None
+    path = tmp_path / "metrics.toml"
+    path.write_text('metrics_token = "scrape-file"\n')
+    assert Settings.resolve(cli={}, environ={}, config_path=path).metrics_token == "scrape-file"
+    environ = {"WHEPFAN_CONFIG": str(path), "WHEPFAN_METRICS_TOKEN": "scrape-env"}
+    assert Settings.resolve(cli={}, environ=environ).metrics_token == "scrape-env"
+    cli = {"metrics_token": "scrape-cli"}
+    assert Settings.resolve(cli=cli, environ=environ).metrics_token == "scrape-cli"
+
+
+def test_metrics_token_on_the_command_line_beats_the_environment() -> None:
+    from whepfan.cli import build_parser, settings_from_args
+
+    environ = {"WHEPFAN_METRICS_TOKEN": "scrape-env"}
+    given = build_parser().parse_args(["serve", "--metrics-token", "scrape-cli"])
+    assert settings_from_args(given, environ).metrics_token == "scrape-cli"
+    absent = build_parser().parse_args(["serve"])
+    assert settings_from_args(absent, environ).metrics_token == "scrape-env"
+
+
+@pytest.mark.parametrize("bad", ["two words", "tab\there", " "])
+def test_metrics_token_follows_the_token_rules(bad: str) -> None:
+    with pytest.raises(SettingsError, match="whitespace"):
+        Settings.resolve(cli={"metrics_token": bad}, environ={})
+
+
+def test_metrics_token_must_be_a_string_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.toml"
+    path.write_text("metrics_token = 1234\n")
+    with pytest.raises(SettingsError, match="metrics_token: expected str"):
+        Settings.resolve(cli={}, environ={}, config_path=path)
+
+
+def test_open_metrics_off_loopback_is_flagged_only_when_reachable_and_tokenless() -> None:
+    exposed = {"http": "0.0.0.0:8080", "allow_insecure_http": True}
+    assert Settings.resolve(cli=exposed, environ={}).open_metrics_off_loopback
+    guarded = {**exposed, "metrics_token": "scrape"}
+    assert not Settings.resolve(cli=guarded, environ={}).open_metrics_off_loopback
+    for host in ("127.0.0.1", "[::1]", "localhost"):
+        local = Settings.resolve(cli={"http": f"{host}:8080"}, environ={})
+        assert not local.open_metrics_off_loopback

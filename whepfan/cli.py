@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token for WHEP (default: viewing is open)",
     )
     serve.add_argument(
+        "--metrics-token",
+        dest="metrics_token",
+        metavar="TOKEN",
+        help="bearer token for GET /metrics (default: open, with a warning off loopback)",
+    )
+    serve.add_argument(
         "--ice-server",
         dest="ice_server",
         action="append",

@@ -77,6 +77,13 @@ async def run(
             "serving plain HTTP on %s: bearer tokens and session URLs travel in clear text",
             settings.http_host,
         )
+    if settings.open_metrics_off_loopback:
+        # Viewer counts and load are operational data; say so once rather than never.
+        log.warning(
+            "GET /metrics on %s is unauthenticated: set --metrics-token to require a "
+            "bearer token from the scraper",
+            settings.http_host,
+        )
     loop = asyncio.get_running_loop()
     drain = drain or asyncio.Event()
     if stop is None:
@@ -105,7 +112,7 @@ async def run(
         backend, clock = pool, loop.time
         udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
     app = create_app(router=backend, clock=clock, options=settings.http_options())
-    add_metrics_route(app, backend.stats)
+    add_metrics_route(app, backend.stats, token=settings.metrics_token)
     hub = app.get(EVENT_HUB_KEY)
     if isinstance(backend, WorkerPool) and hub is not None:
         # A crashed worker's viewers must come back through signalling (another worker).

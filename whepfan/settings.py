@@ -64,6 +64,8 @@ class Settings:
     public_ips: tuple[str, ...] = ()
     publish_token: str | None = None
     view_token: str | None = None
+    # Bearer token for GET /metrics; None leaves it open (the server warns off loopback).
+    metrics_token: str | None = None
     ice_servers: tuple[IceServer, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -122,7 +124,7 @@ class Settings:
             raise SettingsError("stream_viewer_cap cannot be negative")
         if self.drain_timeout < 0:
             raise SettingsError("drain_timeout cannot be negative")
-        for token in (self.publish_token, self.view_token):
+        for token in (self.publish_token, self.view_token, self.metrics_token):
             if token is not None and (not token or any(c.isspace() for c in token)):
                 raise SettingsError("tokens are non-empty and contain no whitespace")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -132,6 +134,11 @@ class Settings:
     def insecure_http(self) -> bool:
         """Plain HTTP off loopback (allowed only by --allow-insecure-http)."""
         return self.tls_cert is None and not _is_loopback(self.http_host)
+
+    @property
+    def open_metrics_off_loopback(self) -> bool:
+        """``/metrics`` readable without a token by anyone who reaches the HTTP port."""
+        return self.metrics_token is None and not _is_loopback(self.http_host)
 
     def with_generated_publish_token(self) -> Settings:
         """With no publish token configured, make one, so publishing is never open by
@@ -207,6 +214,7 @@ _OPTIONS: dict[str, str] = {
     "public_ip": "list",
     "publish_token": "str",
     "view_token": "str",
+    "metrics_token": "str",
     "ice_server": "ice_list",
     "tls_cert": "path",
     "tls_key": "path",

@@ -6,6 +6,10 @@ Counters are per worker (label ``worker``): a replaced worker starts again from 
 Prometheus' ``rate()`` reads that as a counter reset, which it is. Rates (packets/s and
 bytes/s out) are ``rate(whepfan_sent_packets_total[1m])`` and friends; the capacity
 gauges show what the admission ledger believes each worker carries against its budget.
+
+With a metrics token configured, a scrape must present it as a bearer token (RFC 6750
+§2.1; Prometheus' ``authorization: {credentials: ...}``), checked like the WHIP/WHEP
+tokens by :func:`whepfan.http.auth.require_token`; without one the endpoint is open.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from whepfan.capacity import ServerStats, WorkerStats
+from whepfan.http.auth import require_token
 
 METRICS_PATH = "/metrics"
 
@@ -214,12 +219,18 @@ def _float(bound: float) -> str:
     return repr(float(bound))
 
 
-def add_metrics_route(app: web.Application, stats: Callable[[], ServerStats]) -> None:
-    """Serve ``GET /metrics`` from ``stats`` (called once per scrape)."""
+def add_metrics_route(
+    app: web.Application, stats: Callable[[], ServerStats], *, token: str | None = None
+) -> None:
+    """Serve ``GET /metrics`` from ``stats`` (called once per scrape); with ``token``, only
+    to requests that present it (others get 401 + ``WWW-Authenticate: Bearer``, as
+    problem+json from the application's error middleware)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(stats))
 
     async def metrics(request: web.Request) -> web.Response:
+        # Checked before the snapshot: a refused scrape costs no stats collection.
+        require_token(token, request.headers.get("Authorization"))
         body = generate_latest(registry)
         response = web.Response(body=body)
         # prometheus-client's content type carries version= and charset= parameters.
