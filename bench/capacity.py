@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
     # 2 and 5 place the naive SFU's limit (it transcodes: a core holds a handful).
-    parser.add_argument("--viewers", default="1,2,5,10,100,400,800,1000,1200,1400,1600")
+    parser.add_argument("--viewers", default="1,2,5,10,100,400,800,1000,1100,1200,1400,1600")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds at each step")
     parser.add_argument("--ramp", type=float, default=100.0, help="viewers started per second")
     parser.add_argument("--no-naive", dest="naive", action="store_false")
