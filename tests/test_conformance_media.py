@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
-import aioice.ice
-import av
 import pytest
+from _peers import (
+    DecodingViewer,
+    accept_answer,
+    new_peer,
+    only_loopback_candidates,
+    sending_peer,
+    wait_until,
+)
 from _server import TOKEN, LiveServer, settings_for
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
-from test_media_loopback import MovingPatternTrack
+from aiortc import RTCSessionDescription
 
 from whepfan.protocol import sdp
 
@@ -31,7 +34,7 @@ FRAG = {"Content-Type": "application/trickle-ice-sdpfrag"}
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +50,22 @@ async def http(server: LiveServer) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def _peer() -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
-
-
-async def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return predicate()
-
-
 class HttpPublisher:
+    """An aiortc WHIP publisher (moving pattern + tone) over HTTP."""
+
     def __init__(self, http: aiohttp.ClientSession, stream: str) -> None:
         self.http, self.stream = http, stream
-        self.pc = _peer()
+        self.pc = new_peer()
         self.location = ""
 
     async def start(self) -> aiohttp.ClientResponse:
-        self.pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
-        self.pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
+        await sending_peer(self.pc)
         response = await self.http.post(
             f"/whip/{self.stream}", data=self.pc.localDescription.sdp, headers={**AUTH, **SDP}
         )
         assert response.status == 201, await response.text()
         self.location = response.headers["Location"]
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(sdp=await response.text(), type="answer")
-        )
+        await accept_answer(self.pc, await response.text())
         return response
 
     async def stop(self, *, delete: bool = True) -> None:
@@ -85,40 +75,13 @@ class HttpPublisher:
         await self.pc.close()
 
 
-class HttpViewer:
+class HttpViewer(DecodingViewer):
+    """A decoding aiortc WHEP viewer over HTTP."""
+
     def __init__(self, http: aiohttp.ClientSession, stream: str) -> None:
+        super().__init__()
         self.http, self.stream = http, stream
-        self.pc = _peer()
-        self.frames: list[av.VideoFrame] = []
-        self.audio_frames = 0
         self.location = ""
-        self._tasks: list[asyncio.Task[None]] = []
-        self.pc.on("track", self._on_track)
-
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        self._tasks.append(asyncio.ensure_future(self._consume(track)))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            if track.kind == "video":
-                self.frames.append(frame)
-            else:
-                self.audio_frames += 1
-
-    async def offer(self, *, video_codec: str | None = None) -> str:
-        transceiver = self.pc.addTransceiver("video", direction="recvonly")
-        if video_codec is not None:
-            codecs = RTCRtpSender.getCapabilities("video").codecs
-            transceiver.setCodecPreferences(
-                [c for c in codecs if c.mimeType.lower() == f"video/{video_codec.lower()}"]
-            )
-        self.pc.addTransceiver("audio", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
 
     async def start(self) -> aiohttp.ClientResponse:
         response = await self.http.post(
@@ -126,23 +89,14 @@ class HttpViewer:
         )
         assert response.status == 201, await response.text()
         self.location = response.headers["Location"]
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(sdp=await response.text(), type="answer")
-        )
+        await self.accept(await response.text())
         return response
-
-    async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
-        assert await _wait_until(lambda: len(self.frames) >= count, timeout), (
-            f"only {len(self.frames)} frames decoded"
-        )
 
     async def stop(self, *, delete: bool = True) -> None:
         if delete and self.location:
             async with self.http.delete(self.location) as response:
                 assert response.status == 200
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
+        await self.close()
 
 
 async def test_whip_and_whep_201_headers_and_answers_then_frames_decode(
@@ -168,7 +122,7 @@ async def test_whip_and_whep_201_headers_and_answers_then_frames_decode(
         assert any("urn:ietf:params:whep:ext:core:server-sent-events" in link for link in links)
         assert any("urn:ietf:params:whep:ext:core:layer" in link for link in links)
         await viewer.wait_frames(15)
-        assert await _wait_until(lambda: viewer.audio_frames > 0)
+        assert await wait_until(lambda: viewer.audio_frames > 0)
     finally:
         await viewer.stop()
         await publisher.stop()
@@ -190,9 +144,9 @@ async def test_delete_frees_the_session_and_later_requests_get_404(
             async with http.request(method, viewer.location, headers=FRAG, data="") as response:
                 assert response.status == 404
                 assert response.headers["Content-Type"].startswith("application/problem+json")
-        frames = len(viewer.frames)
+        frames = len(viewer.video_frames)
         await asyncio.sleep(1.0)
-        assert len(viewer.frames) - frames <= 2  # media stopped with the session
+        assert len(viewer.video_frames) - frames <= 2  # media stopped with the session
     finally:
         await viewer.stop(delete=False)
         await publisher.stop()
@@ -218,8 +172,8 @@ async def test_406_counter_offer_round_trip_then_frames_decode(
         assert "a=sendonly" in counter_offer and "VP8/90000" in counter_offer
         # The client answers the server's offer (a fresh peer: aiortc has no rollback).
         await viewer.pc.close()
-        viewer.pc = _peer()
-        viewer.pc.on("track", viewer._on_track)
+        viewer.pc = new_peer()
+        viewer.pc.on("track", viewer.on_track)
         await viewer.pc.setRemoteDescription(RTCSessionDescription(counter_offer, "offer"))
         await viewer.pc.setLocalDescription(await viewer.pc.createAnswer())
         async with http.patch(
@@ -249,7 +203,7 @@ async def test_publisher_leaves_and_returns_while_viewers_keep_decoding(
         await asyncio.sleep(0.5)
         async with http.get(viewer.location) as response:
             assert response.status // 100 == 2  # the viewer's session outlived the publisher
-        before = len(viewer.frames)
+        before = len(viewer.video_frames)
         await second.start()
         await viewer.wait_frames(before + 10)
     finally:
@@ -279,10 +233,8 @@ async def test_second_publisher_409_and_not_live_409_with_retry_after(
 
 
 async def _publisher_offer() -> str:
-    pc = _peer()
-    pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = pc.localDescription.sdp
+    pc = await sending_peer(audio=False)
+    offer: str = pc.localDescription.sdp
     await pc.close()
     return offer
 
@@ -394,7 +346,7 @@ async def test_patch_trickle_etag_rules_and_ice_restart_keep_media_flowing(
             fragment = sdp.parse_sdpfrag(await r.text())
             assert fragment.ufrag and fragment.pwd and fragment.usable_candidates
         # The client never used the new credentials: the old ICE session stays (§4.4.3).
-        before = len(viewer.frames)
+        before = len(viewer.video_frames)
         await viewer.wait_frames(before + 10)
     finally:
         await viewer.stop()

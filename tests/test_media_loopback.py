@@ -7,62 +7,29 @@ ICE, DTLS and SRTP are real, over real UDP sockets on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-import aioice.ice
-import av
 import numpy as np
 import pytest
-from aiortc import (
-    RTCConfiguration,
-    RTCPeerConnection,
-    RTCSessionDescription,
+from _peers import (
+    DecodingViewer,
+    accept_answer,
+    only_loopback_candidates,
+    sending_peer,
+    wait_until,
 )
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from whepfan.config import MediaConfig
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.transport import MediaWorker
 
-VIDEO_CLOCK = 90000
-FPS = 30
-
-
-class MovingPatternTrack(MediaStreamTrack):
-    """A 320x240 test pattern that changes every frame (so every frame decodes distinctly)."""
-
-    kind = "video"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._start: float | None = None
-        self._index = 0
-
-    async def recv(self) -> av.VideoFrame:
-        if self._start is None:
-            self._start = time.monotonic()
-        due = self._start + self._index / FPS
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        image = np.zeros((240, 320, 3), dtype=np.uint8)
-        x = (self._index * 4) % 320
-        image[:, x : x + 16] = (255, 255, 255)
-        image[:, :, 1] = ((image[:, :, 1].astype(np.int32) // 2 + self._index) % 256).astype(
-            np.uint8
-        )
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts = self._index * (VIDEO_CLOCK // FPS)
-        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-        self._index += 1
-        return frame
-
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioice skips loopback when gathering; these tests must stay on 127.0.0.1."""
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture
@@ -74,76 +41,32 @@ async def worker() -> AsyncIterator[MediaWorker]:
     media.close()
 
 
-def _peer() -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
-
-
 async def start_publisher(
     worker: MediaWorker, stream: str, *, audio: bool = True, video: bool = True
 ) -> RTCPeerConnection:
-    pc = _peer()
-    if video:
-        pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
-    if audio:
-        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
+    pc = await sending_peer(video=video, audio=audio)
     _, answer = worker.router.publish(stream, pc.localDescription.sdp, worker.now())
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    await accept_answer(pc, answer)
     return pc
 
 
-class Viewer:
+class Viewer(DecodingViewer):
+    """A decoding viewer signalled through the router's in-process ``view``."""
+
     def __init__(self, worker: MediaWorker, stream: str) -> None:
+        super().__init__()
         self.worker = worker
         self.stream = stream
-        self.pc = _peer()
-        self.video_frames: list[av.VideoFrame] = []
-        self.audio_frames = 0
-        self.first_frame_at: float | None = None
         self.started_at = 0.0
         self.session_id = ""
-        self._tasks: list[asyncio.Task[None]] = []
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            self._tasks.append(asyncio.ensure_future(self._consume(track)))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            if track.kind == "video":
-                if self.first_frame_at is None:
-                    self.first_frame_at = time.monotonic()
-                self.video_frames.append(frame)
-            else:
-                self.audio_frames += 1
 
     async def start(self, *, audio: bool = True, video: bool = True) -> None:
-        if video:
-            self.pc.addTransceiver("video", direction="recvonly")
-        if audio:
-            self.pc.addTransceiver("audio", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
+        kinds = [kind for kind, wanted in (("video", video), ("audio", audio)) if wanted]
+        offer = await self.offer(kinds)
         self.started_at = time.monotonic()
-        session, answer = self.worker.router.view(
-            self.stream, self.pc.localDescription.sdp, self.worker.now()
-        )
+        session, answer = self.worker.router.view(self.stream, offer, self.worker.now())
         self.session_id = session.id
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-
-    async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.video_frames) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert len(self.video_frames) >= count, f"only {len(self.video_frames)} frames decoded"
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
+        await self.accept(answer)
 
 
 async def test_aiortc_publisher_to_aiortc_viewers_decode_video_and_audio(
@@ -205,12 +128,13 @@ async def test_nack_from_a_viewer_gets_the_packet_resent(
     viewer = Viewer(worker, "live")
     dropped: list[int] = []
     recovered: list[int] = []
+    rtx_payload_type: int | None = None  # known once the viewer's session exists
     original = RTCDtlsTransport._handle_rtp_data
 
     async def lossy(self: RTCDtlsTransport, data: bytes, arrival_time_ms: int) -> None:
         seq = int.from_bytes(data[2:4], "big")
         pt = data[1] & 0x7F
-        is_rtx = bool(viewer.rtx_pt is not None and pt == viewer.rtx_pt)
+        is_rtx = rtx_payload_type is not None and pt == rtx_payload_type
         if is_rtx and len(data) >= 14:
             header = 12 + 4 * (data[0] & 0x0F)
             if data[0] & 0x10:
@@ -221,16 +145,15 @@ async def test_nack_from_a_viewer_gets_the_packet_resent(
             return
         await original(self, data, arrival_time_ms)
 
-    viewer.rtx_pt = None  # type: ignore[attr-defined]
     monkeypatch.setattr(RTCDtlsTransport, "_handle_rtp_data", lossy)
     try:
         await viewer.start(audio=False)
         for media in worker.router.get_session(viewer.session_id).egress:  # type: ignore[attr-defined]
-            viewer.rtx_pt = media.rtx_payload_type  # type: ignore[attr-defined]
+            rtx_payload_type = media.rtx_payload_type
         await viewer.wait_frames(5)
         # Wait for the drops themselves (frame sizes vary, so frame counts say little).
-        assert await _wait_until(lambda: len(dropped) == 5, timeout=15.0), dropped
-        await _wait_until(lambda: set(dropped) <= set(recovered), timeout=5.0)
+        assert await wait_until(lambda: len(dropped) == 5, timeout=15.0), dropped
+        await wait_until(lambda: set(dropped) <= set(recovered), timeout=5.0)
         assert worker.router.counters["nack_resent"] >= 1
         assert set(dropped) & set(recovered), (dropped, recovered)
     finally:
@@ -254,19 +177,12 @@ async def test_deleted_viewer_frees_its_fanout_slot(worker: MediaWorker) -> None
         await publisher.close()
 
 
-async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return predicate()
-
-
 async def test_audio_only_stream(worker: MediaWorker) -> None:
     publisher = await start_publisher(worker, "radio", video=False)
     viewer = Viewer(worker, "radio")
     try:
         await viewer.start(video=False)
-        assert await _wait_until(lambda: viewer.audio_frames >= 20)
+        assert await wait_until(lambda: viewer.audio_frames >= 20, timeout=5.0)
         assert not viewer.video_frames
     finally:
         await viewer.close()
@@ -294,10 +210,10 @@ async def test_sender_reports_and_receiver_reports_flow_per_viewer(worker: Media
         await viewer.start()
         await viewer.wait_frames(5)
         slot = worker.router.get_session(viewer.session_id).fanout_slot  # type: ignore[attr-defined]
-        assert await _wait_until(
+        assert await wait_until(
             lambda: worker.fanout.viewer_stats(slot)["sender_reports_sent"] >= 2, timeout=8.0
         )
-        assert await _wait_until(
+        assert await wait_until(
             lambda: worker.fanout.viewer_stats(slot)["rtcp_received"] >= 1, timeout=8.0
         )
         # aiortc's receiver derives RTT from our relayed SR's LSR/DLSR: it parsed them.

@@ -9,7 +9,8 @@ import logging
 import aiohttp
 import orjson
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from _peers import new_peer
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from prometheus_client.parser import text_string_to_metric_families
 from test_drain import AUTH, SDP, live_server, publish, publisher_offer, view
@@ -106,10 +107,10 @@ async def _connect(http: aiohttp.ClientSession, pc: RTCPeerConnection, url: str)
 async def test_metrics_counters_move_with_admissions_refusals_and_media() -> None:
     # Room for exactly one viewer of the default cost.
     live = live_server(worker_packet_budget=str(DEFAULT_VIEWER_COST.packets_per_second))
-    publisher = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    publisher = new_peer()
     publisher.addTrack(AudioStreamTrack())
     publisher.addTrack(VideoStreamTrack())
-    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    viewer = new_peer()
     viewer.addTransceiver("audio", direction="recvonly")
     viewer.addTransceiver("video", direction="recvonly")
     try:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import aiohttp
 import numpy as np
 import pytest
+from _peers import DecodingViewer, only_loopback_candidates
+from _server import LiveServer, settings_for
 from aioice import stun
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,8 +54,6 @@ from whepfan.protocol.negotiation import (
 )
 from whepfan.protocol.rtp import RtpPacket
 from whepfan.protocol.sdp import SessionDescription
-from whepfan.server import RunningServer, run
-from whepfan.settings import Settings
 
 TOKEN = "publish-test-token"
 
@@ -461,102 +459,28 @@ def test_publisher_options_are_validated() -> None:
 # --- against a live whepfan server ------------------------------------------------------------
 
 
-class LiveServer:
-    """``whepfan.server.run`` on its own loop thread (as tests/test_http_conformance.py)."""
-
-    def __init__(self, **extra: object) -> None:
-        import threading
-
-        cli: dict[str, object] = {
-            "http": "127.0.0.1:0",
-            "udp": "127.0.0.1:0",
-            "public_ip": ["127.0.0.1"],
-            "publish_token": TOKEN,
-            **extra,
-        }
-        settings = Settings.resolve(cli=cli, environ={})
-        self.loop = asyncio.new_event_loop()
-        self.stop = asyncio.Event()
-        self.info: RunningServer | None = None
-        ready = threading.Event()
-
-        def started(info: RunningServer) -> None:
-            self.info = info
-            ready.set()
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(run(settings, stop=self.stop, started=started))
-            ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        ready.wait(30)
-        assert self.info is not None, "server did not start"
-        self.url: str = self.info.http_url
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer()
+    live = LiveServer(settings_for(token=TOKEN))
     yield live
     live.close()
 
 
-class DecodingViewer:
-    """An aiortc WHEP viewer that decodes what whepfan forwards from the Publisher."""
-
-    def __init__(self) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.frames: list[object] = []
-        self.audio_frames = 0
-        self._tasks: list[asyncio.Task[None]] = []
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            self._tasks.append(asyncio.ensure_future(self._consume(track)))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            if track.kind == "video":
-                self.frames.append(frame)
-            else:
-                self.audio_frames += 1
-
-    async def start(self, url: str) -> None:
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                url, data=self.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
-            ) as response,
-        ):
-            assert response.status == 201, await response.text()
-            answer = await response.text()
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
+async def start_viewer(viewer: DecodingViewer, url: str) -> None:
+    """WHEP POST of the viewer's offer (audio, then video) and its answer applied."""
+    offer = await viewer.offer(["audio", "video"])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=offer, headers={"Content-Type": "application/sdp"}) as response,
+    ):
+        assert response.status == 201, await response.text()
+        answer = await response.text()
+    await viewer.accept(answer)
 
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import aioice.ice
-
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.mark.parametrize("codec", ["vp8", "h264"])
@@ -574,16 +498,16 @@ async def test_publisher_stream_decodes_in_an_aiortc_viewer(server: LiveServer, 
     async with Publisher(options) as publisher:
         viewer = DecodingViewer()
         try:
-            await viewer.start(f"{server.url}/whep/decode-{codec}")
+            await start_viewer(viewer, f"{server.url}/whep/decode-{codec}")
             deadline = time.monotonic() + 10
             while (
-                len(viewer.frames) < 10 or not viewer.audio_frames
+                len(viewer.video_frames) < 10 or not viewer.audio_frames
             ) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert len(viewer.frames) >= 10, f"{len(viewer.frames)} frames decoded"
+            assert len(viewer.video_frames) >= 10, f"{len(viewer.video_frames)} frames decoded"
             assert viewer.audio_frames > 0
-            frame = viewer.frames[-1]
-            assert (frame.width, frame.height) == (320, 240)  # type: ignore[attr-defined]
+            frame = viewer.video_frames[-1]
+            assert (frame.width, frame.height) == (320, 240)
         finally:
             await viewer.close()
         # whepfan asks for a keyframe when the publisher is keyed and when a viewer joins.

@@ -13,18 +13,20 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
-import aioice.ice
-import av
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
+from _peers import (
+    DecodingViewer,
+    accept_answer,
+    only_loopback_candidates,
+    sending_peer,
+    wait_until,
+)
+from aiortc import RTCPeerConnection
 from hypothesis import given
 from hypothesis import strategies as st
-from test_media_loopback import MovingPatternTrack
 
 from whepfan.capacity import CapacityLedger, CapacityPolicy
 from whepfan.config import MediaConfig
@@ -200,7 +202,7 @@ async def test_a_relay_peer_that_is_absent_or_replaced_is_counted_then_reconnect
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture
@@ -219,72 +221,37 @@ async def pool() -> AsyncIterator[WorkerPool]:
     await workers.close()
 
 
-def _peer() -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
-
-
 async def _publish(pool: WorkerPool, stream: str) -> RTCPeerConnection:
-    pc = _peer()
-    pc.addTransceiver(MovingPatternTrack(), direction="sendonly")
-    pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
+    pc = await sending_peer()
     _, answer = pool.publish(stream, pc.localDescription.sdp, 0.0)
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    await accept_answer(pc, answer)
     return pc
 
 
-class PoolViewer:
+class PoolViewer(DecodingViewer):
+    """A decoding viewer signalled through the pool's ``view`` (placed on a worker)."""
+
     def __init__(self, pool: WorkerPool, stream: str) -> None:
+        super().__init__()
         self.pool = pool
         self.stream = stream
-        self.pc = _peer()
-        self.video_frames: list[av.VideoFrame] = []
         self.session_id = ""
-        self._tasks: list[asyncio.Task[None]] = []
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            self._tasks.append(asyncio.ensure_future(self._consume(track)))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            if isinstance(frame, av.VideoFrame):
-                self.video_frames.append(frame)
 
     async def start(self) -> None:
-        self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        session, answer = self.pool.view(self.stream, self.pc.localDescription.sdp, 0.0)
+        session, answer = self.pool.view(self.stream, await self.offer(), 0.0)
         self.session_id = session.id
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await self.accept(answer)
 
     @property
     def worker(self) -> int:
         return self.pool.worker_of(self.session_id)
 
     async def wait_frames(self, count: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.video_frames) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert len(self.video_frames) >= count, f"only {len(self.video_frames)} frames decoded"
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
+        await super().wait_frames(count, timeout)
 
 
-async def _wait_for(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert condition()
+async def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    assert await wait_until(condition, timeout)
 
 
 async def test_viewers_on_both_workers_decode_one_publisher(pool: WorkerPool) -> None:

@@ -16,10 +16,9 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-import aioice.ice
 import pytest
+from _peers import DecodingViewer, only_loopback_candidates
 from _server import TOKEN, LiveServer, settings_for
-from aiortc import RTCConfiguration, RTCPeerConnection
 from hypothesis import given
 from hypothesis import strategies as st
 from test_workers_http_apis import JSON, SDP, HttpViewer, _wait_for
@@ -167,7 +166,7 @@ WORKER_PACKET_BUDGET = 360.0
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -283,16 +282,15 @@ async def test_lower_layer_admission_caps_viewers_on_both_workers(
             assert "f" in (state["rid"], state["pendingRid"])
 
             # Not even the lowest layer fits on either worker now.
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            refused = DecodingViewer()
             try:
-                pc.addTransceiver("video", direction="recvonly")
-                await pc.setLocalDescription(await pc.createOffer())
-                async with http.post(url, data=pc.localDescription.sdp, headers=SDP) as response:
+                offer = await refused.offer(["video"])
+                async with http.post(url, data=offer, headers=SDP) as response:
                     assert response.status == 503
                     assert int(response.headers["Retry-After"]) == pool.ledger.policy.retry_after
                     assert response.content_type == "application/problem+json"
             finally:
-                await pc.close()
+                await refused.close()
             assert pool.viewer_count == 4
 
             async with http.get("/metrics") as response:
