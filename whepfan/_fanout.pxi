@@ -6,7 +6,8 @@
 # receives on the same fd; this file only sends). Everything per viewer lives in C arrays
 # allocated once:
 #
-#   viewers[max_viewers]     Viewer: tx/rx SrtpCtx by value, destination, counters
+#   viewers[max_viewers]     Viewer: tx/rx SrtpCtx by value, destination, source
+#                            control message, counters
 #   tracks[max_tracks]       Track: packet cache ring + its subscriptions, contiguous
 #   track.subscriptions[]    Subscription: viewer index, out SSRC/PT, seq/ts offsets,
 #                            extension id map, RTX, keyframe gate, SR counts
@@ -32,6 +33,15 @@
 # trigger NACKs and PLIs). VP9 temporal dropping shrinks sequence numbers only: VP9
 # receivers derive references from picture-id distances (see _drop_temporal_vp9).
 #
+# Source addresses. On a host with several addresses, a socket bound to the wildcard
+# address sends from whatever source the kernel's route picks, but a viewer accepts only
+# datagrams from the transport address its ICE check reached (RFC 8445 §4: a candidate
+# pair is two transport addresses; RFC 5764 §5.1.1: DTLS-SRTP runs on the selected pair).
+# A viewer given a ``source`` carries a prebuilt IP_PKTINFO / IPV6_PKTINFO control message
+# (RFC 3542 §6.1) that every datagram's mmsghdr points at, so the kernel sends from that
+# address: no copy, no allocation per packet. Without a source, msg_control stays NULL
+# and the kernel chooses, as before.
+#
 # Not thread-safe: call every method from the thread that owns the worker's event loop
 # (the nogil sections release the GIL for other Python threads, not for re-entry).
 
@@ -44,6 +54,9 @@ from posix.uio cimport iovec
 from whepfan.includes.system cimport (
     AF_INET,
     AF_INET6,
+    CMSG_DATA,
+    CMSG_LEN,
+    CMSG_SPACE,
     EAGAIN,
     EINTR,
     ENOBUFS,
@@ -55,6 +68,13 @@ from whepfan.includes.system cimport (
     getsockname,
     getsockopt,
     htons,
+    in6_pktinfo,
+    in_pktinfo,
+    IP_PKTINFO,
+    IPPROTO_IP,
+    IPPROTO_IPV6,
+    IPV6_PKTINFO,
+    cmsghdr,
     mmsghdr,
     sendmmsg,
     sockaddr,
@@ -87,6 +107,9 @@ cdef enum:
     VP9_PICTURE_HISTORY = 128
     VP9_PICTURE_DROPPED = 0x8000   # history entry flag: not sent to this viewer
     VP9_MAX_REFERENCES = 3         # RFC 9628 §4.2: up to three P_DIFF octets
+    # One IPV6_PKTINFO control message: CMSG_SPACE(sizeof(in6_pktinfo)) = 16 + 24 on
+    # LP64 Linux (checked at import); an IP_PKTINFO one (16 + 16) fits as well.
+    SOURCE_CONTROL_WORDS = 5
 
 # How a track's payload is read in the fan-out loop (everything else is opaque bytes).
 cpdef enum:
@@ -176,6 +199,10 @@ cdef struct Viewer:
     SrtpCtx rx                   # unprotects the viewer's SRTCP
     sockaddr_in6 address         # large enough for sockaddr_in too
     socklen_t address_len
+    size_t source_control_len    # 0: the kernel picks the source address
+    # cmsghdr + in_pktinfo/in6_pktinfo naming the source (see "Source addresses");
+    # uint64_t words keep it aligned as CMSG_* require.
+    uint64_t source_control[SOURCE_CONTROL_WORDS]
     uint8_t in_use
     uint64_t packets_sent
     uint64_t bytes_sent
@@ -698,6 +725,54 @@ cdef int fill_address(sockaddr_in6* out, socklen_t* out_len, int family, host, p
     return 0
 
 
+if CMSG_SPACE(sizeof(in6_pktinfo)) > SOURCE_CONTROL_WORDS * sizeof(uint64_t):
+    raise ImportError("IPV6_PKTINFO control message larger than Viewer.source_control")
+
+
+cdef int fill_source(uint64_t* control, size_t* control_len, int family, source) except -1:
+    """The control message that makes the kernel send from ``source`` (an IP literal of
+    this host; None: no control message). ip(7) IP_PKTINFO: ipi_spec_dst is the source,
+    ipi_ifindex 0 lets the route choose the interface. ipv6(7) IPV6_PKTINFO: ipi6_addr is
+    the source (RFC 3542 §6.1); Linux accepts an IPv4-mapped one for an IPv4 destination
+    on a dual-stack socket, and a link-local one needs its interface (RFC 4007 §11)."""
+    cdef cmsghdr* header = <cmsghdr*>control
+    cdef in_pktinfo* info4
+    cdef in6_pktinfo* info6
+    cdef bytes packed
+    memset(control, 0, SOURCE_CONTROL_WORDS * sizeof(uint64_t))
+    control_len[0] = 0
+    if source is None:
+        return 0
+    ip = _ipaddress.ip_address(source)   # names are refused, as for destinations
+    if ip.version == 6 and ip.ipv4_mapped is not None and family == AF_INET:
+        ip = ip.ipv4_mapped
+    if family == AF_INET:
+        if ip.version != 4:
+            raise ValueError(f"IPv6 source {source} on an IPv4 socket")
+        header.cmsg_level = IPPROTO_IP
+        header.cmsg_type = IP_PKTINFO
+        header.cmsg_len = CMSG_LEN(sizeof(in_pktinfo))
+        info4 = <in_pktinfo*>CMSG_DATA(header)
+        packed = ip.packed
+        memcpy(&info4.ipi_spec_dst, <const char*>packed, 4)
+        control_len[0] = CMSG_SPACE(sizeof(in_pktinfo))
+        return 0
+    header.cmsg_level = IPPROTO_IPV6
+    header.cmsg_type = IPV6_PKTINFO
+    header.cmsg_len = CMSG_LEN(sizeof(in6_pktinfo))
+    info6 = <in6_pktinfo*>CMSG_DATA(header)
+    if ip.version == 4:
+        packed = b"\x00" * 10 + b"\xff\xff" + ip.packed   # RFC 4291 §2.5.5.2
+    else:
+        packed = ip.packed
+        if ip.scope_id:
+            info6.ipi6_ifindex = (int(ip.scope_id) if ip.scope_id.isdigit()
+                                  else _socket.if_nametoindex(ip.scope_id))
+    memcpy(info6.ipi6_addr.s6_addr, <const char*>packed, 16)
+    control_len[0] = CMSG_SPACE(sizeof(in6_pktinfo))
+    return 0
+
+
 cdef inline double monotonic_seconds() noexcept nogil:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
@@ -840,14 +915,18 @@ cdef class Fanout:
 
     def add_viewer(self, host: str, int port, *, int profile, const uint8_t[::1] tx_key,
                    const uint8_t[::1] tx_salt, const uint8_t[::1] rx_key,
-                   const uint8_t[::1] rx_salt) -> int:
+                   const uint8_t[::1] rx_salt, source=None) -> int:
         """A viewer at ``host``:``port`` with its DTLS-SRTP keys (RFC 5764 §4.2);
-        returns its slot."""
+        returns its slot. ``source``: this host's address the viewer's ICE check reached,
+        which everything sent to the viewer leaves from (None: the kernel's choice)."""
         cdef sockaddr_in6 address
         cdef socklen_t address_len = 0
+        cdef uint64_t source_control[SOURCE_CONTROL_WORDS]
+        cdef size_t source_control_len = 0
         cdef Viewer* viewer
         cdef int slot, result
         fill_address(&address, &address_len, self.family, host, port)
+        fill_source(source_control, &source_control_len, self.family, source)
         if self.free_viewer_count == 0:
             raise ValueError(f"all {self.max_viewers} viewer slots in use")
         key_len, salt_len = profile_key_lengths(profile)
@@ -868,6 +947,8 @@ cdef class Fanout:
             raise srtp_error(result)
         viewer.address = address
         viewer.address_len = address_len
+        memcpy(viewer.source_control, source_control, sizeof(source_control))
+        viewer.source_control_len = source_control_len
         viewer.in_use = 1
         self.free_viewer_count -= 1
         return slot
@@ -885,10 +966,21 @@ cdef class Fanout:
         self.free_viewers[self.free_viewer_count] = viewer
         self.free_viewer_count += 1
 
-    def set_viewer_address(self, int viewer, host: str, int port) -> None:
-        """The viewer's ICE-selected address changed (RFC 8445 §7.3.1.5 consent/nomination)."""
+    def set_viewer_address(self, int viewer, host: str, int port, source=None) -> None:
+        """The viewer's ICE-selected pair changed (RFC 8445 §7.3.1.5 nomination): its
+        address, and the local ``source`` address that pair uses (None: kernel's choice)."""
         cdef Viewer* state = self._viewer(viewer)
-        fill_address(&state.address, &state.address_len, self.family, host, port)
+        cdef sockaddr_in6 address
+        cdef socklen_t address_len = 0
+        cdef uint64_t source_control[SOURCE_CONTROL_WORDS]
+        cdef size_t source_control_len = 0
+        # Both are checked before either changes: a bad argument leaves the viewer as it was.
+        fill_address(&address, &address_len, self.family, host, port)
+        fill_source(source_control, &source_control_len, self.family, source)
+        state.address = address
+        state.address_len = address_len
+        memcpy(state.source_control, source_control, sizeof(source_control))
+        state.source_control_len = source_control_len
 
     @property
     def viewer_count(self) -> int:
@@ -1107,6 +1199,12 @@ cdef class Fanout:
         self.batch.slot_viewer[self.batch.count] = viewer_index
         self.batch.slot_subscription[self.batch.count] = subscription
         self.batch.slot_payload_len[self.batch.count] = payload_len
+        # Every slot is rewritten: one batch slot serves viewers with and without a source.
+        if viewer.source_control_len:
+            self.batch.messages[self.batch.count].msg_hdr.msg_control = viewer.source_control
+        else:
+            self.batch.messages[self.batch.count].msg_hdr.msg_control = NULL
+        self.batch.messages[self.batch.count].msg_hdr.msg_controllen = viewer.source_control_len
         batch_commit(&self.batch, length, &viewer.address, viewer.address_len)
         if self.batch.count == self.batch.capacity:
             return self._flush()

@@ -81,9 +81,17 @@ class Fanout:
         tx_salt: bytes,
         rx_key: bytes,
         rx_salt: bytes,
-    ) -> int: ...
+        source: str | None = None,
+    ) -> int:
+        """``source``: this host's address the viewer's ICE check reached; everything sent
+        to the viewer leaves from it (IP_PKTINFO / IPV6_PKTINFO). None: the kernel picks."""
+
     def remove_viewer(self, viewer: int) -> None: ...
-    def set_viewer_address(self, viewer: int, host: str, port: int) -> None: ...
+    def set_viewer_address(
+        self, viewer: int, host: str, port: int, source: str | None = None
+    ) -> None:
+        """The viewer's selected pair changed: its address and our ``source`` address."""
+
     def subscribe(
         self,
         viewer: int,

@@ -48,7 +48,11 @@ from posix.uio cimport iovec
 from whepfan.includes.system cimport (
     AF_INET,
     AF_INET6,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_NXTHDR,
     MSG_DONTWAIT,
+    cmsghdr,
     errno,
     mmsghdr,
     sockaddr_in,
@@ -56,13 +60,9 @@ from whepfan.includes.system cimport (
 )
 from whepfan.includes.system cimport SOL_SOCKET
 from whepfan.includes.recv cimport (
-    CMSG_DATA,
-    CMSG_FIRSTHDR,
-    CMSG_NXTHDR,
     SCM_TIMESTAMPNS,
     SO_RXQ_OVFL,
     SO_TIMESTAMPNS,
-    cmsghdr,
     setsockopt,
     EPOLL_CLOEXEC,
     EPOLL_CTL_ADD,

@@ -25,8 +25,13 @@ extension (RFC 8852 §3). Each viewer receives one layer per media under its one
 ``LayerPolicy`` from its RTCP, and ``Fanout.switch`` moves it keyframe-aligned in C.
 Layers are ordered low to high by measured resolution, then bitrate, then signalling.
 
-The router is driven like the protocol layer (``datagram_received(data, addr, now)``,
-``get_timer()``, ``handle_timer(now)``); ``transport.py`` is the thin asyncio driver.
+The router is driven like the protocol layer (``datagram_received(data, addr, now,
+local)``, ``get_timer()``, ``handle_timer(now)``); ``transport.py`` is the thin asyncio
+driver. ``local`` is the address of ours a datagram was sent to, known when the socket is
+bound to a wildcard address (IP_PKTINFO): a session remembers the one its selected pair
+uses, and every reply, DTLS flight, RTCP packet and fan-out datagram to that peer leaves
+from it (``send_from`` here, the viewer's ``source`` in the Fanout), because peers accept
+only datagrams from the transport address they checked (RFC 8445 §4, §7.2.5.2.1).
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ from whepfan.session import (
 log = logging.getLogger("whepfan.router")
 
 SendDatagram = Callable[[bytes, Address], None]
+# (datagram, peer address, our source address): send from that address of this host.
+SendDatagramFrom = Callable[[bytes, Address, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +454,7 @@ class Router:
         candidates: list[sdp.Candidate],
         wake: Callable[[], None] = lambda: None,
         layer_policy: LayerPolicy = LayerPolicy(),
+        send_from: SendDatagramFrom | None = None,
     ) -> None:
         self.config = config
         self.layer_policy = layer_policy
@@ -456,6 +464,7 @@ class Router:
         self.certificate = certificate
         self.fanout = fanout
         self._send = send
+        self._send_from = send_from
         self.candidates = candidates
         self.streams: dict[str, Stream] = {}
         self.sessions: dict[str, MediaSession] = {}
@@ -680,13 +689,17 @@ class Router:
 
     # ------------------------------------------------------------------ datagram input
 
-    def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+    def datagram_received(
+        self, data: bytes, addr: Address, now: float, local: str | None = None
+    ) -> None:
+        """One datagram from ``addr`` to our address ``local`` (None when the socket is
+        bound to one address: then it is that one)."""
         if not data:
             self.counters["drop_empty"] += 1
             return
         kind = classify(data[0])
         if kind is PacketKind.STUN:
-            self._receive_stun(data, addr, now)
+            self._receive_stun(data, addr, now, local)
             return
         if kind is not PacketKind.DTLS and kind is not PacketKind.RTP_OR_RTCP:
             self.counters["drop_unknown_kind"] += 1  # ZRTP, TURN channel, QUIC, garbage
@@ -717,15 +730,17 @@ class Router:
                 else:
                     self.counters["drop_rtp_from_viewer"] += 1  # viewers are recvonly
 
-    def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
+    def _receive_stun(self, data: bytes, addr: Address, now: float, local: str | None) -> None:
         ufrag = stun_local_ufrag(data)
         session = self._by_ufrag.get(ufrag) if ufrag is not None else None
         if session is None:
             self.counters["drop_stun_unknown_ufrag"] += 1
             return
-        response, events = session.receive_stun(data, addr, now)
+        response, events = session.receive_stun(data, addr, now, local)
         if response is not None:
-            self._send(response, addr)
+            # RFC 8489 §6.3.3: the response goes from the address the request reached,
+            # whichever pair it checks (the peer matches it to that pair, RFC 8445 §7.2.5.2.1).
+            self._transmit(response, addr, local)
         self._handle_events(session, events, now)
         self._flush(session)
         self._reschedule(session)
@@ -797,7 +812,10 @@ class Router:
                         del self._by_address[addr]
                 self._by_address[event.address] = session
                 if isinstance(session, ViewerSession) and session.fanout_slot is not None:
-                    self.fanout.set_viewer_address(session.fanout_slot, *event.address)
+                    host, port = event.address[0], event.address[1]
+                    self.fanout.set_viewer_address(
+                        session.fanout_slot, host, port, source=event.local
+                    )
             elif isinstance(event, Keyed):
                 session.connected_at = now
                 if isinstance(session, PublisherSession):
@@ -810,6 +828,13 @@ class Router:
 
     def _flush(self, session: MediaSession) -> None:
         for datagram, addr in session.datagrams_to_send():
+            self._transmit(datagram, addr, session.local_address)
+
+    def _transmit(self, datagram: bytes, addr: Address, local: str | None) -> None:
+        """Send ``datagram`` to ``addr`` from our address ``local`` when one is known."""
+        if local is not None and self._send_from is not None:
+            self._send_from(datagram, addr, local)
+        else:
             self._send(datagram, addr)
 
     # ------------------------------------------------------------------ publishers
@@ -1163,7 +1188,11 @@ class Router:
             )
         compound = b"".join(bytes(p) for p in packets)
         try:
-            self._send(stream.publisher_srtcp_out.protect_rtcp(compound), publisher.address)
+            self._transmit(
+                stream.publisher_srtcp_out.protect_rtcp(compound),
+                publisher.address,
+                publisher.local_address,
+            )
         except _fastpath.SrtpError:
             self.counters["publisher_feedback_failed"] += 1
         stream.next_feedback_at = now + self.config.publisher_feedback_interval
@@ -1224,7 +1253,11 @@ class Router:
             for ssrc in video_ssrcs
         )
         try:
-            self._send(stream.publisher_srtcp_out.protect_rtcp(compound), publisher.address)
+            self._transmit(
+                stream.publisher_srtcp_out.protect_rtcp(compound),
+                publisher.address,
+                publisher.local_address,
+            )
         except _fastpath.SrtpError:
             self.counters["keyframe_request_failed"] += 1
             return False
@@ -1247,6 +1280,7 @@ class Router:
             tx_salt=keys.local_salt,
             rx_key=keys.remote_key,
             rx_salt=keys.remote_salt,
+            source=session.local_address,
         )
         session.fanout_slot = slot
         choice = stream.choices.get(session.id) or self._new_layer_choice(stream, session)

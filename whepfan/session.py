@@ -2,6 +2,12 @@
 its SRTP state. Sessions are sans-IO like the protocol layer below them: the router feeds
 them datagrams and ``now``, and sends what they return.
 
+A session's transport path is the ICE-selected pair: the peer's ``address`` and, when the
+worker's socket is bound to a wildcard address on a host with several, ``local_address``,
+the address of ours that the peer's checks reached (RFC 8445 §4: a candidate pair is a
+local and a remote transport address). Everything sent to the peer leaves from it; the
+local address comes in with each datagram, as the remote one does.
+
 Lifecycle (both kinds)::
 
     NEW ──verified STUN check──▶ CHECKED ──DTLS handshake──▶ CONNECTED ──▶ CLOSED
@@ -70,8 +76,12 @@ class SrtpKeys:
 # Events a session reports to the router.
 @dataclass(frozen=True, slots=True)
 class AddressLearned:
+    """The peer's selected ``address`` changed, and ``local``: our address that pair uses
+    (None: the socket is bound to one address, or the local address is unknown)."""
+
     address: Address
     nominated: bool
+    local: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +112,8 @@ class MediaSession:
     created_at: float = 0.0
     state: SessionState = SessionState.NEW
     address: Address | None = None
+    # Our address that the selected pair's checks reached (see the module docstring).
+    local_address: str | None = None
     keys: SrtpKeys | None = None
     connected_at: float | None = None
     # Set while a WHEP counter-offer awaits the client's answer (draft-03 §4.2.2).
@@ -151,18 +163,20 @@ class MediaSession:
     # -- input ----------------------------------------------------------------------
 
     def receive_stun(
-        self, data: bytes, addr: Address, now: float
+        self, data: bytes, addr: Address, now: float, local: str | None = None
     ) -> tuple[bytes | None, list[SessionEvent]]:
-        """A STUN datagram for this session: the response to send, and what happened."""
+        """A STUN datagram for this session from ``addr`` to our address ``local``: the
+        response to send (from ``local``, RFC 8489 §6.3.3), and what happened."""
         response = self.ice.receive_stun(data, addr, now)
         events: list[SessionEvent] = []
         # A Binding success response starts with type 0x0101 (RFC 8489 §5): the check
-        # verified, so this address may carry our DTLS and media even before nomination
+        # verified, so this pair may carry our DTLS and media even before nomination
         # (Chromium starts DTLS on the first writable pair, before USE-CANDIDATE).
         if response is not None and response[:2] == b"\x01\x01" and self.address is None:
             self.address = addr
-            events.append(AddressLearned(addr, nominated=False))
-        events.extend(self._drain_ice(now))
+            self.local_address = local
+            events.append(AddressLearned(addr, nominated=False, local=local))
+        events.extend(self._drain_ice(now, local))
         if self.address is not None and self.state is SessionState.NEW:
             self.state = SessionState.CHECKED
             if self.dtls.role == "client" and not self._dtls_started:
@@ -224,13 +238,19 @@ class MediaSession:
 
     # -- internals --------------------------------------------------------------------
 
-    def _drain_ice(self, now: float) -> Iterator[SessionEvent]:
+    def _drain_ice(self, now: float, local: str | None = None) -> Iterator[SessionEvent]:
+        """ICE events; ``local`` is where the datagram that raised them arrived (a
+        nomination is always raised by the nominating check itself)."""
         while (event := self.ice.next_event()) is not None:
             if isinstance(event, IceNominated):
-                changed = event.address != self.address
+                # The nominated pair may share the remote address of the first checked
+                # one and differ in its local address (a peer checking each of our
+                # candidates from one port): the pair, not just the address, moves.
+                changed = event.address != self.address or local != self.local_address
                 self.address = event.address
+                self.local_address = local
                 if changed or self.state is SessionState.NEW:
-                    yield AddressLearned(event.address, nominated=True)
+                    yield AddressLearned(event.address, nominated=True, local=local)
             elif isinstance(event, IceConsentExpired):
                 yield Gone("ice-consent-expired")
 

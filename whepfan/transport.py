@@ -1,9 +1,18 @@
-"""The I/O driver of one media worker: one UDP socket, one asyncio protocol, one timer.
+"""The I/O driver of one media worker: one UDP socket, one reader, one timer.
 
 Everything that decides anything lives in ``Router`` (sans-IO: datagrams and ``now`` in);
 this module only moves bytes and re-arms a single timer, as aioquic's asyncio adapter does.
 The compiled ``Fanout`` sends viewer media on the same socket's file descriptor with
-``sendmmsg``; asyncio only ever receives on it and sends the occasional STUN/DTLS reply.
+``sendmmsg``; this module receives on it and sends the occasional STUN/DTLS/RTCP reply.
+
+Multi-homed hosts: a socket bound to the wildcard address receives on every address of
+the host, but the kernel picks the source of what it sends by route, and a peer drops a
+reply that does not come from the address its check went to (RFC 8445 §7.2.5.2.1, and
+DTLS/SRTP run on that same pair). So on a wildcard socket the receive loop asks for each
+datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO, RFC 3542 §6.1) and hands
+it to the router as ``local``; the router sends from it (``_sendto_from``: sendmsg with an
+IP_PKTINFO / IPV6_PKTINFO control message) and gives it to the Fanout as the viewer's
+``source``. asyncio's datagram endpoints do not expose ancillary data, hence the reader.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Any, cast
+import struct
 
 import ifaddr
 
@@ -23,6 +32,19 @@ from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import Address, Router
 
 log = logging.getLogger("whepfan.transport")
+
+# ip(7) IP_PKTINFO from <linux/in.h>: the socket module of Python 3.11 does not name it.
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
+# Largest UDP payload: a datagram is never truncated, whatever a peer sends.
+MAX_DATAGRAM = 65535
+# Room for one in6_pktinfo control message (the larger of the two pktinfo structs).
+PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20)
+# Datagrams read per readiness callback, so that timers and other readers get their turn.
+RECEIVE_BURST = 64
+# struct in_pktinfo {int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr} and
+# struct in6_pktinfo {in6_addr ipi6_addr; unsigned ipi6_ifindex}, native layout.
+_IN_PKTINFO = struct.Struct("=i4s4s")
+_IN6_PKTINFO = struct.Struct("=16sI")
 
 
 def interface_addresses() -> list[str]:
@@ -67,18 +89,25 @@ def host_candidates(addresses: list[str], port: int) -> list[sdp.Candidate]:
     return candidates
 
 
-class MediaWorker(asyncio.DatagramProtocol):
+class MediaWorker:
     """Owns the UDP port, the Fanout and the Router of one worker."""
 
     def __init__(self, *, config: MediaConfig, certificate: DtlsCertificate) -> None:
         self.config = config
         self.certificate = certificate
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._reading = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.sock = _bind_udp(config)
         self.port: int = self.sock.getsockname()[1]
+        # True when bound to a wildcard address: datagrams then carry their destination.
+        self.learns_local_address = _enable_pktinfo(self.sock)
+        self._ancillary_size = PKTINFO_ANCILLARY_SIZE if self.learns_local_address else 0
+        # Raw pktinfo address -> its text, and text -> control message: a worker sees a
+        # handful of local addresses, so neither is computed per datagram.
+        self._local_names: dict[bytes, str] = {}
+        self._source_controls: dict[str, list[tuple[int, int, bytes]]] = {}
         self.fanout = _fastpath.Fanout(
             self.sock.fileno(),
             max_viewers=config.max_viewers,
@@ -90,12 +119,14 @@ class MediaWorker(asyncio.DatagramProtocol):
             certificate=certificate,
             fanout=self.fanout,
             send=self._sendto,
+            send_from=self._sendto_from,
             candidates=host_candidates(addresses, self.port),
             wake=self.arm_timer,
         )
 
     async def start(self) -> None:
-        await self._loop.create_datagram_endpoint(lambda: self, sock=self.sock)
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._reading = True
         log.info(
             "media on udp %s:%d, candidates %s",
             self.config.udp_host,
@@ -112,25 +143,49 @@ class MediaWorker(asyncio.DatagramProtocol):
             self.router.end_session(session_id, now, "shutdown")
         if self._timer is not None:
             self._timer.cancel()
-        if self._transport is not None:
-            self._transport.close()
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+        self.sock.close()
 
-    # asyncio.DatagramProtocol ---------------------------------------------------------
+    # receiving ------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        try:
-            self.router.datagram_received(data, (addr[0], addr[1]), self._loop.time())
-        except Exception:  # a bug must not stop the port for everyone else
-            log.exception("datagram from %s crashed the router", addr)
-            self.router.counters["router_errors"] += 1
+    def _on_readable(self) -> None:
+        receive = self.sock.recvmsg
+        ancillary_size = self._ancillary_size
+        router = self.router
+        for _ in range(RECEIVE_BURST):
+            try:
+                data, ancillary, _flags, addr = receive(MAX_DATAGRAM, ancillary_size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ICMP errors queued on the socket (a viewer that went away): consent
+                # expiry cleans up.
+                router.counters["socket_errors"] += 1
+                continue
+            local = self._local_address(ancillary) if ancillary else None
+            try:
+                router.datagram_received(data, (addr[0], addr[1]), self._loop.time(), local)
+            except Exception:  # a bug must not stop the port for everyone else
+                log.exception("datagram from %s crashed the router", addr)
+                router.counters["router_errors"] += 1
         self.arm_timer()
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a viewer that went away: consent expiry cleans up.
-        self.router.counters["socket_errors"] += 1
+    def _local_address(self, ancillary: list[tuple[int, int, bytes]]) -> str | None:
+        """The destination address of a datagram, from its pktinfo control message."""
+        for level, kind, payload in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                raw = payload[8:12]  # ipi_addr: the header's destination address
+            elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                raw = payload[:20]  # ipi6_addr and ipi6_ifindex
+            else:
+                continue
+            name = self._local_names.get(raw)
+            if name is None:
+                name = self._local_names[raw] = _pktinfo_address(raw)
+            return name
+        return None
 
     # timers ---------------------------------------------------------------------------
 
@@ -154,9 +209,83 @@ class MediaWorker(asyncio.DatagramProtocol):
             self.router.counters["router_errors"] += 1
         self.arm_timer()
 
+    # sending --------------------------------------------------------------------------
+
     def _sendto(self, data: bytes, addr: Address) -> None:
-        if self._transport is not None:
-            self._transport.sendto(data, addr)
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            # A full send buffer: the peer retransmits (STUN, DTLS) or NACKs (RTCP).
+            self.router.counters["send_buffer_full"] += 1
+        except OSError:
+            self.router.counters["socket_errors"] += 1
+
+    def _sendto_from(self, data: bytes, addr: Address, source: str) -> None:
+        """Send ``data`` to ``addr`` from our address ``source`` (see the module docstring)."""
+        control = self._source_controls.get(source)
+        if control is None:
+            control = self._source_controls[source] = source_control(self.sock.family, source)
+        try:
+            self.sock.sendmsg([data], control, 0, addr)
+        except BlockingIOError:
+            self.router.counters["send_buffer_full"] += 1
+        except OSError:
+            self.router.counters["socket_errors"] += 1
+
+
+def source_control(family: int, source: str) -> list[tuple[int, int, bytes]]:
+    """The sendmsg control message that sends from ``source`` on a ``family`` socket.
+
+    ip(7) IP_PKTINFO: ipi_spec_dst is the source address, ifindex 0 leaves the interface
+    to the route. ipv6(7) IPV6_PKTINFO (RFC 3542 §6.1): ipi6_addr is the source, with the
+    interface of a scoped (link-local) one; Linux takes an IPv4-mapped source for an
+    IPv4 peer of a dual-stack socket.
+    """
+    address = ipaddress.ip_address(source)
+    if family == socket.AF_INET:
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.version != 4:
+            raise ValueError(f"IPv6 source {source} on an IPv4 socket")
+        info = _IN_PKTINFO.pack(0, address.packed, bytes(4))
+        return [(socket.IPPROTO_IP, IP_PKTINFO, info)]
+    interface = 0
+    if isinstance(address, ipaddress.IPv4Address):
+        packed = bytes(10) + b"\xff\xff" + address.packed  # RFC 4291 §2.5.5.2
+    else:
+        packed = address.packed
+        if address.scope_id:
+            scope = address.scope_id
+            interface = int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+    return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(packed, interface))]
+
+
+def _pktinfo_address(raw: bytes) -> str:
+    """Text of a received pktinfo address: 4 bytes (IPv4) or in6_addr + ifindex (IPv6,
+    the interface kept as the scope of a link-local address, RFC 4007 §11)."""
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    packed, interface = _IN6_PKTINFO.unpack(raw)
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    if ipaddress.IPv6Address(packed).is_link_local and interface:
+        text = f"{text}%{interface}"
+    return text
+
+
+def _enable_pktinfo(sock: socket.socket) -> bool:
+    """On a socket bound to a wildcard address, ask for each datagram's destination
+    address (IP_PKTINFO / IPV6_RECVPKTINFO); returns whether it was enabled. A socket
+    bound to one address has only that one to send from, so it needs none."""
+    host = sock.getsockname()[0]
+    if not ipaddress.ip_address(host).is_unspecified:
+        return False
+    if sock.family == socket.AF_INET6:
+        # Covers IPv4 peers of a dual-stack socket too: Linux reports their destination
+        # as an IPv4-mapped in6_pktinfo.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    return True
 
 
 def _bind_udp(config: MediaConfig) -> socket.socket:

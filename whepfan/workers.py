@@ -809,6 +809,8 @@ class WorkerNode:
             certificate=plain.certificate,
             fanout=cast(_fastpath.Fanout, RelayingFanout(media.fanout, self._relay_out)),
             send=media._sendto,
+            # Replies leave from the address the peer reached (transport.py docstring).
+            send_from=media._sendto_from,
             candidates=plain.candidates,
             wake=media.arm_timer,
         )

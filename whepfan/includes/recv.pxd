@@ -11,17 +11,9 @@ cdef extern from "<sys/socket.h>" nogil:
     # and length (msg_len), in one system call.
     int recvmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags, timespec* timeout)
 
-    # Ancillary data (cmsg(3)): the kernel's receive timestamp (socket(7) SO_TIMESTAMPNS,
-    # CLOCK_REALTIME) and the socket's cumulative drop count (SO_RXQ_OVFL) per datagram.
-    cdef struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-
-    cmsghdr* CMSG_FIRSTHDR(msghdr* message)
-    cmsghdr* CMSG_NXTHDR(msghdr* message, cmsghdr* header)
-    unsigned char* CMSG_DATA(cmsghdr* header)
-    size_t CMSG_SPACE(size_t length)
+    # Ancillary data (cmsg(3), declared in includes/system.pxd): the kernel's receive
+    # timestamp (socket(7) SO_TIMESTAMPNS, CLOCK_REALTIME) and the socket's cumulative
+    # drop count (SO_RXQ_OVFL) per datagram.
     enum: SO_TIMESTAMPNS
     enum: SCM_TIMESTAMPNS
     enum: SO_RXQ_OVFL

@@ -1,6 +1,7 @@
-# C declarations of the POSIX/Linux socket API the fan-out sends with.
-# Cython ships <sys/uio.h> (iovec) and <time.h> (clock_gettime) in posix.*; the
-# socket calls, in particular Linux's sendmmsg(2), are declared here.
+# C declarations of the POSIX/Linux socket API the fan-out sends with (and the load-test
+# receiver reads with). Cython ships <sys/uio.h> (iovec) and <time.h> (clock_gettime) in
+# posix.*; the socket calls, in particular Linux's sendmmsg(2), and ancillary data
+# (cmsg(3)) are declared here.
 from posix.uio cimport iovec
 
 
@@ -36,6 +37,19 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SO_TYPE
     enum: MSG_DONTWAIT
 
+    # Ancillary data (cmsg(3)): a msghdr's msg_control is a sequence of these headers,
+    # each followed by its data, aligned as the CMSG_* macros compute.
+    cdef struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr* CMSG_FIRSTHDR(msghdr* message)
+    cmsghdr* CMSG_NXTHDR(msghdr* message, cmsghdr* header)
+    unsigned char* CMSG_DATA(cmsghdr* header)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
     int sendmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags)
     int getsockname(int sockfd, sockaddr* addr, socklen_t* addrlen)
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
@@ -63,6 +77,25 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned int sin6_scope_id
 
     unsigned short htons(unsigned short hostshort)
+
+    enum: IPPROTO_IP
+    enum: IPPROTO_IPV6
+
+    # ip(7) IP_PKTINFO / ipv6(7) IPV6_PKTINFO (RFC 3542 §6.1): as a control message on
+    # send, the source address (ipi_spec_dst / ipi6_addr) and interface of the datagram;
+    # on receive, the address it was sent to (ipi_addr / ipi6_addr). glibc declares both
+    # structs under _GNU_SOURCE, which Python.h defines.
+    enum: IP_PKTINFO
+    enum: IPV6_PKTINFO
+
+    cdef struct in_pktinfo:
+        int ipi_ifindex
+        in_addr ipi_spec_dst
+        in_addr ipi_addr
+
+    cdef struct in6_pktinfo:
+        in6_addr ipi6_addr
+        unsigned int ipi6_ifindex
 
 
 cdef extern from "<errno.h>" nogil:
