@@ -285,7 +285,9 @@ def test_ipv4_source_control_is_an_in_pktinfo_naming_the_source(address: object)
     # struct in_pktinfo: ifindex 0 (route's choice), ipi_spec_dst = source, ipi_addr unused.
     ifindex, spec_dst, header_dst = struct.unpack("=i4s4s", data)
     assert (ifindex, header_dst) == (0, bytes(4))
-    assert ipaddress.ip_address(_pktinfo_address(spec_dst)) == address
+    # Received, the header's destination is ipi_addr (ipi_spec_dst the routing source).
+    received = struct.pack("=i4s4s", 1, bytes(4), spec_dst)
+    assert ipaddress.ip_address(_pktinfo_address(received)) == address
 
 
 @given(st.ip_addresses(v=6))
