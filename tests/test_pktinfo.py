@@ -20,6 +20,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from _paths import SDP_FIXTURES
+from _peers import (
+    DecodingViewer,
+    accept_answer,
+    only_loopback_candidates,
+    sending_peer,
+    wait_until,
+)
 from aioice import stun
 from hypothesis import given
 from hypothesis import strategies as st
@@ -527,4 +534,65 @@ async def test_a_worker_bound_to_one_address_does_not_ask_for_pktinfo() -> None:
         assert not worker.learns_local_address
         assert not worker.sock.getsockopt(socket.IPPROTO_IP, IP_PKTINFO)
     finally:
+        worker.close()
+
+
+# --- real WebRTC peers (aiortc) -----------------------------------------------------------
+
+
+async def test_aiortc_publisher_and_viewer_connect_through_a_secondary_address(
+    wildcard_worker: MediaWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aioice fails a check whose response comes from another address than it checked
+    (RFC 8445 §7.2.5.2.1): both peers sit on 127.0.0.1 and reach only our 127.0.0.2."""
+    only_loopback_candidates(monkeypatch)
+    worker = wildcard_worker
+    publisher_pc = await sending_peer()
+    publisher, answer = worker.router.publish(
+        "live", publisher_pc.localDescription.sdp, worker.now()
+    )
+    await accept_answer(publisher_pc, answer)
+    assert await wait_until(lambda: publisher.state is SessionState.CONNECTED)
+    viewer = DecodingViewer()
+    try:
+        offer = await viewer.offer()
+        session, answer = worker.router.view("live", offer, worker.now())
+        await viewer.accept(answer)
+        await viewer.wait_frames(3)
+        assert publisher.local_address == REACHED
+        assert session.local_address == REACHED
+        assert worker.router.counters["send_buffer_full"] == 0
+    finally:
+        await viewer.close()
+        await publisher_pc.close()
+
+
+async def test_a_dual_stack_worker_learns_and_answers_from_an_ipv4_mapped_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = MediaConfig(udp_host="::", udp_port=0, public_ips=(REACHED,))
+    try:
+        worker = MediaWorker(config=config, certificate=DtlsCertificate.generate())
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    received: list[tuple[bytes, tuple[str, int], str | None]] = []
+
+    def record(data: bytes, addr: tuple[str, int], now: float, local: str | None) -> None:
+        received.append((data, addr, local))
+
+    monkeypatch.setattr(worker.router, "datagram_received", record)
+    await worker.start()
+    sock = udp_socket(KERNEL_DEFAULT)
+    try:
+        assert worker.learns_local_address
+        sock.sendto(b"\x17hello", (REACHED, worker.port))
+        assert await wait_until(lambda: bool(received), timeout=2.0)
+        [(data, addr, local)] = received
+        assert (data, addr) == (b"\x17hello", (f"::ffff:{KERNEL_DEFAULT}", sock.getsockname()[1]))
+        assert local == f"::ffff:{REACHED}"
+        worker._sendto_from(b"\x17reply", addr, local)
+        reply = await receive_from(sock)
+        assert reply == (b"\x17reply", (REACHED, worker.port))
+    finally:
+        sock.close()
         worker.close()
