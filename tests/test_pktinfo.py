@@ -596,3 +596,50 @@ async def test_a_dual_stack_worker_learns_and_answers_from_an_ipv4_mapped_addres
     finally:
         sock.close()
         worker.close()
+
+
+class FullOnce:
+    """The worker's socket, whose send buffer is full for the first ``full`` sends."""
+
+    def __init__(self, sock: socket.socket, full: int) -> None:
+        self.sock = sock
+        self.full = full
+
+    def _maybe_full(self) -> None:
+        if self.full:
+            self.full -= 1
+            raise BlockingIOError
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        self._maybe_full()
+        return self.sock.sendto(data, addr)
+
+    def sendmsg(self, buffers: list[bytes], control: object, flags: int, addr: object) -> int:
+        self._maybe_full()
+        return self.sock.sendmsg(buffers, control, flags, addr)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+async def test_replies_that_meet_a_full_send_buffer_wait_and_leave_in_order(
+    wildcard_worker: MediaWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = wildcard_worker
+    monkeypatch.setattr(worker, "sock", FullOnce(worker.sock, full=1))
+    sock = udp_socket(KERNEL_DEFAULT)
+    viewer = (KERNEL_DEFAULT, sock.getsockname()[1])
+    try:
+        worker._sendto_from(b"\x16first", viewer, REACHED)  # meets the full buffer: held
+        worker._sendto(b"\x16second", viewer)  # queued behind it, not ahead
+        worker._sendto_from(b"\x16third", viewer, REACHED)
+        arrived = [await receive_from(sock) for _ in range(3)]
+        assert arrived == [
+            (b"\x16first", (REACHED, worker.port)),
+            (b"\x16second", (KERNEL_DEFAULT, worker.port)),
+            (b"\x16third", (REACHED, worker.port)),
+        ]
+        assert worker.router.counters["send_buffer_full"] == 0
+        assert not worker._backlog
+    finally:
+        sock.close()

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections import deque
 
 import ifaddr
 
@@ -41,12 +42,17 @@ MAX_DATAGRAM = 65535
 PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20)
 # Datagrams read per readiness callback, so that timers and other readers get their turn.
 RECEIVE_BURST = 64
+# Replies held while the send buffer is full (beyond: dropped, counted as send_buffer_full).
+MAX_SEND_BACKLOG = 1024
 # Distinct pktinfo messages remembered (local addresses x interfaces; a bound on memory).
 MAX_LOCAL_NAMES = 256
 # struct in_pktinfo {int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr} and
 # struct in6_pktinfo {in6_addr ipi6_addr; unsigned ipi6_ifindex}, native layout.
 _IN_PKTINFO = struct.Struct("=i4s4s")
 _IN6_PKTINFO = struct.Struct("=16sI")
+
+# A sendmsg control message list: [(level, type, data)].
+Control = list[tuple[int, int, bytes]]
 
 
 def interface_addresses() -> list[str]:
@@ -109,7 +115,9 @@ class MediaWorker:
         # Received pktinfo -> address text, and text -> control message to send from it:
         # a worker sees a handful of local addresses, so neither is built per datagram.
         self._local_names: dict[bytes, str] = {}
-        self._source_controls: dict[str, list[tuple[int, int, bytes]]] = {}
+        self._source_controls: dict[str, Control] = {}
+        # Replies that met a full send buffer, sent in order once it drains.
+        self._backlog: deque[tuple[bytes, Address, Control | None]] = deque()
         self.fanout = _fastpath.Fanout(
             self.sock.fileno(),
             max_viewers=config.max_viewers,
@@ -148,6 +156,9 @@ class MediaWorker:
         if self._reading:
             self._loop.remove_reader(self.sock.fileno())
             self._reading = False
+        if self._backlog:
+            self._loop.remove_writer(self.sock.fileno())
+            self._backlog.clear()
         self.sock.close()
 
     # receiving ------------------------------------------------------------------------
@@ -219,28 +230,59 @@ class MediaWorker:
     # sending --------------------------------------------------------------------------
 
     def _sendto(self, data: bytes, addr: Address) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except BlockingIOError:
-            # A full send buffer: the peer retransmits (STUN, DTLS) or NACKs (RTCP).
-            self.router.counters["send_buffer_full"] += 1
-        except OSError:
-            self.router.counters["socket_errors"] += 1
+        self._send(data, addr, None)
 
     def _sendto_from(self, data: bytes, addr: Address, source: str) -> None:
         """Send ``data`` to ``addr`` from our address ``source`` (see the module docstring)."""
         control = self._source_controls.get(source)
         if control is None:
             control = self._source_controls[source] = source_control(self.sock.family, source)
+        self._send(data, addr, control)
+
+    def _send(self, data: bytes, addr: Address, control: Control | None) -> None:
+        if self._backlog:
+            self._hold(data, addr, control)  # behind what waits, in order
+            return
         try:
-            self.sock.sendmsg([data], control, 0, addr)
+            _send_datagram(self.sock, data, addr, control)
         except BlockingIOError:
-            self.router.counters["send_buffer_full"] += 1
+            # The fan-out filled the send buffer: hold the datagram until the socket is
+            # writable, as asyncio's transports do (a lost DTLS flight costs a 1 s timer).
+            self._hold(data, addr, control)
         except OSError:
             self.router.counters["socket_errors"] += 1
 
+    def _hold(self, data: bytes, addr: Address, control: Control | None) -> None:
+        if len(self._backlog) >= MAX_SEND_BACKLOG:
+            self.router.counters["send_buffer_full"] += 1
+            return
+        if not self._backlog:
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+        self._backlog.append((data, addr, control))
 
-def source_control(family: int, source: str) -> list[tuple[int, int, bytes]]:
+    def _on_writable(self) -> None:
+        while self._backlog:
+            data, addr, control = self._backlog[0]
+            try:
+                _send_datagram(self.sock, data, addr, control)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.router.counters["socket_errors"] += 1
+            self._backlog.popleft()
+        self._loop.remove_writer(self.sock.fileno())
+
+
+def _send_datagram(
+    sock: socket.socket, data: bytes, addr: Address, control: Control | None
+) -> None:
+    if control is None:
+        sock.sendto(data, addr)
+    else:
+        sock.sendmsg([data], control, 0, addr)
+
+
+def source_control(family: int, source: str) -> Control:
     """The sendmsg control message that sends from ``source`` on a ``family`` socket.
 
     ip(7) IP_PKTINFO: ipi_spec_dst is the source address, ifindex 0 leaves the interface
