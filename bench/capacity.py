@@ -226,7 +226,8 @@ class WhepfanServer(Server):
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "whepfan.cli", "serve",
-                "--http", f"127.0.0.1:{http_port}", "--udp", f"127.0.0.1:{udp_port}",
+                # A wildcard UDP bind, as by default: replies leave from the address reached.
+                "--http", f"127.0.0.1:{http_port}", "--udp", f"0.0.0.0:{udp_port}",
                 "--public-ip", "127.0.0.1", "--publish-token", TOKEN,
                 "--workers", str(workers), "--log-level", "warning",
                 # The raw capacity is what is measured: the default budget ("auto", 0.7 of

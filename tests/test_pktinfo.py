@@ -422,6 +422,22 @@ def test_without_a_local_address_the_router_sends_as_before(recording: Recording
     assert session.local_address is None
 
 
+def test_the_fanout_gets_a_source_only_where_the_kernel_would_pick_another(
+    recording: RecordingRouter,
+) -> None:
+    # Every datagram with a source carries a control message the kernel must read; a
+    # viewer that reached the address the route would use anyway needs none.
+    router = recording.router
+    router._default_source = lambda peer: "127.0.0.1"
+    assert router._fanout_source("127.0.0.1", VIEWER) is None
+    assert router._fanout_source(REACHED, VIEWER) == REACHED
+    assert router._fanout_source(None, VIEWER) is None
+    router._default_source = lambda peer: None  # no route: keep the learned address
+    assert router._fanout_source(REACHED, VIEWER) == REACHED
+    router._default_source = None  # a driver that cannot tell: always the learned one
+    assert router._fanout_source("127.0.0.1", VIEWER) == "127.0.0.1"
+
+
 # --- the media worker on a wildcard socket, end to end ------------------------------------
 
 
@@ -525,6 +541,16 @@ async def test_stun_dtls_and_srtp_all_arrive_from_the_address_the_viewer_checked
             raise AssertionError("no SRTP media arrived")
     finally:
         sock.close()
+
+
+async def test_a_wildcard_worker_reads_the_kernels_default_source_per_peer(
+    wildcard_worker: MediaWorker,
+) -> None:
+    # On loopback the route to any 127/8 peer gives 127.0.0.1 (REACHED is another address).
+    assert wildcard_worker.default_source(("127.0.0.1", 9)) == "127.0.0.1"
+    assert wildcard_worker.default_source(("127.0.0.1", 9)) != REACHED
+    assert wildcard_worker.router._fanout_source(REACHED, ("127.0.0.1", 9)) == REACHED
+    assert wildcard_worker.router._fanout_source("127.0.0.1", ("127.0.0.1", 9)) is None
 
 
 async def test_a_worker_bound_to_one_address_does_not_ask_for_pktinfo() -> None:

@@ -37,6 +37,7 @@ only datagrams from the transport address they checked (RFC 8445 §4, §7.2.5.2.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 import math
 import secrets
@@ -89,6 +90,8 @@ log = logging.getLogger("whepfan.router")
 SendDatagram = Callable[[bytes, Address], None]
 # (datagram, peer address, our source address): send from that address of this host.
 SendDatagramFrom = Callable[[bytes, Address, str], None]
+# (peer address) -> the source address the kernel's routing would give a datagram to it.
+DefaultSource = Callable[[Address], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +458,7 @@ class Router:
         wake: Callable[[], None] = lambda: None,
         layer_policy: LayerPolicy = LayerPolicy(),
         send_from: SendDatagramFrom | None = None,
+        default_source: DefaultSource | None = None,
     ) -> None:
         self.config = config
         self.layer_policy = layer_policy
@@ -465,6 +469,7 @@ class Router:
         self.fanout = fanout
         self._send = send
         self._send_from = send_from
+        self._default_source = default_source
         self.candidates = candidates
         self.streams: dict[str, Stream] = {}
         self.sessions: dict[str, MediaSession] = {}
@@ -814,7 +819,10 @@ class Router:
                 if isinstance(session, ViewerSession) and session.fanout_slot is not None:
                     host, port = event.address[0], event.address[1]
                     self.fanout.set_viewer_address(
-                        session.fanout_slot, host, port, source=event.local
+                        session.fanout_slot,
+                        host,
+                        port,
+                        source=self._fanout_source(event.local, event.address),
                     )
             elif isinstance(event, Keyed):
                 session.connected_at = now
@@ -829,6 +837,16 @@ class Router:
     def _flush(self, session: MediaSession) -> None:
         for datagram, addr in session.datagrams_to_send():
             self._transmit(datagram, addr, session.local_address)
+
+    def _fanout_source(self, local: str | None, peer: Address) -> str | None:
+        """The source the fan-out must set on every datagram to ``peer``: ``local`` only
+        when the kernel would choose another. A source costs the kernel a control message
+        per datagram (~5 % of a send, measured); on a host with one address per route,
+        which is most, the kernel's choice already is the address the viewer reached."""
+        if local is None or self._default_source is None:
+            return local
+        chosen = self._default_source(peer)
+        return None if chosen is not None and _same_address(chosen, local) else local
 
     def _transmit(self, datagram: bytes, addr: Address, local: str | None) -> None:
         """Send ``datagram`` to ``addr`` from our address ``local`` when one is known."""
@@ -1280,7 +1298,7 @@ class Router:
             tx_salt=keys.local_salt,
             rx_key=keys.remote_key,
             rx_salt=keys.remote_salt,
-            source=session.local_address,
+            source=self._fanout_source(session.local_address, session.address),
         )
         session.fanout_slot = slot
         choice = stream.choices.get(session.id) or self._new_layer_choice(stream, session)
@@ -1693,3 +1711,12 @@ def _remap_extension_ids(packet: bytearray, table: bytes) -> None:
             else:
                 packet[i : i + 2 + length] = bytes(2 + length)
             i += 2 + length
+
+
+def _same_address(a: str, b: str) -> bool:
+    """The same IP address, however written (``::ffff:127.0.0.1`` vs ``127.0.0.1`` are not:
+    the socket family differs, so they are never compared here)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b  # a scoped (link-local) address: compare as written

@@ -130,6 +130,7 @@ class MediaWorker:
             fanout=self.fanout,
             send=self._sendto,
             send_from=self._sendto_from,
+            default_source=self.default_source if self.learns_local_address else None,
             candidates=host_candidates(addresses, self.port),
             wake=self.arm_timer,
         )
@@ -231,6 +232,19 @@ class MediaWorker:
 
     def _sendto(self, data: bytes, addr: Address) -> None:
         self._send(data, addr, None)
+
+    def default_source(self, peer: Address) -> str | None:
+        """The source address the kernel's routing gives a datagram to ``peer``: connect a
+        throwaway UDP socket of our family (no packet is sent) and read its name. One
+        system call per new viewer, so the fan-out can skip the per-datagram source
+        wherever the route already picks the right one (Router._fanout_source). None if
+        there is no route."""
+        try:
+            with socket.socket(self.sock.family, socket.SOCK_DGRAM) as probe:
+                probe.connect(peer[:2] if self.sock.family == socket.AF_INET else peer)
+                return str(probe.getsockname()[0])
+        except OSError:
+            return None
 
     def _sendto_from(self, data: bytes, addr: Address, source: str) -> None:
         """Send ``data`` to ``addr`` from our address ``source`` (see the module docstring)."""

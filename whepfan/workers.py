@@ -811,6 +811,7 @@ class WorkerNode:
             send=media._sendto,
             # Replies leave from the address the peer reached (transport.py docstring).
             send_from=media._sendto_from,
+            default_source=media.default_source if media.learns_local_address else None,
             candidates=plain.candidates,
             wake=media.arm_timer,
         )
