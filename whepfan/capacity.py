@@ -25,12 +25,16 @@ at the top layer is offered the next lower layer before it is refused.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from whepfan.errors import ServiceUnavailable
+
+log = logging.getLogger("whepfan.capacity")
 
 # Bytes a viewer's datagram carries beyond the RTP payload: RTP header (RFC 3550 §5.1),
 # the SRTP tag (16 for AEAD GCM, RFC 7714 §7; 10 for CM-80, RFC 3711 §4.2), UDP and IPv4.
@@ -351,6 +355,65 @@ class LatencyHistogram:
         return cls(counts=list(counts), total=float(total), count=count)
 
 
+class LoopLag:
+    """How late a worker's event loop runs: the one sign that a worker is past its
+    capacity. A saturated worker loses nothing at first: the kernel queues the publisher's
+    packets and every viewer's delay grows instead (bench/capacity.py measured it), so
+    loss counters stay at zero while the picture falls seconds behind.
+
+    ``record(lateness)`` takes how late a periodic check ran; ``seconds`` is the worst of
+    the last ``window`` checks (a rolling maximum: a scrape sees the last few seconds,
+    however often it comes). The driver (``watch_loop``) calls it every ``interval``."""
+
+    def __init__(self, *, window: int = 8) -> None:
+        if window < 1:
+            raise ValueError("window is at least one check")
+        self._recent: deque[float] = deque(maxlen=window)
+        self.worst = 0.0  # since start
+
+    def record(self, lateness: float) -> None:
+        lateness = max(0.0, lateness)
+        self._recent.append(lateness)
+        self.worst = max(self.worst, lateness)
+
+    @property
+    def seconds(self) -> float:
+        return max(self._recent, default=0.0)
+
+    def behind(self, threshold: float) -> float | None:
+        """The smallest lateness of a full window whose every check ran later than
+        ``threshold`` (a sustained lag, not one slow callback); None otherwise."""
+        if len(self._recent) < (self._recent.maxlen or 0):
+            return None
+        least = min(self._recent)
+        return least if least > threshold else None
+
+
+LOOP_LAG_INTERVAL = 0.25  # seconds between checks
+LOOP_LAG_WARNING = 0.1  # a loop this late for a whole window is past its capacity
+
+
+async def watch_loop(lag: LoopLag, *, worker: int, interval: float = LOOP_LAG_INTERVAL) -> None:
+    """Measure the running loop's lateness into ``lag`` until cancelled; warn (at most
+    once a minute) while every recent check ran more than LOOP_LAG_WARNING late."""
+    loop = asyncio.get_running_loop()
+    warned_at = -math.inf
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag.record(loop.time() - due)
+        sustained = lag.behind(LOOP_LAG_WARNING)
+        if sustained is not None and loop.time() - warned_at > 60:
+            warned_at = loop.time()
+            log.warning(
+                "worker %d is falling behind: its event loop has run %.0f ms late or more "
+                "for the last few seconds; it carries more than its core can send (lower "
+                "--worker-packet-budget, or add workers)",
+                worker,
+                sustained * 1000,
+            )
+
+
 @dataclass(slots=True, kw_only=True)
 class WorkerStats:
     """One worker's cumulative counters, as the metrics endpoint reads them."""
@@ -363,9 +426,11 @@ class WorkerStats:
     router: dict[str, int] = field(default_factory=dict)  # Router.counters
     fanout: dict[str, int] = field(default_factory=dict)  # Fanout.stats()
     setup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    loop_lag: float = 0.0  # seconds: LoopLag.seconds of the worker's event loop
 
     def to_json(self) -> dict[str, object]:
         return {
+            "loop_lag": self.loop_lag,
             "worker": self.worker,
             "pid": self.pid,
             "viewers": self.viewers,
@@ -392,7 +457,11 @@ class WorkerStats:
         latency = data.get("setup_latency")
         if not isinstance(latency, dict):
             raise ValueError("worker stats without a latency histogram")
+        lag = data.get("loop_lag", 0.0)
+        if not isinstance(lag, int | float) or isinstance(lag, bool):
+            raise ValueError("loop_lag is not a number")
         return cls(
+            loop_lag=float(lag),
             worker=integer("worker"),
             pid=integer("pid"),
             viewers=integer("viewers"),

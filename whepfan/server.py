@@ -22,7 +22,7 @@ import uvloop
 from aiohttp import web
 
 from whepfan.calibrate import calibrate
-from whepfan.capacity import CapacityLedger
+from whepfan.capacity import CapacityLedger, watch_loop
 from whepfan.http import create_app
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
@@ -118,6 +118,12 @@ async def run(
         # A crashed worker's viewers must come back through signalling (another worker).
         backend.on_sessions_lost = hub.reconnect_sessions
     ticker = asyncio.ensure_future(_tick(backend))
+    # With --workers N each worker process watches its own loop (workers.WorkerNode.run).
+    lag_watch = (
+        asyncio.ensure_future(watch_loop(backend.monitor.loop_lag, worker=0))
+        if isinstance(backend, InProcessWorkers)
+        else None
+    )
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).
     runner = web.AppRunner(app, access_log=log if settings.log_level == "debug" else None)
@@ -150,6 +156,8 @@ async def run(
         log.info("shutting down")
     finally:
         ticker.cancel()
+        if lag_watch is not None:
+            lag_watch.cancel()
         # Stop taking requests first, then end every session (DTLS close_notify goes out).
         await runner.cleanup()
         if isinstance(backend, WorkerPool):

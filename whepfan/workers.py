@@ -75,9 +75,11 @@ from whepfan.capacity import (
     CapacityLedger,
     LatencyHistogram,
     LayerCost,
+    LoopLag,
     RateMeter,
     ServerStats,
     WorkerStats,
+    watch_loop,
 )
 from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError, PeerError, ServiceUnavailable, WhepfanError
@@ -473,6 +475,7 @@ class RouterMonitor:
         self.router = router
         self.worker = worker
         self.setup_latency = LatencyHistogram()
+        self.loop_lag = LoopLag()  # fed by capacity.watch_loop on the router's loop
         self._known: dict[str, tuple[str, str]] = {}
         self._observed: set[str] = set()
 
@@ -507,6 +510,7 @@ class RouterMonitor:
             router=dict(self.router.counters),
             fanout=self.router.fanout.stats(),
             setup_latency=self.setup_latency,
+            loop_lag=self.loop_lag.seconds,
         )
 
 
@@ -838,10 +842,12 @@ class WorkerNode:
         self._loop.add_reader(self.relay.fileno(), self._on_relay)
         self._send({"event": "ready", "port": self.media.port, "pid": os.getpid()})
         stats_task = asyncio.ensure_future(self._stats_loop())
+        lag_task = asyncio.ensure_future(watch_loop(self.monitor.loop_lag, worker=self.spec.index))
         try:
             await self._done.wait()
         finally:
             stats_task.cancel()
+            lag_task.cancel()
             self._loop.remove_reader(self.control.fileno())
             self._loop.remove_reader(self.relay.fileno())
             self.media.close()

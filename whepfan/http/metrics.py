@@ -64,6 +64,13 @@ class ServerCollector(Collector):
             [((_label(w),), w.publishers) for w in workers],
             labels=["worker"],
         )
+        yield _gauge(
+            "whepfan_worker_loop_lag_seconds",
+            "How late each worker's event loop ran, worst of the last 2 s: above ~0.1 the "
+            "worker is past its capacity and viewers' delay grows (see worker_packet_budget).",
+            [((_label(w),), w.loop_lag) for w in workers],
+            labels=["worker"],
+        )
         yield from _worker_counters(workers)
         yield _latency(workers)
         yield from _capacity(stats)
