@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from whepfan.errors import ParseError
 from whepfan.protocol.ice import (
     CHECK_PACING,
+    DEFAULT_CONSENT_TIMEOUT,
     IceCheckFailed,
     IceConnected,
     IceConsentExpired,
@@ -550,3 +551,167 @@ async def test_aioice_controlling_agent_nominates_lite_session() -> None:
     assert pair.state == CandidatePair.State.SUCCEEDED
     assert pair.nominated
     assert drain(lite) == [IceNominated(CLIENT_ADDRESS)]
+
+
+# --- pairs keyed by (local address, remote address) ---------------------------------------
+
+# Two of our host candidates on a multi-homed server (RFC 5737 documentation ranges): the
+# worker's one wildcard-bound port, reached at either address.
+LOCAL_PRIMARY = "192.0.2.1"
+LOCAL_SECONDARY = "203.0.113.1"
+
+
+def check(
+    lite: IceLiteSession,
+    now: float,
+    *,
+    local: str | None,
+    address: tuple = CLIENT_ADDRESS,
+    nominate: bool = False,
+) -> stun.Message:
+    """One verified connectivity check from the peer (RFC 8445 §7.2.2) reaching ``local``."""
+    extra: dict = {"ICE-CONTROLLING": 1, "PRIORITY": 1853824767}
+    if nominate:
+        extra["USE-CANDIDATE"] = None
+    request = binding_request(username="srv1:cli1", key=lite.local_pwd.encode(), extra=extra)
+    response = lite.receive_stun(bytes(request), address, now, local)
+    assert response is not None
+    message = parse_stun(response)
+    assert message.message_class == stun.Class.RESPONSE
+    return message
+
+
+def test_nomination_of_the_same_remote_address_on_another_local_address_moves_the_pair() -> None:
+    # RFC 8445 §7.3.1.5: (L2, R) is another pair than (L1, R), so its nomination selects it.
+    lite = make_lite()
+    check(lite, 1.0, local=LOCAL_PRIMARY, nominate=True)
+    check(lite, 2.0, local=LOCAL_SECONDARY, nominate=True)
+    assert drain(lite) == [
+        IceNominated(CLIENT_ADDRESS, LOCAL_PRIMARY),
+        IceNominated(CLIENT_ADDRESS, LOCAL_SECONDARY),
+    ]
+    assert lite.selected_pair == (LOCAL_SECONDARY, CLIENT_ADDRESS)
+    assert lite.selected_address == CLIENT_ADDRESS
+    assert lite.selected_local == LOCAL_SECONDARY
+    assert lite.get_timer() == 32.0
+    # Nominating the selected pair again is no change (aggressive nomination repeats it).
+    check(lite, 3.0, local=LOCAL_SECONDARY, nominate=True)
+    assert drain(lite) == []
+    assert lite.get_timer() == 33.0
+
+
+def test_nominated_event_names_the_pair() -> None:
+    event = IceNominated(CLIENT_ADDRESS, LOCAL_SECONDARY)
+    assert event.pair == (LOCAL_SECONDARY, CLIENT_ADDRESS)
+    assert IceNominated(CLIENT_ADDRESS).pair == (None, CLIENT_ADDRESS)
+    assert make_lite().selected_pair is None
+
+
+def test_checks_on_a_non_selected_local_address_do_not_keep_consent() -> None:
+    # RFC 7675 §5.1: consent is per pair. The peer keeps checking (L2, R) every 5 s, which
+    # it never nominated; the selected pair (L1, R) is silent after t=1, so consent
+    # expires exactly 30 s after its last verified check, checks elsewhere or not.
+    lite = make_lite(now=0.0)
+    check(lite, 1.0, local=LOCAL_PRIMARY, nominate=True)
+    drain(lite)
+    now = 1.0
+    while now + 5.0 < 31.0:
+        now += 5.0
+        check(lite, now, local=LOCAL_SECONDARY)
+        assert lite.get_timer() == 31.0
+    lite.handle_timer(30.999)
+    assert drain(lite) == []
+    lite.handle_timer(31.0)
+    assert drain(lite) == [IceConsentExpired()]
+    assert lite.consent_expired
+    request = binding_request(username="srv1:cli1", key=lite.local_pwd.encode())
+    assert lite.receive_stun(bytes(request), CLIENT_ADDRESS, 31.5, LOCAL_PRIMARY) is None
+
+
+def test_checks_on_the_selected_pair_keep_consent() -> None:
+    lite = make_lite(now=0.0)
+    check(lite, 1.0, local=LOCAL_PRIMARY, nominate=True)
+    check(lite, 6.0, local=LOCAL_PRIMARY)
+    assert lite.get_timer() == 36.0
+    check(lite, 7.0, local=LOCAL_SECONDARY)
+    check(lite, 8.0, local=None)  # a driver that cannot tell is not the selected pair either
+    assert lite.get_timer() == 36.0
+
+
+def test_before_nomination_a_check_on_any_local_address_refreshes_consent() -> None:
+    # As with remote addresses: a peer that checks but never nominates is freed after
+    # one timeout from its last verified check, whichever of our addresses it reached.
+    lite = make_lite(now=0.0)
+    check(lite, 4.0, local=LOCAL_PRIMARY)
+    check(lite, 9.0, local=LOCAL_SECONDARY)
+    assert lite.get_timer() == 39.0
+    assert drain(lite) == []
+    assert lite.selected_pair is None
+
+
+def test_checker_against_lite_with_a_local_address_selects_that_pair() -> None:
+    lite = make_lite()
+    checker = make_checker(lite)
+    while (outgoing := checker.next_request(0.0)) is not None:
+        request, destination = outgoing
+        response = lite.receive_stun(request, CLIENT_ADDRESS, 0.0, destination[0])
+        assert response is not None
+        checker.receive_stun(response, destination, 0.0)
+    assert drain(checker) == [IceConnected(SERVER_ADDRESS)]
+    assert drain(lite) == [IceNominated(CLIENT_ADDRESS, SERVER_ADDRESS[0])]
+    assert lite.selected_pair == (SERVER_ADDRESS[0], CLIENT_ADDRESS)
+
+
+def pair_checks(locals_: list[str | None]) -> st.SearchStrategy[list]:
+    return st.lists(
+        st.tuples(
+            st.sampled_from(locals_),
+            st.sampled_from([CLIENT_ADDRESS, CLIENT_ADDRESS_V6]),
+            st.booleans(),  # USE-CANDIDATE
+            st.floats(min_value=0.0, max_value=40.0, allow_nan=False),  # time since last check
+        ),
+        max_size=30,
+    )
+
+
+def replay_against_pair_model(checks: list) -> None:
+    """Feed ``checks`` to a lite session and compare it with the rules, stated per pair:
+    the selected pair is the last nominated one, an event is raised exactly when it
+    changes (RFC 8445 §7.3.1.5), and the consent deadline runs from the last verified
+    check on it, or on any pair before the first nomination (RFC 7675 §5.1)."""
+    lite = make_lite(now=0.0)
+    now = 0.0
+    last_nominated = None
+    last_refreshed_at = 0.0
+    expected_events: list[IceNominated] = []
+    for local, address, nominate, elapsed in checks:
+        now += elapsed
+        if now >= last_refreshed_at + DEFAULT_CONSENT_TIMEOUT:
+            lite.handle_timer(now)
+            assert drain(lite) == [*expected_events, IceConsentExpired()]
+            return
+        pair = (local, address)
+        check(lite, now, local=local, address=address, nominate=nominate)
+        if last_nominated is None or pair == last_nominated:
+            last_refreshed_at = now
+        if nominate:
+            if pair != last_nominated:
+                expected_events.append(IceNominated(address, local))
+            last_nominated = pair
+            last_refreshed_at = now
+        assert lite.selected_pair == last_nominated
+        assert lite.get_timer() == last_refreshed_at + DEFAULT_CONSENT_TIMEOUT
+    assert drain(lite) == expected_events
+
+
+@given(pair_checks([LOCAL_PRIMARY, LOCAL_SECONDARY]))
+def test_selected_pair_is_always_the_last_nominated_one(checks: list) -> None:
+    replay_against_pair_model(checks)
+
+
+@given(pair_checks([None]))
+def test_without_local_addresses_pairs_are_remote_addresses_as_before(checks: list) -> None:
+    # A socket bound to one address: one local candidate, so the same rules keyed by
+    # the remote address alone, and events equal to the ones raised before pairs had a
+    # local half (IceNominated(address)).
+    replay_against_pair_model(checks)

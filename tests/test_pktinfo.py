@@ -669,3 +669,96 @@ async def test_replies_that_meet_a_full_send_buffer_wait_and_leave_in_order(
         assert not worker._backlog
     finally:
         sock.close()
+
+
+# --- the selected pair is (local address, remote address) ---------------------------------
+
+
+class RecordingFanout:
+    """The router's Fanout, with the addresses and sources it is given recorded."""
+
+    def __init__(self, fanout: _fastpath.Fanout) -> None:
+        self._fanout = fanout
+        self.addresses: list[tuple[int, str, int, str | None]] = []
+
+    def set_viewer_address(self, slot: int, host: str, port: int, *, source: str | None) -> None:
+        self.addresses.append((slot, host, port, source))
+        self._fanout.set_viewer_address(slot, host, port, source=source)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fanout, name)
+
+
+def keyed_viewer(recording: RecordingRouter, local: str) -> ViewerSession:
+    """A viewer that nominated (``local``, VIEWER) and finished DTLS, all in memory."""
+    client_certificate = DtlsCertificate.generate()
+    algorithm, value = client_certificate.fingerprints[0]
+    offer = re.sub(r"a=fingerprint:\S+ \S+", f"a=fingerprint:{algorithm} {value}", WHEP_OFFER)
+    router = recording.router
+    session, answer = router.view("live", offer, 0.0)
+    assert isinstance(session, ViewerSession)
+    router.datagram_received(binding_request(session, offer, nominate=True), VIEWER, 0.1, local)
+    dtls = DtlsSession(
+        certificate=client_certificate,
+        role="client",
+        remote_fingerprints=re.findall(r"a=fingerprint:(\S+) (\S+)", answer),
+    )
+    dtls.start(0.1)
+    for _ in range(10):
+        for datagram in dtls.datagrams_to_send():
+            router.datagram_received(datagram, VIEWER, 0.2, local)
+        replies, recording.sent[:] = list(recording.sent), []
+        for data, addr, source in replies:
+            assert (addr, source) == (VIEWER, local)
+            if 20 <= data[0] <= 63:  # RFC 7983 §7: DTLS
+                dtls.receive(data, 0.2)
+        if session.state is SessionState.CONNECTED:
+            break
+    assert session.state is SessionState.CONNECTED and session.fanout_slot is not None
+    return session
+
+
+def test_nomination_moving_only_the_local_address_repoints_a_keyed_viewer(
+    recording: RecordingRouter,
+) -> None:
+    # RFC 8445 §7.3.1.5: (OTHER, VIEWER) after (REACHED, VIEWER) is a new selected pair,
+    # though the remote address is the same: media, RTCP and replies move to OTHER.
+    session = keyed_viewer(recording, REACHED)
+    fanout = RecordingFanout(recording.router.fanout)
+    recording.router.fanout = fanout  # type: ignore[assignment]
+    recording.router.datagram_received(
+        binding_request(session, WHEP_OFFER, nominate=True), VIEWER, 1.0, OTHER
+    )
+    assert (session.address, session.local_address) == (VIEWER, OTHER)
+    assert fanout.addresses == [(session.fanout_slot, VIEWER[0], VIEWER[1], OTHER)]
+    assert [(addr, source) for _, addr, source in recording.sent] == [(VIEWER, OTHER)]
+    # Nominating the same pair again (aggressive nomination) changes nothing.
+    recording.router.datagram_received(
+        binding_request(session, WHEP_OFFER, nominate=True), VIEWER, 2.0, OTHER
+    )
+    assert len(fanout.addresses) == 1
+
+
+def test_checks_on_a_non_selected_local_address_do_not_keep_the_viewer(
+    recording: RecordingRouter,
+) -> None:
+    # RFC 7675 §5.1: consent belongs to the selected pair. Checks keep arriving from the
+    # viewer's address at our other address, and are answered, but the session ends
+    # 30 s after the last check on (REACHED, VIEWER).
+    router = recording.router
+    session, _ = router.view("live", WHEP_OFFER, 0.0)
+    assert isinstance(session, ViewerSession)
+    router.datagram_received(
+        binding_request(session, WHEP_OFFER, nominate=True), VIEWER, 0.5, REACHED
+    )
+    for now in (5.0, 10.0, 15.0, 20.0, 25.0, 30.0):
+        router.datagram_received(
+            binding_request(session, WHEP_OFFER, nominate=False), VIEWER, now, OTHER
+        )
+    assert [source for _, _, source in recording.sent] == [REACHED] + [OTHER] * 6
+    assert session.get_timer() == 30.5
+    router.handle_timer(30.499)
+    assert session.id in router.sessions
+    router.handle_timer(30.5)
+    assert session.id not in router.sessions
+    assert session.local_address == REACHED  # a check is not a nomination

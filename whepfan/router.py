@@ -816,6 +816,9 @@ class Router:
                     if owner is session and addr != event.address and event.nominated:
                         del self._by_address[addr]
                 self._by_address[event.address] = session
+                # The event comes whenever the selected pair changes, also when only its
+                # local half moved (same remote address, another of ours: RFC 8445
+                # §6.1.2.2 pairs): the fan-out then keeps the address and takes the source.
                 if isinstance(session, ViewerSession) and session.fanout_slot is not None:
                     host, port = event.address[0], event.address[1]
                     self.fanout.set_viewer_address(

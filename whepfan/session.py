@@ -167,7 +167,9 @@ class MediaSession:
     ) -> tuple[bytes | None, list[SessionEvent]]:
         """A STUN datagram for this session from ``addr`` to our address ``local``: the
         response to send (from ``local``, RFC 8489 §6.3.3), and what happened."""
-        response = self.ice.receive_stun(data, addr, now)
+        # The ICE agent sees the whole pair: nomination and consent are per (local,
+        # remote) pair (RFC 8445 §6.1.2.2, RFC 7675 §5.1), not per remote address.
+        response = self.ice.receive_stun(data, addr, now, local)
         events: list[SessionEvent] = []
         # A Binding success response starts with type 0x0101 (RFC 8489 §5): the check
         # verified, so this pair may carry our DTLS and media even before nomination
@@ -176,7 +178,7 @@ class MediaSession:
             self.address = addr
             self.local_address = local
             events.append(AddressLearned(addr, nominated=False, local=local))
-        events.extend(self._drain_ice(now, local))
+        events.extend(self._drain_ice())
         if self.address is not None and self.state is SessionState.NEW:
             self.state = SessionState.CHECKED
             if self.dtls.role == "client" and not self._dtls_started:
@@ -197,7 +199,7 @@ class MediaSession:
         ice_deadline = self.ice.get_timer()
         if ice_deadline is not None and now >= ice_deadline:
             self.ice.handle_timer(now)
-            events.extend(self._drain_ice(now))
+            events.extend(self._drain_ice())
         dtls_deadline = self.dtls.get_timer()
         if dtls_deadline is not None and now >= dtls_deadline:
             self.dtls.handle_timer(now)
@@ -238,19 +240,17 @@ class MediaSession:
 
     # -- internals --------------------------------------------------------------------
 
-    def _drain_ice(self, now: float, local: str | None = None) -> Iterator[SessionEvent]:
-        """ICE events; ``local`` is where the datagram that raised them arrived (a
-        nomination is always raised by the nominating check itself)."""
+    def _drain_ice(self) -> Iterator[SessionEvent]:
         while (event := self.ice.next_event()) is not None:
             if isinstance(event, IceNominated):
-                # The nominated pair may share the remote address of the first checked
-                # one and differ in its local address (a peer checking each of our
-                # candidates from one port): the pair, not just the address, moves.
-                changed = event.address != self.address or local != self.local_address
+                # The nominated pair may share the remote address of the current one and
+                # differ in its local address (an ICE restart, or a peer checking each of
+                # our candidates from one port): the pair, not just the address, moves.
+                changed = (event.address, event.local) != (self.address, self.local_address)
                 self.address = event.address
-                self.local_address = local
+                self.local_address = event.local
                 if changed or self.state is SessionState.NEW:
-                    yield AddressLearned(event.address, nominated=True, local=local)
+                    yield AddressLearned(event.address, nominated=True, local=event.local)
             elif isinstance(event, IceConsentExpired):
                 yield Gone("ice-consent-expired")
 

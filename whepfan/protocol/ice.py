@@ -9,9 +9,19 @@ I/O driver routes STUN by the local ufrag (``stun_local_ufrag``) and everything 
 by 5-tuple. A lite agent is always the controlled agent (RFC 8445 §6.1.1), so the
 peer decides which pair is used by sending USE-CANDIDATE (RFC 8445 §8.2).
 
-``IceLiteSession`` is sans-IO: ``receive_stun(data, addr, now)`` returns the reply to
-send to ``addr`` (or None to drop), events come out of ``next_event()``, and the one
-timer (``get_timer``/``handle_timer``) is the RFC 7675 consent deadline.
+``IceLiteSession`` is sans-IO: ``receive_stun(data, addr, now, local)`` returns the
+reply to send to ``addr`` from ``local`` (or None to drop), events come out of
+``next_event()``, and the one timer (``get_timer``/``handle_timer``) is the RFC 7675
+consent deadline.
+
+A candidate pair is a local and a remote transport address (RFC 8445 §4, §6.1.2.2).
+The remote one is the check's source; the local one is the address of ours the check
+reached, which the driver learns per datagram on a wildcard-bound socket (every session
+shares the worker's one port, so the IP names the local candidate). A driver whose
+socket is bound to one address passes ``local=None``: there is then one local candidate
+and pairs differ by remote address only. Nomination (RFC 8445 §7.3.1.5) and consent
+(RFC 7675 §5.1) are both per pair, so a check reaching another of our addresses from the
+same remote address is another pair.
 
 ``IceControllingChecker`` is the other end, used by tests and the load-test harness:
 it sends Binding requests with aggressive nomination (USE-CANDIDATE on every check),
@@ -40,6 +50,9 @@ from whepfan.errors import ParseError
 
 #: A transport address as asyncio reports it; IPv6 may carry flowinfo and scope id.
 Address = tuple[Any, ...]
+#: Our IP address a datagram reached (the port is the worker's one port), or None
+#: when the driver cannot tell because its socket is bound to one address.
+LocalAddress = str | None
 
 _STUN_HEADER_LENGTH = 20
 _STUN_MAGIC_COOKIE = 0x2112A442
@@ -66,9 +79,15 @@ LAST_WAIT_FACTOR = 16
 
 @dataclass(frozen=True)
 class IceNominated:
-    """The peer nominated ``address`` (USE-CANDIDATE, RFC 8445 §8.2): send media there."""
+    """The peer nominated the pair (``local``, ``address``) (USE-CANDIDATE, RFC 8445
+    §8.2): send media to ``address`` from ``local`` (None: from the socket's address)."""
 
     address: Address
+    local: LocalAddress = None
+
+    @property
+    def pair(self) -> tuple[LocalAddress, Address]:
+        return (self.local, self.address)
 
 
 @dataclass(frozen=True)
@@ -225,11 +244,12 @@ class IceLiteSession:
 
     Consent (RFC 7675): before any nomination, every verified check refreshes the
     deadline, so a peer that starts checks but never nominates is freed too; once a
-    pair is nominated only verified checks from the selected address refresh it,
-    because consent is per candidate pair (RFC 7675 §5.1). Given ``now`` at creation,
-    the deadline runs from then; without it, no deadline is armed until the first
-    verified check. Expiry is final: afterwards every datagram is dropped and the
-    caller frees the session.
+    pair is nominated only verified checks on the selected pair (same remote address
+    and same local address) refresh it, because consent is per candidate pair (RFC 7675
+    §5.1): a check reaching another of our addresses says nothing about the path that
+    media takes. Given ``now`` at creation, the deadline runs from then; without it, no
+    deadline is armed until the first verified check. Expiry is final: afterwards every
+    datagram is dropped and the caller frees the session.
     """
 
     def __init__(
@@ -253,6 +273,14 @@ class IceLiteSession:
         self._consent_expired = False
         self._events: deque[IceEvent] = deque()
         self.selected_address: Address | None = None
+        self.selected_local: LocalAddress = None
+
+    @property
+    def selected_pair(self) -> tuple[LocalAddress, Address] | None:
+        """The nominated pair (local address, remote address), None before nomination."""
+        if self.selected_address is None:
+            return None
+        return (self.selected_local, self.selected_address)
 
     @property
     def local_ufrag(self) -> str:
@@ -309,8 +337,11 @@ class IceLiteSession:
         """
         self._restart_credentials = _Credentials(local_ufrag, local_pwd, remote_ufrag, remote_pwd)
 
-    def receive_stun(self, data: bytes, addr: Address, now: float) -> bytes | None:
-        """Answer one datagram from ``addr``: the reply to send back, or None to drop."""
+    def receive_stun(
+        self, data: bytes, addr: Address, now: float, local: LocalAddress = None
+    ) -> bytes | None:
+        """Answer one datagram from ``addr`` that reached our address ``local``: the
+        reply to send back from ``local`` (RFC 8489 §6.3.3), or None to drop."""
         if self._consent_expired:
             return None
         try:
@@ -361,14 +392,19 @@ class IceLiteSession:
             self._credentials = credentials
             self._restart_credentials = None
 
-        if self.selected_address is None or addr == self.selected_address:
+        pair = (local, addr)
+        selected = self.selected_pair
+        if selected is None or pair == selected:
             self._last_verified_at = now
-        if "USE-CANDIDATE" in request.attributes and addr != self.selected_address:
+        if "USE-CANDIDATE" in request.attributes and pair != selected:
             # RFC 8445 §7.3.1.5: the controlling agent nominated this pair. A later
-            # nomination of another address (network change) moves media there.
+            # nomination of another pair moves media there, whether the remote address
+            # changed (network change) or only ours did (an ICE restart, or a peer
+            # checking two of our host candidates from one socket).
             self.selected_address = addr
+            self.selected_local = local
             self._last_verified_at = now
-            self._events.append(IceNominated(addr))
+            self._events.append(IceNominated(addr, local))
 
         response = stun.Message(
             message_method=stun.Method.BINDING,
