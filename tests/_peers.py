@@ -1,9 +1,9 @@
 """aiortc test peers shared by the media tests: a moving test pattern, a sending peer, a
 decoding recvonly viewer, and the patch that keeps aioice's candidates on 127.0.0.1.
 
-Only the media side lives here. How a peer's offer reaches whepfan differs per module
-(the router's in-process API, a worker pool, WHIP/WHEP over HTTP), so each module keeps
-its own few lines of signalling around these peers.
+Signalling in process (the router's or the worker pool's own ``publish``/``view``) is here
+too, as :func:`publish_in_process` and :class:`InProcessViewer`; WHIP/WHEP over HTTP is in
+tests/_signalling.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import fractions
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import aioice.ice
 import av
@@ -146,3 +147,49 @@ class DecodingViewer:
         await self.pc.close()
         for task in self._tasks:
             task.cancel()
+
+
+class InProcessSignalling(Protocol):
+    """The WHIP and WHEP POSTs without HTTP: what the router and the worker pool share."""
+
+    def publish(self, stream_name: str, offer_text: str, now: float) -> tuple[Any, str]: ...
+
+    def view(self, stream_name: str, offer_text: str, now: float) -> tuple[Any, str]: ...
+
+
+async def publish_in_process(
+    signalling: InProcessSignalling,
+    stream: str,
+    now: float,
+    *,
+    audio: bool = True,
+    video: bool = True,
+) -> RTCPeerConnection:
+    """A :func:`sending_peer` publishing ``stream`` through ``signalling``, answer applied."""
+    pc = await sending_peer(video=video, audio=audio)
+    _, answer = signalling.publish(stream, pc.localDescription.sdp, now)
+    await accept_answer(pc, answer)
+    return pc
+
+
+class InProcessViewer(DecodingViewer):
+    """A decoding viewer of ``stream`` signalled through ``signalling.view`` at ``clock()``;
+    it keeps its session id and when it asked."""
+
+    def __init__(
+        self, signalling: InProcessSignalling, stream: str, *, clock: Callable[[], float]
+    ) -> None:
+        super().__init__()
+        self.signalling = signalling
+        self.stream = stream
+        self.clock = clock
+        self.started_at = 0.0
+        self.session_id = ""
+
+    async def start(self, *, audio: bool = True, video: bool = True) -> None:
+        kinds = [kind for kind, wanted in (("video", video), ("audio", audio)) if wanted]
+        offer = await self.offer(kinds)
+        self.started_at = time.monotonic()
+        session, answer = self.signalling.view(self.stream, offer, self.clock())
+        self.session_id = session.id
+        await self.accept(answer)

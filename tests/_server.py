@@ -1,13 +1,19 @@
 """A real whepfan server for tests: ``whepfan.server.run`` (media worker + aiohttp) on its
-own event-loop thread, exactly as ``whepfan serve`` runs it, on 127.0.0.1."""
+own event-loop thread, exactly as ``whepfan serve`` runs it, on 127.0.0.1; and, for the
+tests that signal in process, the media worker alone on the test's own loop."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+from whepfan.config import MediaConfig
+from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.server import RunningServer, run
 from whepfan.settings import Settings
+from whepfan.transport import MediaWorker
 
 TOKEN = "conformance-token"
 
@@ -67,3 +73,21 @@ def settings_for(*, token: str = TOKEN, **extra: object) -> Settings:
     }
     cli.update(extra)
     return Settings.resolve(cli=cli, environ={})
+
+
+def live_server(**extra: object) -> LiveServer:
+    """A running server with :func:`settings_for` ``extra`` (and the TOKEN)."""
+    return LiveServer(settings_for(token=TOKEN, **extra))
+
+
+@asynccontextmanager
+async def media_worker() -> AsyncIterator[MediaWorker]:
+    """A started ``MediaWorker`` on the running loop (UDP on 127.0.0.1, advertising only
+    127.0.0.1), for tests that reach its router directly or through an in-process app."""
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    media = MediaWorker(config=config, certificate=DtlsCertificate.generate())
+    await media.start()
+    try:
+        yield media
+    finally:
+        media.close()

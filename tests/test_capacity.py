@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from _server import live_server
+from _signalling import publish, view
 from hypothesis import given
 from hypothesis import strategies as st
-from test_drain import live_server, publish, view
 
 from whepfan.calibrate import calibrate
 from whepfan.capacity import (
@@ -28,7 +29,7 @@ COST = LayerCost(packets_per_second=200.0, bits_per_second=1_600_000.0)
 
 def _fill(ledger: CapacityLedger, stream: str = "s") -> list[int]:
     """Admit viewers until refused; the workers they went to, in order."""
-    placed = []
+    placed: list[int] = []
     for index in range(10_000):
         try:
             admission = ledger.reserve(stream)

@@ -12,53 +12,8 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from _server import LiveServer, settings_for
-from aiortc import RTCConfiguration, RTCPeerConnection
-
-TOKEN = "drain-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SDP = {"Content-Type": "application/sdp"}
-
-
-async def publisher_offer() -> tuple[RTCPeerConnection, str]:
-    from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(AudioStreamTrack())
-    pc.addTrack(VideoStreamTrack())
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
-
-
-async def viewer_offer() -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
-
-
-async def publish(http: aiohttp.ClientSession, stream: str) -> RTCPeerConnection:
-    pc, offer = await publisher_offer()
-    async with http.post(f"/whip/{stream}", data=offer, headers={**AUTH, **SDP}) as response:
-        assert response.status == 201, await response.text()
-    return pc
-
-
-async def view(http: aiohttp.ClientSession, stream: str) -> aiohttp.ClientResponse:
-    pc, offer = await viewer_offer()
-    try:
-        async with http.post(f"/whep/{stream}", data=offer, headers=SDP) as response:
-            await response.read()
-            return response
-    finally:
-        await pc.close()
-
-
-def live_server(**settings: object) -> LiveServer:
-    """A running server whose publish token is this module's TOKEN (other modules reuse
-    it with the publish/view helpers above)."""
-    return LiveServer(settings_for(token=TOKEN, **settings))
+from _server import LiveServer, live_server
+from _signalling import publish, view
 
 
 @pytest.fixture

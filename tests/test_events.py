@@ -15,20 +15,26 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
-import aioice.ice
 import orjson
 import pytest
 from _paths import SDP_FIXTURES
-from _server import LiveServer, settings_for
+from _peers import only_loopback_candidates
+from _server import LiveServer, media_worker, settings_for
+from _signalling import (
+    JSON,
+    SDP,
+    bearer,
+    negotiate,
+    placeholder_publisher,
+    recvonly_peer,
+    wait_connected,
+)
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from hypothesis import given
 from hypothesis import strategies as st
 
 from whepfan import _fastpath
-from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.http import HttpOptions, create_app
 from whepfan.http.events import (
@@ -43,16 +49,13 @@ from whepfan.http.events import (
     parse_subscription,
 )
 from whepfan.http.status import stream_tracks
-from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.router import StreamEvent
 from whepfan.transport import MediaWorker
 
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 TOKEN = "events-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SDP = {"Content-Type": "application/sdp"}
-JSON = {"Content-Type": "application/json"}
+AUTH = bearer(TOKEN)
 LINK = re.compile(r'<([^>]+)>; rel="([^"]+)"(?:; events="([^"]*)")?')
 
 
@@ -64,7 +67,8 @@ def parse_event_stream(text: str) -> tuple[list[tuple[str, str]], int]:
     (type, data) and the number of comment lines."""
     events: list[tuple[str, str]] = []
     comments = 0
-    event_type, data = "message", []
+    event_type = "message"
+    data: list[str] = []
     for line in re.split(r"\r\n|\r|\n", text):
         if not line:
             if data:
@@ -378,7 +382,7 @@ async def test_a_session_keeps_only_its_newest_subscriptions() -> None:
 async def test_listener_never_raises_into_the_router() -> None:
     class Broken(FakeRouter):
         @property
-        def streams(self) -> dict[str, FakeStream]:  # type: ignore[override]
+        def streams(self) -> dict[str, FakeStream]:
             raise RuntimeError("router bug")
 
         @streams.setter
@@ -395,17 +399,13 @@ async def test_listener_never_raises_into_the_router() -> None:
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioice skips loopback when gathering; these tests must stay on 127.0.0.1."""
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture
 async def worker() -> AsyncIterator[MediaWorker]:
-    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
-    media = MediaWorker(config=config, certificate=DtlsCertificate.generate())
-    await media.start()
-    yield media
-    media.close()
+    async with media_worker() as media:
+        yield media
 
 
 def make_app(worker: MediaWorker, **options: float) -> web.Application:
@@ -567,48 +567,20 @@ def server() -> Iterator[LiveServer]:
     live.close()
 
 
-def _peer() -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
-
-
-async def _negotiate(
-    http: aiohttp.ClientSession, pc: RTCPeerConnection, url: str, headers: dict[str, str]
-) -> aiohttp.ClientResponse:
-    await pc.setLocalDescription(await pc.createOffer())
-    response = await http.post(url, data=pc.localDescription.sdp, headers={**headers, **SDP})
-    assert response.status == 201, await response.text()
-    answer = await response.text()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-    return response
-
-
-async def _wait_connected(pc: RTCPeerConnection) -> None:
-    for _ in range(200):
-        if pc.connectionState == "connected":
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"peer stuck in {pc.connectionState}")
-
-
 async def test_sse_client_sees_active_viewercount_and_inactive_in_order(
     server: LiveServer,
 ) -> None:
     async with aiohttp.ClientSession(base_url=server.url) as http:
-        publisher = _peer()
-        publisher.addTrack(AudioStreamTrack())
-        publisher.addTrack(VideoStreamTrack())
-        whip = await _negotiate(http, publisher, "/whip/show", AUTH)
-        await _wait_connected(publisher)
+        publisher = placeholder_publisher()
+        whip = await negotiate(http, publisher, "/whip/show", AUTH)
+        await wait_connected(publisher)
         for _ in range(200):  # "active" is the publisher's keyed moment, seen in the status
             status = await (await http.get("/api/streams/show")).json()
             if status["active"]:
                 break
             await asyncio.sleep(0.05)
-        viewers = [_peer(), _peer()]
-        for viewer in viewers:
-            viewer.addTransceiver("audio", direction="recvonly")
-            viewer.addTransceiver("video", direction="recvonly")
-        first = await _negotiate(http, viewers[0], "/whep/show", {})
+        viewers = [recvonly_peer(), recvonly_peer()]
+        first = await negotiate(http, viewers[0], "/whep/show")
         link, advertised = sse_links(first)[EVENTS_REL]
         assert advertised == "active,inactive,layers,viewercount,reconnect"
         response = await http.post(
@@ -617,8 +589,8 @@ async def test_sse_client_sees_active_viewercount_and_inactive_in_order(
         assert response.status == 201
         sse = SseClient(await http.get(response.headers["Location"])).start()
         seen = [await sse.next(), await sse.next()]
-        second = await _negotiate(http, viewers[1], "/whep/show", {})
-        await _wait_connected(viewers[1])
+        second = await negotiate(http, viewers[1], "/whep/show")
+        await wait_connected(viewers[1])
         seen.append(await sse.next())
         assert (await http.delete(second.headers["Location"])).status == 200
         seen.append(await sse.next())  # coalesced: up to a second after the join
@@ -690,7 +662,7 @@ async def test_a_thousand_idle_readers_leave_fanout_throughput_alone(
 ) -> None:
     app = make_app(worker)  # production keep-alive: 15 s
     async with TestClient(TestServer(app)) as http:
-        _, link = await publish_and_view(http)  # type: ignore[arg-type]
+        _, link = await publish_and_view(http)
         # 20 viewers on loopback sockets nobody reads (sends still go through the kernel).
         sinks = []
         track = next(stream_tracks(worker.router.streams["live"])).fanout_id

@@ -13,17 +13,15 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 from _peers import (
-    DecodingViewer,
-    accept_answer,
+    InProcessViewer,
     only_loopback_candidates,
-    sending_peer,
+    publish_in_process,
     wait_until,
 )
+from _server import media_worker
 from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
-from whepfan.config import MediaConfig
-from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.transport import MediaWorker
 
 
@@ -34,39 +32,21 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def worker() -> AsyncIterator[MediaWorker]:
-    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
-    media = MediaWorker(config=config, certificate=DtlsCertificate.generate())
-    await media.start()
-    yield media
-    media.close()
+    async with media_worker() as media:
+        yield media
 
 
 async def start_publisher(
     worker: MediaWorker, stream: str, *, audio: bool = True, video: bool = True
 ) -> RTCPeerConnection:
-    pc = await sending_peer(video=video, audio=audio)
-    _, answer = worker.router.publish(stream, pc.localDescription.sdp, worker.now())
-    await accept_answer(pc, answer)
-    return pc
+    return await publish_in_process(worker.router, stream, worker.now(), audio=audio, video=video)
 
 
-class Viewer(DecodingViewer):
+class Viewer(InProcessViewer):
     """A decoding viewer signalled through the router's in-process ``view``."""
 
     def __init__(self, worker: MediaWorker, stream: str) -> None:
-        super().__init__()
-        self.worker = worker
-        self.stream = stream
-        self.started_at = 0.0
-        self.session_id = ""
-
-    async def start(self, *, audio: bool = True, video: bool = True) -> None:
-        kinds = [kind for kind, wanted in (("video", video), ("audio", audio)) if wanted]
-        offer = await self.offer(kinds)
-        self.started_at = time.monotonic()
-        session, answer = self.worker.router.view(self.stream, offer, self.worker.now())
-        self.session_id = session.id
-        await self.accept(answer)
+        super().__init__(worker.router, stream, clock=worker.now)
 
 
 async def test_aiortc_publisher_to_aiortc_viewers_decode_video_and_audio(

@@ -9,11 +9,18 @@ import logging
 import aiohttp
 import orjson
 import pytest
-from _peers import new_peer
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+from _server import live_server
+from _signalling import (
+    AUTH,
+    SDP,
+    negotiate,
+    placeholder_publisher,
+    publish,
+    publisher_offer,
+    recvonly_peer,
+    view,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from test_drain import AUTH, SDP, live_server, publish, publisher_offer, view
 
 from whepfan.capacity import (
     DEFAULT_VIEWER_COST,
@@ -95,32 +102,19 @@ async def _scrape(http: aiohttp.ClientSession, headers: dict[str, str] | None = 
         return parse(await response.text())
 
 
-async def _connect(http: aiohttp.ClientSession, pc: RTCPeerConnection, url: str) -> None:
-    await pc.setLocalDescription(await pc.createOffer())
-    headers = {**SDP, **(AUTH if url.startswith("/whip") else {})}
-    async with http.post(url, data=pc.localDescription.sdp, headers=headers) as response:
-        assert response.status == 201, await response.text()
-        answer = await response.text()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-
-
 async def test_metrics_counters_move_with_admissions_refusals_and_media() -> None:
     # Room for exactly one viewer of the default cost.
     live = live_server(worker_packet_budget=str(DEFAULT_VIEWER_COST.packets_per_second))
-    publisher = new_peer()
-    publisher.addTrack(AudioStreamTrack())
-    publisher.addTrack(VideoStreamTrack())
-    viewer = new_peer()
-    viewer.addTransceiver("audio", direction="recvonly")
-    viewer.addTransceiver("video", direction="recvonly")
+    publisher = placeholder_publisher()
+    viewer = recvonly_peer()
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
             before = await _scrape(http)
             refusals = ("whepfan_admission_refusals_total", (("reason", "worker_budget"),))
             admitted = ("whepfan_admissions_total", (("layer", "top"),))
             assert before[refusals] == 0 and before[admitted] == 0
-            await _connect(http, publisher, "/whip/cam")
-            await _connect(http, viewer, "/whep/cam")
+            await negotiate(http, publisher, "/whip/cam", AUTH)
+            await negotiate(http, viewer, "/whep/cam")
             assert (await view(http, "cam")).status == 503
             after = await _scrape(http)
             assert after[refusals] == 1

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from _peers import DecodingViewer, only_loopback_candidates
 from _server import LiveServer, settings_for
+from _signalling import exchange
 from aioice import stun
 from hypothesis import given
 from hypothesis import strategies as st
@@ -469,12 +470,8 @@ def server() -> Iterator[LiveServer]:
 async def start_viewer(viewer: DecodingViewer, url: str) -> None:
     """WHEP POST of the viewer's offer (audio, then video) and its answer applied."""
     offer = await viewer.offer(["audio", "video"])
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(url, data=offer, headers={"Content-Type": "application/sdp"}) as response,
-    ):
-        assert response.status == 201, await response.text()
-        answer = await response.text()
+    async with aiohttp.ClientSession() as http:
+        _, answer = await exchange(http, url, offer)
     await viewer.accept(answer)
 
 

@@ -8,30 +8,27 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
-import aioice.ice
 import pytest
 from _paths import SDP_FIXTURES
-from _server import LiveServer, settings_for
+from _peers import only_loopback_candidates
+from _server import LiveServer, media_worker, settings_for
+from _signalling import SDP, bearer, negotiate, placeholder_publisher, recvonly_peer
 from aiohttp.test_utils import TestClient, TestServer
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whepfan.config import MediaConfig
 from whepfan.http import HttpOptions, create_app
-from whepfan.http.events import EventHub
+from whepfan.http.events import EventHub, ObservedSession
 from whepfan.http.status import STREAM_STATUS_KEY, RateMeter, StreamStatus
-from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.transport import MediaWorker
 
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 TOKEN = "status-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SDP = {"Content-Type": "application/sdp"}
+AUTH = bearer(TOKEN)
 
 
 # ---------------------------------------------------------------------------- rate meter
@@ -151,7 +148,7 @@ class FakeRouter:
     def remove_listener(self, listener: object) -> None:
         self.listeners.remove(listener)
 
-    def get_session(self, session_id: str) -> object:
+    def get_session(self, session_id: str) -> ObservedSession:
         raise AssertionError("not used")
 
 
@@ -251,16 +248,13 @@ def test_simulcast_tracks_are_listed_one_per_encoding() -> None:
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture
 async def worker() -> AsyncIterator[MediaWorker]:
-    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
-    media = MediaWorker(config=config, certificate=DtlsCertificate.generate())
-    await media.start()
-    yield media
-    media.close()
+    async with media_worker() as media:
+        yield media
 
 
 async def _client(worker: MediaWorker, **options: str) -> TestClient:
@@ -323,28 +317,14 @@ def server() -> Iterator[LiveServer]:
     live.close()
 
 
-async def _negotiate(
-    http: aiohttp.ClientSession, pc: RTCPeerConnection, url: str, headers: dict[str, str]
-) -> str:
-    await pc.setLocalDescription(await pc.createOffer())
-    response = await http.post(url, data=pc.localDescription.sdp, headers={**headers, **SDP})
-    assert response.status == 201, await response.text()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=await response.text(), type="answer"))
-    return response.headers["Location"]
-
-
 async def test_bitrates_are_measured_from_real_media(server: LiveServer) -> None:
-    publisher = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    publisher.addTrack(AudioStreamTrack())
-    publisher.addTrack(VideoStreamTrack())
-    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    viewer.addTransceiver("audio", direction="recvonly")
-    viewer.addTransceiver("video", direction="recvonly")
+    publisher = placeholder_publisher()
+    viewer = recvonly_peer()
     try:
         async with aiohttp.ClientSession(base_url=server.url) as http:
-            await _negotiate(http, publisher, "/whip/cam", AUTH)
-            await _negotiate(http, viewer, "/whep/cam", {})
-            detail: dict[str, object] = {}
+            await negotiate(http, publisher, "/whip/cam", AUTH)
+            await negotiate(http, viewer, "/whep/cam")
+            detail: dict[str, Any] = {}
             for _ in range(200):  # the sampler runs once a second
                 detail = await (await http.get("/api/streams/cam")).json()
                 tracks = detail["tracks"]
@@ -358,7 +338,7 @@ async def test_bitrates_are_measured_from_real_media(server: LiveServer) -> None
                 await asyncio.sleep(0.05)
             print("measured status:", detail)
             assert detail["active"] is True
-            assert detail["publisher"]["state"] == "connected"  # type: ignore[index]
+            assert detail["publisher"]["state"] == "connected"
             assert detail["connected_viewers"] == 1
             # One viewer: egress is the ingested payload rate, once.
             assert detail["egress_bitrate"] == detail["ingress_bitrate"] > 0

@@ -16,14 +16,16 @@ import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import aiohttp
 import pytest
 from _peers import (
-    DecodingViewer,
-    accept_answer,
+    InProcessViewer,
     only_loopback_candidates,
-    sending_peer,
+    publish_in_process,
     wait_until,
 )
+from _server import live_server
+from _signalling import publish, view
 from aiortc import RTCPeerConnection
 from hypothesis import given
 from hypothesis import strategies as st
@@ -222,25 +224,15 @@ async def pool() -> AsyncIterator[WorkerPool]:
 
 
 async def _publish(pool: WorkerPool, stream: str) -> RTCPeerConnection:
-    pc = await sending_peer()
-    _, answer = pool.publish(stream, pc.localDescription.sdp, 0.0)
-    await accept_answer(pc, answer)
-    return pc
+    return await publish_in_process(pool, stream, 0.0)
 
 
-class PoolViewer(DecodingViewer):
+class PoolViewer(InProcessViewer):
     """A decoding viewer signalled through the pool's ``view`` (placed on a worker)."""
 
     def __init__(self, pool: WorkerPool, stream: str) -> None:
-        super().__init__()
+        super().__init__(pool, stream, clock=lambda: 0.0)
         self.pool = pool
-        self.stream = stream
-        self.session_id = ""
-
-    async def start(self) -> None:
-        session, answer = self.pool.view(self.stream, await self.offer(), 0.0)
-        self.session_id = session.id
-        await self.accept(answer)
 
     @property
     def worker(self) -> int:
@@ -336,9 +328,6 @@ async def test_killed_worker_ends_only_its_sessions_and_is_replaced(pool: Worker
 
 
 async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
-    import aiohttp
-    from test_drain import live_server, publish, view
-
     live = live_server(workers="2")
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
@@ -363,9 +352,6 @@ async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
 async def test_a_crashed_workers_viewers_are_told_to_reconnect_over_sse() -> None:
     """Issue 8: a worker dies -> its sessions end (404) and their event readers get
     `reconnect` (EXT §4.3.5), so players come back through signalling to a live worker."""
-    import aiohttp
-    from test_drain import live_server, publish, view
-
     live = live_server(workers="2")
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:

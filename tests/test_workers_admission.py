@@ -18,13 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 from _peers import DecodingViewer, only_loopback_candidates
-from _server import TOKEN, LiveServer, settings_for
+from _server import LiveServer, settings_for
+from _signalling import JSON, SDP, HttpViewer, simulcast_publisher, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
-from test_workers_http_apis import JSON, SDP, HttpViewer, _wait_for
 
 from whepfan.capacity import CapacityLedger, CapacityPolicy, LayerCost
-from whepfan.client.publisher import Publisher, PublisherOptions
+from whepfan.client.publisher import Publisher
 from whepfan.router import LayerRequest
 from whepfan.workers import InProcessWorkers, WorkerPool, capped_layer_request
 
@@ -180,15 +180,7 @@ def server() -> Iterator[LiveServer]:
 
 @pytest.fixture
 async def publisher(server: LiveServer) -> AsyncIterator[Publisher]:
-    options = PublisherOptions(
-        url=f"{server.url}/whip/{STREAM}",
-        token=TOKEN,
-        simulcast=True,
-        width=320,
-        height=240,
-        keyframe_interval=1.0,
-    )
-    async with Publisher(options) as running:
+    async with simulcast_publisher(f"{server.url}/whip/{STREAM}") as running:
         yield running
 
 
@@ -227,7 +219,7 @@ async def test_lower_layer_admission_caps_viewers_on_both_workers(
             sum(1 for track in stream.tracks.values() if track.kind == "video") == 3
         )
 
-    await _wait_for(three_video_layers)
+    await wait_for(three_video_layers)
     _pin_layer_costs(pool, monkeypatch)
 
     viewers: list[HttpViewer] = []
@@ -260,7 +252,7 @@ async def test_lower_layer_admission_caps_viewers_on_both_workers(
                 async def on_lowest(v: HttpViewer = viewer) -> bool:
                     return (await layer_state(v))["rid"] == "q"
 
-                await _wait_for(on_lowest)
+                await wait_for(on_lowest)
                 # A pick of the top layer, by rid or by index, is held at the cap: no
                 # switch is even pending.
                 for body in (b'{"rid":"f"}', b'{"spatialLayerId":2}', b'{"maxSpatialLayerId":2}'):
@@ -277,7 +269,7 @@ async def test_lower_layer_admission_caps_viewers_on_both_workers(
             async def keyed() -> bool:
                 return (await layer_state(top[1]))["rid"] is not None
 
-            await _wait_for(keyed)
+            await wait_for(keyed)
             state = await select(top[1], b'{"rid":"f"}')
             assert "f" in (state["rid"], state["pendingRid"])
 

@@ -7,23 +7,27 @@ viewer counts from the workers' reports.
 
 from __future__ import annotations
 
-import asyncio
-import re
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import aioice.ice
 import pytest
-from _server import TOKEN, LiveServer, settings_for
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from _peers import only_loopback_candidates
+from _server import LiveServer, settings_for
+from _signalling import (
+    JSON,
+    SDP,
+    HttpViewer,
+    local_offer,
+    recvonly_peer,
+    simulcast_publisher,
+    wait_for,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whepfan.client.publisher import Publisher, PublisherOptions
+from whepfan.client.publisher import Publisher
 from whepfan.errors import ParseError
-from whepfan.http.layers import LAYER_REL
 from whepfan.router import LayerRequest
 from whepfan.session import SessionKind, SessionState
 from whepfan.workers import (
@@ -34,9 +38,6 @@ from whepfan.workers import (
     _layer_request_from_json,
     _layer_request_json,
 )
-
-JSON = {"Content-Type": "application/json"}
-SDP = {"Content-Type": "application/sdp"}
 
 # ---------------------------------------------------------------------- main-process pieces
 
@@ -127,7 +128,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    only_loopback_candidates(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -139,58 +140,8 @@ def server() -> Iterator[LiveServer]:
 
 @pytest.fixture
 async def publisher(server: LiveServer) -> AsyncIterator[Publisher]:
-    options = PublisherOptions(
-        url=f"{server.url}/whip/layers",
-        token=TOKEN,
-        simulcast=True,
-        width=320,
-        height=240,
-        keyframe_interval=1.0,
-    )
-    async with Publisher(options) as running:
+    async with simulcast_publisher(f"{server.url}/whip/layers") as running:
         yield running
-
-
-class HttpViewer:
-    """An aiortc WHEP viewer over HTTP; it keeps the layer URL from the 201's Link."""
-
-    def __init__(self) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.location = ""
-        self.layer_url = ""
-        self.session_id = ""
-
-    async def start(self, http: aiohttp.ClientSession, url: str) -> None:
-        self.pc.addTransceiver("audio", direction="recvonly")
-        self.pc.addTransceiver("video", direction="recvonly")
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with http.post(url, data=self.pc.localDescription.sdp, headers=SDP) as response:
-            assert response.status == 201, await response.text()
-            answer = await response.text()
-            self.location = response.headers["Location"]
-            links = [
-                link for link in response.headers.getall("Link", []) if f'rel="{LAYER_REL}"' in link
-            ]
-        assert len(links) == 1, "the 201 links the layer resource (EXT §5)"
-        match = re.match(r"<([^>]+)>", links[0])
-        assert match is not None
-        self.layer_url = match.group(1)
-        assert self.layer_url == self.location + "/layer"
-        self.session_id = self.location.rsplit("/", 1)[-1]
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-
-    async def close(self, http: aiohttp.ClientSession) -> None:
-        # WHEP §4.3: the player ends its session with a DELETE on the session URL.
-        async with http.delete(self.location) as response:
-            assert response.status == 200
-        await self.pc.close()
-
-
-async def _wait_for(condition: Callable[[], Any], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await condition()
 
 
 async def _viewers_on_both_workers(
@@ -222,7 +173,7 @@ async def test_layer_api_on_both_workers(server: LiveServer, publisher: Publishe
                         state = await response.json()
                     return [layer["rid"] for layer in state["layers"]] == ["q", "h", "f"]
 
-                await _wait_for(layers_known)
+                await wait_for(layers_known)
 
                 async with http.post(viewer.layer_url, data=b'{"rid":"nope"}', headers=JSON) as r:
                     assert r.status == 400
@@ -242,7 +193,7 @@ async def test_layer_api_on_both_workers(server: LiveServer, publisher: Publishe
                         state = await response.json()
                     return state["rid"] == "f" and state["automatic"] is False
 
-                await _wait_for(switched)
+                await wait_for(switched)
 
                 async with http.delete(viewer.layer_url) as r:
                     assert r.status == 200
@@ -260,15 +211,12 @@ async def test_an_unknown_initial_rid_is_a_400_that_leaves_no_session(
     assert server.info is not None
     pool = server.info.backend
     before = pool.viewer_count
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc = recvonly_peer(["video"])
     try:
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
+        offer = await local_offer(pc)
         async with (
             aiohttp.ClientSession() as http,
-            http.post(
-                f"{server.url}/whep/layers?rid=nope", data=pc.localDescription.sdp, headers=SDP
-            ) as response,
+            http.post(f"{server.url}/whep/layers?rid=nope", data=offer, headers=SDP) as response,
         ):
             assert response.status == 400
             assert response.content_type == "application/problem+json"
@@ -309,7 +257,7 @@ async def test_status_api_adds_up_both_workers(server: LiveServer, publisher: Pu
                     and body["egress_bitrate"] > 0
                 )
 
-            await _wait_for(settled, timeout=20.0)
+            await wait_for(settled, timeout=20.0)
             body = await listing()
             assert body["viewers"] == total
             summary = next(s for s in body["streams"] if s["name"] == "layers")
