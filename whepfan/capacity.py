@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from whepfan.errors import ServiceUnavailable
@@ -355,62 +356,90 @@ class LatencyHistogram:
         return cls(counts=list(counts), total=float(total), count=count)
 
 
-class LoopLag:
-    """How late a worker's event loop runs: the one sign that a worker is past its
-    capacity. A saturated worker loses nothing at first: the kernel queues the publisher's
-    packets and every viewer's delay grows instead (bench/capacity.py measured it), so
-    loss counters stay at zero while the picture falls seconds behind.
+class ReceiveDelay:
+    """How long datagrams waited in a worker's socket before it read them: the sign that
+    a worker is past its capacity. A saturated worker loses nothing at first: the kernel
+    queues the publisher's packets and every viewer's delay grows instead (bench/capacity.py
+    measured 11 % behind with zero loss, and an event loop whose timers still ran on time),
+    so neither loss counters nor loop lateness show it; the age of what it reads does.
 
-    ``record(lateness)`` takes how late a periodic check ran; ``seconds`` is the worst of
-    the last ``window`` checks (a rolling maximum: a scrape sees the last few seconds,
-    however often it comes). The driver (``watch_loop``) calls it every ``interval``."""
+    The driver records the age of the first datagram of each read burst (the oldest one
+    queued) with ``record(age)``; ``seconds()`` is the worst age over the last ``window``
+    seconds of ``clock``, kept as one maximum per ``bucket`` seconds (bounded memory,
+    however many records)."""
 
-    def __init__(self, *, window: int = 8) -> None:
-        if window < 1:
-            raise ValueError("window is at least one check")
-        self._recent: deque[float] = deque(maxlen=window)
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        window: float = 2.0,
+        bucket: float = 0.25,
+    ) -> None:
+        if not 0 < bucket <= window:
+            raise ValueError("0 < bucket <= window")
+        self.clock = clock
+        self.window = window
+        self.bucket = bucket
+        self._buckets: deque[tuple[int, float]] = deque()  # (bucket index, max age)
         self.worst = 0.0  # since start
 
-    def record(self, lateness: float) -> None:
-        lateness = max(0.0, lateness)
-        self._recent.append(lateness)
-        self.worst = max(self.worst, lateness)
+    def record(self, age: float) -> None:
+        now = self.clock()
+        age = max(0.0, age)
+        index = math.floor(now / self.bucket)
+        if self._buckets and self._buckets[-1][0] == index:
+            if age > self._buckets[-1][1]:
+                self._buckets[-1] = (index, age)
+        else:
+            self._buckets.append((index, age))
+        self._expire(now)
+        self.worst = max(self.worst, age)
 
-    @property
+    def _expire(self, now: float) -> None:
+        oldest = math.floor((now - self.window) / self.bucket) + 1
+        while self._buckets and self._buckets[0][0] < oldest:
+            self._buckets.popleft()
+
     def seconds(self) -> float:
-        return max(self._recent, default=0.0)
+        self._expire(self.clock())
+        return max((age for _, age in self._buckets), default=0.0)
 
-    def behind(self, threshold: float) -> float | None:
-        """The smallest lateness of a full window whose every check ran later than
-        ``threshold`` (a sustained lag, not one slow callback); None otherwise."""
-        if len(self._recent) < (self._recent.maxlen or 0):
+    def sustained(self, threshold: float) -> float | None:
+        """The least of the per-bucket maxima when every bucket of the whole window saw
+        a datagram older than ``threshold`` (a lasting backlog, not one slow moment);
+        None otherwise."""
+        self._expire(self.clock())
+        needed = round(self.window / self.bucket)
+        if len(self._buckets) < needed:
             return None
-        least = min(self._recent)
+        least = min(age for _, age in self._buckets)
         return least if least > threshold else None
 
 
-LOOP_LAG_INTERVAL = 0.25  # seconds between checks
-LOOP_LAG_WARNING = 0.1  # a loop this late for a whole window is past its capacity
+RECEIVE_DELAY_WARNING = 0.1  # seconds queued, for a whole window: past capacity
+RECEIVE_DELAY_CHECK = 0.5  # seconds between checks for the warning
 
 
-async def watch_loop(lag: LoopLag, *, worker: int, interval: float = LOOP_LAG_INTERVAL) -> None:
-    """Measure the running loop's lateness into ``lag`` until cancelled; warn (at most
-    once a minute) while every recent check ran more than LOOP_LAG_WARNING late."""
+async def warn_when_behind(
+    delay: ReceiveDelay, *, worker: int, interval: float = RECEIVE_DELAY_CHECK
+) -> None:
+    """Until cancelled: log (at most once a minute) while ``delay`` shows a lasting
+    backlog, so an operator without metrics still hears of it."""
     loop = asyncio.get_running_loop()
     warned_at = -math.inf
     while True:
-        due = loop.time() + interval
         await asyncio.sleep(interval)
-        lag.record(loop.time() - due)
-        sustained = lag.behind(LOOP_LAG_WARNING)
-        if sustained is not None and loop.time() - warned_at > 60:
-            warned_at = loop.time()
+        now = loop.time()
+        backlog = delay.sustained(RECEIVE_DELAY_WARNING)
+        if backlog is not None and now - warned_at > 60:
+            warned_at = now
             log.warning(
-                "worker %d is falling behind: its event loop has run %.0f ms late or more "
-                "for the last few seconds; it carries more than its core can send (lower "
+                "worker %d is falling behind: datagrams have waited %.0f ms or more in its "
+                "socket for %.0f s; it carries more than its core can send (lower "
                 "--worker-packet-budget, or add workers)",
                 worker,
-                sustained * 1000,
+                backlog * 1000,
+                delay.window,
             )
 
 
@@ -426,11 +455,11 @@ class WorkerStats:
     router: dict[str, int] = field(default_factory=dict)  # Router.counters
     fanout: dict[str, int] = field(default_factory=dict)  # Fanout.stats()
     setup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    loop_lag: float = 0.0  # seconds: LoopLag.seconds of the worker's event loop
+    receive_delay: float = 0.0  # seconds: ReceiveDelay.seconds of the worker's socket
 
     def to_json(self) -> dict[str, object]:
         return {
-            "loop_lag": self.loop_lag,
+            "receive_delay": self.receive_delay,
             "worker": self.worker,
             "pid": self.pid,
             "viewers": self.viewers,
@@ -457,11 +486,11 @@ class WorkerStats:
         latency = data.get("setup_latency")
         if not isinstance(latency, dict):
             raise ValueError("worker stats without a latency histogram")
-        lag = data.get("loop_lag", 0.0)
-        if not isinstance(lag, int | float) or isinstance(lag, bool):
-            raise ValueError("loop_lag is not a number")
+        delay = data.get("receive_delay", 0.0)
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise ValueError("receive_delay is not a number")
         return cls(
-            loop_lag=float(lag),
+            receive_delay=float(delay),
             worker=integer("worker"),
             pid=integer("pid"),
             viewers=integer("viewers"),

@@ -22,7 +22,7 @@ import uvloop
 from aiohttp import web
 
 from whepfan.calibrate import calibrate
-from whepfan.capacity import CapacityLedger, watch_loop
+from whepfan.capacity import CapacityLedger, warn_when_behind
 from whepfan.http import create_app
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
@@ -119,11 +119,10 @@ async def run(
         backend.on_sessions_lost = hub.reconnect_sessions
     ticker = asyncio.ensure_future(_tick(backend))
     # With --workers N each worker process watches its own loop (workers.WorkerNode.run).
-    lag_watch = (
-        asyncio.ensure_future(watch_loop(backend.monitor.loop_lag, worker=0))
-        if isinstance(backend, InProcessWorkers)
-        else None
-    )
+    lag_watch = None
+    if isinstance(backend, InProcessWorkers):
+        backend.monitor.receive_delay = worker.receive_delay
+        lag_watch = asyncio.ensure_future(warn_when_behind(worker.receive_delay, worker=0))
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).
     runner = web.AppRunner(app, access_log=log if settings.log_level == "debug" else None)

@@ -22,11 +22,13 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections import deque
 
 import ifaddr
 
 from whepfan import _fastpath
+from whepfan.capacity import ReceiveDelay
 from whepfan.config import MediaConfig
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
@@ -40,6 +42,12 @@ IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
 MAX_DATAGRAM = 65535
 # Room for one in6_pktinfo control message (the larger of the two pktinfo structs).
 PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20)
+# socket(7) SO_TIMESTAMPNS (= SCM_TIMESTAMPNS) from <asm-generic/socket.h>: each datagram's
+# kernel receive time (CLOCK_REALTIME, struct timespec), so the worker can tell how long
+# it waited in the socket (capacity.ReceiveDelay). Python 3.11 does not name it.
+SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESTAMP_ANCILLARY_SIZE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("=qq")
 # Datagrams read per readiness callback, so that timers and other readers get their turn.
 RECEIVE_BURST = 64
 # Replies held while the send buffer is full (beyond: dropped, counted as send_buffer_full).
@@ -111,7 +119,13 @@ class MediaWorker:
         self.port: int = self.sock.getsockname()[1]
         # True when bound to a wildcard address: datagrams then carry their destination.
         self.learns_local_address = _enable_pktinfo(self.sock)
-        self._ancillary_size = PKTINFO_ANCILLARY_SIZE if self.learns_local_address else 0
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._ancillary_size = TIMESTAMP_ANCILLARY_SIZE + (
+            PKTINFO_ANCILLARY_SIZE if self.learns_local_address else 0
+        )
+        # How long what we read had waited (the first datagram of each read burst, the
+        # oldest queued): a worker past its capacity shows here before anywhere else.
+        self.receive_delay = ReceiveDelay(clock=self._loop.time)
         # Received pktinfo -> address text, and text -> control message to send from it:
         # a worker sees a handful of local addresses, so neither is built per datagram.
         self._local_names: dict[bytes, str] = {}
@@ -169,6 +183,7 @@ class MediaWorker:
         ancillary_size = self._ancillary_size
         router = self.router
         local_names = self._local_names
+        first = True
         for _ in range(RECEIVE_BURST):
             try:
                 data, ancillary, _flags, addr = receive(MAX_DATAGRAM, ancillary_size)
@@ -180,17 +195,27 @@ class MediaWorker:
                 router.counters["socket_errors"] += 1
                 continue
             local = None
-            if ancillary:
-                # Only pktinfo is enabled, so the first (only) control message is one;
-                # a known one costs a dict lookup (measured: ~0.3 µs per datagram for
-                # recvmsg and this, over asyncio's datagram endpoint).
-                local = local_names.get(ancillary[0][2]) or self._local_address(ancillary)
+            for level, _kind, payload in ancillary:
+                if level == socket.SOL_SOCKET:  # SCM_TIMESTAMPNS, the only one at this level
+                    if first:
+                        self._record_delay(payload)
+                        first = False
+                else:
+                    # pktinfo: a known one costs a dict lookup (measured: ~0.3 µs per
+                    # datagram for recvmsg and this, over asyncio's datagram endpoint).
+                    local = local_names.get(payload) or self._local_address(ancillary)
             try:
                 router.datagram_received(data, (addr[0], addr[1]), self._loop.time(), local)
             except Exception:  # a bug must not stop the port for everyone else
                 log.exception("datagram from %s crashed the router", addr)
                 router.counters["router_errors"] += 1
         self.arm_timer()
+
+    def _record_delay(self, timespec: bytes) -> None:
+        if len(timespec) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(timespec)
+            waited = time.time() - (seconds + nanoseconds * 1e-9)
+            self.receive_delay.record(waited)
 
     def _local_address(self, ancillary: list[tuple[int, int, bytes]]) -> str | None:
         """The destination address of a datagram, from its pktinfo control message

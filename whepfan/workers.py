@@ -75,11 +75,11 @@ from whepfan.capacity import (
     CapacityLedger,
     LatencyHistogram,
     LayerCost,
-    LoopLag,
     RateMeter,
+    ReceiveDelay,
     ServerStats,
     WorkerStats,
-    watch_loop,
+    warn_when_behind,
 )
 from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError, PeerError, ServiceUnavailable, WhepfanError
@@ -475,7 +475,8 @@ class RouterMonitor:
         self.router = router
         self.worker = worker
         self.setup_latency = LatencyHistogram()
-        self.loop_lag = LoopLag()  # fed by capacity.watch_loop on the router's loop
+        # The worker's socket's (MediaWorker.receive_delay); a fresh one until it is set.
+        self.receive_delay = ReceiveDelay()
         self._known: dict[str, tuple[str, str]] = {}
         self._observed: set[str] = set()
 
@@ -510,7 +511,7 @@ class RouterMonitor:
             router=dict(self.router.counters),
             fanout=self.router.fanout.stats(),
             setup_latency=self.setup_latency,
-            loop_lag=self.loop_lag.seconds,
+            receive_delay=self.receive_delay.seconds(),
         )
 
 
@@ -833,6 +834,7 @@ class WorkerNode:
         # highest layer index allowed, held here because only this worker knows the rids.
         self.layer_ceilings: dict[str, int] = {}
         self.monitor = RouterMonitor(self.router, worker=spec.index)
+        self.monitor.receive_delay = media.receive_delay
         self.router.add_listener(self._on_stream_event)
         self._sweep_pending = False
 
@@ -842,7 +844,9 @@ class WorkerNode:
         self._loop.add_reader(self.relay.fileno(), self._on_relay)
         self._send({"event": "ready", "port": self.media.port, "pid": os.getpid()})
         stats_task = asyncio.ensure_future(self._stats_loop())
-        lag_task = asyncio.ensure_future(watch_loop(self.monitor.loop_lag, worker=self.spec.index))
+        lag_task = asyncio.ensure_future(
+            warn_when_behind(self.monitor.receive_delay, worker=self.spec.index)
+        )
         try:
             await self._done.wait()
         finally:

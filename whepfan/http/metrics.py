@@ -65,10 +65,10 @@ class ServerCollector(Collector):
             labels=["worker"],
         )
         yield _gauge(
-            "whepfan_worker_loop_lag_seconds",
-            "How late each worker's event loop ran, worst of the last 2 s: above ~0.1 the "
+            "whepfan_worker_receive_delay_seconds",
+            "Longest a datagram waited in each worker's socket, last 2 s: above ~0.1 the "
             "worker is past its capacity and viewers' delay grows (see worker_packet_budget).",
-            [((_label(w),), w.loop_lag) for w in workers],
+            [((_label(w),), w.receive_delay) for w in workers],
             labels=["worker"],
         )
         yield from _worker_counters(workers)
