@@ -129,6 +129,18 @@ async def wait_for(condition: Callable[[], Awaitable[object]], timeout: float = 
     assert await condition()
 
 
+def layer_url_of(response: aiohttp.ClientResponse) -> str:
+    """The layer resource a WHEP 201 links (EXT §5): exactly one Link with its rel, and
+    the URL is the session's Location + "/layer"."""
+    links = [link for link in response.headers.getall("Link", []) if f'rel="{LAYER_REL}"' in link]
+    assert len(links) == 1, "the 201 links the layer resource (EXT §5)"
+    match = re.match(r"<([^>]+)>", links[0])
+    assert match is not None
+    layer_url = match.group(1)
+    assert layer_url == response.headers["Location"] + "/layer"
+    return layer_url
+
+
 class HttpViewer:
     """An aiortc WHEP viewer over HTTP; it keeps the layer URL from the 201's Link."""
 
@@ -141,14 +153,7 @@ class HttpViewer:
     async def start(self, http: aiohttp.ClientSession, url: str) -> None:
         response = await negotiate(http, self.pc, url)
         self.location = response.headers["Location"]
-        links = [
-            link for link in response.headers.getall("Link", []) if f'rel="{LAYER_REL}"' in link
-        ]
-        assert len(links) == 1, "the 201 links the layer resource (EXT §5)"
-        match = re.match(r"<([^>]+)>", links[0])
-        assert match is not None
-        self.layer_url = match.group(1)
-        assert self.layer_url == self.location + "/layer"
+        self.layer_url = layer_url_of(response)
         self.session_id = self.location.rsplit("/", 1)[-1]
 
     async def close(self, http: aiohttp.ClientSession) -> None:

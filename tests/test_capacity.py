@@ -22,7 +22,7 @@ from whepfan.capacity import (
     RateMeter,
 )
 from whepfan.errors import ServiceUnavailable
-from whepfan.workers import stream_layers
+from whepfan.workers import InProcessWorkers, stream_layers
 
 COST = LayerCost(packets_per_second=200.0, bits_per_second=1_600_000.0)
 
@@ -240,25 +240,30 @@ class _LayeredRouter:
         return {}
 
 
+# Layer costs, highest first, under a 700 packets/s worker: two viewers of the top layer
+# fit (600), a third only one layer down (700).
+TOP_LAYER = LayerCost(packets_per_second=300.0, bits_per_second=2_000_000.0)
+MIDDLE_LAYER = LayerCost(packets_per_second=100.0, bits_per_second=500_000.0)
+LOWEST_LAYER = LayerCost(packets_per_second=50.0, bits_per_second=150_000.0)
+
+
+def _lower_layer_workers(router: _LayeredRouter, layers: list[LayerCost]) -> InProcessWorkers:
+    """In-process workers admitting lower layers under a 700 packets/s budget, with the
+    stream's ``layers`` (highest first) as the ledger's measured costs."""
+    ledger = CapacityLedger(
+        policy=CapacityPolicy(worker_packet_budget=700.0, admit_lower_layer=True)
+    )
+    ledger.set_stream_layers("s", layers)
+    return InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+
+
 def test_a_viewer_admitted_on_a_lower_layer_is_capped_there() -> None:
     """admit_lower_layer: the third viewer only fits one layer down, so it is admitted with
     a ceiling one below the top and cannot climb back over the budget it was admitted under."""
     from whepfan.router import LayerRequest
-    from whepfan.workers import InProcessWorkers
 
     router = _LayeredRouter()
-    ledger = CapacityLedger(
-        policy=CapacityPolicy(worker_packet_budget=700.0, admit_lower_layer=True)
-    )
-    ledger.set_stream_layers(
-        "s",
-        [
-            LayerCost(packets_per_second=300.0, bits_per_second=2_000_000.0),
-            LayerCost(packets_per_second=100.0, bits_per_second=500_000.0),
-            LayerCost(packets_per_second=50.0, bits_per_second=150_000.0),
-        ],
-    )
-    workers = InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+    workers = _lower_layer_workers(router, [TOP_LAYER, MIDDLE_LAYER, LOWEST_LAYER])
     for _ in range(3):
         workers.view("s", "offer", 0.0)
     assert router.requests == [("v3", LayerRequest(max_spatial_layer=1))]
@@ -268,23 +273,12 @@ def test_a_viewer_admitted_on_a_lower_layer_is_capped_there() -> None:
 def test_an_audio_only_viewer_admitted_lower_is_not_an_error() -> None:
     """The router answers "receives no video" for an audio-only viewer: nothing to cap."""
     from whepfan.errors import PeerError
-    from whepfan.workers import InProcessWorkers
 
     class AudioOnlyRouter(_LayeredRouter):
         def select_layer(self, session_id: str, request: object, now: float) -> dict[str, object]:
             raise PeerError("this session receives no video")
 
     router = AudioOnlyRouter()
-    ledger = CapacityLedger(
-        policy=CapacityPolicy(worker_packet_budget=700.0, admit_lower_layer=True)
-    )
-    ledger.set_stream_layers(
-        "s",
-        [
-            LayerCost(packets_per_second=300.0, bits_per_second=2_000_000.0),
-            LayerCost(packets_per_second=100.0, bits_per_second=500_000.0),
-        ],
-    )
-    workers = InProcessWorkers(router=router, ledger=ledger)  # type: ignore[arg-type]
+    workers = _lower_layer_workers(router, [TOP_LAYER, MIDDLE_LAYER])
     sessions = [workers.view("s", "offer", 0.0)[0] for _ in range(3)]
     assert len(sessions) == 3 and workers.lower_layer_admissions == 0

@@ -23,12 +23,11 @@ from _peers import (
     wait_until,
 )
 from _server import TOKEN, LiveServer, settings_for
+from _signalling import AUTH, SDP, exchange
 from aiortc import RTCSessionDescription
 
 from whepfan.protocol import sdp
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SDP = {"Content-Type": "application/sdp"}
 FRAG = {"Content-Type": "application/trickle-ice-sdpfrag"}
 
 
@@ -60,12 +59,11 @@ class HttpPublisher:
 
     async def start(self) -> aiohttp.ClientResponse:
         await sending_peer(self.pc)
-        response = await self.http.post(
-            f"/whip/{self.stream}", data=self.pc.localDescription.sdp, headers={**AUTH, **SDP}
+        response, answer = await exchange(
+            self.http, f"/whip/{self.stream}", self.pc.localDescription.sdp, AUTH
         )
-        assert response.status == 201, await response.text()
         self.location = response.headers["Location"]
-        await accept_answer(self.pc, await response.text())
+        await accept_answer(self.pc, answer)
         return response
 
     async def stop(self, *, delete: bool = True) -> None:
@@ -84,12 +82,9 @@ class HttpViewer(DecodingViewer):
         self.location = ""
 
     async def start(self) -> aiohttp.ClientResponse:
-        response = await self.http.post(
-            f"/whep/{self.stream}", data=await self.offer(), headers=SDP
-        )
-        assert response.status == 201, await response.text()
+        response, answer = await exchange(self.http, f"/whep/{self.stream}", await self.offer())
         self.location = response.headers["Location"]
-        await self.accept(await response.text())
+        await self.accept(answer)
         return response
 
     async def stop(self, *, delete: bool = True) -> None:

@@ -3,11 +3,11 @@ router with an in-memory simulcast publisher (see test_simulcast.py)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from _signalling import JSON, SDP, layer_url_of
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,11 +22,8 @@ from test_simulcast import (
 
 from whepfan.errors import ParseError
 from whepfan.http import HttpOptions, create_app
-from whepfan.http.layers import LAYER_REL, parse_layer_request
+from whepfan.http.layers import parse_layer_request
 from whepfan.router import LayerRequest
-
-SDP = {"Content-Type": "application/sdp"}
-JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -45,13 +42,7 @@ async def new_viewer(client: TestClient, query: str = "") -> str:
     """WHEP POST; the layer URL from the 201's Link (EXT §5)."""
     response = await client.post(f"/whep/live{query}", data=WHEP_OFFER, headers=SDP)
     assert response.status == 201, await response.text()
-    links = response.headers.getall("Link", [])
-    layer_links = [link for link in links if f'rel="{LAYER_REL}"' in link]
-    assert len(layer_links) == 1
-    match = re.match(r"<([^>]+)>", layer_links[0])
-    assert match is not None
-    assert match.group(1) == response.headers["Location"] + "/layer"
-    return match.group(1)
+    return layer_url_of(response)
 
 
 async def test_the_201_links_the_layer_url_and_post_selects_a_layer(
