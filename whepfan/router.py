@@ -1208,14 +1208,7 @@ class Router:
                 )
             )
         compound = b"".join(bytes(p) for p in packets)
-        try:
-            self._transmit(
-                stream.publisher_srtcp_out.protect_rtcp(compound),
-                publisher.address,
-                publisher.local_address,
-            )
-        except _fastpath.SrtpError:
-            self.counters["publisher_feedback_failed"] += 1
+        self._send_to_publisher(stream, compound, failure="publisher_feedback_failed")
         stream.next_feedback_at = now + self.config.publisher_feedback_interval
         self._schedule("stream:" + stream.name, stream.next_feedback_at)
         self._report_layers(stream, now)
@@ -1273,16 +1266,24 @@ class Router:
             bytes(rtcp.PictureLossIndication(sender_ssrc=self.rtcp_ssrc, media_ssrc=ssrc))
             for ssrc in video_ssrcs
         )
-        try:
-            self._transmit(
-                stream.publisher_srtcp_out.protect_rtcp(compound),
-                publisher.address,
-                publisher.local_address,
-            )
-        except _fastpath.SrtpError:
-            self.counters["keyframe_request_failed"] += 1
+        if not self._send_to_publisher(stream, compound, failure="keyframe_request_failed"):
             return False
         self.counters["keyframe_requests_sent"] += 1
+        return True
+
+    def _send_to_publisher(self, stream: Stream, compound: bytes, *, failure: str) -> bool:
+        """SRTCP-protect ``compound`` (RFC 3711 §3.4) and send it to the stream's publisher
+        from the address its checks reached; a protect failure is counted as ``failure``.
+        The caller has checked that the publisher is connected."""
+        publisher = stream.publisher
+        assert publisher is not None and publisher.address is not None
+        assert stream.publisher_srtcp_out is not None
+        try:
+            protected = stream.publisher_srtcp_out.protect_rtcp(compound)
+        except _fastpath.SrtpError:
+            self.counters[failure] += 1
+            return False
+        self._transmit(protected, publisher.address, publisher.local_address)
         return True
 
     # ------------------------------------------------------------------ viewers

@@ -602,18 +602,22 @@ def _choose_ingest_codec(
     if not ranked:
         return None
     offered = min(ranked, key=lambda item: item[:2])[2]
+    return _agreed_codec(section, offered, feedback), offered
+
+
+def _agreed_codec(section: MediaSection, offered: Codec, feedback: Iterable[str]) -> RtpCodec:
+    """The codec an answer agrees to: the peer's payload type and its own fmtp (they
+    describe what its encoder or decoder was set up for; the caller matched them), the
+    feedback both sides do, and the peer's rtx for it (RFC 4588 §8.6) on video."""
     rtx = _rtx_for(section, offered.payload_type) if section.kind == "video" else None
-    return (
-        RtpCodec(
-            name=offered.name,
-            clock_rate=offered.clock_rate,
-            channels=offered.channels,
-            payload_type=offered.payload_type,
-            fmtp=tuple(offered.fmtp),
-            rtcp_feedback=_feedback(offered, section, feedback),
-            rtx_payload_type=rtx.payload_type if rtx is not None else None,
-        ),
-        offered,
+    return RtpCodec(
+        name=offered.name,
+        clock_rate=offered.clock_rate,
+        channels=offered.channels,
+        payload_type=offered.payload_type,
+        fmtp=tuple(offered.fmtp),
+        rtcp_feedback=_feedback(offered, section, feedback),
+        rtx_payload_type=rtx.payload_type if rtx is not None else None,
     )
 
 
@@ -763,21 +767,8 @@ def _viewer_codec(section: MediaSection, stream: RtpCodec) -> tuple[RtpCodec, Co
     if best is None:
         return None
     offered = best[2]
-    rtx = _rtx_for(section, offered.payload_type) if section.kind == "video" else None
-    return (
-        RtpCodec(
-            name=offered.name,
-            clock_rate=offered.clock_rate,
-            channels=offered.channels,
-            payload_type=offered.payload_type,
-            # Echo the viewer's own parameters: they describe what its decoder was set up
-            # for, and the matching above ensures the stream fits them.
-            fmtp=tuple(offered.fmtp),
-            rtcp_feedback=_feedback(offered, section, _AGREED_FEEDBACK),
-            rtx_payload_type=rtx.payload_type if rtx is not None else None,
-        ),
-        offered,
-    )
+    # The matching above ensures the stream fits the viewer's own parameters.
+    return _agreed_codec(section, offered, _AGREED_FEEDBACK), offered
 
 
 def answer_viewer(
