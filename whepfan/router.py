@@ -106,6 +106,30 @@ class StreamEvent:
 
 StreamListener = Callable[[StreamEvent], None]
 
+
+class StreamListeners:
+    """Who hears StreamEvents (the SSE hub, the worker pool's forwarding). Listeners must
+    be cheap and must not raise: they run on a media worker's event loop (coalesce, queue,
+    return); one that raises is logged and the others still hear the event."""
+
+    def __init__(self) -> None:
+        self._listeners: list[StreamListener] = []
+
+    def add(self, listener: StreamListener) -> None:
+        self._listeners.append(listener)
+
+    def remove(self, listener: StreamListener) -> None:
+        self._listeners.remove(listener)
+
+    def emit(self, stream: str, type_: str, data: dict[str, object]) -> None:
+        event = StreamEvent(stream, type_, data)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener bug must not break media
+                log.exception("stream event listener failed")
+
+
 RTP_SEQ_MOD = 1 << 16
 RTP_TS_MOD = 1 << 32
 
@@ -481,7 +505,7 @@ class Router:
         # Our SSRC as RTCP sender towards publishers (RFC 3550 §8.1: random).
         self.rtcp_ssrc = secrets.randbits(32)
         self.counters: Counter[str] = Counter()
-        self._listeners: list[StreamListener] = []
+        self._listeners = StreamListeners()
         # stream name -> layers whose keyframe request was throttled and is still owed.
         self._keyframe_retry: dict[str, list[Track]] = {}
         self._choice_by_slot: dict[int, LayerChoice] = {}
@@ -670,20 +694,14 @@ class Router:
         return session
 
     def add_listener(self, listener: StreamListener) -> None:
-        """Call ``listener`` for every StreamEvent. Listeners must be cheap and must not
-        raise: they run on the media worker's event loop (coalesce, queue, return)."""
-        self._listeners.append(listener)
+        """Call ``listener`` for every StreamEvent (see StreamListeners)."""
+        self._listeners.add(listener)
 
     def remove_listener(self, listener: StreamListener) -> None:
         self._listeners.remove(listener)
 
     def _emit(self, stream: str, type_: str, data: dict[str, object]) -> None:
-        event = StreamEvent(stream, type_, data)
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a listener bug must not break media
-                log.exception("stream event listener failed")
+        self._listeners.emit(stream, type_, data)
 
     def _emit_viewer_count(self, stream: Stream) -> None:
         self._emit(stream.name, "viewercount", {"viewercount": len(stream.viewers)})

@@ -85,7 +85,14 @@ from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError, PeerError, ServiceUnavailable, WhepfanError
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.router import LayerRequest, Router, Stream, StreamEvent, StreamListener
+from whepfan.router import (
+    LayerRequest,
+    Router,
+    Stream,
+    StreamEvent,
+    StreamListener,
+    StreamListeners,
+)
 from whepfan.session import MediaSession, PublisherSession, SessionKind, SessionState
 
 log = logging.getLogger("whepfan.workers")
@@ -1297,7 +1304,7 @@ class WorkerPool:
         self.ports: dict[int, int] = {}
         self.sessions: dict[str, ProxySession] = {}
         self._streams: dict[str, ProxyStream] = {}
-        self._listeners: list[StreamListener] = []
+        self._listeners = StreamListeners()
         self._meters: dict[tuple[str, str], RateMeter] = {}
         self._fanout_stats = PoolFanoutStats()
         self.on_sessions_lost: SessionLostHook | None = None
@@ -1713,18 +1720,13 @@ class WorkerPool:
     # events ---------------------------------------------------------------------------------
 
     def add_listener(self, listener: StreamListener) -> None:
-        self._listeners.append(listener)
+        self._listeners.add(listener)
 
     def remove_listener(self, listener: StreamListener) -> None:
         self._listeners.remove(listener)
 
     def _emit(self, stream: str, type_: str, data: dict[str, object]) -> None:
-        event = StreamEvent(stream, type_, data)
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("stream event listener failed")
+        self._listeners.emit(stream, type_, data)
 
     def _emit_viewer_count(self, stream: ProxyStream) -> None:
         self._emit(stream.name, "viewercount", {"viewercount": len(stream.viewers)})
