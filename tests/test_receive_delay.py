@@ -11,12 +11,20 @@ import time
 
 import aiohttp
 import pytest
-from _server import LiveServer, settings_for
+from _server import LiveServer, live_server, settings_for
+from _signalling import publish, view
 from prometheus_client.parser import text_string_to_metric_families
 
 from whepfan import capacity
-from whepfan.capacity import ReceiveDelay, WorkerStats, warn_when_behind
+from whepfan.capacity import (
+    CapacityLedger,
+    CapacityPolicy,
+    ReceiveDelay,
+    WorkerStats,
+    warn_when_behind,
+)
 from whepfan.config import MediaConfig
+from whepfan.errors import ServiceUnavailable
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.transport import MediaWorker
 
@@ -127,5 +135,65 @@ async def test_metrics_show_each_workers_receive_delay(workers: int) -> None:
             str(index) for index in range(workers)
         ]
         assert all(0.0 <= sample.value < 5.0 for sample in samples)
+    finally:
+        live.close()
+
+
+# --- a worker that is behind takes no new viewers ------------------------------------------
+
+
+def test_the_ledger_skips_a_worker_that_is_behind_and_refuses_when_all_are() -> None:
+    ledger = CapacityLedger(policy=CapacityPolicy(), workers=2)
+    ledger.set_behind(0, True)
+    assert ledger.behind(0) and not ledger.behind(1)
+    assert {ledger.reserve("s").worker for _ in range(3)} == {1}
+    ledger.set_behind(1, True)
+    with pytest.raises(ServiceUnavailable) as refused:
+        ledger.reserve("s")
+    assert refused.value.retry_after == ledger.policy.retry_after
+    assert ledger.refusals["worker_behind"] == 1
+    ledger.set_behind(0, False)  # caught up
+    assert ledger.reserve("s").worker == 0
+    ledger.remove_worker(1)
+    assert not ledger.behind(1)
+
+
+def test_worker_stats_carry_behind_through_json() -> None:
+    stats = WorkerStats(worker=0, pid=1, receive_delay=0.3, behind=True)
+    assert WorkerStats.from_json(stats.to_json()).behind is True
+    with pytest.raises(ValueError):
+        WorkerStats.from_json({**stats.to_json(), "behind": "yes"})
+
+
+class _Backlogged:
+    """Stands in for a worker's ReceiveDelay that has seen a lasting backlog."""
+
+    def __init__(self, waited: float | None) -> None:
+        self.waited = waited
+
+    def sustained(self, threshold: float) -> float | None:
+        return self.waited
+
+    def seconds(self) -> float:
+        return self.waited or 0.0
+
+
+async def test_a_server_whose_worker_is_behind_answers_503_until_it_catches_up() -> None:
+    live = live_server()
+    try:
+        assert live.info is not None
+        backend = live.info.backend
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            publisher = await publish(http, "cam")
+            backend.monitor.receive_delay = _Backlogged(0.4)
+            await asyncio.sleep(1.5)  # the server's once-a-second tick sees it
+            refused = await view(http, "cam")
+            assert refused.status == 503 and "Retry-After" in refused.headers
+            text = await (await http.get("/metrics")).text()
+            assert 'whepfan_admission_refusals_total{reason="worker_behind"} 1.0' in text
+            backend.monitor.receive_delay = _Backlogged(None)
+            await asyncio.sleep(1.5)
+            assert (await view(http, "cam")).status == 201
+            await publisher.close()
     finally:
         live.close()

@@ -163,6 +163,10 @@ class CapacityLedger:
         self._viewers: dict[str, _Viewer] = {}
         self._layers: dict[str, tuple[LayerCost, ...]] = {}
         self._workers: set[int] = set(range(workers))
+        # Workers whose socket has queued media for a while (ReceiveDelay.sustained): past
+        # their capacity whatever the budget says (a budget measured on a quieter machine,
+        # or none), so they take no new viewers until they catch up.
+        self._behind: set[int] = set()
         self.draining = False
         self._count_refusal = True
         self.refusals: Counter[str] = Counter()
@@ -198,9 +202,19 @@ class CapacityLedger:
     def add_worker(self, worker: int) -> None:
         self._workers.add(worker)
 
+    def set_behind(self, worker: int, behind: bool) -> None:
+        if behind:
+            self._behind.add(worker)
+        else:
+            self._behind.discard(worker)
+
+    def behind(self, worker: int) -> bool:
+        return worker in self._behind
+
     def remove_worker(self, worker: int) -> list[str]:
         """A worker died: forget it and its viewers; returns their ids."""
         self._workers.discard(worker)
+        self._behind.discard(worker)
         gone = [vid for vid, viewer in self._viewers.items() if viewer.worker == worker]
         for viewer_id in gone:
             del self._viewers[viewer_id]
@@ -249,10 +263,15 @@ class CapacityLedger:
             return self._refuse("stream_cap", f"stream {stream!r} has its maximum of viewers")
         if not self._workers:
             return self._refuse("no_worker", "no media worker is running")
+        keeping_up = self._workers - self._behind
+        if not keeping_up:
+            return self._refuse(
+                "worker_behind", "every media worker is falling behind; try again shortly"
+            )
         layers = self.layers(stream)
         candidates = range(len(layers)) if self.policy.admit_lower_layer else range(1)
         loads = sorted(
-            (self.load(worker) for worker in self._workers),
+            (self.load(worker) for worker in keeping_up),
             key=lambda load: (load.packets_per_second, load.viewers, load.worker),
         )
         egress = self.egress_bits_per_second()
@@ -456,10 +475,12 @@ class WorkerStats:
     fanout: dict[str, int] = field(default_factory=dict)  # Fanout.stats()
     setup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     receive_delay: float = 0.0  # seconds: ReceiveDelay.seconds of the worker's socket
+    behind: bool = False  # ReceiveDelay.sustained over RECEIVE_DELAY_WARNING
 
     def to_json(self) -> dict[str, object]:
         return {
             "receive_delay": self.receive_delay,
+            "behind": self.behind,
             "worker": self.worker,
             "pid": self.pid,
             "viewers": self.viewers,
@@ -489,8 +510,12 @@ class WorkerStats:
         delay = data.get("receive_delay", 0.0)
         if not isinstance(delay, int | float) or isinstance(delay, bool):
             raise ValueError("receive_delay is not a number")
+        behind = data.get("behind", False)
+        if not isinstance(behind, bool):
+            raise ValueError("behind is not a boolean")
         return cls(
             receive_delay=float(delay),
+            behind=behind,
             worker=integer("worker"),
             pid=integer("pid"),
             viewers=integer("viewers"),

@@ -71,6 +71,7 @@ import orjson
 
 from whepfan import _fastpath, errors
 from whepfan.capacity import (
+    RECEIVE_DELAY_WARNING,
     Admission,
     CapacityLedger,
     LatencyHistogram,
@@ -519,6 +520,7 @@ class RouterMonitor:
             fanout=self.router.fanout.stats(),
             setup_latency=self.setup_latency,
             receive_delay=self.receive_delay.seconds(),
+            behind=self.receive_delay.sustained(RECEIVE_DELAY_WARNING) is not None,
         )
 
 
@@ -697,6 +699,10 @@ class InProcessWorkers:
         """Once a second: settle ended sessions, observe setup latency, measure streams."""
         for session_id, _, _ in self.monitor.sample():
             self.layer_ceilings.pop(session_id, None)
+        # A worker whose socket has queued media for a while takes no new viewers.
+        self.ledger.set_behind(
+            0, self.monitor.receive_delay.sustained(RECEIVE_DELAY_WARNING) is not None
+        )
         self.ledger.retain(
             s.id for s in self.router.sessions.values() if s.kind is SessionKind.VIEWER
         )
@@ -1485,6 +1491,7 @@ class WorkerPool:
             log.error("unreadable stats from worker %d", handle.index)
             return
         handle.stats = stats
+        self.ledger.set_behind(handle.index, stats.behind)
         now = self._loop.time()
         self._fanout_stats.update(handle.index, stats.pid, stats.fanout)
         reported = message.get("status", {})

@@ -186,7 +186,14 @@ def _capacity(stats: ServerStats) -> Iterable[Metric]:
         "New sessions answered 503, by reason.",
         labels=["reason"],
     )
-    for reason in ("worker_budget", "egress_budget", "stream_cap", "draining", "no_worker"):
+    for reason in (
+        "worker_budget",
+        "egress_budget",
+        "stream_cap",
+        "draining",
+        "no_worker",
+        "worker_behind",
+    ):
         refusals.add_metric([reason], stats.refusals.get(reason, 0))
     yield refusals
     admissions = CounterMetricFamily(
