@@ -38,6 +38,23 @@ NAMESPACE_ADDRESS = "198.18.0.1"
 HTTP_PORT = 8080  # the namespace is private: fixed ports cannot collide
 PUBLISH_TOKEN = "browser-publish-token"
 VIEW_TOKEN = "browser-view-token"
+
+# The medooze whip-whep reference client (reference/clients.md) as a WHEP viewer: audio and
+# video recvonly, played in a muted autoplay <video>; window.viewer = {pc, client}.
+MEDOOZE_VIEW = """async ({endpoint, token}) => {
+  const { WHEPClient } = await import("/medooze/whep.js");
+  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: [] });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  const video = document.createElement("video");
+  video.autoplay = true;
+  video.muted = true;
+  document.body.append(video);
+  pc.ontrack = (event) => { video.srcObject = event.streams[0] || new MediaStream([event.track]); };
+  const client = new WHEPClient();
+  await client.view(pc, endpoint, token);
+  window.viewer = { pc, client };
+}"""
 SERVER_START_TIMEOUT = 30.0
 # reference/clients.md: without the background-networking flags Chromium floods the
 # closed network with refused connections; the fake devices stand in for camera and mic.

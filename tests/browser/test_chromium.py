@@ -19,7 +19,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from _harness import HTTP_PORT, PUBLISH_TOKEN, VIEW_TOKEN, open_context
+from _harness import HTTP_PORT, MEDOOZE_VIEW, PUBLISH_TOKEN, VIEW_TOKEN, open_context
 
 # Enough decoded frames to prove a steady picture (about a second of fake camera).
 FRAMES = 30
@@ -46,19 +46,6 @@ MEDOOZE_PUBLISH = """async ({endpoint, token, codec}) => {
   window.medooze = { pc, client };
 }"""
 
-MEDOOZE_VIEW = """async ({endpoint, token}) => {
-  const { WHEPClient } = await import("/medooze/whep.js");
-  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: [] });
-  pc.addTransceiver("audio", { direction: "recvonly" });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  const video = document.createElement("video");
-  video.autoplay = true;
-  document.body.append(video);
-  pc.ontrack = (event) => { video.srcObject = event.streams[0] || new MediaStream([event.track]); };
-  const client = new WHEPClient();
-  await client.view(pc, endpoint, token);
-  window.medooze = { pc, client };
-}"""
 
 # Viewers started one after another with whepfan's client; for each, milliseconds from
 # its WHEP POST to its first decoded frame. Each arrives `spacingMs` after the previous
@@ -230,13 +217,13 @@ def test_medooze_whep_client_plays_what_each_client_publishes(
         MEDOOZE_VIEW,
         {"endpoint": _endpoint(server, "whep", publication.stream), "token": VIEW_TOKEN},
     )
-    _assert_playing(page, "window.medooze.pc", publication.codec)
+    _assert_playing(page, "window.viewer.pc", publication.codec)
     viewers_before = _stream_listing(page)["viewers"]
     # The medooze client's stop() closes its peer connection (DTLS close_notify, which
     # ends the session on the server) and then DELETEs: 200, or 404 when the
     # close_notify won the race. Either way the server has freed the session.
     with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
-        page.evaluate("() => window.medooze.client.stop()")
+        page.evaluate("() => window.viewer.client.stop()")
     assert deleted.value.status in (200, 404)
     assert _stream_listing(page)["viewers"] == viewers_before - 1
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from _harness import VIEW_TOKEN
-from test_simulcast_browser import MEDOOZE_VIEW, publish_simulcast
+from _harness import MEDOOZE_VIEW, VIEW_TOKEN
+from test_simulcast_browser import publish_simulcast
 
 EVENTS_REL = "urn:ietf:params:whep:ext:core:server-sent-events"
 EVENT_TYPES = ["active", "inactive", "layers", "viewercount", "reconnect"]

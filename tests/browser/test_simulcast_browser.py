@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from _harness import PUBLISH_TOKEN, VIEW_TOKEN, open_context
+from _harness import MEDOOZE_VIEW, PUBLISH_TOKEN, VIEW_TOKEN, open_context
 
 CODECS = ["VP8", "H264"]
 PAGE_TIMEOUT_MS = 20_000
@@ -53,20 +53,6 @@ SIMULCAST_PUBLISH = """async ({endpoint, token, codec, camera, encodings}) => {
   window.publisher = { pc, client, media };
 }"""
 
-MEDOOZE_VIEW = """async ({endpoint, token}) => {
-  const { WHEPClient } = await import("/medooze/whep.js");
-  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: [] });
-  pc.addTransceiver("audio", { direction: "recvonly" });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  const video = document.createElement("video");
-  video.autoplay = true;
-  video.muted = true;
-  document.body.append(video);
-  pc.ontrack = (event) => { video.srcObject = event.streams[0] || new MediaStream([event.track]); };
-  const client = new WHEPClient();
-  await client.view(pc, endpoint, token);
-  window.viewer = { pc, client };
-}"""
 
 # One switch through medooze's client: selectLayer, then frameWidth must reach the
 # layer's width, then the new layer must keep decoding.
