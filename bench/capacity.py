@@ -66,7 +66,7 @@ REPOSITORY = os.path.dirname(BENCH)
 if REPOSITORY not in sys.path:
     sys.path.insert(0, REPOSITORY)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
-from whepfan.calibrate import calibrate  # noqa: E402
+from whepfan.workers.calibrate import calibrate  # noqa: E402
 
 TOKEN = "bench-capacity"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from whepfan.config import MediaConfig
+from whepfan.media.transport import MediaWorker
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.server import RunningServer, run
 from whepfan.settings import Settings
-from whepfan.transport import MediaWorker
 
 TOKEN = "conformance-token"
 

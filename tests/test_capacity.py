@@ -11,18 +11,19 @@ from _signalling import publish, view
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whepfan.calibrate import calibrate
-from whepfan.capacity import (
+from whepfan.errors import ServiceUnavailable
+from whepfan.media.health import LatencyHistogram
+from whepfan.workers.calibrate import calibrate
+from whepfan.workers.capacity import (
     DEFAULT_VIEWER_COST,
     PACKET_OVERHEAD_BYTES,
     CapacityLedger,
     CapacityPolicy,
-    LatencyHistogram,
     LayerCost,
     RateMeter,
+    stream_layers,
 )
-from whepfan.errors import ServiceUnavailable
-from whepfan.workers import InProcessWorkers, stream_layers
+from whepfan.workers.in_process import InProcessWorkers
 
 COST = LayerCost(packets_per_second=200.0, bits_per_second=1_600_000.0)
 
@@ -260,7 +261,7 @@ def _lower_layer_workers(router: _LayeredRouter, layers: list[LayerCost]) -> InP
 def test_a_viewer_admitted_on_a_lower_layer_is_capped_there() -> None:
     """admit_lower_layer: the third viewer only fits one layer down, so it is admitted with
     a ceiling one below the top and cannot climb back over the budget it was admitted under."""
-    from whepfan.router import LayerRequest
+    from whepfan.media.layers import LayerRequest
 
     router = _LayeredRouter()
     workers = _lower_layer_workers(router, [TOP_LAYER, MIDDLE_LAYER, LOWEST_LAYER])

@@ -49,8 +49,8 @@ from whepfan.http.events import (
     parse_subscription,
 )
 from whepfan.http.status import stream_tracks
-from whepfan.router import StreamEvent
-from whepfan.transport import MediaWorker
+from whepfan.media.streams import StreamEvent
+from whepfan.media.transport import MediaWorker
 
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()

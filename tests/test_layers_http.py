@@ -23,7 +23,7 @@ from test_simulcast import (
 from whepfan.errors import ParseError
 from whepfan.http import HttpOptions, create_app
 from whepfan.http.layers import parse_layer_request
-from whepfan.router import LayerRequest
+from whepfan.media.layers import LayerRequest
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from _server import media_worker
 from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
-from whepfan.transport import MediaWorker
+from whepfan.media.transport import MediaWorker
 
 
 @pytest.fixture(autouse=True)

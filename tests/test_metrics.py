@@ -22,14 +22,10 @@ from _signalling import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from whepfan.capacity import (
-    DEFAULT_VIEWER_COST,
-    LatencyHistogram,
-    ServerStats,
-    WorkerLoad,
-    WorkerStats,
-)
 from whepfan.http.metrics import ServerCollector
+from whepfan.media.health import LatencyHistogram
+from whepfan.workers.capacity import DEFAULT_VIEWER_COST, WorkerLoad
+from whepfan.workers.stats import ServerStats, WorkerStats
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

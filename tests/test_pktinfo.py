@@ -41,17 +41,12 @@ from whepfan._fastpath import (
     Fanout,
 )
 from whepfan.config import MediaConfig
+from whepfan.media.router import Router
+from whepfan.media.session import SessionState, ViewerSession
+from whepfan.media.transport import IP_PKTINFO, MediaWorker, _pktinfo_address, source_control
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
-from whepfan.router import Router
-from whepfan.session import SessionState, ViewerSession
-from whepfan.transport import (
-    IP_PKTINFO,
-    MediaWorker,
-    _pktinfo_address,
-    source_control,
-)
 
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
@@ -428,14 +423,14 @@ def test_the_fanout_gets_a_source_only_where_the_kernel_would_pick_another(
     # Every datagram with a source carries a control message the kernel must read; a
     # viewer that reached the address the route would use anyway needs none.
     router = recording.router
-    router._default_source = lambda peer: "127.0.0.1"
-    assert router._fanout_source("127.0.0.1", VIEWER) is None
-    assert router._fanout_source(REACHED, VIEWER) == REACHED
-    assert router._fanout_source(None, VIEWER) is None
-    router._default_source = lambda peer: None  # no route: keep the learned address
-    assert router._fanout_source(REACHED, VIEWER) == REACHED
-    router._default_source = None  # a driver that cannot tell: always the learned one
-    assert router._fanout_source("127.0.0.1", VIEWER) == "127.0.0.1"
+    router.sender.default_source = lambda peer: "127.0.0.1"
+    assert router.sender.fanout_source("127.0.0.1", VIEWER) is None
+    assert router.sender.fanout_source(REACHED, VIEWER) == REACHED
+    assert router.sender.fanout_source(None, VIEWER) is None
+    router.sender.default_source = lambda peer: None  # no route: keep the learned address
+    assert router.sender.fanout_source(REACHED, VIEWER) == REACHED
+    router.sender.default_source = None  # a driver that cannot tell: always the learned one
+    assert router.sender.fanout_source("127.0.0.1", VIEWER) == "127.0.0.1"
 
 
 # --- the media worker on a wildcard socket, end to end ------------------------------------
@@ -549,8 +544,8 @@ async def test_a_wildcard_worker_reads_the_kernels_default_source_per_peer(
     # On loopback the route to any 127/8 peer gives 127.0.0.1 (REACHED is another address).
     assert wildcard_worker.default_source(("127.0.0.1", 9)) == "127.0.0.1"
     assert wildcard_worker.default_source(("127.0.0.1", 9)) != REACHED
-    assert wildcard_worker.router._fanout_source(REACHED, ("127.0.0.1", 9)) == REACHED
-    assert wildcard_worker.router._fanout_source("127.0.0.1", ("127.0.0.1", 9)) is None
+    assert wildcard_worker.router.sender.fanout_source(REACHED, ("127.0.0.1", 9)) == REACHED
+    assert wildcard_worker.router.sender.fanout_source("127.0.0.1", ("127.0.0.1", 9)) is None
 
 
 async def test_a_worker_bound_to_one_address_does_not_ask_for_pktinfo() -> None:
@@ -725,7 +720,7 @@ def test_nomination_moving_only_the_local_address_repoints_a_keyed_viewer(
     # though the remote address is the same: media, RTCP and replies move to OTHER.
     session = keyed_viewer(recording, REACHED)
     fanout = RecordingFanout(recording.router.fanout)
-    recording.router.fanout = fanout  # type: ignore[assignment]
+    recording.router.egress.fanout = fanout  # type: ignore[assignment]
     recording.router.datagram_received(
         binding_request(session, WHEP_OFFER, nominate=True), VIEWER, 1.0, OTHER
     )

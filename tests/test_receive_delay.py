@@ -15,18 +15,14 @@ from _server import LiveServer, live_server, settings_for
 from _signalling import publish, view
 from prometheus_client.parser import text_string_to_metric_families
 
-from whepfan import capacity
-from whepfan.capacity import (
-    CapacityLedger,
-    CapacityPolicy,
-    ReceiveDelay,
-    WorkerStats,
-    warn_when_behind,
-)
 from whepfan.config import MediaConfig
 from whepfan.errors import ServiceUnavailable
+from whepfan.media import health
+from whepfan.media.health import ReceiveDelay, warn_when_behind
+from whepfan.media.transport import MediaWorker
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.transport import MediaWorker
+from whepfan.workers.capacity import CapacityLedger, CapacityPolicy
+from whepfan.workers.stats import WorkerStats
 
 
 class Clock:
@@ -103,11 +99,11 @@ async def test_a_worker_measures_how_long_datagrams_waited_in_its_socket() -> No
 async def test_a_lasting_backlog_is_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(capacity, "RECEIVE_DELAY_WARNING", 0.05)
+    monkeypatch.setattr(health, "RECEIVE_DELAY_WARNING", 0.05)
     loop = asyncio.get_running_loop()
     delay = ReceiveDelay(clock=loop.time, window=0.1, bucket=0.02)
     watcher = asyncio.ensure_future(warn_when_behind(delay, worker=3, interval=0.01))
-    with caplog.at_level(logging.WARNING, logger="whepfan.capacity"):
+    with caplog.at_level(logging.WARNING, logger="whepfan.health"):
         end = loop.time() + 0.4
         while loop.time() < end:
             delay.record(0.08)  # every read finds a datagram 80 ms old

@@ -15,11 +15,12 @@ from _paths import SDP_FIXTURES
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
 from whepfan.errors import Conflict, NotFound, ServiceUnavailable
+from whepfan.media.router import Router
+from whepfan.media.session import MediaSession, SessionState
+from whepfan.media.streams import StreamEvent
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
-from whepfan.router import Router, StreamEvent
-from whepfan.session import MediaSession, SessionState
 
 FIXTURES = SDP_FIXTURES
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
@@ -268,7 +269,7 @@ def test_a_throttled_keyframe_request_is_deferred_not_dropped(harness: Harness) 
     connect_viewer(harness, 0.1)  # within 0.5 s of that request: throttled
     assert harness.router.counters["keyframe_requests_throttled"] >= 1
     assert harness.router.counters["keyframe_requests_sent"] == sent_at_start
-    last_request = harness.router.streams["live"].last_keyframe_request
+    last_request = harness.router.keyframes.last_request("live")
     retry_at = harness.router.get_timer()
     assert retry_at is not None
     assert retry_at == pytest.approx(last_request + 0.5)
@@ -284,14 +285,14 @@ def test_the_final_dtls_flight_leaves_before_the_first_keyframe_request(harness:
     after our Finished, so the handshake flight must be sent first."""
     publisher_address = ("127.0.0.1", 50003)
     order: list[str] = []
-    send = harness.router._send
+    send = harness.router.sender.send
 
     def classify(data: bytes, addr: tuple[str, int]) -> None:
         if addr == publisher_address:
             order.append("dtls" if 20 <= data[0] <= 63 else "rtcp" if data[0] >= 128 else "stun")
         send(data, addr)
 
-    harness.router._send = classify
+    harness.router.sender.send = classify
     connect_viewer(harness, 0.0, publisher=True, client=publisher_address)
     assert "rtcp" in order
     first_rtcp = order.index("rtcp")
@@ -328,7 +329,7 @@ def test_a_retransmitted_keyframe_start_is_not_pushed_as_a_keyframe(harness: Har
     stream = harness.router.streams["live"]
     track = stream.tracks["video"][0]
     recorder = _RecordingFanout(harness.router.fanout)
-    harness.router.fanout = recorder  # type: ignore[assignment]
+    harness.router.ingest.fanout = recorder  # type: ignore[assignment]
     # RTP header (PT 96, seq 1000) + VP8 descriptor with S=1, PID=0 (RFC 7741 §4.2) +
     # a keyframe's first bytes (P=0) and start code 9d 01 2a with 320x240 (RFC 6386 §9.1).
     header = bytes([0x80, 96]) + (1000).to_bytes(2, "big") + (90000).to_bytes(4, "big")
@@ -336,8 +337,8 @@ def test_a_retransmitted_keyframe_start_is_not_pushed_as_a_keyframe(harness: Har
     payload = (
         b"\x10" + bytes([0x50, 0x02, 0x00, 0x9D, 0x01, 0x2A, 0x40, 0x01, 0xF0, 0x00]) + b"\x00" * 40
     )
-    harness.router._ingest(stream, track, 0x1234, bytearray(header + payload), 1.0)
-    harness.router._ingest(
+    harness.router.ingest.push(stream, track, 0x1234, bytearray(header + payload), 1.0)
+    harness.router.ingest.push(
         stream, track, 0x1234, bytearray(header + payload), 1.1, retransmission=True
     )
     assert recorder.pushes == [True, False]

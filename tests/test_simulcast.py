@@ -25,12 +25,14 @@ from hypothesis import strategies as st
 from whepfan._fastpath import PAYLOAD_VP8, Fanout, SrtpSession
 from whepfan.config import MediaConfig
 from whepfan.errors import PeerError
+from whepfan.media.layers import LayerPolicy, LayerRequest
+from whepfan.media.router import Router
+from whepfan.media.session import MediaSession
+from whepfan.media.streams import StreamEvent
 from whepfan.protocol import rtcp, rtp, sdp
 from whepfan.protocol.codecs import Vp8PayloadDescriptor
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
-from whepfan.router import LayerPolicy, LayerRequest, Router, StreamEvent
-from whepfan.session import MediaSession
 
 VIDEO_CLOCK = 90000
 RECEIVE_TIMEOUT = 5.0  # upper bound for loopback delivery; normally instant

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from whepfan.http import HttpOptions, create_app
 from whepfan.http.events import EventHub, ObservedSession
 from whepfan.http.status import STREAM_STATUS_KEY, RateMeter, StreamStatus
-from whepfan.transport import MediaWorker
+from whepfan.media.transport import MediaWorker
 
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()

@@ -30,12 +30,14 @@ from aiortc import RTCPeerConnection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whepfan.capacity import CapacityLedger, CapacityPolicy
 from whepfan.config import MediaConfig
 from whepfan.errors import NotFound, ParseError
+from whepfan.media.relay import RelayFrame, RelayKind
+from whepfan.media.session import SessionKind
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.session import SessionKind
-from whepfan.workers import RelayFrame, RelayKind, RelayPeer, WorkerPool
+from whepfan.workers.capacity import CapacityLedger, CapacityPolicy
+from whepfan.workers.pool import WorkerPool
+from whepfan.workers.relay_peer import RelayPeer
 
 pytestmark = pytest.mark.slow
 

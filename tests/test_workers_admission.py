@@ -23,10 +23,11 @@ from _signalling import JSON, SDP, HttpViewer, simulcast_publisher, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whepfan.capacity import CapacityLedger, CapacityPolicy, LayerCost
 from whepfan.client.publisher import Publisher
-from whepfan.router import LayerRequest
-from whepfan.workers import InProcessWorkers, WorkerPool, capped_layer_request
+from whepfan.media.layers import LayerRequest, capped_layer_request
+from whepfan.workers.capacity import CapacityLedger, CapacityPolicy, LayerCost
+from whepfan.workers.in_process import InProcessWorkers
+from whepfan.workers.pool import WorkerPool
 
 # ---------------------------------------------------------------------- the capping rule
 

@@ -28,16 +28,11 @@ from hypothesis import strategies as st
 
 from whepfan.client.publisher import Publisher
 from whepfan.errors import ParseError
-from whepfan.router import LayerRequest
-from whepfan.session import SessionKind, SessionState
-from whepfan.workers import (
-    PoolFanoutStats,
-    ProxyIce,
-    ProxySession,
-    ProxyStream,
-    _layer_request_from_json,
-    _layer_request_json,
-)
+from whepfan.media.layers import LayerRequest
+from whepfan.media.session import SessionKind, SessionState
+from whepfan.workers.control import layer_request_from_json as _layer_request_from_json
+from whepfan.workers.control import layer_request_json as _layer_request_json
+from whepfan.workers.pool import PoolFanoutStats, ProxyIce, ProxySession, ProxyStream
 
 # ---------------------------------------------------------------------- main-process pieces
 

@@ -1127,15 +1127,17 @@ cdef class Fanout:
         subscription.temporal_target = limit
 
     def subscription_state(self, int viewer, int track) -> int:
-        """0: not subscribed; 1: waiting for a keyframe (to start, or to complete a
-        switch); 2: forwarding."""
+        """SUBSCRIPTION_NONE: not subscribed; SUBSCRIPTION_AWAITING_KEYFRAME: waiting for
+        a keyframe (to start, or to complete a switch); SUBSCRIPTION_FORWARDING."""
         cdef Track* source = self._track(track)
         cdef int32_t index
         self._viewer(viewer)
         index = source.subscription_of_viewer[viewer]
         if index < 0:
-            return 0
-        return 1 if source.subscriptions[index].wait_keyframe else 2
+            return SUBSCRIPTION_NONE
+        if source.subscriptions[index].wait_keyframe:
+            return SUBSCRIPTION_AWAITING_KEYFRAME
+        return SUBSCRIPTION_FORWARDING
 
     def take_switches(self) -> list:
         """Switches completed since the last call, oldest first: (viewer, from, to)."""

@@ -12,6 +12,12 @@ cpdef enum:
     PROFILE_AEAD_AES_128_GCM = 0x0007
     PROFILE_AEAD_AES_256_GCM = 0x0008
 
+# Fanout.subscription_state() values. cpdef: also module constants (media/layers.py).
+cpdef enum:
+    SUBSCRIPTION_NONE = 0                # the viewer does not receive the track
+    SUBSCRIPTION_AWAITING_KEYFRAME = 1   # subscribed, waiting for a keyframe to start/switch
+    SUBSCRIPTION_FORWARDING = 2          # packets of the track go to the viewer
+
 # Return codes of the srtp_* functions (>= 0 is a packet length).
 cdef enum:
     SRTP_ERR_MALFORMED = -1      # too short / not RTP or RTCP / bad header

@@ -48,6 +48,9 @@ class SrtpSession:
 
 # How a Fanout track's payload may be read (Fanout.add_track ``payload_format``).
 PAYLOAD_OPAQUE: int
+SUBSCRIPTION_NONE: int  # Fanout.subscription_state(): not subscribed
+SUBSCRIPTION_AWAITING_KEYFRAME: int  # subscribed, waiting for a keyframe
+SUBSCRIPTION_FORWARDING: int  # forwarding
 PAYLOAD_VP8: int  # RFC 7741 descriptors: temporal-layer dropping, picture-id continuity
 PAYLOAD_VP9: int  # RFC 9628 descriptors: the same (picture ids kept as sent on drops)
 

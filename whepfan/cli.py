@@ -390,7 +390,7 @@ def run_demo(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not settings.public_ips:
-        from whepfan.transport import interface_addresses
+        from whepfan.media.transport import interface_addresses
 
         # The UDP socket listens on every address but answers from the one the kernel
         # routes by, so the in-process publisher (which sends from 127.0.0.1) needs a
@@ -491,7 +491,7 @@ def add_calibrate_command(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from whepfan.calibrate import calibrate, report
+    from whepfan.workers.calibrate import calibrate, report
 
     try:
         result = calibrate(

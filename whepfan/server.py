@@ -21,15 +21,17 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from whepfan.calibrate import calibrate
-from whepfan.capacity import CapacityLedger, warn_when_behind
 from whepfan.http import create_app
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
+from whepfan.media.health import warn_when_behind
+from whepfan.media.transport import MediaWorker
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.settings import Settings, SettingsError
-from whepfan.transport import MediaWorker
-from whepfan.workers import InProcessWorkers, WorkerPool
+from whepfan.workers.calibrate import calibrate
+from whepfan.workers.capacity import CapacityLedger
+from whepfan.workers.in_process import InProcessWorkers
+from whepfan.workers.pool import WorkerPool
 
 log = logging.getLogger("whepfan.server")
 

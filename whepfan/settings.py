@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from whepfan.capacity import CapacityPolicy
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.http.links import IceServer
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
+from whepfan.workers.capacity import CapacityPolicy
 
 ENV_PREFIX = "WHEPFAN_"
 # worker_packet_budget = "auto": measured by `whepfan serve` at start-up (whepfan calibrate's

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from aioice import stun
 
 from whepfan.errors import ParseError
-from whepfan.protocol import ice
+from whepfan.protocol import ice, rtp
 from whepfan.protocol.demux import PacketKind, classify_datagram
 from whepfan.protocol.dtls import (
     DtlsCertificate,
@@ -59,9 +59,9 @@ from whepfan.protocol.sdp import (
 Address = ice.Address
 
 # Header extension URIs the client tools put in offers (RFC 8843 §15, RFC 8852 §3.1/§3.2).
-URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
-URI_RID = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
-URI_REPAIRED_RID = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+URI_MID = rtp.URI_MID
+URI_RID = rtp.URI_RTP_STREAM_ID
+URI_REPAIRED_RID = rtp.URI_REPAIRED_RTP_STREAM_ID
 # Chromium's ids, so servers that special-case them see familiar numbers.
 EXTENSION_ID_MID = 4
 EXTENSION_ID_RID = 10

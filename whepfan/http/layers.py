@@ -35,7 +35,7 @@ from whepfan.http.auth import require_token
 from whepfan.http.backend import SessionView
 from whepfan.http.cors import add_preflight_headers
 from whepfan.http.routes import UnsupportedBodyType
-from whepfan.router import LayerRequest
+from whepfan.media.layers import LayerRequest
 
 LAYER_REL = "urn:ietf:params:whep:ext:core:layer"
 LAYER_METHODS = "OPTIONS, GET, POST, DELETE"

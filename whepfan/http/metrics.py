@@ -27,8 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from whepfan.capacity import ServerStats, WorkerStats
 from whepfan.http.auth import require_token
+from whepfan.workers.stats import ServerStats, WorkerStats
 
 METRICS_PATH = "/metrics"
 

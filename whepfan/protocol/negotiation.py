@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from whepfan.errors import NotAcceptable, Unprocessable, WhepfanError
+from whepfan.protocol import rtp
 from whepfan.protocol.sdp import (
     Candidate,
     Codec,
@@ -61,22 +62,21 @@ __all__ = [
 # Header extensions (RFC 8285) by URI
 # --------------------------------------------------------------------------------------------
 
-EXT_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
-EXT_RID = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
-EXT_REPAIRED_RID = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
-EXT_TRANSPORT_CC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
-EXT_TRANSPORT_CC_02 = "http://www.webrtc.org/experiments/rtp-hdrext/transport-wide-cc-02"
-EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
-EXT_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
-EXT_TOFFSET = "urn:ietf:params:rtp-hdrext:toffset"
-EXT_VIDEO_ORIENTATION = "urn:3gpp:video-orientation"
-EXT_PLAYOUT_DELAY = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
-EXT_DEPENDENCY_DESCRIPTOR = (
-    "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
-)
-EXT_COLOR_SPACE = "http://www.webrtc.org/experiments/rtp-hdrext/color-space"
-EXT_VIDEO_CONTENT_TYPE = "http://www.webrtc.org/experiments/rtp-hdrext/video-content-type"
-EXT_VIDEO_TIMING = "http://www.webrtc.org/experiments/rtp-hdrext/video-timing"
+# The names negotiation uses for protocol/rtp.py's URIs (defined there, once).
+EXT_MID = rtp.URI_MID
+EXT_RID = rtp.URI_RTP_STREAM_ID
+EXT_REPAIRED_RID = rtp.URI_REPAIRED_RTP_STREAM_ID
+EXT_TRANSPORT_CC = rtp.URI_TRANSPORT_WIDE_CC
+EXT_TRANSPORT_CC_02 = rtp.URI_TRANSPORT_WIDE_CC_02
+EXT_AUDIO_LEVEL = rtp.URI_SSRC_AUDIO_LEVEL
+EXT_ABS_SEND_TIME = rtp.URI_ABS_SEND_TIME
+EXT_TOFFSET = rtp.URI_TOFFSET
+EXT_VIDEO_ORIENTATION = rtp.URI_VIDEO_ORIENTATION
+EXT_PLAYOUT_DELAY = rtp.URI_PLAYOUT_DELAY
+EXT_DEPENDENCY_DESCRIPTOR = rtp.URI_DEPENDENCY_DESCRIPTOR
+EXT_COLOR_SPACE = rtp.URI_COLOR_SPACE
+EXT_VIDEO_CONTENT_TYPE = rtp.URI_VIDEO_CONTENT_TYPE
+EXT_VIDEO_TIMING = rtp.URI_VIDEO_TIMING
 
 # Extensions that describe the media itself, so they stay true after forwarding.
 FORWARDED_EXTENSIONS = frozenset(

@@ -57,6 +57,7 @@ URI_REPAIRED_RTP_STREAM_ID = (
 )
 URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 URI_TRANSPORT_WIDE_CC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+URI_TRANSPORT_WIDE_CC_02 = "http://www.webrtc.org/experiments/rtp-hdrext/transport-wide-cc-02"
 URI_SSRC_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"  # RFC 6464
 URI_TOFFSET = "urn:ietf:params:rtp-hdrext:toffset"  # RFC 5450
 URI_VIDEO_ORIENTATION = "urn:3gpp:video-orientation"  # 3GPP TS 26.114 §7.4.5
@@ -64,6 +65,9 @@ URI_PLAYOUT_DELAY = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 URI_DEPENDENCY_DESCRIPTOR = (
     "https://aomediacodec.github.io/av1-rtp-spec/#dependency-descriptor-rtp-header-extension"
 )
+URI_COLOR_SPACE = "http://www.webrtc.org/experiments/rtp-hdrext/color-space"
+URI_VIDEO_CONTENT_TYPE = "http://www.webrtc.org/experiments/rtp-hdrext/video-content-type"
+URI_VIDEO_TIMING = "http://www.webrtc.org/experiments/rtp-hdrext/video-timing"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -381,3 +385,65 @@ def unwrap_rtx(payload: bytes | bytearray | memoryview) -> tuple[int, bytes]:
 def wrap_rtx(original_sequence_number: int, payload: bytes) -> bytes:
     """The RTX payload for retransmitting ``payload`` (RFC 4588 §4)."""
     return _UINT16.pack(original_sequence_number) + payload
+
+
+def unwrap_rtx_packet(packet: bytes | bytearray, original_payload_type: int) -> bytearray:
+    """RFC 4588 §4: the original packet rebuilt from an RTX packet: the header with the
+    original payload type and, as sequence number, the OSN that leads the RTX payload."""
+    offset = rtp_header_length(packet)
+    if len(packet) < offset + 2:
+        raise ParseError("RTX packet has no original sequence number")
+    out = bytearray(packet[:offset]) + packet[offset + 2 :]
+    out[1] = (out[1] & 0x80) | original_payload_type
+    out[2:4] = packet[offset : offset + 2]
+    return out
+
+
+def extension_id_table(ids: dict[str, int], canonical: dict[str, int]) -> bytes | None:
+    """A 256-entry table renumbering header-extension ids (RFC 8285 §5 a=extmap) from
+    ``ids`` to ``canonical`` for ``remap_extension_ids``; None when they agree. An id
+    with no canonical counterpart maps to 0 (becomes padding)."""
+    if ids == canonical:
+        return None
+    table = bytearray(256)
+    for uri, ext_id in ids.items():
+        table[ext_id] = canonical.get(uri, 0)
+    return bytes(table)
+
+
+def remap_extension_ids(packet: bytearray, table: bytes) -> None:
+    """Renumber header extensions in place (RFC 8285 §4.2 one-byte, §4.3 two-byte);
+    ids with no canonical counterpart become padding (id 0), lengths never change."""
+    if not packet[0] & 0x10:
+        return
+    start = FIXED_HEADER_LENGTH + 4 * (packet[0] & 0x0F)
+    profile = int.from_bytes(packet[start : start + 2], "big")
+    end = start + 4 + 4 * int.from_bytes(packet[start + 2 : start + 4], "big")
+    i = start + 4
+    if profile == ONE_BYTE_PROFILE:
+        while i < end:
+            ext_id, length = packet[i] >> 4, (packet[i] & 0x0F) + 1
+            if ext_id == 0:
+                i += 1
+                continue
+            if ext_id == 15:
+                return  # RFC 8285 §4.2: id 15 stops parsing
+            new_id = table[ext_id]
+            if new_id:
+                packet[i] = (new_id << 4) | (length - 1)
+            else:
+                packet[i : i + 1 + length] = bytes(1 + length)
+            i += 1 + length
+    elif profile & _TWO_BYTE_PROFILE_MASK == TWO_BYTE_PROFILE:
+        while i + 1 < end:
+            ext_id = packet[i]
+            if ext_id == 0:
+                i += 1
+                continue
+            length = packet[i + 1]
+            new_id = table[ext_id]
+            if new_id:
+                packet[i] = new_id
+            else:
+                packet[i : i + 2 + length] = bytes(2 + length)
+            i += 2 + length

@@ -1,4 +1,4 @@
-"""The I/O driver of one media worker: one UDP socket, one reader, one timer.
+"""MediaWorker: the socket, the reader, one timer (the media plane's I/O driver).
 
 Everything that decides anything lives in ``Router`` (sans-IO: datagrams and ``now`` in);
 this module only moves bytes and re-arms a single timer, as aioquic's asyncio adapter does.
@@ -24,15 +24,17 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 
 import ifaddr
 
 from whepfan import _fastpath
-from whepfan.capacity import ReceiveDelay
 from whepfan.config import MediaConfig
+from whepfan.media.health import ReceiveDelay
+from whepfan.media.router import Router
+from whepfan.media.session import Address
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.router import Address, Router
 
 log = logging.getLogger("whepfan.transport")
 
@@ -108,7 +110,13 @@ def host_candidates(addresses: list[str], port: int) -> list[sdp.Candidate]:
 class MediaWorker:
     """Owns the UDP port, the Fanout and the Router of one worker."""
 
-    def __init__(self, *, config: MediaConfig, certificate: DtlsCertificate) -> None:
+    def __init__(
+        self,
+        *,
+        config: MediaConfig,
+        certificate: DtlsCertificate,
+        router_factory: Callable[..., Router] = Router,
+    ) -> None:
         self.config = config
         self.certificate = certificate
         self._loop = asyncio.get_running_loop()
@@ -138,7 +146,8 @@ class MediaWorker:
             batch_size=config.fanout_batch_size,
         )
         addresses = list(config.public_ips) or interface_addresses()
-        self.router = Router(
+        # One router per worker, built on this worker's socket, fan-out and timer.
+        self.router = router_factory(
             config=config,
             certificate=certificate,
             fanout=self.fanout,
@@ -262,7 +271,7 @@ class MediaWorker:
         """The source address the kernel's routing gives a datagram to ``peer``: connect a
         throwaway UDP socket of our family (no packet is sent) and read its name. One
         system call per new viewer, so the fan-out can skip the per-datagram source
-        wherever the route already picks the right one (Router._fanout_source). None if
+        wherever the route already picks the right one (Sender.fanout_source). None if
         there is no route."""
         try:
             with socket.socket(self.sock.family, socket.SOCK_DGRAM) as probe:

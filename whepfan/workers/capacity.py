@@ -25,15 +25,15 @@ at the top layer is offered the next lower layer before it is refused.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from whepfan.errors import ServiceUnavailable
+from whepfan.errors import PeerError, ServiceUnavailable
+from whepfan.media.layers import LayerRequest, capped_layer_request
 
 log = logging.getLogger("whepfan.capacity")
 
@@ -325,217 +325,103 @@ def _fits(used: float, cost: float, budget: float) -> bool:
     return used + cost <= budget * (1 + _EPSILON)
 
 
-# ---------------------------------------------------------------------- load reporting
-
-# Session setup (offer to SRTP keys: ICE + DTLS) is a few round trips; the buckets span a
-# LAN join (tens of ms) to a lossy mobile one (seconds).
-SETUP_LATENCY_BUCKETS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass(slots=True)
-class LatencyHistogram:
-    """Cumulative histogram (Prometheus semantics: ``counts[i]`` observations <=
-    ``buckets[i]``, the last entry is +Inf); plain lists so it crosses processes as JSON."""
-
-    buckets: tuple[float, ...] = SETUP_LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(SETUP_LATENCY_BUCKETS) + 1))
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                self.counts[index] += 1
-        self.counts[-1] += 1
-        self.total += seconds
-        self.count += 1
-
-    def merge(self, other: LatencyHistogram) -> None:
-        if other.buckets != self.buckets:
-            raise ValueError("histograms with different buckets")
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-        self.total += other.total
-        self.count += other.count
-
-    def to_json(self) -> dict[str, object]:
-        return {"counts": list(self.counts), "total": self.total, "count": self.count}
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> LatencyHistogram:
-        counts = data.get("counts")
-        total, count = data.get("total"), data.get("count")
-        if (
-            not isinstance(counts, list)
-            or len(counts) != len(SETUP_LATENCY_BUCKETS) + 1
-            or not all(isinstance(c, int) for c in counts)
-            or not isinstance(total, int | float)
-            or not isinstance(count, int)
-        ):
-            raise ValueError("not a latency histogram")
-        return cls(counts=list(counts), total=float(total), count=count)
-
-
-class ReceiveDelay:
-    """How long datagrams waited in a worker's socket before it read them: the sign that
-    a worker is past its capacity. A saturated worker loses nothing at first: the kernel
-    queues the publisher's packets and every viewer's delay grows instead (bench/capacity.py
-    measured 11 % behind with zero loss, and an event loop whose timers still ran on time),
-    so neither loss counters nor loop lateness show it; the age of what it reads does.
-
-    The driver records the age of the first datagram of each read burst (the oldest one
-    queued) with ``record(age)``; ``seconds()`` is the worst age over the last ``window``
-    seconds of ``clock``, kept as one maximum per ``bucket`` seconds (bounded memory,
-    however many records)."""
-
-    def __init__(
-        self,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        window: float = 2.0,
-        bucket: float = 0.25,
-    ) -> None:
-        if not 0 < bucket <= window:
-            raise ValueError("0 < bucket <= window")
-        self.clock = clock
-        self.window = window
-        self.bucket = bucket
-        self._buckets: deque[tuple[int, float]] = deque()  # (bucket index, max age)
-        self.worst = 0.0  # since start
-
-    def record(self, age: float) -> None:
-        now = self.clock()
-        age = max(0.0, age)
-        index = math.floor(now / self.bucket)
-        if self._buckets and self._buckets[-1][0] == index:
-            if age > self._buckets[-1][1]:
-                self._buckets[-1] = (index, age)
+def stream_layers(
+    meters: dict[tuple[str, str], RateMeter],
+    stream: str,
+    counters: list[tuple[str, str, int, int]],
+    now: float,
+) -> list[LayerCost]:
+    """A viewer of ``stream`` gets every audio track and one video track: one layer per
+    video track (highest bitrate first), each with the audio added."""
+    audio_packets = audio_bits = 0.0
+    video: list[LayerCost] = []
+    for key, kind, packets, octets in counters:
+        meter = meters.setdefault((stream, key), RateMeter())
+        meter.update(now, packets, octets)
+        cost = meter.cost()
+        if cost is None or cost.packets_per_second <= 0:
+            continue  # not flowing (yet): the ledger keeps the last cost or the default
+        if kind == "video":
+            video.append(cost)
         else:
-            self._buckets.append((index, age))
-        self._expire(now)
-        self.worst = max(self.worst, age)
-
-    def _expire(self, now: float) -> None:
-        oldest = math.floor((now - self.window) / self.bucket) + 1
-        while self._buckets and self._buckets[0][0] < oldest:
-            self._buckets.popleft()
-
-    def seconds(self) -> float:
-        self._expire(self.clock())
-        return max((age for _, age in self._buckets), default=0.0)
-
-    def sustained(self, threshold: float) -> float | None:
-        """The least of the per-bucket maxima when every bucket of the whole window saw
-        a datagram older than ``threshold`` (a lasting backlog, not one slow moment);
-        None otherwise."""
-        self._expire(self.clock())
-        needed = round(self.window / self.bucket)
-        if len(self._buckets) < needed:
-            return None
-        least = min(age for _, age in self._buckets)
-        return least if least > threshold else None
-
-
-RECEIVE_DELAY_WARNING = 0.1  # seconds queued, for a whole window: past capacity
-RECEIVE_DELAY_CHECK = 0.5  # seconds between checks for the warning
-
-
-async def warn_when_behind(
-    delay: ReceiveDelay, *, worker: int, interval: float = RECEIVE_DELAY_CHECK
-) -> None:
-    """Until cancelled: log (at most once a minute) while ``delay`` shows a lasting
-    backlog, so an operator without metrics still hears of it."""
-    loop = asyncio.get_running_loop()
-    warned_at = -math.inf
-    while True:
-        await asyncio.sleep(interval)
-        now = loop.time()
-        backlog = delay.sustained(RECEIVE_DELAY_WARNING)
-        if backlog is not None and now - warned_at > 60:
-            warned_at = now
-            log.warning(
-                "worker %d is falling behind: datagrams have waited %.0f ms or more in its "
-                "socket for %.0f s; it carries more than its core can send (lower "
-                "--worker-packet-budget, or add workers)",
-                worker,
-                backlog * 1000,
-                delay.window,
-            )
-
-
-@dataclass(slots=True, kw_only=True)
-class WorkerStats:
-    """One worker's cumulative counters, as the metrics endpoint reads them."""
-
-    worker: int
-    pid: int
-    alive: bool = True
-    viewers: int = 0
-    publishers: int = 0
-    router: dict[str, int] = field(default_factory=dict)  # Router.counters
-    fanout: dict[str, int] = field(default_factory=dict)  # Fanout.stats()
-    setup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    receive_delay: float = 0.0  # seconds: ReceiveDelay.seconds of the worker's socket
-    behind: bool = False  # ReceiveDelay.sustained over RECEIVE_DELAY_WARNING
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "receive_delay": self.receive_delay,
-            "behind": self.behind,
-            "worker": self.worker,
-            "pid": self.pid,
-            "viewers": self.viewers,
-            "publishers": self.publishers,
-            "router": self.router,
-            "fanout": self.fanout,
-            "setup_latency": self.setup_latency.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> WorkerStats:
-        def counters(name: str) -> dict[str, int]:
-            value = data.get(name)
-            if not isinstance(value, dict):
-                raise ValueError(f"{name} is not a mapping")
-            return {str(k): int(v) for k, v in value.items() if isinstance(v, int)}
-
-        def integer(name: str) -> int:
-            value = data.get(name)
-            if not isinstance(value, int):
-                raise ValueError(f"{name} is not an integer")
-            return value
-
-        latency = data.get("setup_latency")
-        if not isinstance(latency, dict):
-            raise ValueError("worker stats without a latency histogram")
-        delay = data.get("receive_delay", 0.0)
-        if not isinstance(delay, int | float) or isinstance(delay, bool):
-            raise ValueError("receive_delay is not a number")
-        behind = data.get("behind", False)
-        if not isinstance(behind, bool):
-            raise ValueError("behind is not a boolean")
-        return cls(
-            receive_delay=float(delay),
-            behind=behind,
-            worker=integer("worker"),
-            pid=integer("pid"),
-            viewers=integer("viewers"),
-            publishers=integer("publishers"),
-            router=counters("router"),
-            fanout=counters("fanout"),
-            setup_latency=LatencyHistogram.from_json(latency),
+            audio_packets += cost.packets_per_second
+            audio_bits += cost.bits_per_second
+    if not video:
+        if not audio_packets:
+            return []
+        return [LayerCost(packets_per_second=audio_packets, bits_per_second=audio_bits)]
+    video.sort(key=lambda cost: cost.bits_per_second, reverse=True)
+    return [
+        LayerCost(
+            packets_per_second=layer.packets_per_second + audio_packets,
+            bits_per_second=layer.bits_per_second + audio_bits,
         )
+        for layer in video
+    ]
 
 
-@dataclass(slots=True, kw_only=True)
-class ServerStats:
-    """Everything ``GET /metrics`` shows: each live worker's counters (a replaced worker
-    starts from zero; Prometheus' rate() treats that as the counter reset it is) and the
-    admission ledger."""
+class LayerRouter(Protocol):
+    """What a ceiling needs of a router (media.router.Router)."""
 
-    workers: list[WorkerStats]
-    loads: list[WorkerLoad]
-    egress_bit_budget: float | None
-    refusals: dict[str, int]
-    admissions: dict[str, int]
-    worker_restarts: int = 0
-    draining: bool = False
+    def select_layer(
+        self, session_id: str, request: LayerRequest, now: float
+    ) -> dict[str, object]: ...
+
+
+class LayeredStream(Protocol):
+    def layers(self) -> Sequence[Any]: ...
+
+
+class LayerCeilings:
+    """Viewers admitted below the top layer (``admit_lower_layer``), and the highest
+    layer index each may have. The one rule both worker backends apply: the in-process
+    one, and each worker process for its own viewers (only it knows the layers), so
+    both count a stream's layers the same way (``Stream.layers()``: the active ones)."""
+
+    def __init__(self) -> None:
+        self._ceilings: dict[str, int] = {}
+        self.capped = 0  # viewers held under a ceiling so far
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._ceilings
+
+    def get(self, session_id: str) -> int | None:
+        return self._ceilings.get(session_id)
+
+    def cap(
+        self,
+        router: LayerRouter,
+        session_id: str,
+        stream: LayeredStream,
+        from_top: int,
+        now: float,
+    ) -> int | None:
+        """The viewer was admitted ``from_top`` layers below the top: it may not climb
+        above that layer, or the budget it was admitted under would not hold. The ledger
+        counts layers from the top, the router from the bottom. Returns the ceiling, or
+        None when there is nothing to cap (one layer, or an audio-only viewer)."""
+        layers = stream.layers()
+        if len(layers) < 2:
+            return None
+        ceiling = max(0, len(layers) - 1 - from_top)
+        try:
+            router.select_layer(session_id, LayerRequest(max_spatial_layer=ceiling), now)
+        except PeerError:
+            return None  # an audio-only viewer: nothing to cap
+        # Kept, not just applied once: every later layer request is held under it.
+        self._ceilings[session_id] = ceiling
+        self.capped += 1
+        return ceiling
+
+    def held(
+        self, session_id: str, request: LayerRequest, stream: LayeredStream | None
+    ) -> LayerRequest:
+        """``request`` as the viewer's ceiling allows it (unchanged without one)."""
+        ceiling = self._ceilings.get(session_id)
+        if ceiling is None:
+            return request
+        layers = stream.layers() if stream is not None else []
+        return capped_layer_request(request, layers, ceiling)
+
+    def forget(self, session_id: str) -> None:
+        self._ceilings.pop(session_id, None)
