@@ -1,8 +1,12 @@
-# C-level API of the compiled core: what the fan-out half calls in the SRTP half.
+# C-level layout of the compiled core (uvloop's .pxd-beside-.pyx): every struct and
+# the constants their sizes use, and the SRTP functions the fan-out half calls.
 # Python-visible API: _fastpath.pyi.
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from posix.uio cimport iovec
 
 from whepfan.includes.libcrypto cimport SHA_CTX
+from whepfan.includes.system cimport mmsghdr, sockaddr_in6, socklen_t
 
 # SRTP protection profiles, numbered as in the IANA "DTLS-SRTP Protection
 # Profiles" registry (RFC 5764 §4.1.2, RFC 7714 §14.2). cpdef: also module constants.
@@ -72,3 +76,261 @@ cdef int srtp_protect_rtp(SrtpCtx* ctx, uint8_t* buf, int length, int capacity) 
 cdef int srtp_unprotect_rtp(SrtpCtx* ctx, uint8_t* buf, int length) noexcept nogil
 cdef int srtp_protect_rtcp(SrtpCtx* ctx, uint8_t* buf, int length, int capacity) noexcept nogil
 cdef int srtp_unprotect_rtcp(SrtpCtx* ctx, uint8_t* buf, int length) noexcept nogil
+
+# ------------------------------------------------------------------ SRTP (_srtp.pxi)
+
+cdef enum:
+    RTP_HEADER_MIN = 12           # RFC 3550 §5.1 fixed header
+    RTCP_HEADER_MIN = 8           # RFC 3550 §6.4.1: V/P/RC, PT, length, sender SSRC
+    SRTCP_INDEX_LEN = 4           # E flag + 31-bit SRTCP index (RFC 3711 §3.4)
+    SRTCP_E_FLAG = 0x80000000
+    SRTCP_INDEX_MASK = 0x7FFFFFFF
+    GCM_TAG_LEN = 16              # RFC 7714 §14.2: 16-octet authentication tag
+    GCM_IV_LEN = 12               # RFC 7714 §8.1
+    CM_SALT_LEN = 14              # RFC 3711 §4.3.3: 112-bit session salt
+    GCM_SALT_LEN = 12             # RFC 7714 §11: 96-bit salt
+    HMAC_SHA1_KEY_LEN = 20        # RFC 3711 §4.2.1: n_a = 160
+    SHA1_BLOCK = 64
+    SHA1_DIGEST = 20
+    REPLAY_WINDOW = 64            # RFC 3711 §3.3.2 requires at least 64
+    MAX_SESSION_KEY = 32
+
+
+cdef struct SessionKeys:
+    # The six session values of RFC 3711 §4.3.1 for one master key/salt.
+    int key_len
+    int auth_key_len
+    int salt_len
+    uint8_t rtp_key[MAX_SESSION_KEY]
+    uint8_t rtp_auth_key[HMAC_SHA1_KEY_LEN]
+    uint8_t rtp_salt[CM_SALT_LEN]
+    uint8_t rtcp_key[MAX_SESSION_KEY]
+    uint8_t rtcp_auth_key[HMAC_SHA1_KEY_LEN]
+    uint8_t rtcp_salt[CM_SALT_LEN]
+
+
+# ------------------------------------------------------------------ fan-out (_fanout.pxi)
+
+cdef enum:
+    # Largest RTP packet accepted from the publisher: one Ethernet MTU. Larger ones
+    # would be IP-fragmented towards every viewer; they are counted and dropped.
+    MAX_RTP_PACKET = 1500
+    RTX_OSN_SIZE = 2             # RFC 4588 §4: original sequence number before the payload
+    # One batch slot: the largest packet, plus the RTX OSN, plus the SRTP trailer,
+    # rounded up to a multiple of 64 so slots start on cache lines.
+    BATCH_SLOT_SIZE = ((MAX_RTP_PACKET + RTX_OSN_SIZE + SRTP_MAX_OVERHEAD + 63) // 64) * 64
+    # Header-extension elements rewritten per packet. RFC 8285 one-byte ids are 1..14 and
+    # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
+    MAX_EXT_ELEMENTS = 32
+    RTCP_SR_SIZE = 28            # RFC 3550 §6.4.1, no report blocks
+    SWITCH_LOG_SIZE = 1024       # completed switches kept until take_switches()
+    ALL_TEMPORAL_LAYERS = 255    # no temporal-layer limit
+    # VP9 flexible mode (RFC 9628 §4.2): a P_DIFF reaches at most 127 pictures back, so
+    # the fate of the last 128 pictures (by picture id mod 128) is all a check needs.
+    VP9_PICTURE_HISTORY = 128
+    VP9_PICTURE_DROPPED = 0x8000   # history entry flag: not sent to this viewer
+    VP9_MAX_REFERENCES = 3         # RFC 9628 §4.2: up to three P_DIFF octets
+    # One IPV6_PKTINFO control message: CMSG_SPACE(sizeof(in6_pktinfo)) = 16 + 24 on
+    # LP64 Linux (checked at import); an IP_PKTINFO one (16 + 16) fits as well.
+    SOURCE_CONTROL_WORDS = 5
+
+
+# Where the parts of one RTP packet are, found once per push and reused for every viewer.
+cdef struct RtpLayout:
+    int header_len               # fixed header + CSRC list + extension block
+    int payload_len              # excluding RTP padding
+    int padding_len
+    int ext_form                 # ExtensionForm
+    int ext_count
+    uint16_t ext_offset[MAX_EXT_ELEMENTS]   # offset of each element's ID byte
+    uint16_t ext_size[MAX_EXT_ELEMENTS]     # element header + data, in bytes
+    uint8_t ext_id[MAX_EXT_ELEMENTS]
+
+
+# The fields of a VP8 (RFC 7741 §4.2) or VP9 (RFC 9628 §4.2) payload descriptor the fan-out
+# acts on. The picture id (M bit: 15 bits) and TL0PICIDX have the same wire form in both.
+cdef struct DescriptorFields:
+    int present                  # 1 if the payload carried a parseable descriptor
+    int frame_start              # first packet of a picture: VP8 S and partition 0, VP9 B, SID 0
+    int picture_id               # -1: absent
+    int picture_id_offset        # offset of the picture id in the payload
+    int long_picture_id          # M bit: 15-bit picture id
+    int tl0_pic_idx              # -1: absent
+    int tl0_offset
+    int temporal_layer           # TID; -1: absent
+    int layer_sync               # VP8 Y bit, VP9 U bit (switching-up point)
+    # VP9 only.
+    int flexible                 # F bit: references as P_DIFFs, no TL0PICIDX
+    int reference_count          # P_DIFF octets (P and F set)
+    int reference_diff[VP9_MAX_REFERENCES]
+
+
+# One viewer's copy of one track.
+cdef struct Subscription:
+    int32_t viewer
+    uint32_t ssrc
+    uint32_t ts_offset           # out timestamp = in + ts_offset (mod 2^32)
+    uint32_t rtx_ssrc
+    uint32_t packets_sent        # RFC 3550 §6.4.1 sender's packet count (wraps mod 2^32)
+    uint32_t octets_sent         # ... sender's octet count: payload octets only
+    uint16_t seq_offset          # out seq = in + seq_offset (mod 2^16)
+    uint16_t rtx_seq             # next RTX sequence number (RFC 4588 §4: own space)
+    uint8_t payload_type
+    uint8_t rtx_payload_type
+    uint8_t has_rtx
+    uint8_t wait_keyframe
+    uint8_t* ext_map             # 256 entries: publisher id -> viewer id; NULL strips all
+    # What the viewer last received: where a layer switch continues from.
+    uint8_t has_sent
+    uint16_t last_seq            # viewer's highest sequence number sent
+    uint32_t last_ts             # ... and its timestamp
+    double last_sent_at          # push time of that packet
+    # seq_offset holds for publisher sequence numbers from here on (it changes at a
+    # switch and with every temporally dropped packet); NACKs for older ones are misses.
+    uint16_t offset_valid_from
+    uint8_t offset_floor_set     # offset_valid_from is set
+    int32_t switch_from          # pending switch: the track it replaces; -1: none
+    # VP8 (RFC 7741 §4.2) / VP9 (RFC 9628 §4.2) picture ids and TL0PICIDX, rewritten so
+    # the viewer sees one stream across switches (and, VP8 only, temporal drops).
+    uint8_t has_picture_state
+    uint8_t temporal_limit       # highest TID forwarded (ALL_TEMPORAL_LAYERS: all)
+    uint8_t temporal_target      # the limit asked for; applied at a picture boundary
+    uint8_t tl0_offset
+    uint8_t last_tl0
+    uint16_t picture_id_offset   # mod 2^15
+    uint16_t last_picture_id
+    int32_t last_dropped_picture  # picture id of the last dropped picture; -1: none
+    # VP9 tracks: VP9_PICTURE_HISTORY entries, index picture id mod 128, each the id of
+    # the last picture seen there | VP9_PICTURE_DROPPED, or -1; NULL for other formats.
+    int32_t* vp9_picture_history
+
+
+cdef struct Viewer:
+    SrtpCtx tx                   # protects RTP and RTCP towards the viewer
+    SrtpCtx rx                   # unprotects the viewer's SRTCP
+    sockaddr_in6 address         # large enough for sockaddr_in too
+    socklen_t address_len
+    size_t source_control_len    # 0: the kernel picks the source address
+    # cmsghdr + in_pktinfo/in6_pktinfo naming the source (see "Source addresses");
+    # uint64_t words keep it aligned as CMSG_* require.
+    uint64_t source_control[SOURCE_CONTROL_WORDS]
+    uint8_t in_use
+    uint64_t packets_sent
+    uint64_t bytes_sent
+    uint64_t send_errors
+    uint64_t protect_errors
+    uint64_t dropped_waiting_keyframe
+    uint64_t resent
+    uint64_t rtx_sent
+    uint64_t resend_misses
+    uint64_t sender_reports_sent
+    uint64_t rtcp_sent
+    uint64_t rtcp_received
+    uint64_t rtcp_errors
+
+
+cdef struct Track:
+    uint8_t in_use
+    int cache_packets
+    uint8_t* cache               # cache_packets slots of MAX_RTP_PACKET bytes
+    uint16_t* cache_seq          # publisher sequence number stored in each slot
+    uint16_t* cache_len          # 0: slot empty
+    Subscription* subscriptions
+    int subscription_count
+    int subscription_capacity
+    int32_t* subscription_of_viewer   # [max_viewers] index into subscriptions, -1: none
+    uint64_t pushed
+    uint32_t clock_rate          # RTP clock (RFC 3550 §5.1), for timestamps across a switch
+    int payload_format           # PAYLOAD_*
+
+
+cdef struct FanoutCounters:
+    uint64_t pushed
+    uint64_t dropped_malformed
+    uint64_t dropped_too_large
+    uint64_t dropped_waiting_keyframe
+    uint64_t packets_sent
+    uint64_t bytes_sent
+    uint64_t send_errors
+    uint64_t send_buffer_full    # the part of send_errors due to EAGAIN/ENOBUFS
+    uint64_t protect_errors
+    uint64_t sendmmsg_calls
+    uint64_t resent
+    uint64_t rtx_sent
+    uint64_t resend_misses
+    uint64_t sender_reports_sent
+    uint64_t rtcp_sent
+    uint64_t switches_completed
+    uint64_t switch_log_overflows
+    uint64_t dropped_temporal_layer
+    uint64_t dropped_stale          # pushed packets older than a subscription's offsets
+
+
+# Preallocated datagrams for one sendmmsg(2) call.
+cdef struct SendBatch:
+    int fd
+    int capacity
+    int count
+    uint8_t* buffers             # capacity slots of BATCH_SLOT_SIZE bytes
+    iovec* iov
+    mmsghdr* messages
+    uint8_t* accepted            # per slot, after flush: 1 if the kernel took it
+    int32_t* slot_viewer         # per slot: viewer index (Fanout bookkeeping)
+    Subscription** slot_subscription   # per slot: RTP data counted for SRs, or NULL
+    uint32_t* slot_payload_len
+
+
+# ------------------------------------------------------------------ receiver (_receiver.pxi)
+
+cdef enum:
+    RX_SLOT_SIZE = 2048              # one datagram; WebRTC media stays under ~1300 bytes
+    RX_MAX_STREAMS = 4               # SSRCs counted per viewer (audio, video, RTX, spare)
+    RX_CONTROL_SLOTS = 256           # STUN/DTLS datagrams returned by one drain()
+    RX_ANCILLARY_SIZE = 64           # CMSG_SPACE(timespec) + CMSG_SPACE(uint32) = 56
+    RX_MAX_EVENTS = 256              # ready sockets taken from one epoll_wait
+    RX_BATCHES_PER_SOCKET = 8        # recvmmsg calls per ready socket per drain (fairness)
+    RX_DUPLICATE_WINDOW = 64         # sequence numbers remembered for duplicate detection
+
+
+cdef struct RxStream:
+    uint32_t ssrc
+    int in_use
+    int kind
+    uint32_t clock_rate
+    int64_t base_seq                 # extended sequence number of the first packet
+    int64_t highest_seq              # highest extended sequence number (RFC 3550 §A.1)
+    uint64_t window                  # bit i: highest_seq - i was received
+    uint64_t packets                 # unique packets (duplicates excluded)
+    uint64_t duplicates
+    uint64_t late                    # older than the window: counted, not checked
+    double jitter                    # RFC 3550 §6.4.1, in timestamp units
+    uint32_t last_transit
+    int has_transit
+
+
+cdef struct RxViewer:
+    int fd
+    int in_use
+    int polled                       # out of the epoll set, read by poll()
+    int keyed
+    int has_video
+    SrtpCtx srtp
+    uint8_t pt_kind[128]
+    uint32_t pt_clock[128]
+    RxStream streams[RX_MAX_STREAMS]
+    uint64_t packets                 # RTP datagrams, duplicates included
+    uint64_t bytes                   # their UDP payload bytes
+    uint64_t rtcp_packets
+    uint64_t control_packets
+    uint64_t control_dropped         # STUN/DTLS beyond RX_CONTROL_SLOTS in one drain
+    uint64_t decrypted
+    uint64_t decrypt_failures        # authentication or format failures (not replays)
+    uint64_t replayed
+    uint64_t unkeyed                 # RTP before the DTLS keys were set
+    uint64_t malformed
+    uint64_t other_streams           # packets of SSRCs beyond RX_MAX_STREAMS
+    uint32_t socket_drops            # SO_RXQ_OVFL: dropped by this socket's full buffer
+    uint64_t sample_counter
+    double first_rtp_at
+    double first_keyframe_at
+    double last_rtp_at

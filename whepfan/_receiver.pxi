@@ -79,14 +79,6 @@ from whepfan.includes.recv cimport (
 )
 from whepfan.includes.recv cimport close as close_fd
 
-cdef enum:
-    RX_SLOT_SIZE = 2048              # one datagram; WebRTC media stays under ~1300 bytes
-    RX_MAX_STREAMS = 4               # SSRCs counted per viewer (audio, video, RTX, spare)
-    RX_CONTROL_SLOTS = 256           # STUN/DTLS datagrams returned by one drain()
-    RX_ANCILLARY_SIZE = 64           # CMSG_SPACE(timespec) + CMSG_SPACE(uint32) = 56
-    RX_MAX_EVENTS = 256              # ready sockets taken from one epoll_wait
-    RX_BATCHES_PER_SOCKET = 8        # recvmmsg calls per ready socket per drain (fairness)
-    RX_DUPLICATE_WINDOW = 64         # sequence numbers remembered for duplicate detection
 
 cdef enum RxKind:
     RX_KIND_UNKNOWN = 0
@@ -94,50 +86,6 @@ cdef enum RxKind:
     RX_KIND_VP8 = 2
     RX_KIND_H264 = 3
     RX_KIND_VIDEO = 4                # another video codec: counted, no keyframe inspection
-
-
-cdef struct RxStream:
-    uint32_t ssrc
-    int in_use
-    int kind
-    uint32_t clock_rate
-    int64_t base_seq                 # extended sequence number of the first packet
-    int64_t highest_seq              # highest extended sequence number (RFC 3550 §A.1)
-    uint64_t window                  # bit i: highest_seq - i was received
-    uint64_t packets                 # unique packets (duplicates excluded)
-    uint64_t duplicates
-    uint64_t late                    # older than the window: counted, not checked
-    double jitter                    # RFC 3550 §6.4.1, in timestamp units
-    uint32_t last_transit
-    int has_transit
-
-
-cdef struct RxViewer:
-    int fd
-    int in_use
-    int polled                       # out of the epoll set, read by poll()
-    int keyed
-    int has_video
-    SrtpCtx srtp
-    uint8_t pt_kind[128]
-    uint32_t pt_clock[128]
-    RxStream streams[RX_MAX_STREAMS]
-    uint64_t packets                 # RTP datagrams, duplicates included
-    uint64_t bytes                   # their UDP payload bytes
-    uint64_t rtcp_packets
-    uint64_t control_packets
-    uint64_t control_dropped         # STUN/DTLS beyond RX_CONTROL_SLOTS in one drain
-    uint64_t decrypted
-    uint64_t decrypt_failures        # authentication or format failures (not replays)
-    uint64_t replayed
-    uint64_t unkeyed                 # RTP before the DTLS keys were set
-    uint64_t malformed
-    uint64_t other_streams           # packets of SSRCs beyond RX_MAX_STREAMS
-    uint32_t socket_drops            # SO_RXQ_OVFL: dropped by this socket's full buffer
-    uint64_t sample_counter
-    double first_rtp_at
-    double first_keyframe_at
-    double last_rtp_at
 
 
 cdef inline double rx_monotonic() noexcept nogil:

@@ -69,21 +69,6 @@ from whepfan.includes.libcrypto cimport (
     SHA_CTX,
 )
 
-cdef enum:
-    RTP_HEADER_MIN = 12           # RFC 3550 §5.1 fixed header
-    RTCP_HEADER_MIN = 8           # RFC 3550 §6.4.1: V/P/RC, PT, length, sender SSRC
-    SRTCP_INDEX_LEN = 4           # E flag + 31-bit SRTCP index (RFC 3711 §3.4)
-    SRTCP_E_FLAG = 0x80000000
-    SRTCP_INDEX_MASK = 0x7FFFFFFF
-    GCM_TAG_LEN = 16              # RFC 7714 §14.2: 16-octet authentication tag
-    GCM_IV_LEN = 12               # RFC 7714 §8.1
-    CM_SALT_LEN = 14              # RFC 3711 §4.3.3: 112-bit session salt
-    GCM_SALT_LEN = 12             # RFC 7714 §11: 96-bit salt
-    HMAC_SHA1_KEY_LEN = 20        # RFC 3711 §4.2.1: n_a = 160
-    SHA1_BLOCK = 64
-    SHA1_DIGEST = 20
-    REPLAY_WINDOW = 64            # RFC 3711 §3.3.2 requires at least 64
-    MAX_SESSION_KEY = 32
 
 # RFC 3711 §4.3.1 key derivation labels.
 cdef enum:
@@ -93,19 +78,6 @@ cdef enum:
     LABEL_RTCP_ENCRYPTION = 3
     LABEL_RTCP_AUTH = 4
     LABEL_RTCP_SALT = 5
-
-
-cdef struct SessionKeys:
-    # The six session values of RFC 3711 §4.3.1 for one master key/salt.
-    int key_len
-    int auth_key_len
-    int salt_len
-    uint8_t rtp_key[MAX_SESSION_KEY]
-    uint8_t rtp_auth_key[HMAC_SHA1_KEY_LEN]
-    uint8_t rtp_salt[CM_SALT_LEN]
-    uint8_t rtcp_key[MAX_SESSION_KEY]
-    uint8_t rtcp_auth_key[HMAC_SHA1_KEY_LEN]
-    uint8_t rtcp_salt[CM_SALT_LEN]
 
 
 # --- small helpers -----------------------------------------------------------------
