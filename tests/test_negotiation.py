@@ -10,7 +10,7 @@ from _paths import SDP_FIXTURES
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
-from whepfan.errors import NotAcceptable, Unprocessable
+from whepfan.errors import NotAcceptable, ParseError, Unprocessable
 from whepfan.protocol.negotiation import (
     EXT_ABS_SEND_TIME,
     EXT_AUDIO_LEVEL,
@@ -238,6 +238,18 @@ def test_whip_rejections() -> None:
         answer_publisher(only_h265, LOCAL, reject_partial=False)
 
 
+def test_whip_fid_group_with_one_ssrc_is_a_400() -> None:
+    """RFC 4588 §8.7: an RTX FID group pairs two SSRCs; ``a=ssrc-group:FID 1`` alone cannot
+    be paired, and is the peer's error (ParseError, a 400 naming the line)."""
+    lines = VP8_LINES + "\na=ssrc-group:FID {ssrcs}\na=ssrc:1 cname:x"
+    for ssrcs in ("1", "1 2 3", ""):
+        offer = _whip_offer(video_codecs=lines.format(ssrcs=ssrcs))
+        with pytest.raises(ParseError, match="FID"):
+            answer_publisher(offer, LOCAL)
+    _, ingest = answer_publisher(_whip_offer(video_codecs=lines.format(ssrcs="1 2")), LOCAL)
+    assert (ingest[1].ssrc, ingest[1].rtx_ssrc) == (1, 2)
+
+
 # ---------------------------------------------------------------- WHEP
 
 
@@ -448,6 +460,34 @@ async def test_aiortc_viewer_accepts_answer() -> None:
         assert pc.signalingState == "stable"
         assert [t.currentDirection for t in pc.getTransceivers()] == ["recvonly", "recvonly"]
         assert [(e.kind, e.codec.name) for e in egress] == [("audio", "opus"), ("video", "VP8")]
+    finally:
+        await pc.close()
+
+
+async def test_aiortc_viewer_accepts_answer_rejecting_audio_of_a_video_only_stream() -> None:
+    """The rejected m=audio 0 carries the session's ICE and DTLS attributes (aiortc raises
+    "ICE username fragment or password is missing" without them) and leaves the BUNDLE
+    group (RFC 9143 §7.3.3)."""
+    pc = _pc()
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        answer, egress = answer_viewer(
+            SessionDescription.parse(pc.localDescription.sdp), LOCAL, [VP8], ssrc_source=_ssrcs()
+        )
+        audio = SessionDescription.parse(str(answer)).media[0]
+        assert audio.rejected and audio.direction == "inactive"
+        assert (audio.ice_ufrag, audio.ice_pwd, audio.setup) == (
+            "srvU",
+            "serverpasswordserverpass",
+            "passive",
+        )
+        assert audio.fingerprints == LOCAL.fingerprints
+        assert answer.bundle_mids == ["1"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=str(answer), type="answer"))
+        assert pc.signalingState == "stable"
+        assert [(e.kind, e.codec.name) for e in egress] == [("video", "VP8")]
     finally:
         await pc.close()
 

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from whepfan.errors import NotAcceptable, Unprocessable, WhepfanError
+from whepfan.errors import NotAcceptable, ParseError, Unprocessable, WhepfanError
 from whepfan.protocol.sdp import (
     Candidate,
     Codec,
@@ -453,9 +453,20 @@ def _is_live_rtp(section: MediaSection) -> bool:
     return not section.rejected and section.kind in _MEDIA_KINDS and section.proto in _RTP_PROTOS
 
 
-def _rejected_answer(offered: MediaSection) -> MediaSection:
-    # RFC 3264 §6: a rejected stream keeps its media and formats but gets port 0; JSEP
-    # §5.3.1 keeps its a=mid.
+def _rejected_answer(offered: MediaSection, local: LocalTransport, *, setup: str) -> MediaSection:
+    """RFC 3264 §6: a rejected stream keeps its media and formats but gets port 0; JSEP
+    (RFC 9429 §5.3.1) keeps its a=mid, and RFC 9143 §7.3.3 leaves it out of the answer's
+    BUNDLE group (``_check_bundle`` lists accepted sections only).
+
+    It still carries the session's ICE credentials, fingerprint and setup role, rtcp-mux
+    where the offer had it, and the offered formats' rtpmap/fmtp lines (RFC 8866 §6.6:
+    dynamic payload types are described where they are listed), although RFC 8839 §5.4
+    needs the transport attributes only on sections in use: strict parsers read all of
+    them from every m= section (aiortc refuses such an answer with "ICE username fragment
+    or password is missing", "RTCP mux is not enabled" or "Failed to set remote audio
+    description send parameters"), and the values are the session's and the offer's own,
+    so they cannot mislead anyone.
+    """
     return MediaSection(
         kind=offered.kind,
         port=0,
@@ -464,6 +475,21 @@ def _rejected_answer(offered: MediaSection) -> MediaSection:
         connection=Connection(),
         mid=offered.mid,
         direction="inactive",
+        ice_ufrag=local.ice_ufrag,
+        ice_pwd=local.ice_pwd,
+        fingerprints=list(local.fingerprints),
+        setup=setup,
+        rtcp_mux=offered.rtcp_mux,
+        codecs=[
+            Codec(
+                payload_type=codec.payload_type,
+                name=codec.name,
+                clock_rate=codec.clock_rate,
+                channels=codec.channels,
+                fmtp=list(codec.fmtp),
+            )
+            for codec in offered.codecs
+        ],
     )
 
 
@@ -629,6 +655,30 @@ def _rid_max_bitrate(rid: Rid) -> int | None:
     return None
 
 
+def _fid_pairs(section: MediaSection) -> dict[int, int]:
+    """Media SSRC -> its RTX SSRC from ``a=ssrc-group:FID`` (RFC 5576 §4.2, RFC 4588 §8.7).
+
+    An RTX FID group names exactly two SSRCs, the original stream then the repair one; a
+    group of another size cannot be paired, so the offer is refused with a 400 saying so
+    rather than guessing which SSRC carries what (a guess that is wrong leaves the video
+    undecodable with no error anywhere).
+    """
+    pairs: dict[int, int] = {}
+    for group in section.ssrc_groups:
+        if group.semantics != "FID":
+            continue
+        if len(group.ssrcs) != 2:
+            listed = " ".join(map(str, group.ssrcs)) or "no SSRC"
+            raise ParseError(
+                f"m= section {section.mid!r}: a=ssrc-group:FID lists {listed}; it needs "
+                "the media SSRC and its RTX SSRC (RFC 4588 §8.7, RFC 5576 §4.2)"
+            )
+        media, repair = group.ssrcs
+        if media != repair:
+            pairs[media] = repair
+    return pairs
+
+
 def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestTrack, ...]:
     """Encodings of one publisher m= section; fills the answer's rid/simulcast lines."""
     send_rids = {rid.id: rid for rid in section.rids if rid.direction == "send"}
@@ -659,8 +709,7 @@ def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestT
             IngestTrack(rid=rid_id, max_bitrate=_rid_max_bitrate(rid))
             for rid_id, rid in send_rids.items()
         )
-    fid = {g.ssrcs[0]: g.ssrcs[1] for g in section.ssrc_groups if g.semantics == "FID"}
-    fid = {k: v for k, v in fid.items() if k != v}
+    fid = _fid_pairs(section)
     sim = next((g.ssrcs for g in section.ssrc_groups if g.semantics == "SIM"), None)
     if sim:
         # Legacy SSRC-signalled simulcast (a=ssrc-group:SIM, lowest layer first).
@@ -700,7 +749,7 @@ def answer_publisher(
     unusable: list[str] = []
     for section in offer.media:
         if section.rejected:
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         direction = section.direction or "sendrecv"
         chosen = (
@@ -708,7 +757,7 @@ def answer_publisher(
         )
         if chosen is None:
             unusable.append(f"{section.kind} {section.mid!r}")
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         if direction not in ("sendonly", "sendrecv"):
             # RFC 9725 §4.2: the publisher's offer MUST NOT be recvonly or inactive.
@@ -796,7 +845,7 @@ def answer_viewer(
     used_sources: set[int] = set()
     for section in offer.media:
         if not _is_live_rtp(section):
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         direction = section.direction or "sendrecv"
         if direction not in ("recvonly", "sendrecv"):
@@ -822,7 +871,7 @@ def answer_viewer(
                     f"the offer's {section.kind} section has no codec matching the stream's "
                     "(a counter-offer follows)"
                 )
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         index, source, (codec, _) = match
         used_sources.add(index)
