@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the WHIP/WHEP server. Each option is also WHEPFAN_<NAME> in the "
         "environment (lists comma-separated) and <name> in the TOML file.",
     )
+    # Errors found after parsing (settings, addresses) print this subcommand's usage.
+    serve.set_defaults(subparser=serve)
     # default=None everywhere: "not given" must not override the environment or the file.
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP address (127.0.0.1:8080)")
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="public_ip",
         action="append",
         metavar="ADDR",
-        help="address advertised as ICE candidate (repeatable; default: every "
-        "non-loopback interface address)",
+        help="address advertised as ICE candidate (repeatable; default: the --udp address, "
+        "or every non-loopback interface address when --udp binds all of them)",
     )
     serve.add_argument(
         "--publish-token",
@@ -71,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="STUN/TURN server for clients (repeatable): URI[;username=U;credential=C] or "
         "URI;secret=S[;ttl=SECONDS] for TURN REST time-limited credentials",
+    )
+    serve.add_argument(
+        "--turn-url",
+        dest="turn_url",
+        action="append",
+        metavar="URI",
+        help="turn:/turns: URI of a TURN server that shares --turn-secret (repeatable)",
+    )
+    serve.add_argument(
+        "--turn-secret",
+        dest="turn_secret",
+        metavar="SECRET",
+        help="coturn's static-auth-secret: each response carries time-limited credentials",
+    )
+    serve.add_argument(
+        "--turn-credential-ttl",
+        dest="turn_credential_ttl",
+        metavar="SECONDS",
+        help="how long those TURN credentials stay valid (default 86400)",
     )
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PEM")
     serve.add_argument("--tls-key", dest="tls_key", metavar="PEM")
@@ -357,6 +378,7 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "a tone to it over WHIP, then print the page that plays it. The server options "
         "are those of `whepfan serve` (also from WHEPFAN_* variables).",
     )
+    demo.set_defaults(subparser=demo)
     demo.add_argument("--http", metavar="HOST:PORT", help="HTTP address (127.0.0.1:8080)")
     demo.add_argument("--udp", metavar="HOST:PORT", help="media UDP address (0.0.0.0:8189)")
     demo.add_argument(
@@ -364,8 +386,8 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         dest="public_ip",
         action="append",
         metavar="ADDR",
-        help="address advertised as ICE candidate (repeatable; default: every "
-        "non-loopback interface address)",
+        help="address advertised as ICE candidate (repeatable; default: the --udp address, "
+        "or every non-loopback interface address when --udp binds all of them)",
     )
     demo.add_argument("--stream", default=DEMO_STREAM, metavar="NAME", help="stream name")
     demo.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
@@ -383,23 +405,25 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         settings = Settings.resolve(cli=given, environ=dict(os.environ))
     except SettingsError as exc:
-        print(f"whepfan demo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        args.subparser.error(str(exc))  # exits with status 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not settings.public_ips:
+    if not settings.public_ips and settings.binds_every_address:
         from whepfan.transport import interface_addresses
 
-        # The UDP socket listens on every address but answers from the one the kernel
-        # routes by, so the in-process publisher (which sends from 127.0.0.1) needs a
-        # loopback candidate of its own; browsers skip 127.x and use the others.
+        # The wildcard socket reaches every address, and the in-process publisher (which
+        # sends from 127.0.0.1) needs a loopback candidate of its own; browsers skip
+        # 127.x and use the others. A socket bound to one address advertises that one
+        # (Settings.advertised_ips).
         addresses = dict.fromkeys([*interface_addresses(), "127.0.0.1"])
         settings = dataclasses.replace(settings, public_ips=tuple(addresses))
     try:
         return uvloop.run(_demo(settings, args))
-    except (SettingsError, OSError) as exc:
+    except SettingsError as exc:  # an address in use, a TLS file that cannot be read
+        return usage_error(args.subparser, str(exc))
+    except OSError as exc:
         print(f"whepfan demo: {exc}", file=sys.stderr)
         return 1
 
@@ -469,8 +493,16 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "subparser")}
     return Settings.resolve(cli=cli, environ=environ, config_path=args.config)
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    """What ``parser.error`` prints (the subcommand's usage, then the error), as a status
+    to return: for errors found once the server starts (an address in use)."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 # --- whepfan calibrate: this machine's per-packet cost -> --worker-packet-budget -------
@@ -524,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args, dict(os.environ))
     except SettingsError as exc:
-        parser.error(str(exc))  # exits with status 2
+        args.subparser.error(str(exc))  # `whepfan serve` usage, exit status 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -533,11 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         serve(settings)
-    except SettingsError as exc:
-        print(f"whepfan: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # the HTTP or UDP address is taken or not ours
-        print(f"whepfan: {exc}", file=sys.stderr)
+    except SettingsError as exc:  # server.BindError (an address in use), TLS files
+        return usage_error(args.subparser, str(exc))
+    except OSError as exc:
+        print(f"whepfan serve: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from whepfan.http import create_app
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.settings import Settings, SettingsError
+from whepfan.settings import ENV_PREFIX, Settings, SettingsError
 from whepfan.transport import MediaWorker
 from whepfan.workers import InProcessWorkers, WorkerPool
 
@@ -47,15 +50,81 @@ class RunningServer:
     backend: Any = None
 
 
+class BindError(SettingsError):
+    """An address the settings name cannot be bound: in use, not an address of this
+    machine, or a privileged port (the CLI prints it with the usage, status 2)."""
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "in use by another process (another whepfan?)",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "a privileged port (below 1024) for this user",
+}
+
+
+def bind_error(exc: OSError, *, option: str, what: str, host: str, port: int) -> BindError:
+    """``exc`` from binding ``host:port`` restated with the address and the setting that
+    chose it (``exc`` itself names neither)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = _BIND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+    flag = "--" + option.replace("_", "-")
+    return BindError(
+        f"{what} {shown}: {reason}; choose another with {flag} HOST:PORT "
+        f"(or {ENV_PREFIX}{option.upper()})"
+    )
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
+    # Each file is opened first so that the error names the one missing or unreadable;
+    # load_cert_chain's own errors ("[Errno 2] No such file or directory") do not.
+    for option, path in (("tls_cert", settings.tls_cert), ("tls_key", settings.tls_key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{settings.given_as(option)}: {exc.strerror or exc}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise SettingsError(f"cannot load the TLS certificate/key: {exc}") from None
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"cannot load the TLS certificate {settings.tls_cert} with the key "
+            f"{settings.tls_key}: {exc.reason or exc} (both PEM, the key matching the "
+            "certificate)"
+        ) from None
     return context
+
+
+def check_udp_ports(settings: Settings) -> None:
+    """Bind and release each worker's UDP port (``udp_port + index``), so that a pool of
+    worker processes names a port in use before it spawns (a worker that cannot bind
+    only dies). The workers bind the same way: no SO_REUSEADDR, the family by address."""
+    if settings.udp_port == 0:
+        return
+    family = socket.AF_INET6 if ":" in settings.udp_host else socket.AF_INET
+    for index in range(settings.workers):
+        port = settings.udp_port + index
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((settings.udp_host, port))
+            except OSError as exc:
+                raise bind_error(
+                    exc, option="udp", what="media UDP port", host=settings.udp_host, port=port
+                ) from None
+
+
+def _warn_about_candidates(settings: Settings) -> None:
+    advertised = settings.advertised_ips()
+    if advertised and all(ipaddress.ip_address(a).is_loopback for a in advertised):
+        # Chromium never pairs 127.x/::1 candidates (reference/clients.md): only local
+        # tools (whepfan publish, loadtest, aiortc) can reach this server's media.
+        log.warning(
+            "media candidates are loopback only (%s): browsers will not connect; bind "
+            "--udp to a reachable address or give --public-ip",
+            ", ".join(advertised),
+        )
 
 
 async def run(
@@ -94,13 +163,24 @@ async def run(
     settings = settings.with_measured_budget(_measure_worker_budget)
     ledger = CapacityLedger(policy=settings.capacity_policy(), workers=settings.workers)
     backend: InProcessWorkers | WorkerPool
+    _warn_about_candidates(settings)
     if settings.workers == 1:
-        worker = MediaWorker(config=settings.media_config(), certificate=certificate)
+        try:
+            worker = MediaWorker(config=settings.media_config(), certificate=certificate)
+        except OSError as exc:
+            raise bind_error(
+                exc,
+                option="udp",
+                what="media UDP port",
+                host=settings.udp_host,
+                port=settings.udp_port,
+            ) from None
         await worker.start()
         backend = InProcessWorkers(router=worker.router, ledger=ledger)
         clock: Callable[[], float] = worker.now
         udp_ports: tuple[int, ...] = (worker.port,)
     else:
+        check_udp_ports(settings)
         pool = WorkerPool(
             workers=settings.workers,
             config=settings.media_config(),
@@ -129,7 +209,16 @@ async def run(
     try:
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise bind_error(
+                exc,
+                option="http",
+                what="HTTP address",
+                host=settings.http_host,
+                port=settings.http_port,
+            ) from None
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
         shown_host = f"[{host}]" if ":" in host else host
