@@ -15,6 +15,7 @@ not parse raises :class:`~whepfan.errors.ParseError` naming the offending line.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ _SESSION_TYPES = frozenset("vosiuepcbtrzka")
 _MEDIA_TYPES = frozenset("icbka")
 # RFC 8851 §10: rid-id = 1*(alpha-numeric / "-" / "_").
 _RID_ID = re.compile(r"[A-Za-z0-9_-]+")
+# RFC 8866 §5 line order, which serialize() writes: session i u e p, then b, then r z k;
+# media i, then b k. Parsed lines are kept in that order (stably), so an out-of-order
+# offer still reads back equal from its own serialisation.
+_SESSION_LINE_RANK = {"i": 0, "u": 0, "e": 0, "p": 0, "b": 1, "r": 2, "z": 2, "k": 2}
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
 
 
@@ -829,7 +834,7 @@ class SessionDescription:
                     raise ParseError("second c= line in a media section")
                 current.connection = Connection.parse(value)
             else:
-                current.lines.append(line)
+                bisect.insort(current.lines, line, key=lambda text: text[0] != "i")
         elif kind not in _SESSION_TYPES or kind == "v":
             raise ParseError(f"unexpected '{kind}=' line")
         elif kind == "a":
@@ -845,7 +850,7 @@ class SessionDescription:
                 raise ParseError("second session-level c= line")
             self.connection = Connection.parse(value)
         else:
-            self.lines.append(line)
+            bisect.insort(self.lines, line, key=lambda text: _SESSION_LINE_RANK[text[0]])
 
     def _add_attribute(self, name: str, value: str | None) -> None:
         if name == "group" and value is not None:
