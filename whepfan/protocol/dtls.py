@@ -223,7 +223,14 @@ def _verify_peer_certificate(
     session = reference() if reference is not None else None
     if session is None:
         return False
-    return bool(session._accepts_certificate(certificate.to_cryptography()))
+    try:
+        peer_certificate = certificate.to_cryptography()
+    except (ValueError, x509.InvalidVersion):
+        # DER that OpenSSL takes but cryptography's stricter parser refuses (a malformed
+        # UTCTime, RFC 5280 §4.1.2.5.1; a version other than v1..v3, §4.1.2.1): abort with
+        # an alert, as for a mismatch; raised here it would escape do_handshake().
+        return False
+    return bool(session._accepts_certificate(peer_certificate))
 
 
 # --- events -------------------------------------------------------------------------
