@@ -15,7 +15,6 @@ not parse raises :class:`~whepfan.errors.ParseError` naming the offending line.
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,8 +54,7 @@ _MEDIA_TYPES = frozenset("icbka")
 # RFC 8851 §10: rid-id = 1*(alpha-numeric / "-" / "_").
 _RID_ID = re.compile(r"[A-Za-z0-9_-]+")
 # RFC 8866 §5 line order, which serialize() writes: session i u e p, then b, then r z k;
-# media i, then b k. Parsed lines are kept in that order (stably), so an out-of-order
-# offer still reads back equal from its own serialisation.
+# media i, then b k.
 _SESSION_LINE_RANK = {"i": 0, "u": 0, "e": 0, "p": 0, "b": 1, "r": 2, "z": 2, "k": 2}
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
 
@@ -815,6 +813,11 @@ class SessionDescription:
                 raise ParseError(f"SDP line {number}: {exc.detail}") from None
         if not seen_version:
             raise ParseError("empty SDP")
+        # Parsed lines take the order serialize() writes (a stable sort: same-rank lines
+        # keep theirs), so an out-of-order offer reads back equal from its serialisation.
+        session.lines.sort(key=lambda text: _SESSION_LINE_RANK[text[0]])
+        for section in session.media:
+            section.lines.sort(key=lambda text: text[0] != "i")
         return session
 
     def _parse_line(self, line: str) -> None:
@@ -834,7 +837,7 @@ class SessionDescription:
                     raise ParseError("second c= line in a media section")
                 current.connection = Connection.parse(value)
             else:
-                bisect.insort(current.lines, line, key=lambda text: text[0] != "i")
+                current.lines.append(line)
         elif kind not in _SESSION_TYPES or kind == "v":
             raise ParseError(f"unexpected '{kind}=' line")
         elif kind == "a":
@@ -850,7 +853,7 @@ class SessionDescription:
                 raise ParseError("second session-level c= line")
             self.connection = Connection.parse(value)
         else:
-            bisect.insort(self.lines, line, key=lambda text: _SESSION_LINE_RANK[text[0]])
+            self.lines.append(line)
 
     def _add_attribute(self, name: str, value: str | None) -> None:
         if name == "group" and value is not None:
