@@ -323,12 +323,18 @@ async def test_simulcast_fixture_is_accepted(client: TestClient) -> None:
 # ---------------------------------------------------------------------------- auth
 
 
+INVALID_TOKEN_CHALLENGE = (
+    'Bearer realm="whepfan", error="invalid_token", '
+    'error_description="the bearer token is not valid for this resource"'
+)
+
+
 @pytest.mark.parametrize(
     ("authorization", "status", "challenge"),
     [
         (None, 401, 'Bearer realm="whepfan"'),
-        ("Bearer wrong", 401, 'Bearer realm="whepfan", error="invalid_token"'),
-        ("Bearer undefined", 401, 'Bearer realm="whepfan", error="invalid_token"'),
+        ("Bearer wrong", 401, INVALID_TOKEN_CHALLENGE),
+        ("Bearer undefined", 401, INVALID_TOKEN_CHALLENGE),
         (f"Basic {PUBLISH_TOKEN}", 401, 'Bearer realm="whepfan"'),
         (f"Bearer {PUBLISH_TOKEN}", 201, None),
         (f"bearer   {PUBLISH_TOKEN}", 201, None),
@@ -379,9 +385,10 @@ async def test_viewing_is_open_without_view_token_and_closed_with_one(
             "/whep/live", data=WHEP_OFFER, headers={**SDP_HEADERS, "Authorization": "Bearer v1"}
         )
         assert response.status == 201
-        # The publish token is not a view token.
+        # The publish token is not a view token: valid, but not for this (RFC 6750 §3.1).
         response = await client.post("/whep/live", data=WHEP_OFFER, headers={**SDP_HEADERS, **AUTH})
-        await assert_problem(response, 401)
+        await assert_problem(response, 403)
+        assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
 
 
 # ---------------------------------------------------------------------------- WHEP POST

@@ -39,6 +39,14 @@ class Unauthorized(PeerError):
     title = "Unauthorized"
 
 
+class Forbidden(PeerError):
+    """Authenticated, but not allowed this (RFC 9110 §15.5.4; RFC 6750 §3.1
+    ``insufficient_scope``): retrying with the same credentials cannot help."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFound(PeerError):
     status = 404
     title = "Not Found"

@@ -76,21 +76,23 @@ def create_app(
     resources = WhipWhepResources(
         router=router, clock=clock, options=options, wall_clock=wall_clock
     )
+    # One for every resource: a session's binding is checked wherever it is acted on.
+    access = resources.access
     hub: EventHub | None = None
     if isinstance(router, ObservableRouter):
         # Only a router that emits stream events can back the SSE extension.
-        hub = EventHub(router=router, options=event_options)
+        hub = EventHub(router=router, options=event_options, access=access)
         hub.add_routes(app, stream_pattern=STREAM_PATTERN, session_pattern=SESSION_PATTERN)
         resources.viewer_links = hub.links_for
     if isinstance(router, LayerRouter):
         # EXT §5: the layer extension (its "layers" data reaches players through SSE).
-        layer_api = LayerSelection(router=router, clock=clock, view_token=options.view_token)
+        layer_api = LayerSelection(router=router, clock=clock, access=access)
         layer_api.add_routes(app, stream_pattern=STREAM_PATTERN, session_pattern=SESSION_PATTERN)
         resources.viewer_links = layer_api.links_with(resources.viewer_links)
         resources.viewer_created = layer_api.viewer_created
     resources.add_routes(app)
     if isinstance(router, StatusRouter):
-        StreamStatus(router=router, clock=clock, hub=hub, view_token=options.view_token).add_routes(
+        StreamStatus(router=router, clock=clock, hub=hub, access=access).add_routes(
             app, stream_pattern=STREAM_PATTERN
         )
     add_page_routes(app)

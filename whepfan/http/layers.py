@@ -31,10 +31,11 @@ import orjson
 from aiohttp import web
 
 from whepfan.errors import NotFound, ParseError, PeerError
-from whepfan.http.auth import require_token
+from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionView
 from whepfan.http.cors import add_preflight_headers
 from whepfan.http.routes import UnsupportedBodyType
+from whepfan.http.tokens import Role
 from whepfan.router import LayerRequest
 
 LAYER_REL = "urn:ietf:params:whep:ext:core:layer"
@@ -117,11 +118,12 @@ class LayerSelection:
         *,
         router: LayerRouter,
         clock: Callable[[], float],
-        view_token: str | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self.router = router
         self.clock = clock
-        self.view_token = view_token
+        # The view credential, bound to the session as for PATCH/DELETE (auth.py).
+        self.access = access or AccessControl()
 
     def add_routes(
         self, app: web.Application, *, stream_pattern: str, session_pattern: str
@@ -185,10 +187,12 @@ class LayerSelection:
     # ------------------------------------------------------------------ helpers
 
     def _session(self, request: web.Request) -> SessionView:
-        require_token(self.view_token, request.headers.get("Authorization"))
+        stream = request.match_info["stream"]
+        grant = self.access.authorize(request.headers.get("Authorization"), Role.VIEW, stream)
         session = self.router.get_session(request.match_info["session"])
-        if session.stream != request.match_info["stream"] or session.kind.value != "viewer":
+        if session.stream != stream or session.kind.value != "viewer":
             raise NotFound("no such session")
+        self.access.check_bound(session, grant, stream=stream)
         return session
 
     @staticmethod

@@ -32,14 +32,14 @@ from whepfan.errors import (
     NotAcceptable,
     NotFound,
     ParseError,
-    PeerError,
     UnsupportedMediaType,
 )
-from whepfan.http.auth import require_token
+from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionRouter, SessionView
 from whepfan.http.cors import add_preflight_headers, is_preflight
 from whepfan.http.etag import check_if_match
 from whepfan.http.links import IceServer
+from whepfan.http.tokens import Grant, JwtVerifier, Role
 from whepfan.protocol import sdp
 
 log = logging.getLogger("whepfan.http")
@@ -70,6 +70,10 @@ class Protocol(enum.Enum):
     def session_kind(self) -> str:
         return "publisher" if self is Protocol.WHIP else "viewer"
 
+    @property
+    def role(self) -> Role:
+        return Role.PUBLISH if self is Protocol.WHIP else Role.VIEW
+
 
 class UnsupportedBodyType(UnsupportedMediaType):
     """415 naming the accepted types (RFC 9110 §15.5.16; RFC 5789 §2.2 for PATCH)."""
@@ -89,6 +93,8 @@ class HttpOptions:
 
     publish_token: str | None = None
     view_token: str | None = None
+    # Scoped JWTs besides the static tokens (whepfan.http.tokens); None: static only.
+    jwt: JwtVerifier | None = None
     ice_servers: tuple[IceServer, ...] = ()
     # RFC 6585 §3 428 for PATCH without If-Match; off by default (reference/clients.md).
     strict_etag: bool = False
@@ -117,6 +123,17 @@ class WhipWhepResources:
     viewer_links: Callable[[str, str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
+    # Credentials and session binding (auth.py); create_app shares it with the extensions.
+    access: AccessControl = field(init=False)
+
+    def __post_init__(self) -> None:
+        options = self.options
+        self.access = AccessControl(
+            publish_token=options.publish_token,
+            view_token=options.view_token,
+            verifier=options.jwt,
+            wall_clock=self.wall_clock,
+        )
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -143,17 +160,19 @@ class WhipWhepResources:
 
     async def post_offer(self, request: web.Request, protocol: Protocol) -> web.Response:
         """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
-        self._authorize(request, protocol)
+        grant = self._authorize(request, protocol)
         offer = await self._read_body(request, accepted=(SDP,))
         stream = request.match_info["stream"]
         now = self.clock()
         if protocol is Protocol.WHIP:
             session, answer = self._publish(stream, offer, now)
+            self.access.bind(session, grant)
         else:
             try:
                 session, answer = self.router.view(stream, offer, now)
             except NotAcceptable:
-                return self._counter_offer(stream, now)
+                return self._counter_offer(stream, now, grant)
+            self.access.bind(session, grant)
             if self.viewer_created is not None:
                 self.viewer_created(request, session, now)
         headers = {
@@ -185,11 +204,12 @@ class WhipWhepResources:
             self.router.end_session(publisher.id, now, "taken-over")
             return self.router.publish(stream, offer, now)
 
-    def _counter_offer(self, stream: str, now: float) -> web.Response:
+    def _counter_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
         """WHEP draft-03 §4.2.2: 406 with our own offer and the future session's Location;
         the player PATCHes its answer there. The router drops the session if no answer
         comes within ``counter_offer_ttl``."""
         session, offer = self.router.counter_offer(stream, now)
+        self.access.bind(session, grant)
         valid_until = email.utils.formatdate(
             self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
         )
@@ -232,8 +252,9 @@ class WhipWhepResources:
     # ------------------------------------------------------------------ sessions
 
     async def patch_session(self, request: web.Request, protocol: Protocol) -> web.Response:
-        self._authorize(request, protocol)
+        grant = self._authorize(request, protocol)
         session = self._session(request, protocol)
+        self.access.check_bound(session, grant, stream=session.stream)
         accepted = (SDPFRAG, SDP) if protocol is Protocol.WHEP else (SDPFRAG,)
         body = await self._read_body(request, accepted=accepted)
         check_if_match(
@@ -282,8 +303,9 @@ class WhipWhepResources:
 
     async def delete_session(self, request: web.Request, protocol: Protocol) -> web.Response:
         """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1)."""
-        self._authorize(request, protocol)
+        grant = self._authorize(request, protocol)
         session = self._session(request, protocol)
+        self.access.check_bound(session, grant, stream=session.stream)
         self.router.end_session(session.id, self.clock(), "deleted")
         self._restart_ufrags.pop(session, None)
         # 200, as the spec's diagram shows; OBS warns on anything else (spec notes §1.8).
@@ -302,20 +324,16 @@ class WhipWhepResources:
 
     # ------------------------------------------------------------------ helpers
 
-    def _token_for(self, protocol: Protocol) -> str | None:
-        options = self.options
-        return options.publish_token if protocol is Protocol.WHIP else options.view_token
-
-    def _authorize(self, request: web.Request, protocol: Protocol) -> None:
+    def _authorize(self, request: web.Request, protocol: Protocol) -> Grant | None:
         # Only the Authorization header counts: a ?token= query is never authentication.
-        require_token(self._token_for(protocol), request.headers.get("Authorization"))
+        return self.access.authorize(
+            request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
+        )
 
     def _is_authorized(self, request: web.Request, protocol: Protocol) -> bool:
-        try:
-            self._authorize(request, protocol)
-        except PeerError:
-            return False
-        return True
+        return self.access.is_authorized(
+            request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
+        )
 
     def _session(self, request: web.Request, protocol: Protocol) -> SessionView:
         """The session named by the URL; 404 unless it exists under this very endpoint."""
