@@ -192,6 +192,36 @@ def test_ffmpeg_like_passive_offer_gets_active() -> None:
         answer_setup("holdconn")
 
 
+def test_whip_answer_does_not_echo_the_publishers_sprop_parameters() -> None:
+    """sprop-* describe the publisher's own stream (RFC 6184 §8.2.2, RFC 7587 §7.1): the
+    recvonly answer keeps the receiving parameters and drops them; the ingest codec, which
+    describes what whepfan forwards, keeps them all."""
+    sprop_sets = "Z0LAH9kAoD2wFqDAwNSgAAADACAAAAeB4wZJ,aMuMsg=="
+    video_codecs = (
+        "a=rtpmap:106 H264/90000\n"
+        "a=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;"
+        f"profile-level-id=42e01f;sprop-parameter-sets={sprop_sets}"
+    )
+    offer_text = str(_whip_offer(video_pts="106", video_codecs=video_codecs))
+    offer_text = offer_text.replace(
+        "a=rtpmap:111 opus/48000/2\r\n",
+        "a=rtpmap:111 opus/48000/2\r\n"
+        "a=fmtp:111 minptime=10;useinbandfec=1;sprop-stereo=1;sprop-maxcapturerate=48000\r\n",
+    )
+    assert offer_text.count("sprop-") == 3
+    answer, ingest = answer_publisher(SessionDescription.parse(offer_text), LOCAL)
+    assert "sprop-" not in str(answer)
+    audio, video = (media.codecs[0] for media in answer.media)
+    assert audio.fmtp == [("minptime", "10"), ("useinbandfec", "1")]
+    assert video.fmtp == [
+        ("level-asymmetry-allowed", "1"),
+        ("packetization-mode", "1"),
+        ("profile-level-id", "42e01f"),
+    ]
+    assert ingest[0].codec.parameter("sprop-stereo") == "1"
+    assert ingest[1].codec.parameter("sprop-parameter-sets") == sprop_sets
+
+
 def test_gstreamer_like_bundle_only_section_is_accepted() -> None:
     offer = _whip_offer(
         mids="audio0 video1",

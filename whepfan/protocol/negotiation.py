@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from whepfan.errors import NotAcceptable, ParseError, Unprocessable, WhepfanError
 from whepfan.protocol.sdp import (
@@ -631,6 +631,16 @@ def _choose_ingest_codec(
     return _agreed_codec(section, offered, feedback), offered
 
 
+def _without_sender_properties(fmtp: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """fmtp for a recvonly answer: without the ``sprop-*`` parameters, which describe the
+    stream their author sends (RFC 6184 §8.2.2: sprop-parameter-sets and the other sprop
+    ones "describe the properties of the RTP packet stream that the offerer or answerer is
+    sending"; RFC 7587 §7.1: sprop-stereo and sprop-maxcapturerate, likewise; RFC 7798
+    §7.2.2 for H.265). Echoed on an m-line that sends nothing they claim a stream that does
+    not exist. The ingest codec keeps them: they do describe what whepfan forwards."""
+    return tuple((key, value) for key, value in fmtp if not key.lower().startswith("sprop-"))
+
+
 def _agreed_codec(section: MediaSection, offered: Codec, feedback: Iterable[str]) -> RtpCodec:
     """The codec an answer agrees to: the peer's payload type and its own fmtp (they
     describe what its encoder or decoder was set up for; the caller matched them), the
@@ -769,7 +779,8 @@ def answer_publisher(
         _check_rtcp_mux(section)
         codec, _ = chosen
         reply = _accepted_answer(section, local, setup=setup, direction="recvonly")
-        _add_codec(reply, codec, _rtx_for(section, codec.payload_type))
+        answered = replace(codec, fmtp=_without_sender_properties(codec.fmtp))
+        _add_codec(reply, answered, _rtx_for(section, codec.payload_type))
         extension_ids: dict[str, int] = {}
         for extmap in section.extmaps:
             if extmap.uri in understood and extmap.direction in (None, "sendonly", "sendrecv"):
