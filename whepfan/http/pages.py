@@ -4,7 +4,8 @@
                         GET /api/streams, see ``status.py``)
     /watch/{stream}     WHEP player (static/watch.js on static/whep.js)
     /publish/{stream}   camera/microphone WHIP publisher (static/publish.js on static/whip.js)
-    /static/...         the pages' scripts and stylesheet
+    /static/...         the pages' scripts, stylesheet and icon (favicon.svg)
+    /favicon.ico        the same icon for clients that ask the conventional path
 
 Each page is the same file for every stream: its script takes the stream name from the
 path and the token from the URL fragment, so nothing is templated on the server and no
@@ -43,6 +44,20 @@ def add_page_routes(app: web.Application) -> None:
     app.router.add_get(f"/watch/{stream}", _page("watch.html"))
     app.router.add_get(f"/publish/{stream}", _page("publish.html"))
     app.router.add_static("/static", STATIC_DIR)
+    app.router.add_get("/favicon.ico", _favicon)
+
+
+# The pages link /static/favicon.svg; browsers still ask /favicon.ico for anything else
+# they show from this origin (a WHEP resource opened in a tab, a JSON status URL).
+_FAVICON = (STATIC_DIR / "favicon.ico").read_bytes()
+
+
+async def _favicon(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_FAVICON,
+        content_type="image/vnd.microsoft.icon",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _page(name: str) -> Handler:
