@@ -9,6 +9,7 @@ refuses to make them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -17,16 +18,18 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import orjson
 import pytest
 from _paths import SDP_FIXTURES
 from _peers import only_loopback_candidates
-from _server import media_worker
+from _server import LiveServer, media_worker, settings_for
 from _signalling import JSON, SDP
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from whepfan.cli import build_parser
 from whepfan.http import HttpOptions, IceServer, create_app
 from whepfan.http.auth import AccessControl
 from whepfan.http.events import EVENTS_REL
@@ -53,6 +57,7 @@ from whepfan.http.tokens import (
     public_key_from_pem,
     secret_key,
 )
+from whepfan.settings import Settings, SettingsError
 from whepfan.transport import MediaWorker
 
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
@@ -708,3 +713,92 @@ async def test_tokens_are_never_logged(
         token = header["Authorization"].removeprefix("Bearer ")
         assert token not in text and token.split(".")[2] not in text
     assert "another credential" in text  # the refusal itself is logged, without the token
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_jwt_settings_from_the_command_line_environment_and_toml(tmp_path: Path) -> None:
+    key_file = tmp_path / "issuer.pem"
+    key_file.write_bytes(pem(EC_KEY))
+    jwks = write_jwks(tmp_path / "jwks.json", jwk_of(RSA_KEY, "rsa-1"))
+    config = tmp_path / "whepfan.toml"
+    config.write_text(f'jwt_jwks = "{jwks}"\njwt_audience = "whepfan"\n')
+    args = build_parser().parse_args(
+        ["serve", "--jwt-public-key", str(key_file), "--jwt-leeway", "5", "--jwt-issuer", "app"]
+    )
+    given = {name: value for name, value in vars(args).items() if name.startswith("jwt_")}
+    settings = Settings.resolve(
+        cli=given, environ={"WHEPFAN_JWT_SECRET": SECRET}, config_path=config
+    )
+    assert settings.jwt_configured and settings.jwt_leeway == 5.0
+    verifier = settings.http_options().jwt
+    assert verifier is not None
+    assert verifier.algorithms == {"HS256", "ES256", "RS256"}
+    assert verifier.policy == JwtPolicy(audience="whepfan", issuer="app", leeway=5.0)
+    token = jwt.encode(
+        claims(aud="whepfan", iss="app"), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"}
+    )
+    assert verifier.verify(token, NOW).role is Role.VIEW
+    # No static publish token is made up when JWTs are configured...
+    assert settings.with_generated_publish_token().publish_token is None
+    # ...and without JWTs the old rule holds.
+    assert Settings().with_generated_publish_token().publish_token is not None
+    assert Settings().http_options().jwt is None
+
+
+def test_unusable_jwt_settings_are_settings_errors(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="at least 32 bytes") as caught:
+        Settings.resolve(cli={"jwt_secret": "tiny-secret"}, environ={})
+    assert "tiny-secret" not in str(caught.value)  # secrets are never repeated
+    with pytest.raises(SettingsError, match="0 to 300 seconds"):
+        Settings.resolve(cli={"jwt_leeway": "3600"}, environ={})
+    missing = Settings.resolve(cli={"jwt_public_key": str(tmp_path / "nope.pem")}, environ={})
+    with pytest.raises(SettingsError, match="cannot read"):
+        missing.http_options()
+    private = tmp_path / "private.pem"
+    private.write_bytes(
+        EC_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    settings = Settings.resolve(cli={"jwt_public_key": str(private)}, environ={})
+    with pytest.raises(SettingsError, match="not a PEM public key"):
+        settings.http_options()
+
+
+def test_whepfan_serve_with_jwts_only() -> None:
+    """``whepfan.server.run`` as ``whepfan serve --jwt-secret`` runs it: publishing and
+    viewing take JWTs (real wall clock), and no static publish token was made up."""
+    live = LiveServer(
+        settings_for(publish_token=None, jwt_secret=SECRET, worker_packet_budget="none")
+    )
+    try:
+        assert live.info is not None and live.info.publish_token is None
+        expires = time.time() + 600
+        publisher = bearer(hs256(role="publish", exp=expires))
+        viewer = bearer(hs256(exp=expires))
+
+        async def exercise() -> None:
+            async with aiohttp.ClientSession(live.url) as http:
+                async with http.post("/whip/live", data=WHIP_OFFER, headers=SDP) as response:
+                    assert response.status == 401
+                headers = {**publisher, **SDP}
+                async with http.post("/whip/live", data=WHIP_OFFER, headers=headers) as response:
+                    assert response.status == 201
+                    publisher_url = response.headers["Location"]
+                async with http.post("/whep/live", data=WHEP_OFFER, headers=SDP) as response:
+                    assert response.status == 401
+                headers = {**viewer, **SDP}
+                async with http.post("/whep/live", data=WHEP_OFFER, headers=headers) as response:
+                    assert response.status == 201
+                async with http.delete(publisher_url, headers=viewer) as response:
+                    assert response.status == 403
+                async with http.delete(publisher_url, headers=publisher) as response:
+                    assert response.status == 200
+
+        asyncio.run(exercise())
+    finally:
+        live.close()

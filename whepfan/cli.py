@@ -67,6 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token for GET /metrics (default: open, with a warning off loopback)",
     )
     serve.add_argument(
+        "--jwt-secret",
+        dest="jwt_secret",
+        metavar="SECRET",
+        help="HS256 secret (32+ bytes) for scoped JWTs; prefer WHEPFAN_JWT_SECRET or the "
+        "TOML file, since other users can read a command line. Any JWT key makes viewing "
+        "need a credential too",
+    )
+    serve.add_argument(
+        "--jwt-public-key",
+        dest="jwt_public_key",
+        metavar="PEM",
+        help="public key or certificate that verifies JWTs (RSA: RS256, EC: ES256/384/512, "
+        "Ed25519: EdDSA)",
+    )
+    serve.add_argument(
+        "--jwt-jwks",
+        dest="jwt_jwks",
+        metavar="FILE",
+        help="JWK Set of public keys, picked by the token's kid; re-read when it changes",
+    )
+    serve.add_argument("--jwt-audience", dest="jwt_audience", metavar="AUD", help="JWTs' aud")
+    serve.add_argument("--jwt-issuer", dest="jwt_issuer", metavar="ISS", help="JWTs' iss")
+    serve.add_argument(
+        "--jwt-leeway",
+        dest="jwt_leeway",
+        metavar="SECONDS",
+        help="clock skew allowed on a JWT's exp and nbf (default 30)",
+    )
+    serve.add_argument(
         "--ice-server",
         dest="ice_server",
         action="append",

@@ -138,6 +138,8 @@ async def run(
     ``stop`` and SIGTERM ``drain`` when ``stop`` is None)."""
     settings = settings.with_generated_publish_token()
     ssl_context = tls_context(settings)
+    # Reads the JWT key files: a bad one stops start-up here, before any worker starts.
+    http_options = settings.http_options()
     if settings.publish_token_generated:
         # Publishing is never open by accident: the operator copies this token.
         log.warning("no publish token configured; generated one: %s", settings.publish_token)
@@ -191,7 +193,7 @@ async def run(
         await pool.start()
         backend, clock = pool, loop.time
         udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
-    app = create_app(router=backend, clock=clock, options=settings.http_options())
+    app = create_app(router=backend, clock=clock, options=http_options)
     add_metrics_route(app, backend.stats, token=settings.metrics_token)
     hub = app.get(EVENT_HUB_KEY)
     if isinstance(backend, WorkerPool) and hub is not None:

@@ -28,6 +28,7 @@ from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
+from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
 
 ENV_PREFIX = "WHEPFAN_"
 # worker_packet_budget = "auto": measured by `whepfan serve` at start-up (whepfan calibrate's
@@ -82,6 +83,14 @@ class Settings:
     view_token: str | None = None
     # Bearer token for GET /metrics; None leaves it open (the server warns off loopback).
     metrics_token: str | None = None
+    # Scoped JWTs besides the static tokens (whepfan/http/tokens.py): an HS256 secret, a
+    # PEM public key, a JWKS file; the aud and iss they must name; clock skew on exp/nbf.
+    jwt_secret: str | None = None
+    jwt_public_key: Path | None = None
+    jwt_jwks: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = DEFAULT_LEEWAY
     ice_servers: tuple[IceServer, ...] = ()
     # A TURN deployment sharing a secret with us (coturn's use-auth-secret): each WHIP/WHEP
     # response carries fresh credentials for these URLs (draft-uberti-behave-turn-rest-00).
@@ -152,6 +161,12 @@ class Settings:
             raise SettingsError("cannot be negative", option="stream_viewer_cap")
         if self.drain_timeout < 0:
             raise SettingsError("cannot be negative", option="drain_timeout")
+        try:
+            JwtPolicy(leeway=self.jwt_leeway)
+            if self.jwt_secret is not None:
+                secret_key(self.jwt_secret)
+        except KeyConfigError as exc:
+            raise SettingsError(str(exc)) from None
         for name in ("publish_token", "view_token", "metrics_token"):
             token = getattr(self, name)
             if token is not None and (not token or any(c.isspace() for c in token)):
@@ -183,10 +198,31 @@ class Settings:
         """``/metrics`` readable without a token by anyone who reaches the HTTP port."""
         return self.metrics_token is None and not _is_loopback(self.http_host)
 
+    @property
+    def jwt_configured(self) -> bool:
+        """A JWT key is set: every role then needs a credential (whepfan/http/auth.py)."""
+        return any(key is not None for key in (self.jwt_secret, self.jwt_public_key, self.jwt_jwks))
+
+    def jwt_verifier(self) -> JwtVerifier | None:
+        """The JWT verifier for the ``jwt_*`` settings (reads the key files), or None."""
+        try:
+            return JwtVerifier.from_settings(
+                secret=self.jwt_secret,
+                public_key=self.jwt_public_key,
+                jwks=self.jwt_jwks,
+                policy=JwtPolicy(
+                    audience=self.jwt_audience, issuer=self.jwt_issuer, leeway=self.jwt_leeway
+                ),
+            )
+        except KeyConfigError as exc:
+            raise SettingsError(str(exc)) from None
+
     def with_generated_publish_token(self) -> Settings:
         """With no publish token configured, make one, so publishing is never open by
-        accident; the caller logs it (``publish_token_generated``)."""
-        if self.publish_token is not None:
+        accident; the caller logs it (``publish_token_generated``). Not with a JWT key:
+        publishing then takes JWTs, and a static token nobody asked for would be one more
+        credential, printed in the log."""
+        if self.publish_token is not None or self.jwt_configured:
             return self
         return replace(self, publish_token=secrets.token_urlsafe(24), publish_token_generated=True)
 
@@ -262,6 +298,7 @@ class Settings:
         return HttpOptions(
             publish_token=self.publish_token,
             view_token=self.view_token,
+            jwt=self.jwt_verifier(),
             ice_servers=(*self.ice_servers, *self.turn_servers()),
             strict_etag=self.strict_etag,
             publisher_takeover=self.publisher_takeover,
@@ -317,6 +354,12 @@ _OPTIONS: dict[str, str] = {
     "publish_token": "str",
     "view_token": "str",
     "metrics_token": "str",
+    "jwt_secret": "str",
+    "jwt_public_key": "path",
+    "jwt_jwks": "path",
+    "jwt_audience": "str",
+    "jwt_issuer": "str",
+    "jwt_leeway": "float",
     "ice_server": "ice_list",
     "turn_url": "list",
     "turn_secret": "str",
@@ -374,7 +417,9 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
 
 # Settings whose values are secrets (tokens, TURN credentials): errors name them without
 # repeating the value onto a terminal or into a log.
-_CREDENTIALS = frozenset({"publish_token", "view_token", "metrics_token", "ice_server"})
+_CREDENTIALS = frozenset(
+    {"publish_token", "view_token", "metrics_token", "ice_server", "jwt_secret"}
+)
 
 # "list" options -> their Settings field.
 _LIST_FIELDS = {"public_ip": "public_ips", "turn_url": "turn_urls"}
