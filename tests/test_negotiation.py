@@ -514,6 +514,7 @@ async def test_aiortc_viewer_accepts_answer_rejecting_audio_of_a_video_only_stre
             "passive",
         )
         assert audio.fingerprints == LOCAL.fingerprints
+        assert audio.end_of_candidates and not audio.candidates
         assert answer.bundle_mids == ["1"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=str(answer), type="answer"))
         assert pc.signalingState == "stable"

@@ -465,7 +465,11 @@ def _rejected_answer(offered: MediaSection, local: LocalTransport, *, setup: str
     them from every m= section (aiortc refuses such an answer with "ICE username fragment
     or password is missing", "RTCP mux is not enabled" or "Failed to set remote audio
     description send parameters"), and the values are the session's and the offer's own,
-    so they cannot mislead anyone.
+    so they cannot mislead anyone. ``a=end-of-candidates`` without candidates (the RFC 8838
+    end-of-candidates indication, in SDP as RFC 8840 writes it) says no address will
+    ever come for it: aiortc (balanced bundle policy) starts
+    ICE on a transport of its own for the rejected section and would otherwise wait for
+    trickled candidates forever, before it starts the transport of the sections we accept.
     """
     return MediaSection(
         kind=offered.kind,
@@ -480,6 +484,7 @@ def _rejected_answer(offered: MediaSection, local: LocalTransport, *, setup: str
         fingerprints=list(local.fingerprints),
         setup=setup,
         rtcp_mux=offered.rtcp_mux,
+        end_of_candidates=True,
         codecs=[
             Codec(
                 payload_type=codec.payload_type,
