@@ -802,3 +802,22 @@ def test_whepfan_serve_with_jwts_only() -> None:
         asyncio.run(exercise())
     finally:
         live.close()
+
+
+async def test_a_counter_offer_session_is_bound_like_any_other(client: TestClient) -> None:
+    """WHEP draft-03 §4.2.2: the 406's Location is a session too; its answer (PATCH) and
+    its DELETE take the credential that made it."""
+    await publish(client)
+    # Audio only, and no codec the publisher sends: the server counter-offers.
+    no_common_codec = re.sub(
+        r"a=rtpmap:\d+ (opus|red|G722|PCMU|PCMA|CN|telephone-event)/.*\r?\n",
+        "",
+        re.sub(r"m=video.*", "", WHEP_OFFER, flags=re.S),
+    )
+    response = await client.post("/whep/live", data=no_common_codec, headers={**VIEWER_A, **SDP})
+    assert response.status == 406, await response.text()
+    location = response.headers["Location"]
+    answer = await response.text()
+    await problem(await client.patch(location, data=answer, headers={**VIEWER_B, **SDP}), 403)
+    await problem(await client.delete(location, headers=VIEWER_B), 403)
+    assert (await client.delete(location, headers=VIEWER_A)).status == 200
