@@ -192,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long to wait for viewers to leave (default 30)",
     )
+    # HTTP connection hygiene and the POST rate limit (whepfan/http/connections.py,
+    # whepfan/http/ratelimit.py).
+    for flag, metavar, text in (
+        ("--http-header-timeout", "SECONDS", "time to send a request's headers (default 10)"),
+        ("--http-body-timeout", "SECONDS", "time to send a request's body (default 10)"),
+        ("--http-idle-timeout", "SECONDS", "idle keep-alive connections close (default 60)"),
+        (
+            "--http-max-connections",
+            "N",
+            "open HTTP connections at most; idle ones are closed first to make room "
+            "(default: the file limit minus 64)",
+        ),
+        (
+            "--post-rate-limit",
+            "PER_SECOND",
+            "POSTs per second per client address, 429 beyond (default 10; 0: off; "
+            "loopback clients are exempt)",
+        ),
+        ("--post-burst", "N", "POSTs a client address may send at once (default 50)"),
+    ):
+        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar=metavar, help=text)
     add_publish_command(commands)
     add_loadtest_command(commands)
     add_demo_command(commands)
@@ -322,8 +343,9 @@ def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
         help="load-test a WHEP endpoint with N real viewers",
         description="N WHEP viewers, each a real WebRTC session (full ICE as controlling "
         "agent, DTLS client or server, SRTP unprotected in the compiled core), with "
-        "per-viewer join latencies, loss, duplicates, jitter and bitrate. Exit status 0 "
-        "when every viewer connected and received media, 3 otherwise.",
+        "per-viewer join latencies, loss, duplicates, jitter, bitrate and stalls. Exit "
+        "status 0 when every viewer connected, received media and never stalled; 3 "
+        "otherwise; 4 when the server refused every viewer (the run stops early).",
     )
     loadtest.add_argument("url", metavar="URL", help="WHEP endpoint, e.g. http://host/whep/live")
     loadtest.add_argument("--viewers", type=int, required=True, metavar="N")
@@ -368,6 +390,28 @@ def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
         help="read connected viewers' sockets every MS milliseconds instead of waking on "
         "each datagram, which on loopback the server pays for (default 10; 0 = wake)",
     )
+    loadtest.add_argument(
+        "--stall-gap",
+        dest="stall_gap",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="a viewer that receives nothing for over S s has stalled; stalls fail the "
+        "run (default 2)",
+    )
+    loadtest.add_argument(
+        "--server-metrics",
+        dest="server_metrics",
+        metavar="URL",
+        help="scrape the server's Prometheus /metrics once a second during the run, for "
+        "the report's server CPU and receive-delay charts",
+    )
+    loadtest.add_argument(
+        "--server-metrics-token",
+        dest="server_metrics_token",
+        metavar="T",
+        help="bearer token for --server-metrics (the server's --metrics-token)",
+    )
     loadtest.add_argument("--quiet", action="store_true", help="no live progress line")
 
 
@@ -384,6 +428,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
             verify_every=args.verify_every,
             setup_timeout=args.setup_timeout,
             poll_interval=args.poll_ms / 1000,
+            stall_gap=args.stall_gap,
+            server_metrics=args.server_metrics,
+            server_metrics_token=args.server_metrics_token,
         )
     except ValueError as exc:
         print(f"whepfan loadtest: {exc}", file=sys.stderr)
