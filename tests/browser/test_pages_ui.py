@@ -1,6 +1,7 @@
 """The pages' rough edges a new user hit (issue 13), in headless Chromium against
 ``whepfan serve``: the layer picker stays hidden on a single-layer stream, every page
-has an icon (no 404 for /favicon.ico), and a refused publish turns the camera off.
+has an icon (no 404 for /favicon.ico), a refused publish turns the camera off, and a
+publish that cannot connect says what it tried.
 
 Each test asserts what a user would have seen: the picker's computed style and box, the
 page's network log, the capture tracks' ``readyState``.
@@ -8,11 +9,13 @@ page's network log, the capture tracks' ``readyState``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from _harness import PUBLISH_TOKEN, VIEW_TOKEN, open_context
+from _harness import PUBLISH_TOKEN, VIEW_TOKEN, NetworkNamespace, WhepfanProcess, open_context
 
 PAGE_TIMEOUT_MS = 20_000
 # layers.js reads the layers every 2 s; one read and the next are awaited, not slept on.
@@ -95,9 +98,9 @@ def test_every_page_has_an_icon_and_no_404(server: str, context: Any, path: str)
     page.wait_for_load_state("networkidle")
     missing = [(r.url, r.status) for r in responses if r.status == 404]
     assert missing == []
-    # The tab's icon, as the browser itself loaded it from the page's link.
+    # The tab's icon, when the browser loads it (it may keep one from an earlier page).
     loaded_icons = [(r.url, r.status) for r in responses if "favicon" in r.url]
-    assert loaded_icons == [(f"{server}/static/favicon.svg", 200)]
+    assert set(loaded_icons) <= {(f"{server}/static/favicon.svg", 200)}
     icon = page.evaluate("() => document.querySelector('link[rel=icon]').href")
     assert icon == f"{server}/static/favicon.svg"
     # What the browser fetches for the tab, whether it uses the link or the old path
@@ -137,3 +140,64 @@ def test_publish_page_turns_the_camera_off_after_a_409(
         })"""
     )
     assert released == {"states": ["ended", "ended"], "preview": None}
+
+
+# A second server in the namespace whose answers name an address nothing answers at
+# (on the veth's subnet, no host): what a user sees when --udp/--public-ip are wrong.
+UNREACHABLE_HTTP = "127.0.0.1:8091"
+UNREACHABLE_UDP_PORT = 8191
+UNREACHABLE_ADDRESS = "198.18.0.9"
+# diagnosis.js CONNECT_HINT_MS, and the margin the page is given past it.
+CONNECT_HINT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def unreachable_server(
+    namespace: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    process = WhepfanProcess(
+        namespace,
+        [
+            "serve",
+            "--http",
+            UNREACHABLE_HTTP,
+            "--udp",
+            f"0.0.0.0:{UNREACHABLE_UDP_PORT}",
+            "--public-ip",
+            UNREACHABLE_ADDRESS,
+            "--publish-token",
+            PUBLISH_TOKEN,
+            "--worker-packet-budget",
+            "none",
+        ],
+        Path(tmp_path_factory.mktemp("unreachable")) / "whepfan.log",
+    )
+    process.wait_for_output(r"WHEP on http://")
+    yield f"http://{UNREACHABLE_HTTP}"
+    process.stop()
+    assert "Traceback" not in process.log(), process.log()[-4000:]
+
+
+def test_a_publish_that_cannot_connect_says_what_it_tried(
+    unreachable_server: str, context: Any
+) -> None:
+    page = context.new_page()
+    page.goto(f"{unreachable_server}/publish/nowhere#token={PUBLISH_TOKEN}")
+    page.click("#start")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('not connected after')",
+        timeout=CONNECT_HINT_MS + PAGE_TIMEOUT_MS,
+    )
+    text = page.inner_text("#status")
+    assert text.startswith("not connected after 10 s: ICE checking, DTLS new; ")
+    where = f"{re.escape(UNREACHABLE_ADDRESS)}:{UNREACHABLE_UDP_PORT}"
+    assert (
+        f"server candidates from the answer: udp {UNREACHABLE_ADDRESS}:{UNREACHABLE_UDP_PORT} host"
+        in text
+    )
+    assert re.search(r"our candidates: [^;]*udp 198\.18\.0\.1:\d+ host", text), text
+    assert re.search(rf"checks: {where} [a-z-]+, [1-9]\d* checks sent, 0 answered", text), text
+    # Still trying, not given up: the state says so and Stop still ends the session.
+    assert page.evaluate("() => document.body.dataset.state") == "connecting"
+    page.click("#stop")
+    page.wait_for_selector("body[data-state=stopped]")

@@ -1,4 +1,5 @@
 // /publish/{stream}: camera and microphone over WHIP, optionally as three simulcast layers.
+import { describeConnection, watchConnection } from "./diagnosis.js";
 import { endpointFor, errorText, fragmentParams, setStatus, streamFromPath } from "./page.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -73,14 +74,20 @@ async function start() {
     setStatus(errorText(error), "error");
     return;
   }
-  current.pc.addEventListener("connectionstatechange", () => {
+  current.pc.addEventListener("connectionstatechange", async () => {
     if (publisher !== current) return;
     const state = current.pc.connectionState;
     if (state === "connected") setStatus("live", "live");
     else if (state === "failed") {
-      // ICE or DTLS gave up: end the session and free the devices as Stop would.
-      stop().then(() => setStatus("connection failed", "error"));
+      // ICE or DTLS gave up: say what was tried (before Stop closes the connection),
+      // end the session and free the devices as Stop would.
+      const tried = await describeConnection(current.pc);
+      await stop();
+      setStatus(`connection failed: ${tried}`, "error");
     } else if (state === "disconnected") setStatus("connection interrupted…", "connecting");
+  });
+  watchConnection(current.pc, (text) => {
+    if (publisher === current) setStatus(text, "connecting");
   });
   statsTimer = setInterval(showStats, STATS_INTERVAL_MS);
 }
