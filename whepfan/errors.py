@@ -59,6 +59,15 @@ class NotAcceptable(PeerError):
     title = "Not Acceptable"
 
 
+class RequestTimeout(PeerError):
+    """The request's body did not arrive in time (RFC 9110 §15.5.9); the server closes the
+    connection after answering, since the rest of the body may still be on its way."""
+
+    status = 408
+    title = "Request Timeout"
+    close_connection = True
+
+
 class Conflict(PeerError):
     """Stream not live for a viewer (WHEP §4.2.8) or already published (WHIP)."""
 
@@ -84,6 +93,13 @@ class Unprocessable(PeerError):
 class PreconditionRequired(PeerError):
     status = 428
     title = "Precondition Required"
+
+
+class TooManyRequests(PeerError):
+    """A client over its request rate (RFC 6585 §4), answered with Retry-After."""
+
+    status = 429
+    title = "Too Many Requests"
 
 
 class ServiceUnavailable(WhepfanError):

@@ -26,7 +26,14 @@ from aiohttp import web
 
 from whepfan.calibrate import calibrate
 from whepfan.capacity import CapacityLedger, warn_when_behind
-from whepfan.http import create_app
+from whepfan.http import COUNTERS_KEY, create_app
+from whepfan.http.connections import (
+    CONNECTION_GUARD_KEY,
+    GuardedSite,
+    ServerLogger,
+    descriptors_needed,
+    raise_file_limit,
+)
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
 from whepfan.protocol.dtls import DtlsCertificate
@@ -127,6 +134,21 @@ def _warn_about_candidates(settings: Settings) -> None:
         )
 
 
+def _warn_about_file_limit(settings: Settings, soft_limit: int) -> None:
+    """Every HTTP connection is a descriptor, and a viewer holds up to two (its WHEP POST's
+    keep-alive connection and its event stream)."""
+    needed = descriptors_needed(settings.max_viewers)
+    if soft_limit < needed:
+        log.warning(
+            "the file descriptor limit is %d, low for --max-viewers %d (about %d needed): "
+            "raise it (LimitNOFILE= in the systemd unit, ulimit -n) or new HTTP "
+            "connections will displace idle ones early",
+            soft_limit,
+            settings.max_viewers,
+            needed,
+        )
+
+
 async def run(
     settings: Settings,
     *,
@@ -155,6 +177,8 @@ async def run(
             "bearer token from the scraper",
             settings.http_host,
         )
+    # Before the application sizes its connection cap from it (connections.py).
+    _warn_about_file_limit(settings, raise_file_limit())
     loop = asyncio.get_running_loop()
     drain = drain or asyncio.Event()
     if stop is None:
@@ -207,10 +231,24 @@ async def run(
         lag_watch = asyncio.ensure_future(warn_when_behind(worker.receive_delay, worker=0))
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).
-    runner = web.AppRunner(app, access_log=log if settings.log_level == "debug" else None)
+    # auto_decompress off: no request body is ever inflated (body.py answers 415); the
+    # server logger turns aiohttp's traceback per malformed request into a DEBUG line.
+    runner = web.AppRunner(
+        app,
+        access_log=log if settings.log_level == "debug" else None,
+        keepalive_timeout=settings.http_idle_timeout,
+        auto_decompress=False,
+        logger=ServerLogger(logging.getLogger("aiohttp.server"), app[COUNTERS_KEY]),
+    )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=ssl_context)
+        site = GuardedSite(
+            runner,
+            settings.http_host,
+            settings.http_port,
+            guard=app[CONNECTION_GUARD_KEY],
+            ssl_context=ssl_context,
+        )
         try:
             await site.start()
         except OSError as exc:

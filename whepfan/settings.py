@@ -26,7 +26,9 @@ from typing import Any, Literal
 from whepfan.capacity import CapacityPolicy
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
+from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
+from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
 
@@ -116,6 +118,16 @@ class Settings:
     stream_viewer_cap: int | None = None
     admit_lower_layer: bool = False
     drain_timeout: float = 30.0
+    # HTTP connection hygiene (whepfan/http/connections.py): seconds to send a request
+    # head, to send a body, to keep an idle keep-alive connection; the connection cap
+    # (None: the file limit minus a reserve). POSTs per second and burst per client
+    # address (whepfan/http/ratelimit.py; 0 turns the limit off; loopback is exempt).
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 10.0
+    http_idle_timeout: float = 60.0
+    http_max_connections: int | None = None
+    post_rate_limit: float = 10.0
+    post_burst: int = 50
     # Set by with_generated_publish_token(); lets the server log the token it made.
     publish_token_generated: bool = field(default=False, compare=False)
     # Option -> how the operator gave it (``WHEPFAN_TLS_KEY=/etc/k.pem``), set by
@@ -161,6 +173,15 @@ class Settings:
             raise SettingsError("cannot be negative", option="stream_viewer_cap")
         if self.drain_timeout < 0:
             raise SettingsError("cannot be negative", option="drain_timeout")
+        for name in ("http_header_timeout", "http_body_timeout", "http_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise SettingsError("must be positive", option=name)
+        if self.http_max_connections is not None and self.http_max_connections < 1:
+            raise SettingsError("is at least 1", option="http_max_connections")
+        if self.post_rate_limit < 0:
+            raise SettingsError("cannot be negative (0 turns it off)", option="post_rate_limit")
+        if self.post_burst < 1:
+            raise SettingsError("is at least 1", option="post_burst")
         try:
             JwtPolicy(leeway=self.jwt_leeway)
             if self.jwt_secret is not None:
@@ -303,6 +324,15 @@ class Settings:
             strict_etag=self.strict_etag,
             publisher_takeover=self.publisher_takeover,
             counter_offer_ttl=self.counter_offer_ttl,
+            limits=ConnectionLimits(
+                header_timeout=self.http_header_timeout,
+                body_timeout=self.http_body_timeout,
+                idle_timeout=self.http_idle_timeout,
+                max_connections=self.http_max_connections,
+            ),
+            post_rate_limit=RateLimit(rate=self.post_rate_limit, burst=self.post_burst)
+            if self.post_rate_limit > 0
+            else None,
         )
 
     @classmethod
@@ -378,6 +408,12 @@ _OPTIONS: dict[str, str] = {
     "stream_viewer_cap": "int",
     "admit_lower_layer": "bool",
     "drain_timeout": "float",
+    "http_header_timeout": "float",
+    "http_body_timeout": "float",
+    "http_idle_timeout": "float",
+    "http_max_connections": "int",
+    "post_rate_limit": "float",
+    "post_burst": "int",
 }
 
 

@@ -56,6 +56,7 @@ from aiohttp import web
 
 from whepfan.errors import NotFound, ParseError, UnsupportedMediaType
 from whepfan.http.auth import AccessControl
+from whepfan.http.body import body_media_type, read_body
 from whepfan.http.cors import add_cors_headers, add_preflight_headers
 from whepfan.http.tokens import Role
 
@@ -521,9 +522,9 @@ class EventHub:
         grant = self.access.authorize(request.headers.get("Authorization"), Role.VIEW, stream)
         session = self._viewer_session(request)
         self.access.check_bound(session, grant, stream=stream)
-        if request.content_type != JSON:
-            raise UnsupportedJson(request.content_type)
-        types = parse_subscription(await request.read())
+        if body_media_type(request) != JSON:
+            raise UnsupportedJson(body_media_type(request))
+        types = parse_subscription(await read_body(request, accepted=(JSON,)))
         reader = self.subscribe(session.stream, session.id, types)
         location = f"{request.path}/{reader.id}"
         return web.Response(status=201, headers={"Location": location})

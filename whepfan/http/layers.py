@@ -33,8 +33,8 @@ from aiohttp import web
 from whepfan.errors import NotFound, ParseError, PeerError
 from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionView
+from whepfan.http.body import read_body
 from whepfan.http.cors import add_preflight_headers
-from whepfan.http.routes import UnsupportedBodyType
 from whepfan.http.tokens import Role
 from whepfan.router import LayerRequest
 
@@ -166,9 +166,7 @@ class LayerSelection:
 
     async def post(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        if request.content_type != JSON:
-            raise UnsupportedBodyType("POST", (JSON,), request.content_type)
-        layer = parse_layer_request(await request.read())
+        layer = parse_layer_request(await read_body(request, accepted=(JSON,)))
         return self._json(self.router.select_layer(session.id, layer, self.clock()))
 
     async def delete(self, request: web.Request) -> web.Response:

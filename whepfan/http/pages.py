@@ -38,13 +38,27 @@ PAGE_HEADERS = {
 }
 
 
+STATIC_PREFIX = "/static"
+# The pages' scripts and stylesheet: never sniffed into another type (an uploaded or
+# mis-typed file cannot run as script), and revalidated on each load (``no-cache``: the
+# aiohttp file response answers If-None-Match / If-Modified-Since with a cheap 304), so an
+# upgraded server never serves a page with last version's whep.js from a cache.
+STATIC_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
 def add_page_routes(app: web.Application) -> None:
     stream = f"{{stream:{STREAM_PATTERN}}}"
     app.router.add_get("/", _page("index.html"))
     app.router.add_get(f"/watch/{stream}", _page("watch.html"))
     app.router.add_get(f"/publish/{stream}", _page("publish.html"))
-    app.router.add_static("/static", STATIC_DIR)
+    app.router.add_static(STATIC_PREFIX, STATIC_DIR)
     app.router.add_get("/favicon.ico", _favicon)
+    app.on_response_prepare.append(_add_static_headers)
+
+
+async def _add_static_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith(STATIC_PREFIX + "/"):
+        response.headers.update(STATIC_HEADERS)
 
 
 # The pages link /static/favicon.svg; browsers still ask /favicon.ico for anything else

@@ -32,15 +32,18 @@ from whepfan.errors import (
     NotAcceptable,
     NotFound,
     ParseError,
-    UnsupportedMediaType,
 )
 from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionRouter, SessionView
 from whepfan.http.cors import add_preflight_headers, is_preflight
 from whepfan.http.etag import check_if_match
+from whepfan.http.body import body_media_type, read_text_body
+from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import IceServer
 from whepfan.http.tokens import Grant, JwtVerifier, Role
 from whepfan.protocol import sdp
+from whepfan.http.names import ROUTE_PATTERN
+from whepfan.http.ratelimit import RateLimit
 
 log = logging.getLogger("whepfan.http")
 
@@ -48,9 +51,11 @@ SDP = "application/sdp"
 SDPFRAG = "application/trickle-ice-sdpfrag"
 # RFC 8840 §9 / RFC 5789 §3.1: what PATCH on a session accepts.
 ACCEPT_PATCH = SDPFRAG
-# The router's session ids are 192-bit token_urlsafe strings; stream names are kept to
-# URL-safe unreserved characters (RFC 3986 §2.3) so Locations never need escaping.
-STREAM_PATTERN = r"[A-Za-z0-9._~-]{1,128}"
+# The router's session ids are 192-bit token_urlsafe strings. Routes take any path
+# segment as a stream name and names.stream_name_middleware answers 400 to one outside
+# the documented alphabet (RFC 3986 §2.3 unreserved characters, so Locations never need
+# escaping), rather than a 404 that would read as "no such stream".
+STREAM_PATTERN = ROUTE_PATTERN
 SESSION_PATTERN = r"[A-Za-z0-9_-]{16,128}"
 # PATCH and DELETE are listed on the endpoint too: some players (Eyevinn) only trickle
 # when the endpoint's OPTIONS permits PATCH (spec notes §1.1).
@@ -73,15 +78,6 @@ class Protocol(enum.Enum):
     @property
     def role(self) -> Role:
         return Role.PUBLISH if self is Protocol.WHIP else Role.VIEW
-
-
-class UnsupportedBodyType(UnsupportedMediaType):
-    """415 naming the accepted types (RFC 9110 §15.5.16; RFC 5789 §2.2 for PATCH)."""
-
-    def __init__(self, method: str, accepted: tuple[str, ...], received: str) -> None:
-        super().__init__(f"Content-Type must be {' or '.join(accepted)}, not {received}")
-        field_name = "Accept-Post" if method == "POST" else "Accept-Patch"
-        self.response_headers = {field_name: ", ".join(accepted)}
 
 
 ProtocolHandler = Callable[[web.Request, Protocol], Awaitable[web.StreamResponse]]
@@ -108,6 +104,10 @@ class HttpOptions:
 class WhipWhepResources:
     """The handlers, bound to one router and its clock."""
 
+    # Header, body and keep-alive deadlines and the connection cap (connections.py).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Per-client POST token buckets (ratelimit.py); None: no limit.
+    post_rate_limit: RateLimit | None = None
     router: SessionRouter
     clock: Callable[[], float]  # the media worker's loop time: the router's ``now``
     options: HttpOptions
@@ -264,7 +264,7 @@ class WhipWhepResources:
             strict=self.options.strict_etag,
         )
         now = self.clock()
-        if request.content_type == SDP:
+        if body_media_type(request) == SDP:
             # WHEP draft-03 §4.2.2: the player's answer to our counter-offer -> 204.
             self.router.accept_counter_answer(session.id, body, now)
             return web.Response(status=204)
@@ -346,13 +346,7 @@ class WhipWhepResources:
         return session
 
     async def _read_body(self, request: web.Request, *, accepted: tuple[str, ...]) -> str:
-        if request.content_type not in accepted:
-            raise UnsupportedBodyType(request.method, accepted, request.content_type)
-        raw = await request.read()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ParseError("the body is not UTF-8 text") from None
+        return await read_text_body(request, accepted=accepted)
 
     def _location(self, protocol: Protocol, session: SessionView) -> str:
         # Always an absolute path: some clients resolve nothing else (spec notes §1.2).
