@@ -52,9 +52,10 @@ Ed25519                 EdDSA (RFC 8037 §3.1)
 ======================  =========================================================
 
 A token whose header names a ``kid`` that the JWKS holds is checked against that key
-only (RFC 7515 §4.1.4); an unknown ``kid`` re-reads the JWKS file if it changed (key
-rotation: publish the new key before issuing tokens with it), and a token with no or an
-unknown ``kid`` is checked against the keys that have none (the secret, the PEM key).
+only (RFC 7515 §4.1.4), and a token with no or an unknown ``kid`` against the keys that
+have none (the secret, the PEM key). The JWKS file is re-read when it changes (one stat
+per token): for key rotation, publish the new key before issuing tokens with it; remove
+a key to revoke it.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ class JwtPolicy:
 
 class JwtVerifier:
     """Checks a JWT against the configured keys and policy and returns its Grant. Sans-IO
-    but for a JWKS file re-read on an unknown ``kid``: time is the ``now`` argument."""
+    but for the JWKS file's stat: time is the ``now`` argument."""
 
     def __init__(
         self,
@@ -417,10 +418,12 @@ class JwtVerifier:
 
     def _candidates(self, algorithm: str, kid: str | None) -> list[VerificationKey]:
         """The keys a token of this header may be checked against (module docstring)."""
+        if self._jwks is not None:
+            # One stat per token: a key added to the file is usable, and a key removed
+            # from it revoked, from the next token on.
+            self._jwks.refresh()
         if kid is not None and self._jwks is not None:
             named = [key for key in self._jwks.keys if key.kid == kid]
-            if not named and self._jwks.refresh():
-                named = [key for key in self._jwks.keys if key.kid == kid]
             if named:
                 # The header picked a key: its algorithm is the key's, never the header's.
                 return [key for key in named if key.algorithm == algorithm]
