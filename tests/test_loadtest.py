@@ -10,6 +10,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -1097,3 +1098,61 @@ def test_viewers_whose_sessions_end_mid_run_are_reported_stalled(tmp_path: Path)
     assert all(row["cpu_percent"] is not None for row in server[1:])
     assert all(row["receive_delay"] is not None for row in server)
     assert 'id="chart-server-cpu"' in html_page and 'id="chart-server-delay"' in html_page
+
+
+def _viewer_only_worker(serve_log: Path) -> int:
+    """The pid of a worker of ``whepfan serve --workers 2`` that does not hold the
+    publisher, from the log lines "worker N (pid P)" and "workerN ...: publisher"."""
+    text = serve_log.read_text()
+    pids = {int(n): int(pid) for n, pid in re.findall(r"worker (\d+) \(pid (\d+)\)", text)}
+    publishing = {int(n) for n in re.findall(r"worker(\d+) whepfan\.router: publisher", text)}
+    assert len(pids) == 2 and len(publishing) == 1, text
+    [pid] = [pid for worker, pid in pids.items() if worker not in publishing]
+    return pid
+
+
+@pytest.mark.slow
+def test_viewers_of_a_killed_worker_are_reported_stalled_to_the_end(tmp_path: Path) -> None:
+    """Issue 15 as reported: a worker dies mid-run; its viewers get no close_notify, no
+    ICE failure within the run (consent lasts 30 s, RFC 7675 §5.1) and no sequence gap,
+    so they looked "connected, 0 loss" while receiving nothing until the end."""
+    deployment = Deployment(tmp_path, "--workers", "2")
+    gap = 2.0
+
+    async def run() -> LoadTestReport:
+        options = LoadTestOptions(
+            url=f"{deployment.url}/whep/live", viewers=6, ramp=20, duration=8, stall_gap=gap
+        )
+        test = LoadTest(options)
+        running = asyncio.create_task(test.run())
+        while len(test.viewers) < 6 or any(
+            viewer.counters_now().get("last_rtp_at") is None for viewer in test.viewers
+        ):
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        os.kill(_viewer_only_worker(tmp_path / "serve.log"), signal.SIGKILL)
+        return await running
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        deployment.close()
+    summary = report.summary
+    end = summary["measured_until"]
+    stalled = [v for v in report.viewers if v["stalls"]]
+    # Least-loaded placement spreads six viewers over both workers; the killed one did
+    # not hold the publisher, so the viewers of the other kept receiving.
+    assert 1 <= len(stalled) <= 5
+    for viewer in report.viewers:
+        silent_for = end - (viewer["started_at"] + viewer["last_rtp"])
+        if viewer in stalled:
+            assert viewer["outcome"] == "connected", viewer  # nothing told it otherwise
+            assert viewer["counters"]["lost"] == 0, viewer
+            assert viewer["stalls"] == 1 and viewer["stalled_at_end"], viewer
+            assert viewer["longest_gap"] == pytest.approx(silent_for) and silent_for > gap
+        else:
+            assert viewer["longest_gap"] < gap and silent_for < gap, viewer
+    assert summary["stalls"]["viewers"] == summary["stalls"]["stalled_at_end"] == len(stalled)
+    assert summary["connected"] == 6
+    assert not report.passed
+    assert f"{len(stalled)} of 6 viewers stalled" in render_text(report)
