@@ -15,6 +15,8 @@ problem+json responses.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import enum
 import logging
@@ -35,15 +37,16 @@ from whepfan.errors import (
 )
 from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionRouter, SessionView
-from whepfan.http.cors import add_preflight_headers, is_preflight
-from whepfan.http.etag import check_if_match
 from whepfan.http.body import body_media_type, read_text_body
 from whepfan.http.connections import ConnectionLimits
+from whepfan.http.cors import add_preflight_headers, is_preflight
+from whepfan.http.etag import check_if_match
 from whepfan.http.links import IceServer
-from whepfan.http.tokens import Grant, JwtVerifier, Role
-from whepfan.protocol import sdp
 from whepfan.http.names import ROUTE_PATTERN
 from whepfan.http.ratelimit import RateLimit
+from whepfan.http.tokens import Grant, JwtVerifier, Role
+from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE, IssuedSession, SessionTombstones
+from whepfan.protocol import sdp
 
 log = logging.getLogger("whepfan.http")
 
@@ -97,17 +100,20 @@ class HttpOptions:
     # A second WHIP publisher replaces the live one instead of getting 409.
     publisher_takeover: bool = False
     counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    # How long the URL of a session that ended without its DELETE (close_notify, consent
+    # lost, taken over) still answers that DELETE with 200 (tombstones.py); then 404.
+    ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     max_body_bytes: int = 128 * 1024
+    # Header, body and keep-alive deadlines and the connection cap (connections.py).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Per-client POST token buckets (ratelimit.py); None: no limit.
+    post_rate_limit: RateLimit | None = None
 
 
 @dataclass(eq=False, kw_only=True)
 class WhipWhepResources:
     """The handlers, bound to one router and its clock."""
 
-    # Header, body and keep-alive deadlines and the connection cap (connections.py).
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    # Per-client POST token buckets (ratelimit.py); None: no limit.
-    post_rate_limit: RateLimit | None = None
     router: SessionRouter
     clock: Callable[[], float]  # the media worker's loop time: the router's ``now``
     options: HttpOptions
@@ -125,6 +131,9 @@ class WhipWhepResources:
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
     # Credentials and session binding (auth.py); create_app shares it with the extensions.
     access: AccessControl = field(init=False)
+    # Issued session URLs and the recently ended ones, for the DELETE that follows an end.
+    tombstones: SessionTombstones = field(init=False)
+    _sweeper: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         options = self.options
@@ -134,6 +143,7 @@ class WhipWhepResources:
             verifier=options.jwt,
             wall_clock=self.wall_clock,
         )
+        self.tombstones = SessionTombstones(grace=options.ended_session_grace)
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -148,6 +158,39 @@ class WhipWhepResources:
             app.router.add_route("OPTIONS", session, self._bind(self.options_session, protocol))
             app.router.add_route("GET", session, self._bind(self.get_session, protocol))
             app.router.add_route("HEAD", session, self._bind(self.get_session, protocol))
+        app.on_startup.append(self._start_sweeping)
+        app.on_cleanup.append(self._stop_sweeping)
+
+    # Ends are dated to within this (seconds): against the 60 s grace, close enough.
+    SWEEP_INTERVAL = 1.0
+
+    def sweep_ended_sessions(self) -> int:
+        """Tombstone the issued sessions the media plane ended since the last sweep."""
+        return self.tombstones.sweep(self.clock(), self._is_alive)
+
+    def _is_alive(self, session_id: str) -> bool:
+        try:
+            self.router.get_session(session_id)
+        except NotFound:
+            return False
+        return True
+
+    async def _start_sweeping(self, app: web.Application) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def _stop_sweeping(self, app: web.Application) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_INTERVAL)
+            try:
+                self.sweep_ended_sessions()
+            except Exception:
+                log.exception("sweeping ended sessions failed")
 
     @staticmethod
     def _bind(handler: ProtocolHandler, protocol: Protocol) -> Handler:
@@ -175,6 +218,7 @@ class WhipWhepResources:
             self.access.bind(session, grant)
             if self.viewer_created is not None:
                 self.viewer_created(request, session, now)
+        self._issue(protocol, session, grant)
         headers = {
             "Location": self._location(protocol, session),
             "ETag": session.etag,
@@ -202,6 +246,7 @@ class WhipWhepResources:
             sdp.SessionDescription.parse(offer)
             log.info("publisher on %r taken over by a new WHIP session", stream)
             self.router.end_session(publisher.id, now, "taken-over")
+            self.tombstones.end(publisher.id, now)
             return self.router.publish(stream, offer, now)
 
     def _counter_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
@@ -210,6 +255,7 @@ class WhipWhepResources:
         comes within ``counter_offer_ttl``."""
         session, offer = self.router.counter_offer(stream, now)
         self.access.bind(session, grant)
+        self._issue(Protocol.WHEP, session, grant)
         valid_until = email.utils.formatdate(
             self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
         )
@@ -302,13 +348,37 @@ class WhipWhepResources:
         return response
 
     async def delete_session(self, request: web.Request, protocol: Protocol) -> web.Response:
-        """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1)."""
+        """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1).
+
+        A session that ended a moment ago without it (tombstones.py) answers 200 too,
+        once; a DELETE after the one that answered 200 gets 404.
+        """
         grant = self._authorize(request, protocol)
+        try:
+            self.router.get_session(request.match_info["session"])
+        except NotFound:
+            return self._delete_ended(request, protocol, grant)
         session = self._session(request, protocol)
         self.access.check_bound(session, grant, stream=session.stream)
         self.router.end_session(session.id, self.clock(), "deleted")
+        self.tombstones.forget(session.id)
         self._restart_ufrags.pop(session, None)
         # 200, as the spec's diagram shows; OBS warns on anything else (spec notes §1.8).
+        return web.Response(status=200)
+
+    def _delete_ended(
+        self, request: web.Request, protocol: Protocol, grant: Grant | None
+    ) -> web.Response:
+        record = self.tombstones.take(
+            request.match_info["session"],
+            self.clock(),
+            endpoint=protocol.value,
+            stream=request.match_info["stream"],
+        )
+        if record is None:
+            raise NotFound("no such session")
+        # The credential that made the session still decides who may DELETE its URL.
+        self.access.check_bound(record, grant, stream=record.stream)
         return web.Response(status=200)
 
     async def options_session(self, request: web.Request, protocol: Protocol) -> web.Response:
@@ -347,6 +417,13 @@ class WhipWhepResources:
 
     async def _read_body(self, request: web.Request, *, accepted: tuple[str, ...]) -> str:
         return await read_text_body(request, accepted=accepted)
+
+    def _issue(self, protocol: Protocol, session: SessionView, grant: Grant | None) -> None:
+        record = IssuedSession(
+            session_id=session.id, endpoint=protocol.value, stream=session.stream
+        )
+        self.tombstones.issue(record)
+        self.access.bind(record, grant)
 
     def _location(self, protocol: Protocol, session: SessionView) -> str:
         # Always an absolute path: some clients resolve nothing else (spec notes §1.2).
