@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _server import LiveServer, settings_for
 
 from whepfan.cli import build_parser, main, settings_from_args
 
@@ -158,6 +160,24 @@ def test_an_unusable_tls_file_is_named(
     assert main(_serve_args("--udp", "127.0.0.1:0")) == 2
     err = capsys.readouterr().err
     assert f"error: cannot load the TLS certificate {cert} with the key {key}: " in err
+
+
+def test_whepfan_publish_that_cannot_connect_says_what_it_tried(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The server answers with a candidate nothing listens at (its socket is on 127.0.0.1).
+    live = LiveServer(settings_for(token="t", public_ip=["127.0.0.2"]))
+    try:
+        status = main(
+            ["publish", f"{live.url}/whip/cli", "--token", "t", "--no-audio",
+             "--connect-timeout", "1", "--log-level", "error"]
+        )  # fmt: skip
+    finally:
+        live.close()
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("whepfan publish: not connected within 1 s: ICE checking, DTLS new")
+    assert re.search(r"remote candidates from the answer: 127\.0\.0\.2:\d+ \d+ checks sent", err)
 
 
 def _free_port() -> int:

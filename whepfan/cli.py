@@ -286,6 +286,15 @@ def add_publish_command(commands: argparse._SubParsersAction) -> None:
         metavar="S",
         help="seconds between keyframes nobody asked for (default 10)",
     )
+    publish.add_argument(
+        "--connect-timeout",
+        dest="connect_timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="give up when ICE and DTLS have not connected after S s, saying what was "
+        "tried (default 10)",
+    )
     publish.add_argument("--no-audio", dest="audio", action="store_false")
     publish.add_argument("--no-video", dest="video", action="store_false")
     publish.add_argument(
@@ -312,6 +321,7 @@ def run_publish(args: argparse.Namespace) -> int:
             height=args.size[1],
             fps=args.fps,
             keyframe_interval=args.keyframe_interval,
+            connect_timeout=args.connect_timeout,
             audio=args.audio,
             video=args.video,
         )
