@@ -40,7 +40,7 @@ from whepfan.client.loadtest import (
     LoadTest,
     LoadTestOptions,
     ViewerResult,
-    refusal_reason,
+    problem_summary,
     server_metrics_from_text,
 )
 from whepfan.client.report import (
@@ -52,7 +52,6 @@ from whepfan.client.report import (
     render_text,
     summarize,
 )
-from whepfan.client.signalling import OfferResult
 from whepfan.client.stalls import StallWatch, check_interval
 from whepfan.protocol.rtp import RtpPacket
 
@@ -824,34 +823,30 @@ def test_the_stall_gap_is_validated() -> None:
 
 
 @pytest.mark.parametrize(
-    ("answer", "reason"),
+    ("status", "body", "retry_after", "summary"),
     [
         (
-            OfferResult(
-                status=409,
-                retry_after="5",
-                detail='{"title":"Conflict","status":409,"detail":"stream \'live\' is not live"}',
-            ),
+            409,
+            '{"title":"Conflict","status":409,"detail":"stream \'live\' is not live"}',
+            "5",
             "HTTP 409 Conflict: stream 'live' is not live (Retry-After 5)",
         ),
-        (
-            OfferResult(status=503, detail='{"title":"Service Unavailable","status":503}'),
-            "HTTP 503 Service Unavailable",
-        ),
+        (503, '{"title":"Service Unavailable","status":503}', None, "HTTP 503 Service Unavailable"),
         (  # cut short at 300 characters: not JSON any more, said as text
-            OfferResult(status=400, detail='{"title":"Bad Request","detail":"x'),
+            400,
+            '{"title":"Bad Request","detail":"x',
+            None,
             'HTTP 400 Bad Request: {"title":"Bad Request","detail":"x',
         ),
-        (
-            OfferResult(status=502, detail="<html><body><h1>502 Bad Gateway</h1></body></html>"),
-            "HTTP 502 Bad Gateway",
-        ),
-        (OfferResult(status=403, detail="no such\n token "), "HTTP 403 Forbidden: no such token"),
-        (OfferResult(status=599), "HTTP 599"),
+        (502, "<html><body><h1>502 Bad Gateway</h1></body></html>", None, "HTTP 502 Bad Gateway"),
+        (403, "no such\n token ", None, "HTTP 403 Forbidden: no such token"),
+        (599, "", None, "HTTP 599"),
     ],
 )
-def test_a_refusal_reads_as_the_servers_problem_detail(answer: OfferResult, reason: str) -> None:
-    assert refusal_reason(answer) == reason
+def test_an_error_answer_reads_as_the_servers_problem_detail(
+    status: int, body: str, retry_after: str | None, summary: str
+) -> None:
+    assert problem_summary(status, body, retry_after=retry_after) == summary
 
 
 METRICS_TEXT = """\
@@ -1156,3 +1151,26 @@ def test_viewers_of_a_killed_worker_are_reported_stalled_to_the_end(tmp_path: Pa
     assert summary["connected"] == 6
     assert not report.passed
     assert f"{len(stalled)} of 6 viewers stalled" in render_text(report)
+
+
+async def test_a_refused_scrape_is_reported_with_its_reason_and_no_token_is_in_the_report() -> None:
+    server = await asyncio.to_thread(live_server, metrics_token="the-right-one")
+    try:
+        options = LoadTestOptions(
+            url=f"{server.url}/whep/nobody-publishes",
+            viewers=1,
+            token="viewer-secret",
+            server_metrics=f"{server.url}/metrics",
+            server_metrics_token="a-wrong-one",
+        )
+        report = await LoadTest(options).run()
+    finally:
+        await asyncio.to_thread(server.close)
+    errors = report.summary["server_metrics_errors"]
+    [(reason, count)] = errors.items()
+    assert reason.startswith("HTTP 401 Unauthorized"), errors
+    assert count >= 1 and report.server_timeline == []
+    assert f"server metrics: {reason} x{count}" in render_text(report)
+    serialized = report.to_json()
+    assert "viewer-secret" not in serialized and "a-wrong-one" not in serialized
+    assert report.options["token"] == report.options["server_metrics_token"] == "(set)"

@@ -64,12 +64,7 @@ from whepfan.client.report import (
     render_text,
     summarize,
 )
-from whepfan.client.signalling import (
-    OfferResult,
-    delete_session,
-    local_address_towards,
-    post_offer,
-)
+from whepfan.client.signalling import delete_session, local_address_towards, post_offer
 from whepfan.client.stalls import StallWatch, check_interval
 from whepfan.errors import ParseError, WhepfanError
 from whepfan.protocol.dtls import DtlsCertificate
@@ -203,7 +198,9 @@ class _Viewer:
             self.result.status = answer.status
             if answer.status != 201 or answer.answer is None:
                 self.result.outcome = "rejected"
-                self.result.error = refusal_reason(answer)
+                self.result.error = problem_summary(
+                    answer.status, answer.detail, retry_after=answer.retry_after
+                )
                 test.note_refusal()
                 return
             self.result.answered = time.monotonic() - self.posted_at
@@ -496,7 +493,7 @@ class LoadTest:
             ) as response:
                 text = await response.text(errors="replace")
                 if response.status != 200:
-                    self.scrape_errors[f"HTTP {response.status}"] += 1
+                    self.scrape_errors[problem_summary(response.status, text[:300])] += 1
                     return
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.scrape_errors[type(exc).__name__] += 1
@@ -601,7 +598,7 @@ class LoadTest:
             )
         return summarize(
             url=options.url,
-            options=asdict(options),
+            options=_without_credentials(options),
             viewers=[viewer.result for viewer in self.viewers],
             samples=self.samples,
             wall_seconds=wall,
@@ -614,12 +611,12 @@ class LoadTest:
         )
 
 
-def refusal_reason(answer: OfferResult) -> str:
-    """ "HTTP 409 Conflict: stream 'live' has no publisher (Retry-After 5)": the status
-    with the problem details' ``title`` and ``detail`` (RFC 9457 §3.1.3, §3.1.4) when the
-    body is one, else its text, so that the summary says why, not only that."""
+def problem_summary(status: int, body: str, *, retry_after: str | None = None) -> str:
+    """ "HTTP 409 Conflict: stream 'live' is not live (Retry-After 5)": an error answer's
+    status with the problem details' ``title`` and ``detail`` (RFC 9457 §3.1.3, §3.1.4)
+    when the body is one, else its text, so that the summary says why, not only that."""
     title, detail = "", ""
-    body = answer.detail.strip()
+    body = body.strip()
     try:
         problem = orjson.loads(body) if body.startswith("{") else None
     except orjson.JSONDecodeError:
@@ -631,13 +628,22 @@ def refusal_reason(answer: OfferResult) -> str:
         detail = " ".join(body.split())[:200]
     if not title:
         with contextlib.suppress(ValueError):
-            title = HTTPStatus(answer.status).phrase
-    reason = f"HTTP {answer.status}" + (f" {title}" if title else "")
+            title = HTTPStatus(status).phrase
+    summary = f"HTTP {status}" + (f" {title}" if title else "")
     if detail and detail != title:
-        reason += f": {detail}"
-    if answer.retry_after:
-        reason += f" (Retry-After {answer.retry_after})"
-    return reason
+        summary += f": {detail}"
+    if retry_after:
+        summary += f" (Retry-After {retry_after})"
+    return summary
+
+
+def _without_credentials(options: LoadTestOptions) -> dict[str, Any]:
+    """The options as the report shows them: a report is shared, its tokens are not."""
+    shown = asdict(options)
+    for name in ("token", "server_metrics_token"):
+        if shown[name] is not None:
+            shown[name] = "(set)"
+    return shown
 
 
 def server_metrics_from_text(text: str) -> dict[str, float | None]:
