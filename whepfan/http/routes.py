@@ -204,8 +204,10 @@ class WhipWhepResources:
     async def post_offer(self, request: web.Request, protocol: Protocol) -> web.Response:
         """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
         grant = self._authorize(request, protocol)
-        offer = await self._read_body(request, accepted=(SDP,))
         stream = request.match_info["stream"]
+        if protocol is Protocol.WHEP and not request.body_exists:
+            return self._server_offer(stream, self.clock(), grant)
+        offer = await self._read_body(request, accepted=(SDP,))
         now = self.clock()
         if protocol is Protocol.WHIP:
             session, answer = self._publish(stream, offer, now)
@@ -270,6 +272,33 @@ class WhipWhepResources:
         )
         # The parameter value is an HTTP-date (RFC 9110 §5.6.7), which needs quoting.
         response.headers["Content-Type"] = f'{SDP}; valid-until="{valid_until}"'
+        return response
+
+    def _server_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
+        """The legacy server-offer mode (draft-murillo-whep-00/01 §4, removed in -02): a
+        POST with no body gets 201 with our offer, a Location and Expires; the player
+        PATCHes its answer there (204), exactly as after a 406 counter-offer, and the
+        session goes if no answer comes within ``counter_offer_ttl``. Eyevinn's
+        webrtc-player falls back to it when its own offer is refused with 400, and
+        players written against Cloudflare's "server offer" WHEP use it first."""
+        session, offer = self.router.counter_offer(stream, now)
+        self.access.bind(session, grant)
+        self._issue(Protocol.WHEP, session, grant)
+        expires = email.utils.formatdate(
+            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
+        )
+        response = web.Response(
+            status=201,
+            body=offer.encode(),
+            headers={
+                "Location": self._location(Protocol.WHEP, session),
+                "ETag": session.etag,
+                "Accept-Patch": f"{SDP}, {SDPFRAG}",
+                "Expires": expires,  # draft-murillo-whep-01 §4: when an unanswered offer goes
+            },
+        )
+        response.headers["Content-Type"] = SDP
+        self._add_ice_server_links(response)
         return response
 
     async def options_endpoint(self, request: web.Request, protocol: Protocol) -> web.Response:
