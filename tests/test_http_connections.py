@@ -28,6 +28,7 @@ from whepfan.http.connections import (
     connection_cap,
     descriptors_needed,
 )
+from whepfan.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = 10.0
@@ -125,6 +126,7 @@ def test_limits_and_descriptor_budget() -> None:
 
 SLOWLORIS_HEADER_TIMEOUT = 1.0
 SLOWLORIS = 500
+BODY_TIMEOUT = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,7 @@ def server() -> Iterator[LiveServer]:
             token=TOKEN,
             worker_packet_budget="none",
             http_header_timeout=str(SLOWLORIS_HEADER_TIMEOUT),
+            http_body_timeout=str(BODY_TIMEOUT),
         )
     )
     yield live
@@ -253,3 +256,46 @@ def test_a_1024_descriptor_server_answers_with_1074_idle_connections_open() -> N
     log = process.stderr.read()
     assert "file descriptor limit is 1024, low for --max-viewers" in log
     assert "Traceback" not in log
+
+
+async def test_a_body_slower_than_the_body_timeout_gets_408_and_the_connection_closes(
+    server: LiveServer,
+) -> None:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /whep/slow-body HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+            b"Content-Length: 5000\r\n\r\nv=0\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), BODY_TIMEOUT + 10)  # until EOF
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"408", head
+    assert b"Connection: close" in head
+    assert b"did not arrive within 1 s" in body
+
+
+def test_connection_settings_reach_the_http_options() -> None:
+    settings = settings_for(
+        http_header_timeout="2.5",
+        http_body_timeout="3",
+        http_idle_timeout="30",
+        http_max_connections="500",
+        post_rate_limit="4",
+        post_burst="8",
+    )
+    options = settings.http_options()
+    assert options.limits == ConnectionLimits(
+        header_timeout=2.5, body_timeout=3.0, idle_timeout=30.0, max_connections=500
+    )
+    assert options.post_rate_limit is not None
+    assert (options.post_rate_limit.rate, options.post_rate_limit.burst) == (4.0, 8)
+    assert settings_for(post_rate_limit="0").http_options().post_rate_limit is None
+    for bad in ({"http_header_timeout": "0"}, {"http_max_connections": "0"}, {"post_burst": "0"}):
+        with pytest.raises(SettingsError):
+            settings_for(**bad)

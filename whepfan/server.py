@@ -134,6 +134,9 @@ def _warn_about_candidates(settings: Settings) -> None:
         )
 
 
+LINGERING_TIME = 2.0
+
+
 def _warn_about_file_limit(settings: Settings, soft_limit: int) -> None:
     """Every HTTP connection is a descriptor, and a viewer holds up to two (its WHEP POST's
     keep-alive connection and its event stream)."""
@@ -237,6 +240,10 @@ async def run(
         app,
         access_log=log if settings.log_level == "debug" else None,
         keepalive_timeout=settings.http_idle_timeout,
+        # After answering a request whose body it did not read (401, 408, 415), aiohttp
+        # reads and drops what is still coming, so the client sees the answer rather than
+        # a reset; 2 s is plenty for an honest client and bounds a trickling one.
+        lingering_time=LINGERING_TIME,
         auto_decompress=False,
         logger=ServerLogger(logging.getLogger("aiohttp.server"), app[COUNTERS_KEY]),
     )

@@ -62,11 +62,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
         return problem_response(exc.status, exc.reason, headers=kept)
     except (ConnectionError, RequestPayloadError) as exc:
-        # The client went away mid-body (aiohttp fails the read with ConnectionResetError)
-        # or broke the body's framing (RequestPayloadError): its doing, not a bug.
+        # The client went away (mid-body, aiohttp fails the read with ConnectionResetError;
+        # mid-response, the write fails) or broke the body's framing (RequestPayloadError):
+        # its doing, not a bug. The answer reaches it only in the framing case.
         counters["http_client_aborted"] += 1
-        log.debug("%s %s: request body not received: %s", request.method, request.path, exc)
-        response = problem_response(400, "the request body was not received in full")
+        log.debug("%s %s: the client went away: %r", request.method, request.path, exc)
+        response = problem_response(400, "the request was not received in full")
         response.force_close()
         return response
     except Exception:
