@@ -351,11 +351,56 @@ def view_through_turn(network: TurnNetwork) -> dict[str, Any]:
     return report
 
 
+async def _allocate(username: str, password: str) -> dict[str, Any]:
+    """One TURN allocation on coturn (RFC 8656 §7.2) with these credentials; its relayed
+    address, or the error coturn answered (the 401 after the credentialed retry)."""
+    import aioice.stun
+    import aioice.turn
+
+    try:
+        transport, _ = await aioice.turn.create_turn_endpoint(
+            asyncio.DatagramProtocol,
+            server_addr=(SERVER_ADDRESS, TURN_PORT),
+            username=username,
+            password=password,
+        )
+    except aioice.stun.TransactionFailed as exc:
+        code, reason = exc.response.attributes["ERROR-CODE"]
+        return {"relayed": None, "error": [code, reason]}
+    try:
+        return {"relayed": list(transport.get_extra_info("sockname")), "error": None}
+    finally:
+        transport.close()
+
+
+def allocate_from_viewer(network: TurnNetwork, username: str, password: str) -> dict[str, Any]:
+    """:func:`_allocate` run in the viewer namespace."""
+    result = subprocess.run(
+        network.viewer.command(
+            sys.executable, str(Path(__file__)), "--allocate", username, password
+        ),
+        capture_output=True,
+        text=True,
+        timeout=VIEWER_TIMEOUT,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, f"the allocation failed to run:\n{result.stderr[-4000:]}"
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="aiortc WHEP viewer through the Link TURN server")
-    parser.add_argument("url")
+    parser.add_argument("url", nargs="?", help="the WHEP endpoint to view")
+    parser.add_argument(
+        "--allocate", nargs=2, metavar=("USERNAME", "PASSWORD"), help="only allocate on coturn"
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(_view(args.url))))
+    if args.allocate:
+        print(json.dumps(asyncio.run(_allocate(*args.allocate))))
+    else:
+        print(json.dumps(asyncio.run(_view(args.url))))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from _turn import (
     TURN_URL,
     LoggedProcess,
     TurnNetwork,
+    allocate_from_viewer,
     ice_server_links,
     start_coturn,
     start_publisher,
@@ -262,3 +263,20 @@ def test_viewer_behind_a_udp_firewall_plays_through_coturn(
         rf"user <{username}>: incoming packet (CREATE_PERMISSION|CHANNEL_BIND) processed, success",
         log,
     ), log[-4000:]
+
+
+def test_coturn_accepts_only_unexpired_credentials_from_the_shared_secret(
+    network: TurnNetwork, coturn: LoggedProcess
+) -> None:
+    now = int(time.time())
+    fresh = turn_rest_credentials(TURN_SECRET, expiry=now + TTL)
+    allocated = allocate_from_viewer(network, *fresh)
+    assert allocated["error"] is None and allocated["relayed"][0] == SERVER_ADDRESS, allocated
+    # The number in the username is an expiry time (coturn's use-auth-secret, as the
+    # draft's §2.2 timestamp): one in the past is refused, its HMAC right or not...
+    expired = turn_rest_credentials(TURN_SECRET, expiry=now - 60)
+    assert allocate_from_viewer(network, *expired)["error"][0] == 401
+    # ...and so is a fresh username under another secret (RFC 8656 §7.2: 401 after the
+    # retry with MESSAGE-INTEGRITY).
+    other = turn_rest_credentials("not-" + TURN_SECRET, expiry=now + TTL)
+    assert allocate_from_viewer(network, *other)["error"][0] == 401
