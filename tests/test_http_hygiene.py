@@ -204,13 +204,13 @@ async def test_every_resource_a_page_calls_answers_a_preflight(
             "/static/whep.js",
         ]
         async with http.post("/whep/cors", data=offer, headers=SDP) as viewer:
-            if viewer.status == 201:
-                paths.append(viewer.headers["Location"])
-                paths.extend(
-                    link.split(">")[0].lstrip("<")
-                    for link in viewer.headers.getall("Link", ())
-                    if link.startswith("<")
-                )
+            assert viewer.status == 201, await viewer.text()
+            paths.append(viewer.headers["Location"])
+            # The extension resources a player calls next: events and layer (WHEP EXT).
+            links = [link.split(">")[0].lstrip("<") for link in viewer.headers.getall("Link")]
+            assert any("/events" in link for link in links), links
+            assert any("/layer" in link for link in links), links
+            paths.extend(links)
         for path in paths:
             async with http.options(path, headers=preflight) as answer:
                 assert 200 <= answer.status < 300, (path, answer.status)
