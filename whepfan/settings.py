@@ -3,8 +3,8 @@ options, ``WHEPFAN_*`` environment variables, a TOML file, and defaults.
 
 Every option has the same name everywhere: ``--publish-token`` on the command line,
 ``WHEPFAN_PUBLISH_TOKEN`` in the environment, ``publish_token`` in the TOML file.
-Repeatable options (``public_ip``, ``ice_server``) are lists in TOML and comma-separated
-in the environment; a value from a higher source replaces the whole list.
+Repeatable options (``public_ip``, ``ice_server``, ``turn_url``) are lists in TOML and
+comma-separated in the environment; a value from a higher source replaces the whole list.
 
 A bad value is reported as it was given, so the operator can find it:
 ``WHEPFAN_MAX_VIEWERS=many: not an integer``, ``--udp 1.2.3.4:70000: not HOST:PORT``,
@@ -473,7 +473,8 @@ def _convert(raw: Mapping[str, Any]) -> dict[str, Any]:
                 host, port = parse_host_port(_expect(value, str, name), what=name)
                 out[f"{name}_host"], out[f"{name}_port"] = host, port
             elif kind == "list":
-                out[_LIST_FIELDS[name]] = tuple(_expect(item, str, name) for item in _as_list(value))
+                items = _as_list(value)
+                out[_LIST_FIELDS[name]] = tuple(_expect(item, str, name) for item in items)
             elif kind == "ice_list":
                 out["ice_servers"] = tuple(_ice_server(item) for item in _as_list(value))
             elif kind == "str":
