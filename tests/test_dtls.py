@@ -467,3 +467,21 @@ def test_fuzz_record_shaped_datagrams_never_raise(datagrams: list[bytes]) -> Non
     assert server.is_connected
     for event in events(fresh_server):
         assert isinstance(event, DtlsFailed)
+
+
+def test_dropped_sessions_free_their_openssl_connections() -> None:
+    """Each DtlsSession owns one SSL (and its BIOs) in the system libssl: dropping the
+    session frees it, and the verify-callback registry does not keep sessions alive."""
+    import gc
+
+    from whepfan.protocol import _libssl
+
+    gc.collect()
+    before = len(_libssl._verifiers)
+    pairs = [make_pair() for _ in range(20)]
+    for client, server in pairs:
+        handshake(client, server)
+    assert len(_libssl._verifiers) == before + 40
+    del pairs, client, server
+    gc.collect()
+    assert len(_libssl._verifiers) == before
