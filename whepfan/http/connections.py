@@ -269,8 +269,8 @@ class ConnectionGuard:
     connections' transports (what ``request.transport`` is, so the middleware and the
     protocol wrapper name a connection alike)."""
 
-    def __init__(self, limits: ConnectionLimits, *, max_connections: int | None = None) -> None:
-        cap = max_connections or limits.max_connections
+    def __init__(self, limits: ConnectionLimits) -> None:
+        cap = limits.max_connections
         if cap is None:
             cap = connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.limits = limits
