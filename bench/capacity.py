@@ -80,8 +80,8 @@ OVERLOAD_RATE_FRACTION = 0.5
 TARGET_RATIO_TO_NAIVE = 50.0
 TARGET_VIEWERS_PER_CORE = 1500
 TARGET_FRACTION_OF_LIMIT = 0.7
-# The packet rate behind the viewers-per-core target: shared/reference/performance.md's
-# arithmetic ("a 720p30 stream at 1.5 Mbps is ~150-170 packets/s with audio"; 320k
+# The packet rate behind the viewers-per-core target: docs/performance.md's arithmetic
+# (a 720p30 stream at 1.5 Mbps was estimated at ~150-170 packets/s with audio; 320k
 # packets/s per core ~ 2,000 viewers). Our stream is measured, and printed beside it.
 TARGET_PACKETS_PER_VIEWER = 160
 NAIVE = "naive aiortc"

@@ -1,9 +1,9 @@
-"""Where the shared fixtures live: ``shared/`` sits beside the checkout (in CI, beside
-the fresh clone), so resolve it from this file rather than from a fixed path."""
+"""Where the tests' data lives: in the repository (tests/data/), so a fresh clone runs the
+suite with nothing beside it."""
 
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-SDP_FIXTURES = SHARED / "fixtures" / "sdp"
-assert SDP_FIXTURES.is_dir(), f"shared fixtures not found at {SDP_FIXTURES}"
+DATA = REPO / "tests" / "data"
+# Offers captured from Chromium 156 (WHIP sendonly, WHIP simulcast, WHEP recvonly).
+SDP_FIXTURES = DATA / "sdp"

@@ -94,10 +94,11 @@ async def accept_answer(pc: RTCPeerConnection, answer: str) -> None:
 
 class DecodingViewer:
     """A recvonly aiortc peer that decodes everything it receives: video frames kept (in
-    arrival order, the first one's arrival time noted), audio frames counted."""
+    arrival order, the first one's arrival time noted), audio frames counted. Host
+    candidates only, unless ``configuration`` gives it ICE servers."""
 
-    def __init__(self) -> None:
-        self.pc = new_peer()
+    def __init__(self, configuration: RTCConfiguration | None = None) -> None:
+        self.pc = new_peer() if configuration is None else RTCPeerConnection(configuration)
         self.video_frames: list[av.VideoFrame] = []
         self.audio_frames = 0
         self.first_frame_at: float | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _server import LiveServer, settings_for
 
 from whepfan.cli import build_parser, main, settings_from_args
 
@@ -56,6 +58,126 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
         main(argv)
     assert exit_info.value.code == 2
     assert "whepfan" in capsys.readouterr().err
+
+
+def test_serve_setting_errors_print_the_serve_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--max-viewers", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve [-h] [--config FILE]")
+    assert err.endswith("whepfan serve: error: --max-viewers many: not an integer\n")
+
+
+def test_environment_errors_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WHEPFAN_UDP", "127.0.0.1:99999")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve ")
+    assert "whepfan serve: error: WHEPFAN_UDP=127.0.0.1:99999: not HOST:PORT" in err
+
+
+def test_demo_setting_errors_print_the_demo_usage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WHEPFAN_PUBLIC_IP", "not-an-ip")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan demo ")
+    assert "WHEPFAN_PUBLIC_IP=not-an-ip: 'not-an-ip' is not an IP address" in err
+
+
+def _serve_args(*extra: str) -> list[str]:
+    # No calibration (it is not what these tests are about) and a known token.
+    return [
+        "serve",
+        "--worker-packet-budget",
+        "none",
+        "--publish-token",
+        "t",
+        "--log-level",
+        "error",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_udp_port_in_use_is_named(workers: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        status = main(
+            _serve_args("--http", "127.0.0.1:0", "--udp", f"127.0.0.1:{port}", "--workers", workers)
+        )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve ")
+    assert err.endswith(
+        f"whepfan serve: error: media UDP port 127.0.0.1:{port}: in use by another process "
+        "(another whepfan?); choose another with --udp HOST:PORT (or WHEPFAN_UDP)\n"
+    )
+
+
+def test_an_http_port_in_use_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = main(_serve_args("--http", f"127.0.0.1:{port}", "--udp", "127.0.0.1:0"))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve ")
+    assert f"error: HTTP address 127.0.0.1:{port}: in use by another process" in err
+
+
+def test_a_missing_tls_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read: the key is missing")
+    missing = tmp_path / "key.pem"
+    status = main(
+        _serve_args("--udp", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(missing))
+    )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve ")
+    assert err.endswith(f"whepfan serve: error: --tls-key {missing}: No such file or directory\n")
+
+
+def test_an_unusable_tls_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n")
+    key.write_text("nonsense")
+    monkeypatch.setenv("WHEPFAN_TLS_CERT", str(cert))
+    monkeypatch.setenv("WHEPFAN_TLS_KEY", str(key))
+    assert main(_serve_args("--udp", "127.0.0.1:0")) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot load the TLS certificate {cert} with the key {key}: " in err
+
+
+def test_whepfan_publish_that_cannot_connect_says_what_it_tried(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The server answers with a candidate nothing listens at (its socket is on 127.0.0.1).
+    live = LiveServer(settings_for(token="t", public_ip=["127.0.0.2"]))
+    try:
+        status = main(
+            ["publish", f"{live.url}/whip/cli", "--token", "t", "--no-audio",
+             "--connect-timeout", "1", "--log-level", "error"]
+        )  # fmt: skip
+    finally:
+        live.close()
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("whepfan publish: not connected within 1 s: ICE checking, DTLS new")
+    assert re.search(r"remote candidates from the answer: 127\.0\.0\.2:\d+ \d+ checks sent", err)
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ import time
 
 import pylibsrtp
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +139,92 @@ def test_handshake_with_ecdsa_and_rsa_certificates(client_kind: str, server_kind
     assert all(len(datagram) <= DEFAULT_MTU for datagram in datagrams)
     assert client.is_connected and server.is_connected
     assert client.get_timer() is None
+
+
+@functools.cache
+def certificate_of(kind: str) -> DtlsCertificate:
+    """A peer certificate of one key kind: the curves and RSA sizes real peers sign with
+    (FFmpeg's GnuTLS WHIP muxer: P-224; browsers: P-256; GStreamer: RSA-2048)."""
+    curves = {"P-224": ec.SECP224R1, "P-256": ec.SECP256R1, "P-384": ec.SECP384R1}
+    if kind in curves:
+        return DtlsCertificate.from_private_key(ec.generate_private_key(curves[kind]()))
+    assert kind == "RSA-2048"
+    return DtlsCertificate.from_private_key(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+
+
+PEER_KINDS = ["P-224", "P-256", "P-384", "RSA-2048"]
+
+
+@pytest.mark.parametrize("peer_kind", PEER_KINDS)
+@pytest.mark.parametrize("our_role", ["client", "server"])
+def test_accepts_peer_certificates_on_every_curve_real_peers_use(
+    our_role: str, peer_kind: str
+) -> None:
+    """whepfan's side (server certificate: P-256) against a peer signing with
+    ``peer_kind``. As DTLS client (the peer offered a=setup:passive, as FFmpeg does) a
+    P-224 server certificate used to fail with "wrong curve": the certificate's curve
+    must be one of the client's supported_groups (RFC 8422 §5.1.1)."""
+    ours, theirs = ecdsa_certificate("server"), certificate_of(peer_kind)
+    if our_role == "client":
+        client, server = make_pair(client_certificate=ours, server_certificate=theirs)
+        whepfan = client
+    else:
+        client, server = make_pair(client_certificate=theirs, server_certificate=ours)
+        whepfan = server
+    handshake(client, server)
+    (client_event,) = events(client)
+    (server_event,) = events(server)
+    assert_mirrored(client_event, server_event)
+    # An ECDHE group both sides prefer, never the P-224 fallback between these two.
+    assert whepfan.key_exchange_group == "x25519"
+    family = "ECDHE-RSA" if peer_kind.startswith("RSA") and our_role == "client" else "ECDHE"
+    assert whepfan.cipher_suite is not None and whepfan.cipher_suite.startswith(family)
+
+
+@pytest.mark.parametrize("kind", PEER_KINDS)
+def test_both_ends_on_the_same_certificate_kind(kind: str) -> None:
+    client, server = make_pair(
+        client_certificate=certificate_of(kind), server_certificate=certificate_of(kind)
+    )
+    handshake(client, server)
+    (client_event,) = events(client)
+    (server_event,) = events(server)
+    assert_mirrored(client_event, server_event)
+
+
+def _client_hello_extensions(datagram: bytes) -> dict[int, bytes]:
+    """The extensions of the ClientHello in ``datagram`` (RFC 6347 §4.2.2 handshake
+    header of 12 bytes after the 13-byte record header; RFC 5246 §7.4.1.2 body)."""
+    assert datagram[0] == HANDSHAKE and datagram[13] == CLIENT_HELLO
+    body = datagram[13 + 12 :]
+    position = 2 + 32  # client_version, random
+    position += 1 + body[position]  # session_id
+    position += 1 + body[position]  # cookie (DTLS)
+    position += 2 + struct.unpack_from("!H", body, position)[0]  # cipher_suites
+    position += 1 + body[position]  # compression_methods
+    end = position + 2 + struct.unpack_from("!H", body, position)[0]
+    position += 2
+    extensions = {}
+    while position < end:
+        kind, length = struct.unpack_from("!HH", body, position)
+        extensions[kind] = body[position + 4 : position + 4 + length]
+        position += 4 + length
+    return extensions
+
+
+def test_client_hello_offers_p224_after_the_modern_groups() -> None:
+    """RFC 8422 §5.1.1 supported_groups (extension 10): x25519 (29), secp256r1 (23),
+    secp384r1 (24), secp521r1 (25), x448 (30), then secp224r1 (21) for peers whose
+    certificate is on it."""
+    client, _ = make_pair()
+    client.start(0.0)
+    (hello,) = client.datagrams_to_send()
+    groups_extension = _client_hello_extensions(hello)[10]
+    (length,) = struct.unpack_from("!H", groups_extension)
+    groups = list(struct.unpack_from(f"!{length // 2}H", groups_extension, 2))
+    assert groups == [29, 23, 24, 25, 30, 21]
 
 
 @pytest.mark.parametrize(
@@ -381,3 +467,21 @@ def test_fuzz_record_shaped_datagrams_never_raise(datagrams: list[bytes]) -> Non
     assert server.is_connected
     for event in events(fresh_server):
         assert isinstance(event, DtlsFailed)
+
+
+def test_dropped_sessions_free_their_openssl_connections() -> None:
+    """Each DtlsSession owns one SSL (and its BIOs) in the system libssl: dropping the
+    session frees it, and the verify-callback registry does not keep sessions alive."""
+    import gc
+
+    from whepfan.protocol import _libssl
+
+    gc.collect()
+    before = len(_libssl._verifiers)
+    pairs = [make_pair() for _ in range(20)]
+    for client, server in pairs:
+        handshake(client, server)
+    assert len(_libssl._verifiers) == before + 40
+    del pairs, client, server
+    gc.collect()
+    assert len(_libssl._verifiers) == before

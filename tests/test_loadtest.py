@@ -10,6 +10,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -18,10 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import aioice.ice
 import av
 import numpy as np
 import pytest
+from _server import live_server
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
@@ -31,11 +34,30 @@ from hypothesis import strategies as st
 
 from whepfan import _fastpath
 from whepfan.cli import main as whepfan_main
-from whepfan.client.loadtest import LoadTest, LoadTestOptions, ViewerResult
-from whepfan.client.report import Sample, percentile, render_html, render_text, summarize
+from whepfan.client.loadtest import (
+    EXIT_EVERY_VIEWER_REFUSED,
+    GIVE_UP_AFTER_REFUSALS,
+    LoadTest,
+    LoadTestOptions,
+    ViewerResult,
+    problem_summary,
+    server_metrics_from_text,
+)
+from whepfan.client.report import (
+    LoadTestReport,
+    Sample,
+    ServerSample,
+    percentile,
+    render_html,
+    render_text,
+    summarize,
+)
+from whepfan.client.stalls import StallWatch, check_interval
 from whepfan.protocol.rtp import RtpPacket
 
 TOKEN = "loadtest-token"
+# The HTML report's charts without --server-metrics (charts.py, in page order).
+REPORT_CHARTS = ("viewers", "bitrate", "packets", "loss", "keyframe", "viewer-loss", "viewer-gap")
 GCM = _fastpath.PROFILE_AEAD_AES_128_GCM
 CM80 = _fastpath.PROFILE_AES128_CM_SHA1_80
 
@@ -343,10 +365,11 @@ def test_socket_drops_are_counted_apart_and_show_as_loss() -> None:
         bench.send(bench.rtp(200, payload=payload))  # after the gap: the loss is visible
         _poll_until(bench, 1)
         stats = bench.receiver.viewer_stats(bench.viewer)
-        assert stats["socket_drops"] > 0
+        drops, lost = int(stats["socket_drops"] or 0), int(stats["lost"] or 0)
+        assert drops > 0
         # Every datagram was RTP: each one the socket dropped is a sequence gap.
-        assert stats["lost"] == stats["socket_drops"]
-        assert stats["packets"] + stats["lost"] == 201
+        assert lost == drops
+        assert int(stats["packets"] or 0) + lost == 201
     finally:
         bench.close()
 
@@ -407,7 +430,8 @@ def test_summary_reports_failures_and_answers() -> None:
     text = render_text(report)
     assert "503 x1" in text and "not connected within 10 s x1" in text
     page = render_html(report)
-    assert page.count("<svg") == 3 and "<script" not in page
+    assert page.count("<svg") == len(REPORT_CHARTS) and "<script" not in page
+    assert all(f'id="chart-{name}"' in page for name in REPORT_CHARTS)
     assert json.loads(report.to_json())["summary"]["viewers"] == 3
 
 
@@ -547,7 +571,7 @@ def test_fifty_viewers_against_whepfan_serve_fed_by_whepfan_publish(tmp_path: Pa
     summary = report["summary"]
     assert isinstance(summary, dict)
     assert summary["connected"] == summary["received_media"] == 50
-    assert (tmp_path / "report.html").read_text().count("<svg") == 3
+    assert (tmp_path / "report.html").read_text().count("<svg") == len(REPORT_CHARTS)
 
 
 @pytest.mark.slow
@@ -710,3 +734,443 @@ async def test_loadtest_against_an_aiortc_whep_server(aiortc_server: AiortcWhepS
     # The run ended every session with DELETE.
     await asyncio.sleep(0.2)
     assert not aiortc_server.peers
+
+
+# --- stalls (issue 15), on virtual time ---------------------------------------------------
+
+
+def _watch(gap: float = 2.0, ready_at: float = 10.0) -> StallWatch:
+    return StallWatch(gap=gap, ready_at=ready_at)
+
+
+def test_a_steady_stream_never_stalls() -> None:
+    watch = _watch()
+    now = 10.0
+    for _ in range(100):
+        now += 0.25
+        watch.observe(now, now - 0.02)  # a packet 20 ms before every check
+    watch.finish(now + 0.25, now)
+    assert (watch.stalls, watch.stalled) == (0, False)
+    assert watch.longest_gap == pytest.approx(0.25)
+
+
+def test_a_silence_over_the_gap_is_one_stall_however_many_checks_see_it() -> None:
+    watch = _watch()
+    watch.observe(11.0, 10.9)
+    for now in (12.0, 13.0, 14.0, 15.0):  # nothing after 10.9
+        watch.observe(now, 10.9)
+    assert watch.stalls == 1 and watch.stalled
+    watch.observe(15.5, 15.4)  # media again: the stall is over
+    assert not watch.stalled
+    watch.finish(16.0, 15.9)
+    assert watch.stalls == 1 and not watch.stalled
+    # Seen up to the last silent check (15.0); the packet at 15.4 came after it.
+    assert watch.longest_gap == pytest.approx(15.0 - 10.9)
+
+
+def test_two_separate_silences_are_two_stalls_and_the_longest_is_kept() -> None:
+    watch = _watch()
+    watch.observe(13.0, 10.0)  # 3 s quiet
+    watch.observe(13.5, 13.4)
+    watch.observe(19.0, 13.4)  # 5.6 s quiet
+    watch.observe(19.5, 19.4)
+    assert watch.stalls == 2
+    assert watch.longest_gap == pytest.approx(5.6)
+
+
+def test_a_silence_exactly_at_the_gap_is_not_a_stall() -> None:
+    watch = _watch(gap=2.0)
+    watch.observe(12.0, 10.0)
+    assert watch.stalls == 0
+    watch.observe(12.25, 10.0)
+    assert watch.stalls == 1
+
+
+def test_a_viewer_that_stops_until_the_end_of_the_run_is_stalled_at_the_end() -> None:
+    """The issue's case: the last check is the end of the run, and a silence that has not
+    ended by then counts up to it, even if no check in between saw it pass the gap."""
+    watch = _watch(gap=2.0)
+    watch.observe(11.0, 10.95)
+    watch.observe(12.0, 11.5)  # the last packet, at 11.5
+    watch.finish(30.5, 11.5)  # 19 s later the run ends
+    assert watch.stalls == 1 and watch.stalled
+    assert watch.longest_gap == pytest.approx(19.0)
+    watch.observe(40.0, 39.0)  # after finish(): nothing changes
+    assert watch.longest_gap == pytest.approx(19.0) and watch.stalled
+
+
+def test_a_viewer_that_never_receives_is_silent_from_when_its_keys_were_set() -> None:
+    watch = _watch(gap=2.0, ready_at=10.0)
+    watch.observe(11.0, None)
+    assert watch.stalls == 0
+    watch.finish(15.0, None)
+    assert watch.stalls == 1 and watch.longest_gap == pytest.approx(5.0)
+
+
+def test_stall_checks_happen_four_times_per_gap_and_at_least_every_quarter_second() -> None:
+    assert check_interval(2.0) == 0.25
+    assert check_interval(0.5) == 0.125
+    assert check_interval(60.0) == 0.25
+
+
+def test_the_stall_gap_is_validated() -> None:
+    assert LoadTestOptions(url="http://x/whep/a", viewers=1).stall_gap == 2.0
+    with pytest.raises(ValueError, match="stall-gap"):
+        LoadTestOptions(url="http://x/whep/a", viewers=1, stall_gap=0.1)
+
+
+# --- refusals and the server's /metrics, as data -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "retry_after", "summary"),
+    [
+        (
+            409,
+            '{"title":"Conflict","status":409,"detail":"stream \'live\' is not live"}',
+            "5",
+            "HTTP 409 Conflict: stream 'live' is not live (Retry-After 5)",
+        ),
+        (503, '{"title":"Service Unavailable","status":503}', None, "HTTP 503 Service Unavailable"),
+        (  # cut short at 300 characters: not JSON any more, said as text
+            400,
+            '{"title":"Bad Request","detail":"x',
+            None,
+            'HTTP 400 Bad Request: {"title":"Bad Request","detail":"x',
+        ),
+        (502, "<html><body><h1>502 Bad Gateway</h1></body></html>", None, "HTTP 502 Bad Gateway"),
+        (403, "no such\n token ", None, "HTTP 403 Forbidden: no such token"),
+        (599, "", None, "HTTP 599"),
+    ],
+)
+def test_an_error_answer_reads_as_the_servers_problem_detail(
+    status: int, body: str, retry_after: str | None, summary: str
+) -> None:
+    assert problem_summary(status, body, retry_after=retry_after) == summary
+
+
+METRICS_TEXT = """\
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 12.5
+# HELP whepfan_viewers Viewer sessions (any state) per worker.
+# TYPE whepfan_viewers gauge
+whepfan_viewers{worker="0"} 3.0
+whepfan_viewers{worker="1"} 4.0
+# HELP whepfan_worker_receive_delay_seconds Longest a datagram waited.
+# TYPE whepfan_worker_receive_delay_seconds gauge
+whepfan_worker_receive_delay_seconds{worker="0"} 0.004
+whepfan_worker_receive_delay_seconds{worker="1"} 0.25
+"""
+
+
+def test_server_metrics_are_read_from_the_prometheus_text() -> None:
+    assert server_metrics_from_text(METRICS_TEXT) == {
+        "cpu_seconds": 12.5,
+        "receive_delay": 0.25,  # the worst worker
+        "server_viewers": 7.0,
+    }
+    # Another exporter: nothing of ours in it, so nothing to plot.
+    other = "# TYPE up gauge\nup 1\n"
+    assert server_metrics_from_text(other) == dict.fromkeys(
+        ("cpu_seconds", "receive_delay", "server_viewers")
+    )
+    with pytest.raises(ValueError):
+        server_metrics_from_text("this is { not prometheus text\n")
+
+
+def test_server_cpu_is_a_rate_and_a_counter_reset_has_none() -> None:
+    samples = [
+        ServerSample(time=1.0, viewers=0, cpu_seconds=10.0),
+        ServerSample(time=2.0, viewers=5, cpu_seconds=10.5),
+        ServerSample(time=4.0, viewers=10, cpu_seconds=11.5),
+        ServerSample(time=5.0, viewers=10, cpu_seconds=0.2),  # the server restarted
+        ServerSample(time=6.0, viewers=10, cpu_seconds=None),
+    ]
+    report = summarize(
+        url="http://x/whep/a",
+        options={},
+        viewers=[],
+        samples=[],
+        wall_seconds=6.0,
+        cpu_seconds=0.1,
+        server_samples=samples,
+    )
+    assert [row["cpu_percent"] for row in report.server_timeline] == [
+        None,
+        pytest.approx(50.0),
+        pytest.approx(50.0),
+        None,
+        None,
+    ]
+
+
+def _stalled_report() -> LoadTestReport:
+    """Three viewers: one fine, one that stalled and recovered, one silent to the end."""
+    counters = {"packets": 500, "bytes": 400_000, "lost": 5, "expected": 505}
+    common = {
+        "outcome": "connected",
+        "status": 201,
+        "answered": 0.01,
+        "ice_connected": 0.02,
+        "dtls_connected": 0.03,
+        "first_rtp": 0.05,
+        "first_keyframe": 0.4,
+        "bitrate": 4e5,
+        "counters": counters,
+    }
+    viewers = [
+        _result(0, **common, longest_gap=0.1),
+        _result(1, **common, stalls=1, longest_gap=3.5),
+        _result(2, **common, stalls=1, longest_gap=19.0, stalled_at_end=True),
+    ]
+    samples = [
+        Sample(float(t), 3, 3, 0, 0, t * 100_000, t, t * 100, packets=t * 120, stalled=t // 5)
+        for t in range(1, 12)
+    ]
+    server = [
+        ServerSample(time=float(t), viewers=3, cpu_seconds=t * 0.3, receive_delay=0.002 * t)
+        for t in range(1, 12)
+    ]
+    return summarize(
+        url="http://x/whep/a",
+        options={},
+        viewers=viewers,
+        samples=samples,
+        wall_seconds=11.0,
+        cpu_seconds=0.5,
+        server_samples=server,
+        stall_gap=2.0,
+        measured_until=11.0,
+    )
+
+
+def test_stalls_count_against_the_run() -> None:
+    report = _stalled_report()
+    stalls = report.summary["stalls"]
+    assert stalls == {
+        "gap_seconds": 2.0,
+        "viewers": 2,
+        "stalls": 2,
+        "stalled_at_end": 1,
+        "longest_gap_seconds": 19.0,
+    }
+    # Everyone connected and got media: only the stalls fail it.
+    assert report.all_viewers_received_media
+    assert not report.passed
+    assert report.problems == ["2 of 3 viewers stalled (no media for over 2 s; 1 until the end)"]
+    text = render_text(report)
+    assert "3 connected, 3 received media, 0 failed, 0 rejected, 2 stalled" in text
+    assert "#2 19.0 s (to the end), #1 3.5 s" in text
+    assert text.splitlines()[-1] == "verdict: FAIL: " + report.problems[0]
+
+
+def test_the_html_report_has_every_chart_with_unique_ids() -> None:
+    page = render_html(_stalled_report())
+    charts = (*REPORT_CHARTS, "server-cpu", "server-delay")
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids)), "duplicate ids across the inline SVGs"
+    for name in charts:
+        figure = page[page.index(f'id="chart-{name}"') :]
+        figure = figure[: figure.index("</figure>")]
+        # Axes with ticks and units, and a line, area or markers drawn on them.
+        assert figure.count("<svg") == 1
+        assert f'id="{name}-xtick_1"' in figure and f'id="{name}-ytick_1"' in figure
+        assert re.search(r"\((s|ms|%|Mbit/s)[ )]|packets/s", figure), name
+        assert re.search(r'<g id="[^"]*(line2d|patch|PathCollection)_\d+">\s*<path', figure), name
+    assert 'class="verdict fail"' in page and '<tr class="stalled">' in page
+    assert "<script" not in page
+
+
+async def test_every_viewer_refused_stops_the_run_early_with_the_problem_detail(
+    tmp_path: Path,
+) -> None:
+    server = await asyncio.to_thread(live_server)
+    try:
+        options = LoadTestOptions(
+            url=f"{server.url}/whep/nobody-publishes", viewers=200, ramp=50, duration=30
+        )
+        started = time.monotonic()
+        report = await LoadTest(options).run()
+        elapsed = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(server.close)
+    summary = report.summary
+    # The ramp alone would take 4 s and the run 34 s; it stopped once ten were refused.
+    assert GIVE_UP_AFTER_REFUSALS <= summary["viewers"] < 200
+    assert elapsed < options.duration
+    assert summary["rejected"] == summary["viewers"]
+    assert summary["stopped_early"].startswith("the server refused every viewer")
+    [(error, count)] = summary["errors"].items()
+    assert error.startswith("HTTP 409 Conflict: ") and "nobody-publishes" in error, error
+    assert count == summary["viewers"]
+    assert not report.passed
+    text = render_text(report)
+    assert f"{error} x{count}" in text and "stopped early" in text
+
+
+def test_whepfan_loadtest_exits_4_when_every_viewer_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = live_server()
+    try:
+        status, report = _loadtest(
+            f"{server.url}/whep/nobody-publishes", tmp_path, "--viewers", "20", "--ramp", "40"
+        )
+    finally:
+        server.close()
+    assert status == EXIT_EVERY_VIEWER_REFUSED
+    assert report["summary"]["stopped_early"]  # type: ignore[index]
+    assert "HTTP 409 Conflict: " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_viewers_whose_sessions_end_mid_run_are_reported_stalled(tmp_path: Path) -> None:
+    """Two of six viewers' sessions are DELETEd out of band while the run goes on: they
+    stop receiving until its end, which loss cannot show (no sequence gap follows). The
+    run also scrapes the server's /metrics, behind its token."""
+    deployment = Deployment(tmp_path, "--metrics-token", "scrape-me")
+    ended: list[int] = []
+
+    async def run() -> LoadTestReport:
+        options = LoadTestOptions(
+            url=f"{deployment.url}/whep/live",
+            viewers=6,
+            ramp=20,
+            duration=8,
+            stall_gap=2.0,
+            server_metrics=f"{deployment.url}/metrics",
+            server_metrics_token="scrape-me",
+        )
+        test = LoadTest(options)
+        running = asyncio.create_task(test.run())
+
+        def receiving() -> bool:
+            return len(test.viewers) == 6 and all(
+                viewer.counters_now().get("last_rtp_at") is not None for viewer in test.viewers
+            )
+
+        while not receiving():
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            for viewer in test.viewers[:2]:
+                assert viewer.location is not None
+                async with http.delete(viewer.location) as response:
+                    assert response.status == 200
+                ended.append(viewer.result.index)
+        return await running
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        deployment.close()
+    html_page = render_html(report)
+    (tmp_path / "report.html").write_text(html_page)
+    summary = report.summary
+    measured_until = summary["measured_until"]
+    assert summary["connected"] + summary["failed"] == 6
+    assert summary["received_media"] == 6
+    for viewer in report.viewers:
+        if viewer["index"] in ended:
+            assert viewer["stalls"] == 1, viewer
+            assert viewer["stalled_at_end"], viewer
+            # The gap runs from its last packet to the end of the run.
+            last = viewer["started_at"] + viewer["last_rtp"]
+            assert viewer["longest_gap"] == pytest.approx(measured_until - last)
+            assert viewer["longest_gap"] > 2.0
+            assert viewer["counters"]["lost"] == 0  # what made the stall invisible before
+        else:
+            assert viewer["stalls"] == 0 and not viewer["stalled_at_end"], viewer
+            assert viewer["longest_gap"] < 2.0, viewer
+    assert summary["stalls"]["viewers"] == summary["stalls"]["stalled_at_end"] == 2
+    assert not report.passed
+    assert report.problems[-1] == "2 of 6 viewers stalled (no media for over 2 s; 2 until the end)"
+    # /metrics was scraped with the token: CPU as a rate, the worker's receive delay.
+    assert summary["server_metrics_errors"] == {}
+    server = report.server_timeline
+    assert len(server) >= 8
+    assert all(row["cpu_percent"] is not None for row in server[1:])
+    assert all(row["receive_delay"] is not None for row in server)
+    assert 'id="chart-server-cpu"' in html_page and 'id="chart-server-delay"' in html_page
+
+
+def _viewer_only_worker(serve_log: Path) -> int:
+    """The pid of a worker of ``whepfan serve --workers 2`` that does not hold the
+    publisher, from the log lines "worker N (pid P)" and "workerN ...: publisher"."""
+    text = serve_log.read_text()
+    pids = {int(n): int(pid) for n, pid in re.findall(r"worker (\d+) \(pid (\d+)\)", text)}
+    publishing = {int(n) for n in re.findall(r"worker(\d+) whepfan\.router: publisher", text)}
+    assert len(pids) == 2 and len(publishing) == 1, text
+    [pid] = [pid for worker, pid in pids.items() if worker not in publishing]
+    return pid
+
+
+@pytest.mark.slow
+def test_viewers_of_a_killed_worker_are_reported_stalled_to_the_end(tmp_path: Path) -> None:
+    """Issue 15 as reported: a worker dies mid-run; its viewers get no close_notify, no
+    ICE failure within the run (consent lasts 30 s, RFC 7675 §5.1) and no sequence gap,
+    so they looked "connected, 0 loss" while receiving nothing until the end."""
+    deployment = Deployment(tmp_path, "--workers", "2")
+    gap = 2.0
+
+    async def run() -> LoadTestReport:
+        options = LoadTestOptions(
+            url=f"{deployment.url}/whep/live", viewers=6, ramp=20, duration=8, stall_gap=gap
+        )
+        test = LoadTest(options)
+        running = asyncio.create_task(test.run())
+        while len(test.viewers) < 6 or any(
+            viewer.counters_now().get("last_rtp_at") is None for viewer in test.viewers
+        ):
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        os.kill(_viewer_only_worker(tmp_path / "serve.log"), signal.SIGKILL)
+        return await running
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        deployment.close()
+    summary = report.summary
+    end = summary["measured_until"]
+    stalled = [v for v in report.viewers if v["stalls"]]
+    # Least-loaded placement spreads six viewers over both workers; the killed one did
+    # not hold the publisher, so the viewers of the other kept receiving.
+    assert 1 <= len(stalled) <= 5
+    for viewer in report.viewers:
+        silent_for = end - (viewer["started_at"] + viewer["last_rtp"])
+        if viewer in stalled:
+            assert viewer["outcome"] == "connected", viewer  # nothing told it otherwise
+            assert viewer["counters"]["lost"] == 0, viewer
+            assert viewer["stalls"] == 1 and viewer["stalled_at_end"], viewer
+            assert viewer["longest_gap"] == pytest.approx(silent_for) and silent_for > gap
+        else:
+            assert viewer["longest_gap"] < gap and silent_for < gap, viewer
+    assert summary["stalls"]["viewers"] == summary["stalls"]["stalled_at_end"] == len(stalled)
+    assert summary["connected"] == 6
+    assert not report.passed
+    assert f"{len(stalled)} of 6 viewers stalled" in render_text(report)
+
+
+async def test_a_refused_scrape_is_reported_with_its_reason_and_no_token_is_in_the_report() -> None:
+    server = await asyncio.to_thread(live_server, metrics_token="the-right-one")
+    try:
+        options = LoadTestOptions(
+            url=f"{server.url}/whep/nobody-publishes",
+            viewers=1,
+            token="viewer-secret",
+            server_metrics=f"{server.url}/metrics",
+            server_metrics_token="a-wrong-one",
+        )
+        report = await LoadTest(options).run()
+    finally:
+        await asyncio.to_thread(server.close)
+    errors = report.summary["server_metrics_errors"]
+    [(reason, count)] = errors.items()
+    assert reason.startswith("HTTP 401 Unauthorized"), errors
+    assert count >= 1 and report.server_timeline == []
+    assert f"server metrics: {reason} x{count}" in render_text(report)
+    serialized = report.to_json()
+    assert "viewer-secret" not in serialized and "a-wrong-one" not in serialized
+    assert report.options["token"] == report.options["server_metrics_token"] == "(set)"

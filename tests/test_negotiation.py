@@ -10,7 +10,7 @@ from _paths import SDP_FIXTURES
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 
-from whepfan.errors import NotAcceptable, Unprocessable
+from whepfan.errors import NotAcceptable, ParseError, Unprocessable
 from whepfan.protocol.negotiation import (
     EXT_ABS_SEND_TIME,
     EXT_AUDIO_LEVEL,
@@ -192,6 +192,36 @@ def test_ffmpeg_like_passive_offer_gets_active() -> None:
         answer_setup("holdconn")
 
 
+def test_whip_answer_does_not_echo_the_publishers_sprop_parameters() -> None:
+    """sprop-* describe the publisher's own stream (RFC 6184 §8.2.2, RFC 7587 §7.1): the
+    recvonly answer keeps the receiving parameters and drops them; the ingest codec, which
+    describes what whepfan forwards, keeps them all."""
+    sprop_sets = "Z0LAH9kAoD2wFqDAwNSgAAADACAAAAeB4wZJ,aMuMsg=="
+    video_codecs = (
+        "a=rtpmap:106 H264/90000\n"
+        "a=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;"
+        f"profile-level-id=42e01f;sprop-parameter-sets={sprop_sets}"
+    )
+    offer_text = str(_whip_offer(video_pts="106", video_codecs=video_codecs))
+    offer_text = offer_text.replace(
+        "a=rtpmap:111 opus/48000/2\r\n",
+        "a=rtpmap:111 opus/48000/2\r\n"
+        "a=fmtp:111 minptime=10;useinbandfec=1;sprop-stereo=1;sprop-maxcapturerate=48000\r\n",
+    )
+    assert offer_text.count("sprop-") == 3
+    answer, ingest = answer_publisher(SessionDescription.parse(offer_text), LOCAL)
+    assert "sprop-" not in str(answer)
+    audio, video = (media.codecs[0] for media in answer.media)
+    assert audio.fmtp == [("minptime", "10"), ("useinbandfec", "1")]
+    assert video.fmtp == [
+        ("level-asymmetry-allowed", "1"),
+        ("packetization-mode", "1"),
+        ("profile-level-id", "42e01f"),
+    ]
+    assert ingest[0].codec.parameter("sprop-stereo") == "1"
+    assert ingest[1].codec.parameter("sprop-parameter-sets") == sprop_sets
+
+
 def test_gstreamer_like_bundle_only_section_is_accepted() -> None:
     offer = _whip_offer(
         mids="audio0 video1",
@@ -236,6 +266,18 @@ def test_whip_rejections() -> None:
     only_h265.media = only_h265.media[1:]
     with pytest.raises(Unprocessable):
         answer_publisher(only_h265, LOCAL, reject_partial=False)
+
+
+def test_whip_fid_group_with_one_ssrc_is_a_400() -> None:
+    """RFC 4588 §8.7: an RTX FID group pairs two SSRCs; ``a=ssrc-group:FID 1`` alone cannot
+    be paired, and is the peer's error (ParseError, a 400 naming the line)."""
+    lines = VP8_LINES + "\na=ssrc-group:FID {ssrcs}\na=ssrc:1 cname:x"
+    for ssrcs in ("1", "1 2 3", ""):
+        offer = _whip_offer(video_codecs=lines.format(ssrcs=ssrcs))
+        with pytest.raises(ParseError, match="FID"):
+            answer_publisher(offer, LOCAL)
+    _, ingest = answer_publisher(_whip_offer(video_codecs=lines.format(ssrcs="1 2")), LOCAL)
+    assert (ingest[1].ssrc, ingest[1].rtx_ssrc) == (1, 2)
 
 
 # ---------------------------------------------------------------- WHEP
@@ -448,6 +490,35 @@ async def test_aiortc_viewer_accepts_answer() -> None:
         assert pc.signalingState == "stable"
         assert [t.currentDirection for t in pc.getTransceivers()] == ["recvonly", "recvonly"]
         assert [(e.kind, e.codec.name) for e in egress] == [("audio", "opus"), ("video", "VP8")]
+    finally:
+        await pc.close()
+
+
+async def test_aiortc_viewer_accepts_answer_rejecting_audio_of_a_video_only_stream() -> None:
+    """The rejected m=audio 0 carries the session's ICE and DTLS attributes (aiortc raises
+    "ICE username fragment or password is missing" without them) and leaves the BUNDLE
+    group (RFC 9143 §7.3.3)."""
+    pc = _pc()
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        answer, egress = answer_viewer(
+            SessionDescription.parse(pc.localDescription.sdp), LOCAL, [VP8], ssrc_source=_ssrcs()
+        )
+        audio = SessionDescription.parse(str(answer)).media[0]
+        assert audio.rejected and audio.direction == "inactive"
+        assert (audio.ice_ufrag, audio.ice_pwd, audio.setup) == (
+            "srvU",
+            "serverpasswordserverpass",
+            "passive",
+        )
+        assert audio.fingerprints == LOCAL.fingerprints
+        assert audio.end_of_candidates and not audio.candidates
+        assert answer.bundle_mids == ["1"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=str(answer), type="answer"))
+        assert pc.signalingState == "stable"
+        assert [(e.kind, e.codec.name) for e in egress] == [("video", "VP8")]
     finally:
         await pc.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,15 @@ def test_generated_publish_token_is_unguessable_and_only_when_missing() -> None:
     assert configured.with_generated_publish_token() is configured
 
 
-def test_plain_http_off_loopback_needs_explicit_permission() -> None:
+def _pem_files(directory: Path) -> tuple[str, str]:
+    """Two files that exist (settings check that TLS files can be read, not their PEM)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    cert.write_text("certificate")
+    key.write_text("key")
+    return str(cert), str(key)
+
+
+def test_plain_http_off_loopback_needs_explicit_permission(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="allow-insecure-http"):
         Settings.resolve(cli={"http": "0.0.0.0:8080"}, environ={})
     settings = Settings.resolve(
@@ -107,10 +116,11 @@ def test_plain_http_off_loopback_needs_explicit_permission() -> None:
     assert settings.insecure_http
     for host in ("127.0.0.1", "[::1]", "localhost", "127.5.5.5"):
         assert not Settings.resolve(cli={"http": f"{host}:1"}, environ={}).insecure_http
+    cert, key = _pem_files(tmp_path)
     tls = Settings.resolve(
-        cli={"http": "0.0.0.0:443", "tls_cert": "c.pem", "tls_key": "k.pem"}, environ={}
+        cli={"http": "0.0.0.0:443", "tls_cert": cert, "tls_key": key}, environ={}
     )
-    assert not tls.insecure_http and tls.tls_cert == Path("c.pem")
+    assert not tls.insecure_http and tls.tls_cert == Path(cert)
 
 
 @pytest.mark.parametrize(
@@ -119,10 +129,9 @@ def test_plain_http_off_loopback_needs_explicit_permission() -> None:
         ({"http": "nonsense"}, {}, "HOST:PORT"),
         ({"udp": "1.2.3.4:70000"}, {}, "HOST:PORT"),
         ({"public_ip": ["not-an-ip"]}, {}, "not an IP"),
-        ({"tls_cert": "c.pem"}, {}, "go together"),
         ({"max_viewers": "many"}, {}, "integer"),
         ({}, {"WHEPFAN_STRICT_ETAG": "perhaps"}, "boolean"),
-        ({"ice_server": ["ftp://x"]}, {}, "ice_server"),
+        ({"ice_server": ["ftp://x"]}, {}, "--ice-server: ICE server 'ftp://x'"),
         ({"publish_token": "has space"}, {}, "whitespace"),
         ({"counter_offer_ttl": "0"}, {}, "positive"),
     ],
@@ -202,8 +211,10 @@ def test_worker_packet_budget_rejects_anything_else(bad: str) -> None:
         environ = {"WHEPFAN_WORKER_PACKET_BUDGET": bad}
         assert Settings.resolve(cli={}, environ=environ).worker_packet_budget == "auto"
         return
-    with pytest.raises(SettingsError, match="worker_packet_budget"):
+    with pytest.raises(SettingsError, match="--worker-packet-budget"):
         Settings.resolve(cli={"worker_packet_budget": bad}, environ={})
+    with pytest.raises(SettingsError, match="WHEPFAN_WORKER_PACKET_BUDGET"):
+        Settings.resolve(cli={}, environ={"WHEPFAN_WORKER_PACKET_BUDGET": bad})
 
 
 def test_automatic_budget_is_measured_once_and_only_when_asked() -> None:
@@ -271,3 +282,103 @@ def test_open_metrics_off_loopback_is_flagged_only_when_reachable_and_tokenless(
     for host in ("127.0.0.1", "[::1]", "localhost"):
         local = Settings.resolve(cli={"http": f"{host}:8080"}, environ={})
         assert not local.open_metrics_off_loopback
+
+
+# --- errors name the setting as the operator wrote it -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        ({}, {"WHEPFAN_MAX_VIEWERS": "many"}, "WHEPFAN_MAX_VIEWERS=many: not an integer"),
+        ({"max_viewers": "many"}, {}, "--max-viewers many: not an integer"),
+        ({}, {"WHEPFAN_MAX_VIEWERS": "-1"}, "WHEPFAN_MAX_VIEWERS=-1: cannot be negative"),
+        ({}, {"WHEPFAN_UDP": "1.2.3.4:70000"}, "WHEPFAN_UDP=1.2.3.4:70000: not HOST:PORT"),
+        ({}, {"WHEPFAN_STRICT_ETAG": "perhaps"}, "WHEPFAN_STRICT_ETAG=perhaps: not a boolean"),
+        (
+            {},
+            {"WHEPFAN_PUBLIC_IP": "192.0.2.1, nine"},
+            "WHEPFAN_PUBLIC_IP='192.0.2.1, nine': 'nine' is not an IP address",
+        ),
+        ({}, {"WHEPFAN_HTTP": "0.0.0.0:80"}, "WHEPFAN_HTTP=0.0.0.0:80: plain HTTP on 0.0.0.0"),
+        ({}, {"WHEPFAN_WORKERS": "0"}, "WHEPFAN_WORKERS=0: is at least 1"),
+        ({}, {"WHEPFAN_LOG_LEVEL": "loud"}, "WHEPFAN_LOG_LEVEL=loud: 'loud' is not debug"),
+    ],
+)
+def test_errors_name_the_setting_as_given(
+    cli: dict[str, object], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.resolve(cli=cli, environ=environ)
+    assert str(error.value).startswith(message)
+
+
+def test_the_command_line_value_is_the_one_named_when_it_overrides_the_environment() -> None:
+    with pytest.raises(SettingsError, match=r"^--drain-timeout -3: cannot be negative$"):
+        Settings.resolve(cli={"drain_timeout": "-3"}, environ={"WHEPFAN_DRAIN_TIMEOUT": "5"})
+
+
+def test_toml_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "whepfan.toml"
+    path.write_text('max_viewers = "many"\n')
+    with pytest.raises(
+        SettingsError, match=rf"^{re.escape(str(path))}: max_viewers: not an integer$"
+    ):
+        Settings.resolve(cli={}, environ={}, config_path=path)
+    path.write_text('public_ips = ["192.0.2.1", "nine"]\n')
+    with pytest.raises(
+        SettingsError, match=rf"^{re.escape(str(path))}: public_ips: 'nine' is not an IP"
+    ):
+        Settings.resolve(cli={}, environ={}, config_path=path)
+
+
+def test_errors_about_credentials_do_not_repeat_them() -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.resolve(cli={}, environ={"WHEPFAN_VIEW_TOKEN": "s3cret value"})
+    assert str(error.value) == "WHEPFAN_VIEW_TOKEN: tokens are non-empty and contain no whitespace"
+    with pytest.raises(SettingsError) as error:
+        Settings.resolve(cli={"publish_token": "s3cret value"}, environ={})
+    assert "s3cret" not in str(error.value) and str(error.value).startswith("--publish-token:")
+
+
+def test_tls_files_are_checked_when_the_server_starts_not_when_resolving() -> None:
+    # An example config names files of the machine it is for (tests/test_project.py).
+    settings = Settings.resolve(
+        cli={"tls_cert": "/no/cert.pem", "tls_key": "/no/key.pem"}, environ={}
+    )
+    assert settings.given_as("tls_key") == "--tls-key /no/key.pem"
+    assert settings.given_as("view_token") == "view_token"  # not given: its name
+
+
+def test_tls_cert_without_key_names_the_one_given(tmp_path: Path) -> None:
+    cert, _ = _pem_files(tmp_path)
+    with pytest.raises(SettingsError) as error:
+        Settings.resolve(cli={"tls_cert": cert}, environ={})
+    assert str(error.value) == f"--tls-cert {cert}: --tls-cert and --tls-key go together"
+
+
+# --- advertised candidates: the bound address unless told otherwise ---------------------
+
+
+@pytest.mark.parametrize(
+    ("udp", "public_ip", "advertised"),
+    [
+        ("127.0.0.1:0", None, ("127.0.0.1",)),
+        ("198.51.100.7:8189", None, ("198.51.100.7",)),
+        ("[::1]:8189", None, ("::1",)),
+        ("localhost:0", None, ("127.0.0.1",)),
+        # Only a wildcard bind leaves the choice to the transport (every interface).
+        ("0.0.0.0:8189", None, ()),
+        (":8189", None, ()),
+        ("[::]:8189", None, ()),
+        # --public-ip always wins (NAT: the bound address is not the reachable one).
+        ("127.0.0.1:0", ["203.0.113.10"], ("203.0.113.10",)),
+        ("0.0.0.0:8189", ["203.0.113.10", "2001:db8::1"], ("203.0.113.10", "2001:db8::1")),
+    ],
+)
+def test_a_server_bound_to_one_address_advertises_that_address(
+    udp: str, public_ip: list[str] | None, advertised: tuple[str, ...]
+) -> None:
+    settings = Settings.resolve(cli={"udp": udp, "public_ip": public_ip}, environ={})
+    assert settings.advertised_ips() == advertised
+    assert settings.media_config().public_ips == advertised

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the WHIP/WHEP server. Each option is also WHEPFAN_<NAME> in the "
         "environment (lists comma-separated) and <name> in the TOML file.",
     )
+    # Errors found after parsing (settings, addresses) print this subcommand's usage.
+    serve.set_defaults(subparser=serve)
     # default=None everywhere: "not given" must not override the environment or the file.
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP address (127.0.0.1:8080)")
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="public_ip",
         action="append",
         metavar="ADDR",
-        help="address advertised as ICE candidate (repeatable; default: every "
-        "non-loopback interface address)",
+        help="address advertised as ICE candidate (repeatable; default: the --udp address, "
+        "or every non-loopback interface address when --udp binds all of them)",
     )
     serve.add_argument(
         "--publish-token",
@@ -65,12 +67,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token for GET /metrics (default: open, with a warning off loopback)",
     )
     serve.add_argument(
+        "--jwt-secret",
+        dest="jwt_secret",
+        metavar="SECRET",
+        help="HS256 secret (32+ bytes) for scoped JWTs; prefer WHEPFAN_JWT_SECRET or the "
+        "TOML file, since other users can read a command line. Any JWT key makes viewing "
+        "need a credential too",
+    )
+    serve.add_argument(
+        "--jwt-public-key",
+        dest="jwt_public_key",
+        metavar="PEM",
+        help="public key or certificate that verifies JWTs (RSA: RS256, EC: ES256/384/512, "
+        "Ed25519: EdDSA)",
+    )
+    serve.add_argument(
+        "--jwt-jwks",
+        dest="jwt_jwks",
+        metavar="FILE",
+        help="JWK Set of public keys, picked by the token's kid; re-read when it changes",
+    )
+    serve.add_argument("--jwt-audience", dest="jwt_audience", metavar="AUD", help="JWTs' aud")
+    serve.add_argument("--jwt-issuer", dest="jwt_issuer", metavar="ISS", help="JWTs' iss")
+    serve.add_argument(
+        "--jwt-leeway",
+        dest="jwt_leeway",
+        metavar="SECONDS",
+        help="clock skew allowed on a JWT's exp and nbf (default 30)",
+    )
+    serve.add_argument(
         "--ice-server",
         dest="ice_server",
         action="append",
         metavar="URI",
         help="STUN/TURN server for clients (repeatable): URI[;username=U;credential=C] or "
         "URI;secret=S[;ttl=SECONDS] for TURN REST time-limited credentials",
+    )
+    serve.add_argument(
+        "--turn-url",
+        dest="turn_url",
+        action="append",
+        metavar="URI",
+        help="turn:/turns: URI of a TURN server that shares --turn-secret (repeatable)",
+    )
+    serve.add_argument(
+        "--turn-secret",
+        dest="turn_secret",
+        metavar="SECRET",
+        help="coturn's static-auth-secret: each response carries time-limited credentials",
+    )
+    serve.add_argument(
+        "--turn-credential-ttl",
+        dest="turn_credential_ttl",
+        metavar="SECONDS",
+        help="how long those TURN credentials stay valid (default 86400)",
     )
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PEM")
     serve.add_argument("--tls-key", dest="tls_key", metavar="PEM")
@@ -142,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long to wait for viewers to leave (default 30)",
     )
+    # HTTP connection hygiene and the POST rate limit (whepfan/http/connections.py,
+    # whepfan/http/ratelimit.py).
+    for flag, metavar, text in (
+        ("--http-header-timeout", "SECONDS", "time to send a request's headers (default 10)"),
+        ("--http-body-timeout", "SECONDS", "time to send a request's body (default 10)"),
+        ("--http-idle-timeout", "SECONDS", "idle keep-alive connections close (default 60)"),
+        (
+            "--http-max-connections",
+            "N",
+            "open HTTP connections at most; idle ones are closed first to make room "
+            "(default: the file limit minus 64)",
+        ),
+        (
+            "--post-rate-limit",
+            "PER_SECOND",
+            "POSTs per second per client address, 429 beyond (default 10; 0: off; "
+            "loopback clients are exempt)",
+        ),
+        ("--post-burst", "N", "POSTs a client address may send at once (default 50)"),
+    ):
+        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar=metavar, help=text)
     add_publish_command(commands)
     add_loadtest_command(commands)
     add_demo_command(commands)
@@ -215,6 +286,15 @@ def add_publish_command(commands: argparse._SubParsersAction) -> None:
         metavar="S",
         help="seconds between keyframes nobody asked for (default 10)",
     )
+    publish.add_argument(
+        "--connect-timeout",
+        dest="connect_timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="give up when ICE and DTLS have not connected after S s, saying what was "
+        "tried (default 10)",
+    )
     publish.add_argument("--no-audio", dest="audio", action="store_false")
     publish.add_argument("--no-video", dest="video", action="store_false")
     publish.add_argument(
@@ -241,6 +321,7 @@ def run_publish(args: argparse.Namespace) -> int:
             height=args.size[1],
             fps=args.fps,
             keyframe_interval=args.keyframe_interval,
+            connect_timeout=args.connect_timeout,
             audio=args.audio,
             video=args.video,
         )
@@ -272,8 +353,9 @@ def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
         help="load-test a WHEP endpoint with N real viewers",
         description="N WHEP viewers, each a real WebRTC session (full ICE as controlling "
         "agent, DTLS client or server, SRTP unprotected in the compiled core), with "
-        "per-viewer join latencies, loss, duplicates, jitter and bitrate. Exit status 0 "
-        "when every viewer connected and received media, 3 otherwise.",
+        "per-viewer join latencies, loss, duplicates, jitter, bitrate and stalls. Exit "
+        "status 0 when every viewer connected, received media and never stalled; 3 "
+        "otherwise; 4 when the server refused every viewer (the run stops early).",
     )
     loadtest.add_argument("url", metavar="URL", help="WHEP endpoint, e.g. http://host/whep/live")
     loadtest.add_argument("--viewers", type=int, required=True, metavar="N")
@@ -318,6 +400,28 @@ def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
         help="read connected viewers' sockets every MS milliseconds instead of waking on "
         "each datagram, which on loopback the server pays for (default 10; 0 = wake)",
     )
+    loadtest.add_argument(
+        "--stall-gap",
+        dest="stall_gap",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="a viewer that receives nothing for over S s has stalled; stalls fail the "
+        "run (default 2)",
+    )
+    loadtest.add_argument(
+        "--server-metrics",
+        dest="server_metrics",
+        metavar="URL",
+        help="scrape the server's Prometheus /metrics once a second during the run, for "
+        "the report's server CPU and receive-delay charts",
+    )
+    loadtest.add_argument(
+        "--server-metrics-token",
+        dest="server_metrics_token",
+        metavar="T",
+        help="bearer token for --server-metrics (the server's --metrics-token)",
+    )
     loadtest.add_argument("--quiet", action="store_true", help="no live progress line")
 
 
@@ -334,6 +438,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
             verify_every=args.verify_every,
             setup_timeout=args.setup_timeout,
             poll_interval=args.poll_ms / 1000,
+            stall_gap=args.stall_gap,
+            server_metrics=args.server_metrics,
+            server_metrics_token=args.server_metrics_token,
         )
     except ValueError as exc:
         print(f"whepfan loadtest: {exc}", file=sys.stderr)
@@ -357,6 +464,7 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "a tone to it over WHIP, then print the page that plays it. The server options "
         "are those of `whepfan serve` (also from WHEPFAN_* variables).",
     )
+    demo.set_defaults(subparser=demo)
     demo.add_argument("--http", metavar="HOST:PORT", help="HTTP address (127.0.0.1:8080)")
     demo.add_argument("--udp", metavar="HOST:PORT", help="media UDP address (0.0.0.0:8189)")
     demo.add_argument(
@@ -364,8 +472,8 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         dest="public_ip",
         action="append",
         metavar="ADDR",
-        help="address advertised as ICE candidate (repeatable; default: every "
-        "non-loopback interface address)",
+        help="address advertised as ICE candidate (repeatable; default: the --udp address, "
+        "or every non-loopback interface address when --udp binds all of them)",
     )
     demo.add_argument("--stream", default=DEMO_STREAM, metavar="NAME", help="stream name")
     demo.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
@@ -383,23 +491,25 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         settings = Settings.resolve(cli=given, environ=dict(os.environ))
     except SettingsError as exc:
-        print(f"whepfan demo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        args.subparser.error(str(exc))  # exits with status 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not settings.public_ips:
+    if not settings.public_ips and settings.binds_every_address:
         from whepfan.media.transport import interface_addresses
 
-        # The UDP socket listens on every address but answers from the one the kernel
-        # routes by, so the in-process publisher (which sends from 127.0.0.1) needs a
-        # loopback candidate of its own; browsers skip 127.x and use the others.
+        # The wildcard socket reaches every address, and the in-process publisher (which
+        # sends from 127.0.0.1) needs a loopback candidate of its own; browsers skip
+        # 127.x and use the others. A socket bound to one address advertises that one
+        # (Settings.advertised_ips).
         addresses = dict.fromkeys([*interface_addresses(), "127.0.0.1"])
         settings = dataclasses.replace(settings, public_ips=tuple(addresses))
     try:
         return uvloop.run(_demo(settings, args))
-    except (SettingsError, OSError) as exc:
+    except SettingsError as exc:  # an address in use, a TLS file that cannot be read
+        return usage_error(args.subparser, str(exc))
+    except OSError as exc:
         print(f"whepfan demo: {exc}", file=sys.stderr)
         return 1
 
@@ -469,8 +579,16 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "subparser")}
     return Settings.resolve(cli=cli, environ=environ, config_path=args.config)
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    """What ``parser.error`` prints (the subcommand's usage, then the error), as a status
+    to return: for errors found once the server starts (an address in use)."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 # --- whepfan calibrate: this machine's per-packet cost -> --worker-packet-budget -------
@@ -524,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args, dict(os.environ))
     except SettingsError as exc:
-        parser.error(str(exc))  # exits with status 2
+        args.subparser.error(str(exc))  # `whepfan serve` usage, exit status 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -533,11 +651,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         serve(settings)
-    except SettingsError as exc:
-        print(f"whepfan: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # the HTTP or UDP address is taken or not ours
-        print(f"whepfan: {exc}", file=sys.stderr)
+    except SettingsError as exc:  # server.BindError (an address in use), TLS files
+        return usage_error(args.subparser, str(exc))
+    except OSError as exc:
+        print(f"whepfan serve: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -39,6 +39,14 @@ class Unauthorized(PeerError):
     title = "Unauthorized"
 
 
+class Forbidden(PeerError):
+    """Authenticated, but not allowed this (RFC 9110 §15.5.4; RFC 6750 §3.1
+    ``insufficient_scope``): retrying with the same credentials cannot help."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFound(PeerError):
     status = 404
     title = "Not Found"
@@ -49,6 +57,15 @@ class NotAcceptable(PeerError):
 
     status = 406
     title = "Not Acceptable"
+
+
+class RequestTimeout(PeerError):
+    """The request's body did not arrive in time (RFC 9110 §15.5.9); the server closes the
+    connection after answering, since the rest of the body may still be on its way."""
+
+    status = 408
+    title = "Request Timeout"
+    close_connection = True
 
 
 class Conflict(PeerError):
@@ -76,6 +93,13 @@ class Unprocessable(PeerError):
 class PreconditionRequired(PeerError):
     status = 428
     title = "Precondition Required"
+
+
+class TooManyRequests(PeerError):
+    """A client over its request rate (RFC 6585 §4), answered with Retry-After."""
+
+    status = 429
+    title = "Too Many Requests"
 
 
 class ServiceUnavailable(WhepfanError):

@@ -1,7 +1,7 @@
 """Process wiring: the media worker, the HTTP application, and an orderly shutdown.
 
 ``whepfan serve`` runs :func:`serve`: uvloop, one in-process ``MediaWorker`` (``--workers
-1``, DESIGN.md §2) or a pool of worker processes (``--workers N``, whepfan/workers.py),
+1``, DESIGN.md §2) or a pool of worker processes (``--workers N``, whepfan/workers/pool.py),
 behind the capacity ledger, and the aiohttp application on the HTTP address, until SIGINT,
 or until SIGTERM and a graceful drain (new sessions refused with 503, event readers told
 to reconnect, up to ``drain_timeout`` seconds for viewers to leave).
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +24,20 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from whepfan.http import create_app
+from whepfan.http import COUNTERS_KEY, create_app
+from whepfan.http.connections import (
+    CONNECTION_GUARD_KEY,
+    GuardedSite,
+    ServerLogger,
+    descriptors_needed,
+    raise_file_limit,
+)
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
 from whepfan.media.health import warn_when_behind
 from whepfan.media.transport import MediaWorker
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.settings import Settings, SettingsError
+from whepfan.settings import ENV_PREFIX, Settings, SettingsError
 from whepfan.workers.calibrate import calibrate
 from whepfan.workers.capacity import CapacityLedger
 from whepfan.workers.in_process import InProcessWorkers
@@ -49,15 +59,99 @@ class RunningServer:
     backend: Any = None
 
 
+class BindError(SettingsError):
+    """An address the settings name cannot be bound: in use, not an address of this
+    machine, or a privileged port (the CLI prints it with the usage, status 2)."""
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "in use by another process (another whepfan?)",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "a privileged port (below 1024) for this user",
+}
+
+
+def bind_error(exc: OSError, *, option: str, what: str, host: str, port: int) -> BindError:
+    """``exc`` from binding ``host:port`` restated with the address and the setting that
+    chose it (``exc`` itself names neither)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = _BIND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+    flag = "--" + option.replace("_", "-")
+    return BindError(
+        f"{what} {shown}: {reason}; choose another with {flag} HOST:PORT "
+        f"(or {ENV_PREFIX}{option.upper()})"
+    )
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
+    # Each file is opened first so that the error names the one missing or unreadable;
+    # load_cert_chain's own errors ("[Errno 2] No such file or directory") do not.
+    for option, path in (("tls_cert", settings.tls_cert), ("tls_key", settings.tls_key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{settings.given_as(option)}: {exc.strerror or exc}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise SettingsError(f"cannot load the TLS certificate/key: {exc}") from None
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"cannot load the TLS certificate {settings.tls_cert} with the key "
+            f"{settings.tls_key}: {exc.reason or exc} (both PEM, the key matching the "
+            "certificate)"
+        ) from None
     return context
+
+
+def check_udp_ports(settings: Settings) -> None:
+    """Bind and release each worker's UDP port (``udp_port + index``), so that a pool of
+    worker processes names a port in use before it spawns (a worker that cannot bind
+    only dies). The workers bind the same way: no SO_REUSEADDR, the family by address."""
+    if settings.udp_port == 0:
+        return
+    family = socket.AF_INET6 if ":" in settings.udp_host else socket.AF_INET
+    for index in range(settings.workers):
+        port = settings.udp_port + index
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((settings.udp_host, port))
+            except OSError as exc:
+                raise bind_error(
+                    exc, option="udp", what="media UDP port", host=settings.udp_host, port=port
+                ) from None
+
+
+def _warn_about_candidates(settings: Settings) -> None:
+    advertised = settings.advertised_ips()
+    if advertised and all(ipaddress.ip_address(a).is_loopback for a in advertised):
+        # Chromium never pairs 127.x/::1 candidates (reference/clients.md): only local
+        # tools (whepfan publish, loadtest, aiortc) can reach this server's media.
+        log.warning(
+            "media candidates are loopback only (%s): browsers will not connect; bind "
+            "--udp to a reachable address or give --public-ip",
+            ", ".join(advertised),
+        )
+
+
+LINGERING_TIME = 2.0
+
+
+def _warn_about_file_limit(settings: Settings, soft_limit: int) -> None:
+    """Every HTTP connection is a descriptor, and a viewer holds up to two (its WHEP POST's
+    keep-alive connection and its event stream)."""
+    needed = descriptors_needed(settings.max_viewers)
+    if soft_limit < needed:
+        log.warning(
+            "the file descriptor limit is %d, low for --max-viewers %d (about %d needed): "
+            "raise it (LimitNOFILE= in the systemd unit, ulimit -n) or new HTTP "
+            "connections will displace idle ones early",
+            soft_limit,
+            settings.max_viewers,
+            needed,
+        )
 
 
 async def run(
@@ -71,6 +165,8 @@ async def run(
     ``stop`` and SIGTERM ``drain`` when ``stop`` is None)."""
     settings = settings.with_generated_publish_token()
     ssl_context = tls_context(settings)
+    # Reads the JWT key files: a bad one stops start-up here, before any worker starts.
+    http_options = settings.http_options()
     if settings.publish_token_generated:
         # Publishing is never open by accident: the operator copies this token.
         log.warning("no publish token configured; generated one: %s", settings.publish_token)
@@ -86,6 +182,8 @@ async def run(
             "bearer token from the scraper",
             settings.http_host,
         )
+    # Before the application sizes its connection cap from it (connections.py).
+    _warn_about_file_limit(settings, raise_file_limit())
     loop = asyncio.get_running_loop()
     drain = drain or asyncio.Event()
     if stop is None:
@@ -96,13 +194,24 @@ async def run(
     settings = settings.with_measured_budget(_measure_worker_budget)
     ledger = CapacityLedger(policy=settings.capacity_policy(), workers=settings.workers)
     backend: InProcessWorkers | WorkerPool
+    _warn_about_candidates(settings)
     if settings.workers == 1:
-        worker = MediaWorker(config=settings.media_config(), certificate=certificate)
+        try:
+            worker = MediaWorker(config=settings.media_config(), certificate=certificate)
+        except OSError as exc:
+            raise bind_error(
+                exc,
+                option="udp",
+                what="media UDP port",
+                host=settings.udp_host,
+                port=settings.udp_port,
+            ) from None
         await worker.start()
         backend = InProcessWorkers(router=worker.router, ledger=ledger)
         clock: Callable[[], float] = worker.now
         udp_ports: tuple[int, ...] = (worker.port,)
     else:
+        check_udp_ports(settings)
         pool = WorkerPool(
             workers=settings.workers,
             config=settings.media_config(),
@@ -113,7 +222,7 @@ async def run(
         await pool.start()
         backend, clock = pool, loop.time
         udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
-    app = create_app(router=backend, clock=clock, options=settings.http_options())
+    app = create_app(router=backend, clock=clock, options=http_options)
     add_metrics_route(app, backend.stats, token=settings.metrics_token)
     hub = app.get(EVENT_HUB_KEY)
     if isinstance(backend, WorkerPool) and hub is not None:
@@ -127,11 +236,38 @@ async def run(
         lag_watch = asyncio.ensure_future(warn_when_behind(worker.receive_delay, worker=0))
     # handler_cancellation stays off: a handler never awaits after touching the router,
     # and a cancelled one must not leave a half-made session (routes.py).
-    runner = web.AppRunner(app, access_log=log if settings.log_level == "debug" else None)
+    # auto_decompress off: no request body is ever inflated (body.py answers 415); the
+    # server logger turns aiohttp's traceback per malformed request into a DEBUG line.
+    runner = web.AppRunner(
+        app,
+        access_log=log if settings.log_level == "debug" else None,
+        keepalive_timeout=settings.http_idle_timeout,
+        # After answering a request whose body it did not read (401, 408, 415), aiohttp
+        # reads and drops what is still coming, so the client sees the answer rather than
+        # a reset; 2 s is plenty for an honest client and bounds a trickling one.
+        lingering_time=LINGERING_TIME,
+        auto_decompress=False,
+        logger=ServerLogger(logging.getLogger("aiohttp.server"), app[COUNTERS_KEY]),
+    )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=ssl_context)
-        await site.start()
+        site = GuardedSite(
+            runner,
+            settings.http_host,
+            settings.http_port,
+            guard=app[CONNECTION_GUARD_KEY],
+            ssl_context=ssl_context,
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            raise bind_error(
+                exc,
+                option="http",
+                what="HTTP address",
+                host=settings.http_host,
+                port=settings.http_port,
+            ) from None
         host, port = runner.addresses[0][:2]
         scheme = "https" if ssl_context else "http"
         shown_host = f"[{host}]" if ":" in host else host

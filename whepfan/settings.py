@@ -3,14 +3,20 @@ options, ``WHEPFAN_*`` environment variables, a TOML file, and defaults.
 
 Every option has the same name everywhere: ``--publish-token`` on the command line,
 ``WHEPFAN_PUBLISH_TOKEN`` in the environment, ``publish_token`` in the TOML file.
-Repeatable options (``public_ip``, ``ice_server``) are lists in TOML and comma-separated
-in the environment; a value from a higher source replaces the whole list.
+Repeatable options (``public_ip``, ``ice_server``, ``turn_url``) are lists in TOML and
+comma-separated in the environment; a value from a higher source replaces the whole list.
+
+A bad value is reported as it was given, so the operator can find it:
+``WHEPFAN_MAX_VIEWERS=many: not an integer``, ``--udp 1.2.3.4:70000: not HOST:PORT``,
+``/etc/whepfan.toml: max_viewers: not an integer``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import secrets
+import shlex
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -19,8 +25,11 @@ from typing import Any, Literal
 
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
-from whepfan.http.links import IceServer
+from whepfan.http.connections import ConnectionLimits
+from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
+from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
+from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
 from whepfan.workers.capacity import CapacityPolicy
 
 ENV_PREFIX = "WHEPFAN_"
@@ -31,7 +40,17 @@ NO_BUDGET_WORDS = frozenset({"none", "unbounded", "off"})
 
 
 class SettingsError(ValueError):
-    """A setting is missing, malformed or inconsistent (the CLI exits with status 2)."""
+    """A setting is missing, malformed or inconsistent (the CLI exits with status 2).
+
+    ``option`` names the setting at fault (``max_viewers``), if one is; ``reason`` says
+    what is wrong with it. :meth:`Settings.resolve` restates the option as the operator
+    gave it (``WHEPFAN_MAX_VIEWERS=many``, ``--max-viewers many``, ``FILE: max_viewers``).
+    """
+
+    def __init__(self, reason: str, *, option: str | None = None) -> None:
+        super().__init__(f"{option}: {reason}" if option else reason)
+        self.option = option
+        self.reason = reason
 
 
 def parse_host_port(value: str, *, what: str) -> tuple[str, int]:
@@ -42,7 +61,7 @@ def parse_host_port(value: str, *, what: str) -> tuple[str, int]:
     else:
         host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{what}: {value!r} is not HOST:PORT")
+        raise SettingsError("not HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080, :8189)", option=what)
     return host or "0.0.0.0", int(port)
 
 
@@ -66,7 +85,20 @@ class Settings:
     view_token: str | None = None
     # Bearer token for GET /metrics; None leaves it open (the server warns off loopback).
     metrics_token: str | None = None
+    # Scoped JWTs besides the static tokens (whepfan/http/tokens.py): an HS256 secret, a
+    # PEM public key, a JWKS file; the aud and iss they must name; clock skew on exp/nbf.
+    jwt_secret: str | None = None
+    jwt_public_key: Path | None = None
+    jwt_jwks: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = DEFAULT_LEEWAY
     ice_servers: tuple[IceServer, ...] = ()
+    # A TURN deployment sharing a secret with us (coturn's use-auth-secret): each WHIP/WHEP
+    # response carries fresh credentials for these URLs (draft-uberti-behave-turn-rest-00).
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str | None = field(default=None, repr=False)
+    turn_credential_ttl: int = DEFAULT_CREDENTIAL_TTL
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allow_insecure_http: bool = False
@@ -86,12 +118,26 @@ class Settings:
     stream_viewer_cap: int | None = None
     admit_lower_layer: bool = False
     drain_timeout: float = 30.0
+    # HTTP connection hygiene (whepfan/http/connections.py): seconds to send a request
+    # head, to send a body, to keep an idle keep-alive connection; the connection cap
+    # (None: the file limit minus a reserve). POSTs per second and burst per client
+    # address (whepfan/http/ratelimit.py; 0 turns the limit off; loopback is exempt).
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 10.0
+    http_idle_timeout: float = 60.0
+    http_max_connections: int | None = None
+    post_rate_limit: float = 10.0
+    post_burst: int = 50
     # Set by with_generated_publish_token(); lets the server log the token it made.
     publish_token_generated: bool = field(default=False, compare=False)
+    # Option -> how the operator gave it (``WHEPFAN_TLS_KEY=/etc/k.pem``), set by
+    # resolve(), for errors found after resolving (a TLS file that cannot be read).
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise SettingsError("--tls-cert and --tls-key go together")
+            given = "tls_cert" if self.tls_key is None else "tls_key"
+            raise SettingsError("--tls-cert and --tls-key go together", option=given)
         if (
             self.tls_cert is None
             and not self.allow_insecure_http
@@ -101,34 +147,67 @@ class Settings:
             # session URLs are credentials.
             raise SettingsError(
                 f"plain HTTP on {self.http_host} would send tokens in clear text: give "
-                "--tls-cert/--tls-key, bind to loopback, or pass --allow-insecure-http"
+                "--tls-cert/--tls-key, bind to loopback, or pass --allow-insecure-http",
+                option="http",
             )
         for address in self.public_ips:
             try:
                 ipaddress.ip_address(address)
             except ValueError:
-                raise SettingsError(f"public IP {address!r} is not an IP address") from None
+                raise SettingsError(
+                    f"{address!r} is not an IP address", option="public_ip"
+                ) from None
         if self.max_viewers < 0:
-            raise SettingsError("max_viewers cannot be negative")
+            raise SettingsError("cannot be negative", option="max_viewers")
         if self.counter_offer_ttl <= 0:
-            raise SettingsError("counter_offer_ttl must be positive")
+            raise SettingsError("must be positive", option="counter_offer_ttl")
         if self.workers < 1:
-            raise SettingsError("workers is at least 1")
+            raise SettingsError("is at least 1", option="workers")
         for name in ("worker_packet_budget", "egress_budget"):
             budget = getattr(self, name)
             if budget == AUTO_BUDGET and name == "worker_packet_budget":
                 continue
             if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
-                raise SettingsError(f"{name} must be positive")
+                raise SettingsError("must be positive", option=name)
         if self.stream_viewer_cap is not None and self.stream_viewer_cap < 0:
-            raise SettingsError("stream_viewer_cap cannot be negative")
+            raise SettingsError("cannot be negative", option="stream_viewer_cap")
         if self.drain_timeout < 0:
-            raise SettingsError("drain_timeout cannot be negative")
-        for token in (self.publish_token, self.view_token, self.metrics_token):
+            raise SettingsError("cannot be negative", option="drain_timeout")
+        for name in ("http_header_timeout", "http_body_timeout", "http_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise SettingsError("must be positive", option=name)
+        if self.http_max_connections is not None and self.http_max_connections < 1:
+            raise SettingsError("is at least 1", option="http_max_connections")
+        if self.post_rate_limit < 0:
+            raise SettingsError("cannot be negative (0 turns it off)", option="post_rate_limit")
+        if self.post_burst < 1:
+            raise SettingsError("is at least 1", option="post_burst")
+        try:
+            JwtPolicy(leeway=self.jwt_leeway)
+            if self.jwt_secret is not None:
+                secret_key(self.jwt_secret)
+        except KeyConfigError as exc:
+            raise SettingsError(str(exc)) from None
+        for name in ("publish_token", "view_token", "metrics_token"):
+            token = getattr(self, name)
             if token is not None and (not token or any(c.isspace() for c in token)):
-                raise SettingsError("tokens are non-empty and contain no whitespace")
+                raise SettingsError("tokens are non-empty and contain no whitespace", option=name)
+        if bool(self.turn_urls) != (self.turn_secret is not None):
+            raise SettingsError("--turn-url and --turn-secret go together")
+        if self.turn_credential_ttl <= 0:
+            raise SettingsError("turn_credential_ttl must be positive")
+        try:
+            self.turn_servers()
+        except ParseError as exc:
+            raise SettingsError(f"turn_url: {exc.detail}") from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise SettingsError(f"log level {self.log_level!r} is not debug/info/warning/error")
+            raise SettingsError(
+                f"{self.log_level!r} is not debug/info/warning/error", option="log_level"
+            )
+
+    def given_as(self, option: str) -> str:
+        """How ``option`` was given (``--tls-key k.pem``), or its name if by default."""
+        return self.origins.get(option, option)
 
     @property
     def insecure_http(self) -> bool:
@@ -140,18 +219,72 @@ class Settings:
         """``/metrics`` readable without a token by anyone who reaches the HTTP port."""
         return self.metrics_token is None and not _is_loopback(self.http_host)
 
+    @property
+    def jwt_configured(self) -> bool:
+        """A JWT key is set: every role then needs a credential (whepfan/http/auth.py)."""
+        return any(key is not None for key in (self.jwt_secret, self.jwt_public_key, self.jwt_jwks))
+
+    def jwt_verifier(self) -> JwtVerifier | None:
+        """The JWT verifier for the ``jwt_*`` settings (reads the key files), or None."""
+        try:
+            return JwtVerifier.from_settings(
+                secret=self.jwt_secret,
+                public_key=self.jwt_public_key,
+                jwks=self.jwt_jwks,
+                policy=JwtPolicy(
+                    audience=self.jwt_audience, issuer=self.jwt_issuer, leeway=self.jwt_leeway
+                ),
+            )
+        except KeyConfigError as exc:
+            raise SettingsError(str(exc)) from None
+
     def with_generated_publish_token(self) -> Settings:
         """With no publish token configured, make one, so publishing is never open by
-        accident; the caller logs it (``publish_token_generated``)."""
-        if self.publish_token is not None:
+        accident; the caller logs it (``publish_token_generated``). Not with a JWT key:
+        publishing then takes JWTs, and a static token nobody asked for would be one more
+        credential, printed in the log."""
+        if self.publish_token is not None or self.jwt_configured:
             return self
         return replace(self, publish_token=secrets.token_urlsafe(24), publish_token_generated=True)
+
+    @property
+    def binds_every_address(self) -> bool:
+        """The media socket is bound to a wildcard (``0.0.0.0`` or ``::``)."""
+        try:
+            return ipaddress.ip_address(self.udp_host).is_unspecified
+        except ValueError:
+            return False  # a host name: bound to the one address it resolves to
+
+    def advertised_ips(self) -> tuple[str, ...]:
+        """The addresses answers offer as host candidates (RFC 8839 §5.1).
+
+        ``public_ips`` when given. Otherwise a socket bound to one address is reachable
+        at that address only, so that is the one candidate: advertising the machine's
+        other addresses would send the peer's checks where nothing listens, and ICE
+        would fail with no hint why. Empty for a wildcard bind: the transport then
+        advertises every interface address (``transport.interface_addresses``).
+        """
+        if self.public_ips or self.binds_every_address:
+            return self.public_ips
+        try:
+            return (str(ipaddress.ip_address(self.udp_host)),)
+        except ValueError:
+            pass
+        # A host name: the address the media socket will bind, resolved as bind() does
+        # (the transport opens an IPv4 socket for anything without a colon).
+        try:
+            infos = socket.getaddrinfo(self.udp_host, None, socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot resolve {self.udp_host!r}: {exc.strerror or exc}", option="udp"
+            ) from None
+        return (str(infos[0][4][0]),)
 
     def media_config(self) -> MediaConfig:
         values: dict[str, Any] = {
             "udp_host": self.udp_host,
             "udp_port": self.udp_port,
-            "public_ips": self.public_ips,
+            "public_ips": self.advertised_ips(),
             "max_viewers": self.max_viewers,
         }
         if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
@@ -176,14 +309,30 @@ class Settings:
             admit_lower_layer=self.admit_lower_layer,
         )
 
+    def turn_servers(self) -> tuple[IceServer, ...]:
+        """The ``turn_urls`` with time-limited credentials from ``turn_secret``."""
+        if self.turn_secret is None:
+            return ()
+        return turn_rest_servers(self.turn_urls, self.turn_secret, ttl=self.turn_credential_ttl)
+
     def http_options(self) -> HttpOptions:
         return HttpOptions(
             publish_token=self.publish_token,
             view_token=self.view_token,
-            ice_servers=self.ice_servers,
+            jwt=self.jwt_verifier(),
+            ice_servers=(*self.ice_servers, *self.turn_servers()),
             strict_etag=self.strict_etag,
             publisher_takeover=self.publisher_takeover,
             counter_offer_ttl=self.counter_offer_ttl,
+            limits=ConnectionLimits(
+                header_timeout=self.http_header_timeout,
+                body_timeout=self.http_body_timeout,
+                idle_timeout=self.http_idle_timeout,
+                max_connections=self.http_max_connections,
+            ),
+            post_rate_limit=RateLimit(rate=self.post_rate_limit, burst=self.post_burst)
+            if self.post_rate_limit > 0
+            else None,
         )
 
     @classmethod
@@ -197,14 +346,34 @@ class Settings:
         """Merge the sources: ``cli`` holds only the options given on the command line
         (raw values as argparse produced them), ``environ`` is the process environment."""
         raw: dict[str, Any] = {}
+        # Option -> how the operator wrote it, to name it in errors.
+        origins: dict[str, str] = {}
         path = config_path
         if path is None and environ.get(ENV_PREFIX + "CONFIG"):
             path = Path(environ[ENV_PREFIX + "CONFIG"])
         if path is not None:
-            raw.update(_from_toml(path))
-        raw.update(_from_environ(environ))
-        raw.update({k: v for k, v in cli.items() if v is not None})
-        return cls(**_convert(raw))
+            for name, (key, value) in _from_toml(path).items():
+                raw[name] = value
+                origins[name] = f"{path}: {key}"
+        for name, value in _from_environ(environ).items():
+            raw[name] = value
+            variable = ENV_PREFIX + name.upper()
+            shown = name not in _CREDENTIALS
+            origins[name] = f"{variable}={shlex.quote(environ[variable])}" if shown else variable
+        for name, value in cli.items():
+            if value is None:
+                continue
+            raw[name] = value
+            flag = "--" + name.replace("_", "-")
+            shown = isinstance(value, str) and name not in _CREDENTIALS
+            origins[name] = f"{flag} {shlex.quote(value)}" if shown else flag
+        try:
+            return cls(**_convert(raw), origins=origins)
+        except SettingsError as exc:
+            if exc.option is None:
+                raise
+            origin = origins.get(exc.option, exc.option)
+            raise SettingsError(f"{origin}: {exc.reason}") from None
 
 
 # Option name -> kind; the name is also the TOML key and the env suffix (upper-cased).
@@ -215,7 +384,16 @@ _OPTIONS: dict[str, str] = {
     "publish_token": "str",
     "view_token": "str",
     "metrics_token": "str",
+    "jwt_secret": "str",
+    "jwt_public_key": "path",
+    "jwt_jwks": "path",
+    "jwt_audience": "str",
+    "jwt_issuer": "str",
+    "jwt_leeway": "float",
     "ice_server": "ice_list",
+    "turn_url": "list",
+    "turn_secret": "str",
+    "turn_credential_ttl": "int",
     "tls_cert": "path",
     "tls_key": "path",
     "allow_insecure_http": "bool",
@@ -230,10 +408,17 @@ _OPTIONS: dict[str, str] = {
     "stream_viewer_cap": "int",
     "admit_lower_layer": "bool",
     "drain_timeout": "float",
+    "http_header_timeout": "float",
+    "http_body_timeout": "float",
+    "http_idle_timeout": "float",
+    "http_max_connections": "int",
+    "post_rate_limit": "float",
+    "post_burst": "int",
 }
 
 
-def _from_toml(path: Path) -> dict[str, Any]:
+def _from_toml(path: Path) -> dict[str, tuple[str, Any]]:
+    """Option name -> (the key as written in the file, its value)."""
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)
@@ -242,13 +427,14 @@ def _from_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: {exc}") from None
     # The TOML may use the plural spelling for the lists (ice_servers = [...]).
-    aliases = {"public_ips": "public_ip", "ice_servers": "ice_server"}
-    values: dict[str, Any] = {}
+    aliases = {"public_ips": "public_ip", "ice_servers": "ice_server", "turn_urls": "turn_url"}
+    values: dict[str, tuple[str, Any]] = {}
     for key, value in document.items():
         name = aliases.get(key, key).replace("-", "_")
         if name not in _OPTIONS:
-            raise SettingsError(f"{path}: unknown setting {key!r}")
-        values[name] = value
+            known = ", ".join(sorted(_OPTIONS))
+            raise SettingsError(f"{path}: unknown setting {key!r} (settings: {known})")
+        values[name] = (key, value)
     return values
 
 
@@ -265,6 +451,14 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+# Settings whose values are secrets (tokens, TURN credentials): errors name them without
+# repeating the value onto a terminal or into a log.
+_CREDENTIALS = frozenset(
+    {"publish_token", "view_token", "metrics_token", "ice_server", "jwt_secret"}
+)
+
+# "list" options -> their Settings field.
+_LIST_FIELDS = {"public_ip": "public_ips", "turn_url": "turn_urls"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -279,7 +473,8 @@ def _convert(raw: Mapping[str, Any]) -> dict[str, Any]:
                 host, port = parse_host_port(_expect(value, str, name), what=name)
                 out[f"{name}_host"], out[f"{name}_port"] = host, port
             elif kind == "list":
-                out["public_ips"] = tuple(_expect(item, str, name) for item in _as_list(value))
+                items = _as_list(value)
+                out[_LIST_FIELDS[name]] = tuple(_expect(item, str, name) for item in items)
             elif kind == "ice_list":
                 out["ice_servers"] = tuple(_ice_server(item) for item in _as_list(value))
             elif kind == "str":
@@ -295,7 +490,7 @@ def _convert(raw: Mapping[str, Any]) -> dict[str, Any]:
             elif kind == "budget":
                 out[name] = _budget(value, name)
         except ParseError as exc:
-            raise SettingsError(f"{name}: {exc.detail}") from None
+            raise SettingsError(exc.detail, option=name) from None
     return out
 
 
@@ -305,7 +500,7 @@ def _as_list(value: Any) -> list[Any]:
 
 def _expect(value: Any, kind: type, name: str) -> Any:
     if not isinstance(value, kind):
-        raise SettingsError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+        raise SettingsError(f"expected {kind.__name__}, got {type(value).__name__}", option=name)
     return value
 
 
@@ -314,12 +509,12 @@ def _bool(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise SettingsError(f"{name}: {value!r} is not a boolean (true/false)")
+    raise SettingsError("not a boolean (true/false)", option=name)
 
 
 def _number(value: Any, kind: type[int] | type[float], name: str) -> int | float:
     if isinstance(value, bool):
-        raise SettingsError(f"{name}: expected a number")
+        raise SettingsError("expected a number", option=name)
     if isinstance(value, int | float) and (kind is float or isinstance(value, int)):
         return value
     if isinstance(value, str):
@@ -327,7 +522,8 @@ def _number(value: Any, kind: type[int] | type[float], name: str) -> int | float
             return kind(value.strip())
         except ValueError:
             pass
-    raise SettingsError(f"{name}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+    what = "an integer" if kind is int else "a number"
+    raise SettingsError(f"not {what}", option=name)
 
 
 def _budget(value: Any, name: str) -> float | str | None:
@@ -339,7 +535,7 @@ def _budget(value: Any, name: str) -> float | str | None:
     try:
         return float(_number(value, float, name))
     except SettingsError:
-        raise SettingsError(f"{name}: {value!r} is not a number, 'auto' or 'none'") from None
+        raise SettingsError("not a number, 'auto' or 'none'", option=name) from None
 
 
 def _ice_server(value: Any) -> IceServer:
@@ -347,4 +543,4 @@ def _ice_server(value: Any) -> IceServer:
         return IceServer.parse(value)
     if isinstance(value, dict):
         return IceServer.from_mapping(value)
-    raise SettingsError("ice_server entries are strings or tables")
+    raise SettingsError("entries are strings or tables", option="ice_server")

@@ -11,10 +11,17 @@ test does not pay for waking the load generator on every datagram it sends, a co
 loopback that no real viewer imposes (see ``_receiver.pxi``). Arrival times are the
 kernel's receive timestamps either way.
 
-Per viewer the run records the server's answer (201/409/503/...), the latencies POST ->
-201, -> ICE connected, -> DTLS done, -> first RTP, -> first keyframe, and the receive
-counters (packets, bytes, sequence-gap loss, duplicates, jitter, decrypt failures).
-Viewers that fail are reported with the reason, never dropped from the results.
+Per viewer the run records the server's answer (201/409/503/...; a refusal with the
+problem detail the server gave, RFC 9457 §3.1), the latencies POST -> 201, -> ICE
+connected, -> DTLS done, -> first RTP, -> first keyframe, the receive counters (packets,
+bytes, sequence-gap loss, duplicates, jitter, decrypt failures) and its stalls: silences
+longer than ``stall_gap`` while it should have been receiving (``stalls.py``), including
+one that lasts until the end of the run. Viewers that fail are reported with the reason,
+never dropped from the results. A run in which the server refuses every viewer stops as
+soon as that is clear instead of ramping and waiting out its duration.
+
+With ``server_metrics`` the run also scrapes the server's Prometheus ``/metrics`` once a
+second, for the report's server CPU and receive-delay charts against viewers.
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ import resource
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from whepfan import _fastpath
+from whepfan.client import charts
 from whepfan.client.peer import (
     ClientTransport,
     IceSelected,
@@ -44,8 +56,16 @@ from whepfan.client.peer import (
     new_ice_credentials,
     viewer_offer,
 )
-from whepfan.client.report import LoadTestReport, Sample, render_html, render_text, summarize
+from whepfan.client.report import (
+    LoadTestReport,
+    Sample,
+    ServerSample,
+    render_html,
+    render_text,
+    summarize,
+)
 from whepfan.client.signalling import delete_session, local_address_towards, post_offer
+from whepfan.client.stalls import StallWatch, check_interval
 from whepfan.errors import ParseError, WhepfanError
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.protocol.negotiation import remote_transport
@@ -53,8 +73,18 @@ from whepfan.protocol.sdp import SessionDescription
 
 log = logging.getLogger("whepfan.loadtest")
 
-EXIT_SOME_VIEWERS_FAILED = 3
+EXIT_USAGE = 2  # as the CLI's: --html without matplotlib
+EXIT_SOME_VIEWERS_FAILED = 3  # a viewer failed, got no media or stalled
+EXIT_EVERY_VIEWER_REFUSED = 4  # the server refused every viewer; the run stopped early
 SAMPLE_INTERVAL = 1.0
+DEFAULT_STALL_GAP = 2.0
+# Shorter gaps would be noise: a polled socket is read up to MAX_POLL_INTERVAL late, and
+# a check looks every check_interval(gap).
+MIN_STALL_GAP = 0.5
+# Refused this many times in a row, with nobody connected or still setting up, the run
+# gives up: the endpoint refuses everyone (no publisher, wrong token, draining, full).
+GIVE_UP_AFTER_REFUSALS = 10
+SCRAPE_TIMEOUT = 5.0
 DEFAULT_POLL_INTERVAL = 0.010
 # A socket holds about SOCKET_BUFFER_BYTES between sweeps: at 1.5 Mbit/s, 10 ms is
 # ~2 KB, a 720p keyframe burst ~60 KB. Longer intervals would need bigger buffers.
@@ -77,6 +107,11 @@ class LoadTestOptions:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     audio: bool = True
     video: bool = True
+    # A viewer silent for longer than this while it should be receiving has stalled.
+    stall_gap: float = DEFAULT_STALL_GAP
+    # The server's Prometheus endpoint to scrape during the run, and its bearer token.
+    server_metrics: str | None = None
+    server_metrics_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.viewers < 1:
@@ -89,6 +124,8 @@ class LoadTestOptions:
             raise ValueError("--verify-every must be at least 1")
         if not self.audio and not self.video:
             raise ValueError("viewers need audio or video")
+        if self.stall_gap < MIN_STALL_GAP:
+            raise ValueError(f"--stall-gap must be at least {MIN_STALL_GAP:g} s")
 
 
 @dataclass
@@ -105,8 +142,12 @@ class ViewerResult:
     dtls_connected: float | None = None
     first_rtp: float | None = None
     first_keyframe: float | None = None
+    last_rtp: float | None = None
     receiving_seconds: float = 0.0
     bitrate: float = 0.0  # bits/s over the time it received
+    stalls: int = 0  # silences longer than the stall gap (stalls.py)
+    longest_gap: float = 0.0  # seconds: the longest silence once its media path was ready
+    stalled_at_end: bool = False  # still silent when the run ended
     counters: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -125,6 +166,7 @@ class _Viewer:
         self.timer: asyncio.TimerHandle | None = None
         self.keyed: asyncio.Future[None] = test.loop.create_future()
         self.final_counters: dict[str, Any] | None = None
+        self.watch: StallWatch | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -156,9 +198,10 @@ class _Viewer:
             self.result.status = answer.status
             if answer.status != 201 or answer.answer is None:
                 self.result.outcome = "rejected"
-                self.result.error = f"HTTP {answer.status}" + (
-                    f" (Retry-After {answer.retry_after})" if answer.retry_after else ""
+                self.result.error = problem_summary(
+                    answer.status, answer.detail, retry_after=answer.retry_after
                 )
+                test.note_refusal()
                 return
             self.result.answered = time.monotonic() - self.posted_at
             self.location = answer.location
@@ -236,10 +279,31 @@ class _Viewer:
             self.result.outcome = "failed"
             self.result.error = self.result.error or "cancelled"
 
+    def counters_now(self) -> dict[str, Any]:
+        if self.slot is not None:
+            return self.test.receiver.viewer_stats(self.slot)
+        return self.final_counters or {}
+
+    def check_stall(self, now: float) -> None:
+        if self.watch is not None:
+            self.watch.observe(now, self.counters_now().get("last_rtp_at"))
+
+    def finish_stall_watch(self, end: float) -> None:
+        """The run's last check: an open silence counts up to ``end``."""
+        watch = self.watch
+        if watch is None:
+            return
+        watch.finish(end, self.counters_now().get("last_rtp_at"))
+        self.result.stalls = watch.stalls
+        self.result.longest_gap = watch.longest_gap
+        self.result.stalled_at_end = watch.stalled
+
     def _finish_counters(self, counters: dict[str, Any]) -> None:
         result = self.result
         result.counters = {key: value for key, value in counters.items() if not key.endswith("_at")}
         first, last = counters.get("first_rtp_at"), counters.get("last_rtp_at")
+        if last is not None:
+            result.last_rtp = last - self.posted_at
         if first is not None:
             result.first_rtp = first - self.posted_at
             if last is not None and last > first:
@@ -290,6 +354,8 @@ class _Viewer:
                 )
                 if self.test.options.poll_interval > 0:
                     self.test.receiver.set_polled(self.slot, True)
+                # From here media can flow: silence counts (before the first RTP too).
+                self.watch = StallWatch(gap=self.test.options.stall_gap, ready_at=now)
                 if not self.keyed.done():
                     self.keyed.set_result(None)
             elif isinstance(event, TransportFailed):
@@ -328,8 +394,11 @@ class LoadTest:
         self.by_slot: dict[int, _Viewer] = {}
         self.viewers: list[_Viewer] = []
         self.samples: list[Sample] = []
+        self.server_samples: list[ServerSample] = []
+        self.scrape_errors = Counter[str]()
         self.started_at = 0.0
         self.cpu_at_start = 0.0
+        self.everyone_refused = asyncio.Event()
         self.http: aiohttp.ClientSession
 
     def _readable(self) -> None:
@@ -341,9 +410,18 @@ class LoadTest:
             if viewer is not None:
                 viewer.receive(data, addr)
 
-    async def _poll_connected(self, interval: float) -> None:
-        """Sweeps the polled sockets on a fixed cadence (a late sweep does not shift the
-        ones after it, so a slow moment is caught up, not accumulated)."""
+    def note_refusal(self) -> None:
+        """A viewer was refused: if every viewer so far was, and enough of them to rule
+        out a moment's refusal, the run stops (``everyone_refused``)."""
+        enough = min(self.options.viewers, GIVE_UP_AFTER_REFUSALS)
+        if len(self.viewers) >= enough and all(
+            viewer.result.outcome == "rejected" for viewer in self.viewers
+        ):
+            self.everyone_refused.set()
+
+    async def _every(self, interval: float, action: Callable[[], None]) -> None:
+        """``action`` on a fixed cadence (a late round does not shift the ones after it,
+        so a slow moment is caught up, not accumulated)."""
         due = self.loop.time()
         while True:
             due += interval
@@ -352,11 +430,27 @@ class LoadTest:
                 await asyncio.sleep(delay)
             else:
                 due = self.loop.time()
-            self._dispatch(self.receiver.poll())
+            action()
+
+    def _poll(self) -> None:
+        self._dispatch(self.receiver.poll())
+
+    def _check_stalls(self) -> None:
+        # Whatever is already queued first: had this process been late (a busy machine,
+        # a long sweep), its own lateness must not read as the server's silence.
+        self._readable()
+        if self.options.poll_interval > 0:
+            self._poll()
+        now = time.monotonic()
+        for viewer in self.viewers:
+            viewer.check_stall(now)
+
+    def _connected(self) -> int:
+        return sum(1 for viewer in self.viewers if viewer.result.outcome == "connected")
 
     def _sample(self) -> Sample:
-        connected = failed = rejected = 0
-        total_bytes = lost = expected = 0
+        connected = failed = rejected = stalled = 0
+        total_bytes = packets = lost = expected = 0
         for viewer in self.viewers:
             outcome = viewer.result.outcome
             if outcome == "connected":
@@ -365,12 +459,11 @@ class LoadTest:
                 failed += 1
             elif outcome == "rejected":
                 rejected += 1
-            counters = (
-                self.receiver.viewer_stats(viewer.slot)
-                if viewer.slot is not None
-                else viewer.final_counters or {}
-            )
+            if viewer.watch is not None and viewer.watch.stalled:
+                stalled += 1
+            counters = viewer.counters_now()
             total_bytes += int(counters.get("bytes") or 0)
+            packets += int(counters.get("packets") or 0)
             lost += int(counters.get("lost") or 0)
             expected += int(counters.get("expected") or 0)
         return Sample(
@@ -383,7 +476,58 @@ class LoadTest:
             lost=lost,
             expected=expected,
             cpu=_cpu_seconds() - self.cpu_at_start,
+            packets=packets,
+            stalled=stalled,
         )
+
+    async def _scrape_server(self) -> None:
+        """One scrape of ``--server-metrics``; a failure is counted by reason, never
+        fatal (the server under load may well answer slowly)."""
+        url = self.options.server_metrics
+        assert url is not None
+        token = self.options.server_metrics_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with self.http.get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+            ) as response:
+                text = await response.text(errors="replace")
+                if response.status != 200:
+                    self.scrape_errors[problem_summary(response.status, text[:300])] += 1
+                    return
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.scrape_errors[type(exc).__name__] += 1
+            return
+        try:
+            metrics = server_metrics_from_text(text)
+        except ValueError as exc:
+            self.scrape_errors[f"unreadable metrics: {exc}"] += 1
+            return
+        self.server_samples.append(
+            ServerSample(
+                time=time.monotonic() - self.started_at, viewers=self._connected(), **metrics
+            )
+        )
+
+    async def _scrape_server_regularly(self) -> None:
+        due = self.loop.time()
+        while True:
+            await self._scrape_server()
+            due += SAMPLE_INTERVAL
+            await asyncio.sleep(max(0.0, due - self.loop.time()))
+
+    async def _start_viewers(self, tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+        options = self.options
+        for index in range(options.viewers):
+            due = self.started_at + index / options.ramp
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.everyone_refused.is_set():
+                return
+            viewer = _Viewer(self, index)
+            self.viewers.append(viewer)
+            tasks.append(self.loop.create_task(viewer.run(stop)))
 
     async def run(
         self, progress: Callable[[Sample, Sample | None], None] | None = None
@@ -398,54 +542,127 @@ class LoadTest:
         self.http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=options.setup_timeout)
         )
+        previous: Sample | None = None
 
-        async def sampler() -> None:
-            previous: Sample | None = None
-            while True:
-                await asyncio.sleep(SAMPLE_INTERVAL)
-                sample = self._sample()
-                self.samples.append(sample)
-                if progress is not None:
-                    progress(sample, previous)
-                previous = sample
+        def sample() -> None:
+            nonlocal previous
+            current = self._sample()
+            self.samples.append(current)
+            if progress is not None:
+                progress(current, previous)
+            previous = current
 
-        sampling = self.loop.create_task(sampler())
-        polling = (
-            self.loop.create_task(self._poll_connected(options.poll_interval))
-            if options.poll_interval > 0
-            else None
-        )
+        background = [
+            self.loop.create_task(self._every(SAMPLE_INTERVAL, sample)),
+            self.loop.create_task(
+                self._every(check_interval(options.stall_gap), self._check_stalls)
+            ),
+        ]
+        if options.poll_interval > 0:
+            background.append(self.loop.create_task(self._every(options.poll_interval, self._poll)))
+        if options.server_metrics:
+            background.append(self.loop.create_task(self._scrape_server_regularly()))
+        measured_until: float | None = None
         try:
-            for index in range(options.viewers):
-                due = self.started_at + index / options.ramp
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                viewer = _Viewer(self, index)
-                self.viewers.append(viewer)
-                tasks.append(self.loop.create_task(viewer.run(stop)))
-            await asyncio.sleep(options.duration)
-            self.samples.append(self._sample())
+            await self._start_viewers(tasks, stop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.everyone_refused.wait(), options.duration)
+            # The last look, before anything is torn down: what is still unread in the
+            # polled sockets first, then every open silence ends here.
+            self._readable()
+            if options.poll_interval > 0:
+                self._poll()
+            end = time.monotonic()
+            for viewer in self.viewers:
+                viewer.finish_stall_watch(end)
+            measured_until = end - self.started_at
+            sample()
+            if options.server_metrics:
+                await self._scrape_server()
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for task in (sampling, polling):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.loop.remove_reader(self.receiver.fileno())
             await self.http.close()
         wall = time.monotonic() - self.started_at
         cpu = _cpu_seconds() - self.cpu_at_start
+        stopped_early = ""
+        if self.everyone_refused.is_set():
+            stopped_early = (
+                f"the server refused every viewer: stopped after {len(self.viewers)} of "
+                f"{options.viewers}"
+            )
         return summarize(
             url=options.url,
-            options=asdict(options),
+            options=_without_credentials(options),
             viewers=[viewer.result for viewer in self.viewers],
             samples=self.samples,
             wall_seconds=wall,
             cpu_seconds=cpu,
+            server_samples=self.server_samples,
+            stall_gap=options.stall_gap,
+            measured_until=measured_until,
+            stopped_early=stopped_early,
+            server_metrics_errors=dict(self.scrape_errors),
         )
+
+
+def problem_summary(status: int, body: str, *, retry_after: str | None = None) -> str:
+    """ "HTTP 409 Conflict: stream 'live' is not live (Retry-After 5)": an error answer's
+    status with the problem details' ``title`` and ``detail`` (RFC 9457 §3.1.3, §3.1.4)
+    when the body is one, else its text, so that the summary says why, not only that."""
+    title, detail = "", ""
+    body = body.strip()
+    try:
+        problem = orjson.loads(body) if body.startswith("{") else None
+    except orjson.JSONDecodeError:
+        problem = None  # cut short (signalling keeps the first 300 characters) or not JSON
+    if isinstance(problem, dict):
+        title = str(problem.get("title") or "")
+        detail = str(problem.get("detail") or "")
+    elif body and not body.startswith("<"):  # an HTML error page says nothing useful here
+        detail = " ".join(body.split())[:200]
+    if not title:
+        with contextlib.suppress(ValueError):
+            title = HTTPStatus(status).phrase
+    summary = f"HTTP {status}" + (f" {title}" if title else "")
+    if detail and detail != title:
+        summary += f": {detail}"
+    if retry_after:
+        summary += f" (Retry-After {retry_after})"
+    return summary
+
+
+def _without_credentials(options: LoadTestOptions) -> dict[str, Any]:
+    """The options as the report shows them: a report is shared, its tokens are not."""
+    shown = asdict(options)
+    for name in ("token", "server_metrics_token"):
+        if shown[name] is not None:
+            shown[name] = "(set)"
+    return shown
+
+
+def server_metrics_from_text(text: str) -> dict[str, float | None]:
+    """The figures the report plots, from a Prometheus text exposition: the server's CPU
+    seconds (``process_cpu_seconds_total``, summed over whatever labels split it), the
+    worst worker's receive delay and the server's own viewer count. None for a metric
+    the server does not export; ValueError for text the parser cannot read."""
+    cpu: float | None = None
+    delay: float | None = None
+    viewers: float | None = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "process_cpu_seconds_total":
+                cpu = (cpu or 0.0) + sample.value
+            elif sample.name == "whepfan_worker_receive_delay_seconds":
+                delay = sample.value if delay is None else max(delay, sample.value)
+            elif sample.name == "whepfan_viewers":
+                viewers = (viewers or 0.0) + sample.value
+    return {"cpu_seconds": cpu, "receive_delay": delay, "server_viewers": viewers}
 
 
 def _enlarge_receive_buffer(sock: socket.socket) -> None:
@@ -477,7 +694,7 @@ def _progress_printer(stream: Any) -> Callable[[Sample, Sample | None], None]:
         line = (
             f"[{sample.time:6.1f}s] viewers {sample.connected}/{sample.started} connected, "
             f"{sample.failed} failed, {sample.rejected} rejected | {mbps:8.2f} Mbit/s | "
-            f"loss {loss:.3f}% | harness CPU {cpu:.0f}%"
+            f"loss {loss:.3f}% | harness CPU {cpu:.0f}% | stalled {sample.stalled}"
         )
         if stream.isatty():
             stream.write("\r" + line)
@@ -496,6 +713,12 @@ def run_from_command_line(
     progress: bool = True,
 ) -> int:
     """``whepfan loadtest``: run, print the summary, write the reports; exit status."""
+    if html_path is not None:
+        try:
+            charts.require_matplotlib()
+        except charts.MatplotlibMissing as exc:
+            print(f"whepfan loadtest: {exc}", file=sys.stderr)
+            return EXIT_USAGE
 
     async def main() -> LoadTestReport:
         test = LoadTest(options)
@@ -514,4 +737,6 @@ def run_from_command_line(
         json_path.write_text(report.to_json())
     if html_path is not None:
         html_path.write_text(render_html(report))
-    return 0 if report.all_viewers_received_media else EXIT_SOME_VIEWERS_FAILED
+    if report.summary["stopped_early"]:
+        return EXIT_EVERY_VIEWER_REFUSED
+    return 0 if report.passed else EXIT_SOME_VIEWERS_FAILED

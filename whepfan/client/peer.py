@@ -136,6 +136,71 @@ class IceSelected:
 TransportEvent = TransportConnected | TransportFailed | IceSelected
 
 
+# --- diagnosis -------------------------------------------------------------------------
+
+
+def format_address(address: Address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateAttempt:
+    """What became of one remote candidate from the answer."""
+
+    address: Address
+    checks_sent: int  # Binding requests, retransmissions included (RFC 8489 §6.2.1)
+    datagrams_heard: int  # anything received from this address
+    selected: bool = False
+    failed: bool = False
+    error_code: int | None = None  # STUN error response code, when that failed it
+
+    def __str__(self) -> str:
+        where = format_address(self.address)
+        if self.selected:
+            return f"{where} selected"
+        if self.error_code is not None:
+            outcome = f"check failed with STUN error {self.error_code}"
+        elif self.failed:
+            outcome = f"no answer to {self.checks_sent} checks"
+        elif self.checks_sent:
+            outcome = f"{self.checks_sent} checks sent, no answer yet"
+        else:
+            outcome = "not checked yet"
+        heard = f", {self.datagrams_heard} datagrams heard" if self.datagrams_heard else ""
+        return f"{where} {outcome}{heard}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportDiagnosis:
+    """Where one session's connection stands: for the error of a client that did not
+    connect in time ("not connected within 10 s" alone leaves the operator guessing)."""
+
+    ice_state: str  # "checking", "connected", "failed" or "disconnected" (consent lost)
+    dtls_state: str  # DtlsSession.state: "new", "connecting", "connected", ...
+    dtls_role: str  # "client" or "server"
+    local_address: Address | None
+    candidates: tuple[CandidateAttempt, ...]
+    skipped: tuple[str, ...] = ()  # answer candidates ICE cannot pair, and why
+
+    def __str__(self) -> str:
+        parts = [f"ICE {self.ice_state}, DTLS {self.dtls_state} (as DTLS {self.dtls_role})"]
+        if self.local_address is not None:
+            parts.append(f"local candidate {format_address(self.local_address)}")
+        tried = "; ".join(str(c) for c in self.candidates) or "none usable"
+        parts.append(f"remote candidates from the answer: {tried}")
+        if self.skipped:
+            parts.append("skipped: " + "; ".join(self.skipped))
+        if self.ice_state == "checking" and not any(c.datagrams_heard for c in self.candidates):
+            # The likeliest cause, said plainly: the server advertises an address its
+            # socket does not listen on, or something between drops UDP.
+            parts.append(
+                "nothing came back from any candidate: is the server's media port reachable "
+                "at these addresses (its --udp / --public-ip), and is UDP allowed between?"
+            )
+        return "; ".join(parts)
+
+
 class ClientTransport:
     """ICE + DTLS of one client session, driven by datagrams and ``now``.
 
@@ -152,17 +217,29 @@ class ClientTransport:
         local_pwd: str,
         remote: RemoteTransport,
         dtls_role: str,
+        local_address: Address | None = None,
     ) -> None:
         self.local_ufrag = local_ufrag
         self.local_pwd = local_pwd
+        self.dtls_role = dtls_role
+        # Our host candidate, only to report it (diagnosis()).
+        self.local_address = local_address
         self._remote = remote
-        candidates = [
-            (c.address, c.port)
-            for c in remote.candidates
-            if c.usable and c.component == 1 and c.transport.lower() == "udp"
-        ]
+        candidates: list[Address] = []
+        self._skipped: list[str] = []
+        for c in remote.candidates:
+            if c.usable and c.component == 1 and c.transport.lower() == "udp":
+                candidates.append((c.address, c.port))
+            else:
+                # One component with rtcp-mux (RFC 8843 §9.3), UDP only: the rest is
+                # listed in the diagnosis, not silently ignored.
+                self._skipped.append(f"{c.transport} {c.address}:{c.port} component {c.component}")
         self._candidate_count = len(candidates)
         self._failed_candidates: set[Address] = set()
+        self._check_errors: dict[Address, int | None] = {}
+        self._checks_sent: dict[Address, int] = dict.fromkeys(candidates, 0)
+        self._heard: dict[Address, int] = {}
+        self._ice_state = "checking"
         self.checker = ice.IceControllingChecker(
             local_ufrag=local_ufrag,
             local_pwd=local_pwd,
@@ -187,11 +264,15 @@ class ClientTransport:
 
     def start(self, now: float) -> None:
         if self._candidate_count == 0:
-            self._fail("the answer has no UDP candidate for component 1")
+            self._ice_state = "failed"
+            skipped = f" (it has {'; '.join(self._skipped)})" if self._skipped else ""
+            self._fail(f"the answer has no UDP candidate for component 1{skipped}")
             return
         self._pump(now)
 
     def receive(self, data: bytes, addr: Address, now: float) -> bytes | None:
+        key = (addr[0], addr[1])
+        self._heard[key] = self._heard.get(key, 0) + 1
         kind = classify_datagram(data)
         if kind is PacketKind.STUN:
             if data[0:2] == b"\x00\x01":
@@ -230,6 +311,29 @@ class ClientTransport:
     def next_event(self) -> TransportEvent | None:
         return self._events.popleft() if self._events else None
 
+    def diagnosis(self) -> TransportDiagnosis:
+        """What was tried and how far it got (for a client that gives up waiting)."""
+        selected = self.checker.selected_address
+        attempts = tuple(
+            CandidateAttempt(
+                address=address,
+                checks_sent=sent,
+                datagrams_heard=self._heard.get((address[0], address[1]), 0),
+                selected=address == selected,
+                failed=address in self._failed_candidates,
+                error_code=self._check_errors.get(address),
+            )
+            for address, sent in self._checks_sent.items()
+        )
+        return TransportDiagnosis(
+            ice_state=self._ice_state,
+            dtls_state=self.dtls.state,
+            dtls_role=self.dtls_role,
+            local_address=self.local_address,
+            candidates=attempts,
+            skipped=tuple(self._skipped),
+        )
+
     def close(self) -> None:
         """Queue DTLS close_notify (sent by the next ``datagrams_to_send``)."""
         self.dtls.close()
@@ -241,24 +345,30 @@ class ClientTransport:
     def _pump(self, now: float) -> None:
         while (request := self.checker.next_request(now)) is not None:
             self._outgoing.append(request)
+            target = request[1]
+            self._checks_sent[target] = self._checks_sent.get(target, 0) + 1
         while (ice_event := self.checker.next_event()) is not None:
             if isinstance(ice_event, ice.IceConnected):
+                self._ice_state = "connected"
                 self._events.append(IceSelected(ice_event.address))
                 if self._dtls_address is None:
                     self._dtls_address = ice_event.address
                 self.dtls.start(now)
             elif isinstance(ice_event, ice.IceCheckFailed):
                 self._failed_candidates.add(ice_event.address)
+                self._check_errors[ice_event.address] = ice_event.error_code
                 if (
                     self.checker.selected_address is None
                     and len(self._failed_candidates) >= self._candidate_count
                 ):
+                    self._ice_state = "failed"
                     code = ice_event.error_code
                     self._fail(
                         "ICE failed: every candidate pair failed"
                         + (f" (last STUN error {code})" if code is not None else "")
                     )
             elif isinstance(ice_event, ice.IceConsentExpired):
+                self._ice_state = "disconnected"
                 self._fail("ICE consent expired (RFC 7675 §5.1)")
         while (dtls_event := self.dtls.next_event()) is not None:
             if isinstance(dtls_event, DtlsConnected):

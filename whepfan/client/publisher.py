@@ -262,6 +262,7 @@ class Publisher:
             local_pwd=pwd,
             remote=remote,
             dtls_role=dtls_role,
+            local_address=(local_host, local_port),
         )
         self._connected = loop.create_future()
         self._transport.start(loop.time())
@@ -271,9 +272,11 @@ class Publisher:
                 asyncio.shield(self._connected), options.connect_timeout
             )
         except (TimeoutError, PublishError) as exc:
+            # Say what was tried (candidates, checks, ICE/DTLS states) before closing.
+            diagnosis = self._transport.diagnosis()
             await self.close()
-            reason = str(exc) or f"not connected within {options.connect_timeout} s"
-            raise PublishError(reason) from exc
+            reason = str(exc) or f"not connected within {options.connect_timeout:g} s"
+            raise PublishError(f"{reason}: {diagnosis}") from exc
         self._remote = connected.address
         self._started_at = loop.time()
         if self.layers:

@@ -1,4 +1,4 @@
-"""What the HTTP layer needs from the session layer (``whepfan.router.Router``), as a
+"""What the HTTP layer needs from the session layer (``whepfan.media.router.Router``), as a
 structural type: the HTTP layer sits above the session layer (DESIGN.md §3) and only calls
 these methods. Every error the router raises is a ``whepfan.errors`` type."""
 

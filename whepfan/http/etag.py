@@ -22,20 +22,15 @@ is why a missing header is accepted unless strict mode is configured.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from whepfan.errors import ParseError, PreconditionFailed, PreconditionRequired
+from whepfan.http.headers import FieldScanner, is_etagc
 
-# RFC 9110 §8.8.3: entity-tag = [ weak ] opaque-tag; opaque-tag = DQUOTE *etagc DQUOTE,
-# etagc = %x21 / %x23-7E / obs-text.
-_ENTITY_TAG = re.compile(r'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*')
-# One list member and its separator (RFC 9110 §5.6.1; empty members are allowed). Some
-# clients drop the quotes: an unquoted run of etagc without commas is that opaque tag.
-_LIST_MEMBER = re.compile(
-    r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)"|([\x21\x23-\x2b\x2d-\x7e\x80-\xff]+))?'
-    r"[ \t]*(?:,|$)"
-)
+
+def _is_bare_etagc(char: str) -> bool:
+    # An unquoted tag (a client that dropped the quotes) cannot contain a comma.
+    return char != "," and is_etagc(char)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +40,28 @@ class EntityTag:
 
     @classmethod
     def parse(cls, value: str) -> EntityTag:
-        """One ``entity-tag`` (RFC 9110 §8.8.3), weak or strong."""
-        match = _ENTITY_TAG.fullmatch(value)
-        if match is None:
+        """One ``entity-tag`` (RFC 9110 §8.8.3), weak or strong, with optional OWS."""
+        scanner = FieldScanner(value)
+        scanner.skip_ows()
+        tag = cls.scan(scanner)
+        scanner.skip_ows()
+        if tag is None or not scanner.at_end():
             raise ParseError(f"{value.strip()[:40]!r} is not an entity-tag")
-        return cls(match.group(2), weak=match.group(1) is not None)
+        return tag
+
+    @classmethod
+    def scan(cls, scanner: FieldScanner) -> EntityTag | None:
+        """``entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE`` at the cursor, or None (the
+        cursor unmoved) when none starts there."""
+        start = scanner.position
+        weak = scanner.accept_text("W/")
+        if not scanner.accept('"'):
+            scanner.position = start
+            return None
+        opaque = scanner.take_while(is_etagc)
+        if not scanner.accept('"'):
+            raise ParseError(f"entity-tag {scanner.text[start : start + 40]!r} is not closed")
+        return cls(opaque, weak=weak)
 
     def __str__(self) -> str:
         return ('W/"' if self.weak else '"') + self.opaque + '"'
@@ -64,25 +76,34 @@ class IfMatch:
 
     @classmethod
     def parse(cls, value: str) -> IfMatch:
+        return cls.scan(FieldScanner(value))
+
+    @classmethod
+    def scan(cls, scanner: FieldScanner) -> IfMatch:
         """RFC 9110 §13.1.1: ``If-Match = "*" / #entity-tag``; ``"*"`` (quoted, as the
-        WHEP examples write it) is read as the wildcard too."""
-        stripped = value.strip()
-        if stripped in ("*", '"*"'):
-            return cls(wildcard=True)
+        WHEP examples write it) is read as the wildcard too. One pass over the value
+        (see ``headers.py``): each member is OWS, an entity-tag or a bare opaque tag or
+        nothing, OWS, then a comma or the end."""
+        scanner.skip_ows()
+        start = scanner.position
+        if scanner.accept("*") or scanner.accept_text('"*"'):
+            scanner.skip_ows()
+            if scanner.at_end():
+                return cls(wildcard=True)
+            scanner.position = start  # e.g. "*x": read it as a list
         tags: list[EntityTag] = []
-        position = 0
-        # Scan member by member: an opaque-tag may itself contain commas.
-        while position < len(stripped):
-            match = _LIST_MEMBER.match(stripped, position)
-            if match is None or match.end() == position:
-                rest = stripped[position:].strip()[:40]
-                raise ParseError(f"If-Match member {rest!r} is not an entity-tag")
-            quoted, bare = match.group(2), match.group(3)
-            if quoted is not None:
-                tags.append(EntityTag(quoted, weak=match.group(1) is not None))
-            elif bare is not None:
-                tags.append(EntityTag(bare))
-            position = match.end()
+        while not scanner.at_end():
+            scanner.skip_ows()
+            tag = EntityTag.scan(scanner)
+            if tag is None:
+                bare = scanner.take_while(_is_bare_etagc)
+                if bare:
+                    tag = EntityTag(bare)
+            if tag is not None:
+                tags.append(tag)
+            scanner.skip_ows()
+            if not scanner.accept(",") and not scanner.at_end():
+                raise ParseError(f"If-Match member {scanner.rest()!r} is not an entity-tag")
         if not tags:
             raise ParseError("empty If-Match")
         return cls(wildcard=False, tags=tuple(tags))

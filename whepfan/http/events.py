@@ -36,7 +36,8 @@ lookup per subscribed session per flush, at most once a second per stream.
 
 The event-stream URLs are capabilities like the session URL they hang off (192 random
 bits each, WHEP draft-03 §5): EventSource cannot send an Authorization header, so the
-GETs carry no token, and the POST accepts one without requiring it.
+GETs carry no token. The POST that makes a subscription is an act on the session, so it
+takes the credential the session is bound to (auth.py), when viewing needs one.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ import orjson
 from aiohttp import web
 
 from whepfan.errors import NotFound, ParseError, UnsupportedMediaType
+from whepfan.http.auth import AccessControl
+from whepfan.http.body import body_media_type, read_body
 from whepfan.http.cors import add_cors_headers, add_preflight_headers
+from whepfan.http.tokens import Role
 
 log = logging.getLogger("whepfan.http.events")
 
@@ -118,7 +122,7 @@ class StreamEventLike(Protocol):
 
 @runtime_checkable
 class ObservableRouter(Protocol):
-    """What the hub needs from ``whepfan.router.Router``: its streams and its event hook.
+    """What the hub needs from ``whepfan.media.router.Router``: its streams and its event hook.
     Routers without the hook (signalling test doubles) get no SSE extension at all."""
 
     @property
@@ -256,9 +260,16 @@ EVENT_HUB_KEY: web.AppKey[EventHub] = web.AppKey("event_hub")
 class EventHub:
     """Every event stream of one router, and the HTTP resources that serve them."""
 
-    def __init__(self, *, router: ObservableRouter, options: EventOptions | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        router: ObservableRouter,
+        options: EventOptions | None = None,
+        access: AccessControl | None = None,
+    ) -> None:
         self.router = router
         self.options = options or EventOptions()
+        self.access = access or AccessControl()
         self._channels: dict[str, _Channel] = {}
         self._by_id: dict[str, EventStream] = {}
         self.frames_dropped = 0
@@ -507,10 +518,13 @@ class EventHub:
 
     async def post_subscription(self, request: web.Request) -> web.Response:
         """EXT §4.2: a JSON array of event names in, 201 + the event stream's Location out."""
+        stream = request.match_info["stream"]
+        grant = self.access.authorize(request.headers.get("Authorization"), Role.VIEW, stream)
         session = self._viewer_session(request)
-        if request.content_type != JSON:
-            raise UnsupportedJson(request.content_type)
-        types = parse_subscription(await request.read())
+        self.access.check_bound(session, grant, stream=stream)
+        if body_media_type(request) != JSON:
+            raise UnsupportedJson(body_media_type(request))
+        types = parse_subscription(await read_body(request, accepted=(JSON,)))
         reader = self.subscribe(session.stream, session.id, types)
         location = f"{request.path}/{reader.id}"
         return web.Response(status=201, headers={"Location": location})

@@ -31,10 +31,11 @@ import orjson
 from aiohttp import web
 
 from whepfan.errors import NotFound, ParseError, PeerError
-from whepfan.http.auth import require_token
+from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionView
+from whepfan.http.body import read_body
 from whepfan.http.cors import add_preflight_headers
-from whepfan.http.routes import UnsupportedBodyType
+from whepfan.http.tokens import Role
 from whepfan.media.layers import LayerRequest
 
 LAYER_REL = "urn:ietf:params:whep:ext:core:layer"
@@ -52,7 +53,7 @@ _INTEGER_MEMBERS = (
 
 @runtime_checkable
 class LayerRouter(Protocol):
-    """What the extension needs from ``whepfan.router.Router``."""
+    """What the extension needs from ``whepfan.media.router.Router``."""
 
     def get_session(self, session_id: str) -> SessionView: ...
 
@@ -117,11 +118,12 @@ class LayerSelection:
         *,
         router: LayerRouter,
         clock: Callable[[], float],
-        view_token: str | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self.router = router
         self.clock = clock
-        self.view_token = view_token
+        # The view credential, bound to the session as for PATCH/DELETE (auth.py).
+        self.access = access or AccessControl()
 
     def add_routes(
         self, app: web.Application, *, stream_pattern: str, session_pattern: str
@@ -164,9 +166,7 @@ class LayerSelection:
 
     async def post(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        if request.content_type != JSON:
-            raise UnsupportedBodyType("POST", (JSON,), request.content_type)
-        layer = parse_layer_request(await request.read())
+        layer = parse_layer_request(await read_body(request, accepted=(JSON,)))
         return self._json(self.router.select_layer(session.id, layer, self.clock()))
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -185,10 +185,12 @@ class LayerSelection:
     # ------------------------------------------------------------------ helpers
 
     def _session(self, request: web.Request) -> SessionView:
-        require_token(self.view_token, request.headers.get("Authorization"))
+        stream = request.match_info["stream"]
+        grant = self.access.authorize(request.headers.get("Authorization"), Role.VIEW, stream)
         session = self.router.get_session(request.match_info["session"])
-        if session.stream != request.match_info["stream"] or session.kind.value != "viewer":
+        if session.stream != stream or session.kind.value != "viewer":
             raise NotFound("no such session")
+        self.access.check_bound(session, grant, stream=stream)
         return session
 
     @staticmethod

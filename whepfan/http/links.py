@@ -16,7 +16,8 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from whepfan.errors import ParseError
 
@@ -26,6 +27,18 @@ _URI = re.compile(r"(stuns?|turns?):[^\s<>\";,]+", re.IGNORECASE)
 _OPTION = re.compile(r"([a-z-]+)=(.*)", re.DOTALL)
 DEFAULT_CREDENTIAL_TTL = 86_400  # draft-uberti-behave-turn-rest-00 §2.2 suggests one day
 TURN_REST_USER = "whepfan"
+
+
+def turn_rest_credentials(
+    secret: str, *, expiry: int, user: str = TURN_REST_USER
+) -> tuple[str, str]:
+    """(username, password) valid until ``expiry`` (Unix time) on a TURN server that shares
+    ``secret``: username ``<expiry>:<user>``, password base64(HMAC-SHA1(secret,
+    username)) (draft-uberti-behave-turn-rest-00 §2.2). coturn's ``use-auth-secret``
+    reads the number as the expiry time and refuses the allocation after it."""
+    username = f"{expiry}:{user}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode("ascii")
 
 
 def _quoted(value: str) -> str:
@@ -39,8 +52,9 @@ class IceServer:
 
     url: str
     username: str | None = None
-    credential: str | None = None
-    shared_secret: str | None = None
+    # Kept out of repr (and so out of logged settings): they are credentials.
+    credential: str | None = field(default=None, repr=False)
+    shared_secret: str | None = field(default=None, repr=False)
     credential_ttl: int = DEFAULT_CREDENTIAL_TTL
 
     def __post_init__(self) -> None:
@@ -106,9 +120,9 @@ class IceServer:
     def credentials(self, unix_now: float) -> tuple[str, str] | None:
         """(username, password) to hand out now, or None for a STUN server."""
         if self.shared_secret is not None:
-            username = f"{int(unix_now) + self.credential_ttl}:{TURN_REST_USER}"
-            digest = hmac.new(self.shared_secret.encode(), username.encode(), hashlib.sha1).digest()
-            return username, base64.b64encode(digest).decode("ascii")
+            return turn_rest_credentials(
+                self.shared_secret, expiry=int(unix_now) + self.credential_ttl
+            )
         if self.username is not None and self.credential is not None:
             return self.username, self.credential
         return None
@@ -125,3 +139,12 @@ class IceServer:
                 'credential-type="password"',
             ]
         return "; ".join(parts)
+
+
+def turn_rest_servers(
+    urls: Iterable[str], secret: str, *, ttl: int = DEFAULT_CREDENTIAL_TTL
+) -> tuple[IceServer, ...]:
+    """One time-limited-credential :class:`IceServer` per ``turn:``/``turns:`` URL of a
+    TURN deployment that shares ``secret`` (``--turn-url`` / ``--turn-secret`` /
+    ``--turn-credential-ttl``); a ``stun:`` URL raises :class:`ParseError`."""
+    return tuple(IceServer(url=url, shared_secret=secret, credential_ttl=ttl) for url in urls)

@@ -18,7 +18,12 @@ import math
 from collections.abc import Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,7 +32,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from whepfan.http.app import COUNTERS_KEY
 from whepfan.http.auth import require_token
+from whepfan.http.connections import CONNECTION_GUARD_KEY
 from whepfan.workers.stats import ServerStats, WorkerStats
 
 METRICS_PATH = "/metrics"
@@ -233,6 +240,55 @@ def _float(bound: float) -> str:
     return repr(float(bound))
 
 
+class HttpCollector(Collector):
+    """The HTTP layer's own counters: refused and broken requests, and connections."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterable[Metric]:
+        counters = self._app[COUNTERS_KEY]
+        for name, key, doc in (
+            (
+                "whepfan_http_rate_limited",
+                "http_rate_limited",
+                "POSTs refused with 429 (a client over its POST rate, ratelimit.py).",
+            ),
+            (
+                "whepfan_http_malformed_requests",
+                "http_malformed",
+                "Requests that did not parse as HTTP (answered 400 by the HTTP parser).",
+            ),
+            (
+                "whepfan_http_aborted_requests",
+                "http_client_aborted",
+                "Requests whose body never arrived in full (the client went away mid-body).",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], counters.get(key, 0))
+            yield family
+        guard = self._app.get(CONNECTION_GUARD_KEY)
+        if guard is None:
+            return
+        closed = CounterMetricFamily(
+            "whepfan_http_connections_closed",
+            "HTTP connections the server closed: header_timeout (no complete request head "
+            "in time), idle_timeout (keep-alive), shed (idle, to make room under the "
+            "connection cap), refused (at the cap with every connection busy).",
+            labels=["reason"],
+        )
+        for reason in ("header_timeout", "idle_timeout", "shed", "refused"):
+            closed.add_metric([reason], guard.closed_by_reason.get(reason, 0))
+        yield closed
+        yield _gauge("whepfan_http_connections", "Open HTTP connections.", [((), len(guard.table))])
+        yield _gauge(
+            "whepfan_http_connection_limit",
+            "Most HTTP connections held open (below the process's file limit).",
+            [((), guard.max_connections)],
+        )
+
+
 def add_metrics_route(
     app: web.Application, stats: Callable[[], ServerStats], *, token: str | None = None
 ) -> None:
@@ -241,6 +297,11 @@ def add_metrics_route(
     problem+json from the application's error middleware)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(stats))
+    registry.register(HttpCollector(app))
+    # The standard process_* metrics of the serving process (process_cpu_seconds_total
+    # is what `whepfan loadtest --server-metrics` plots against viewers). With worker
+    # processes it covers the control plane only: each worker is a process of its own.
+    ProcessCollector(registry=registry)
 
     async def metrics(request: web.Request) -> web.Response:
         # Checked before the snapshot: a refused scrape costs no stats collection.

@@ -4,7 +4,8 @@
                         GET /api/streams, see ``status.py``)
     /watch/{stream}     WHEP player (static/watch.js on static/whep.js)
     /publish/{stream}   camera/microphone WHIP publisher (static/publish.js on static/whip.js)
-    /static/...         the pages' scripts and stylesheet
+    /static/...         the pages' scripts, stylesheet and icon (favicon.svg)
+    /favicon.ico        the same icon for clients that ask the conventional path
 
 Each page is the same file for every stream: its script takes the stream name from the
 path and the token from the URL fragment, so nothing is templated on the server and no
@@ -37,12 +38,40 @@ PAGE_HEADERS = {
 }
 
 
+STATIC_PREFIX = "/static"
+# The pages' scripts and stylesheet: never sniffed into another type (an uploaded or
+# mis-typed file cannot run as script), and revalidated on each load (``no-cache``: the
+# aiohttp file response answers If-None-Match / If-Modified-Since with a cheap 304), so an
+# upgraded server never serves a page with last version's whep.js from a cache.
+STATIC_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
 def add_page_routes(app: web.Application) -> None:
     stream = f"{{stream:{STREAM_PATTERN}}}"
     app.router.add_get("/", _page("index.html"))
     app.router.add_get(f"/watch/{stream}", _page("watch.html"))
     app.router.add_get(f"/publish/{stream}", _page("publish.html"))
-    app.router.add_static("/static", STATIC_DIR)
+    app.router.add_static(STATIC_PREFIX, STATIC_DIR)
+    app.router.add_get("/favicon.ico", _favicon)
+    app.on_response_prepare.append(_add_static_headers)
+
+
+async def _add_static_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith(STATIC_PREFIX + "/"):
+        response.headers.update(STATIC_HEADERS)
+
+
+# The pages link /static/favicon.svg; browsers still ask /favicon.ico for anything else
+# they show from this origin (a WHEP resource opened in a tab, a JSON status URL).
+_FAVICON = (STATIC_DIR / "favicon.ico").read_bytes()
+
+
+async def _favicon(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_FAVICON,
+        content_type="image/vnd.microsoft.icon",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _page(name: str) -> Handler:

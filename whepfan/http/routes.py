@@ -15,6 +15,8 @@ problem+json responses.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import enum
 import logging
@@ -32,14 +34,18 @@ from whepfan.errors import (
     NotAcceptable,
     NotFound,
     ParseError,
-    PeerError,
-    UnsupportedMediaType,
 )
-from whepfan.http.auth import require_token
+from whepfan.http.auth import AccessControl
 from whepfan.http.backend import SessionRouter, SessionView
+from whepfan.http.body import body_media_type, read_text_body
+from whepfan.http.connections import ConnectionLimits
 from whepfan.http.cors import add_preflight_headers, is_preflight
 from whepfan.http.etag import check_if_match
 from whepfan.http.links import IceServer
+from whepfan.http.names import ROUTE_PATTERN
+from whepfan.http.ratelimit import RateLimit
+from whepfan.http.tokens import Grant, JwtVerifier, Role
+from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE, IssuedSession, SessionTombstones
 from whepfan.protocol import sdp
 
 log = logging.getLogger("whepfan.http")
@@ -48,9 +54,11 @@ SDP = "application/sdp"
 SDPFRAG = "application/trickle-ice-sdpfrag"
 # RFC 8840 §9 / RFC 5789 §3.1: what PATCH on a session accepts.
 ACCEPT_PATCH = SDPFRAG
-# The router's session ids are 192-bit token_urlsafe strings; stream names are kept to
-# URL-safe unreserved characters (RFC 3986 §2.3) so Locations never need escaping.
-STREAM_PATTERN = r"[A-Za-z0-9._~-]{1,128}"
+# The router's session ids are 192-bit token_urlsafe strings. Routes take any path
+# segment as a stream name and names.stream_name_middleware answers 400 to one outside
+# the documented alphabet (RFC 3986 §2.3 unreserved characters, so Locations never need
+# escaping), rather than a 404 that would read as "no such stream".
+STREAM_PATTERN = ROUTE_PATTERN
 SESSION_PATTERN = r"[A-Za-z0-9_-]{16,128}"
 # PATCH and DELETE are listed on the endpoint too: some players (Eyevinn) only trickle
 # when the endpoint's OPTIONS permits PATCH (spec notes §1.1).
@@ -70,14 +78,9 @@ class Protocol(enum.Enum):
     def session_kind(self) -> str:
         return "publisher" if self is Protocol.WHIP else "viewer"
 
-
-class UnsupportedBodyType(UnsupportedMediaType):
-    """415 naming the accepted types (RFC 9110 §15.5.16; RFC 5789 §2.2 for PATCH)."""
-
-    def __init__(self, method: str, accepted: tuple[str, ...], received: str) -> None:
-        super().__init__(f"Content-Type must be {' or '.join(accepted)}, not {received}")
-        field_name = "Accept-Post" if method == "POST" else "Accept-Patch"
-        self.response_headers = {field_name: ", ".join(accepted)}
+    @property
+    def role(self) -> Role:
+        return Role.PUBLISH if self is Protocol.WHIP else Role.VIEW
 
 
 ProtocolHandler = Callable[[web.Request, Protocol], Awaitable[web.StreamResponse]]
@@ -89,13 +92,22 @@ class HttpOptions:
 
     publish_token: str | None = None
     view_token: str | None = None
+    # Scoped JWTs besides the static tokens (whepfan.http.tokens); None: static only.
+    jwt: JwtVerifier | None = None
     ice_servers: tuple[IceServer, ...] = ()
     # RFC 6585 §3 428 for PATCH without If-Match; off by default (reference/clients.md).
     strict_etag: bool = False
     # A second WHIP publisher replaces the live one instead of getting 409.
     publisher_takeover: bool = False
     counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    # How long the URL of a session that ended without its DELETE (close_notify, consent
+    # lost, taken over) still answers that DELETE with 200 (tombstones.py); then 404.
+    ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     max_body_bytes: int = 128 * 1024
+    # Header, body and keep-alive deadlines and the connection cap (connections.py).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Per-client POST token buckets (ratelimit.py); None: no limit.
+    post_rate_limit: RateLimit | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -117,6 +129,21 @@ class WhipWhepResources:
     viewer_links: Callable[[str, str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
+    # Credentials and session binding (auth.py); create_app shares it with the extensions.
+    access: AccessControl = field(init=False)
+    # Issued session URLs and the recently ended ones, for the DELETE that follows an end.
+    tombstones: SessionTombstones = field(init=False)
+    _sweeper: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        options = self.options
+        self.access = AccessControl(
+            publish_token=options.publish_token,
+            view_token=options.view_token,
+            verifier=options.jwt,
+            wall_clock=self.wall_clock,
+        )
+        self.tombstones = SessionTombstones(grace=options.ended_session_grace)
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -131,6 +158,39 @@ class WhipWhepResources:
             app.router.add_route("OPTIONS", session, self._bind(self.options_session, protocol))
             app.router.add_route("GET", session, self._bind(self.get_session, protocol))
             app.router.add_route("HEAD", session, self._bind(self.get_session, protocol))
+        app.on_startup.append(self._start_sweeping)
+        app.on_cleanup.append(self._stop_sweeping)
+
+    # Ends are dated to within this (seconds): against the 60 s grace, close enough.
+    SWEEP_INTERVAL = 1.0
+
+    def sweep_ended_sessions(self) -> int:
+        """Tombstone the issued sessions the media plane ended since the last sweep."""
+        return self.tombstones.sweep(self.clock(), self._is_alive)
+
+    def _is_alive(self, session_id: str) -> bool:
+        try:
+            self.router.get_session(session_id)
+        except NotFound:
+            return False
+        return True
+
+    async def _start_sweeping(self, app: web.Application) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def _stop_sweeping(self, app: web.Application) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_INTERVAL)
+            try:
+                self.sweep_ended_sessions()
+            except Exception:
+                log.exception("sweeping ended sessions failed")
 
     @staticmethod
     def _bind(handler: ProtocolHandler, protocol: Protocol) -> Handler:
@@ -143,19 +203,24 @@ class WhipWhepResources:
 
     async def post_offer(self, request: web.Request, protocol: Protocol) -> web.Response:
         """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
-        self._authorize(request, protocol)
-        offer = await self._read_body(request, accepted=(SDP,))
+        grant = self._authorize(request, protocol)
         stream = request.match_info["stream"]
+        if protocol is Protocol.WHEP and not request.body_exists:
+            return self._server_offer(stream, self.clock(), grant)
+        offer = await self._read_body(request, accepted=(SDP,))
         now = self.clock()
         if protocol is Protocol.WHIP:
             session, answer = self._publish(stream, offer, now)
+            self.access.bind(session, grant)
         else:
             try:
                 session, answer = self.router.view(stream, offer, now)
             except NotAcceptable:
-                return self._counter_offer(stream, now)
+                return self._counter_offer(stream, now, grant)
+            self.access.bind(session, grant)
             if self.viewer_created is not None:
                 self.viewer_created(request, session, now)
+        self._issue(protocol, session, grant)
         headers = {
             "Location": self._location(protocol, session),
             "ETag": session.etag,
@@ -183,13 +248,16 @@ class WhipWhepResources:
             sdp.SessionDescription.parse(offer)
             log.info("publisher on %r taken over by a new WHIP session", stream)
             self.router.end_session(publisher.id, now, "taken-over")
+            self.tombstones.end(publisher.id, now)
             return self.router.publish(stream, offer, now)
 
-    def _counter_offer(self, stream: str, now: float) -> web.Response:
+    def _counter_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
         """WHEP draft-03 §4.2.2: 406 with our own offer and the future session's Location;
         the player PATCHes its answer there. The router drops the session if no answer
         comes within ``counter_offer_ttl``."""
         session, offer = self.router.counter_offer(stream, now)
+        self.access.bind(session, grant)
+        self._issue(Protocol.WHEP, session, grant)
         valid_until = email.utils.formatdate(
             self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
         )
@@ -204,6 +272,33 @@ class WhipWhepResources:
         )
         # The parameter value is an HTTP-date (RFC 9110 §5.6.7), which needs quoting.
         response.headers["Content-Type"] = f'{SDP}; valid-until="{valid_until}"'
+        return response
+
+    def _server_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
+        """The legacy server-offer mode (draft-murillo-whep-00/01 §4, removed in -02): a
+        POST with no body gets 201 with our offer, a Location and Expires; the player
+        PATCHes its answer there (204), exactly as after a 406 counter-offer, and the
+        session goes if no answer comes within ``counter_offer_ttl``. Eyevinn's
+        webrtc-player falls back to it when its own offer is refused with 400, and
+        players written against Cloudflare's "server offer" WHEP use it first."""
+        session, offer = self.router.counter_offer(stream, now)
+        self.access.bind(session, grant)
+        self._issue(Protocol.WHEP, session, grant)
+        expires = email.utils.formatdate(
+            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
+        )
+        response = web.Response(
+            status=201,
+            body=offer.encode(),
+            headers={
+                "Location": self._location(Protocol.WHEP, session),
+                "ETag": session.etag,
+                "Accept-Patch": f"{SDP}, {SDPFRAG}",
+                "Expires": expires,  # draft-murillo-whep-01 §4: when an unanswered offer goes
+            },
+        )
+        response.headers["Content-Type"] = SDP
+        self._add_ice_server_links(response)
         return response
 
     async def options_endpoint(self, request: web.Request, protocol: Protocol) -> web.Response:
@@ -232,8 +327,9 @@ class WhipWhepResources:
     # ------------------------------------------------------------------ sessions
 
     async def patch_session(self, request: web.Request, protocol: Protocol) -> web.Response:
-        self._authorize(request, protocol)
+        grant = self._authorize(request, protocol)
         session = self._session(request, protocol)
+        self.access.check_bound(session, grant, stream=session.stream)
         accepted = (SDPFRAG, SDP) if protocol is Protocol.WHEP else (SDPFRAG,)
         body = await self._read_body(request, accepted=accepted)
         check_if_match(
@@ -243,7 +339,7 @@ class WhipWhepResources:
             strict=self.options.strict_etag,
         )
         now = self.clock()
-        if request.content_type == SDP:
+        if body_media_type(request) == SDP:
             # WHEP draft-03 §4.2.2: the player's answer to our counter-offer -> 204.
             self.router.accept_counter_answer(session.id, body, now)
             return web.Response(status=204)
@@ -281,12 +377,37 @@ class WhipWhepResources:
         return response
 
     async def delete_session(self, request: web.Request, protocol: Protocol) -> web.Response:
-        """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1)."""
-        self._authorize(request, protocol)
+        """WHEP draft-03 §4.3: end the session; any If-Match/ETag is ignored (§4.4.1).
+
+        A session that ended a moment ago without it (tombstones.py) answers 200 too,
+        once; a DELETE after the one that answered 200 gets 404.
+        """
+        grant = self._authorize(request, protocol)
+        try:
+            self.router.get_session(request.match_info["session"])
+        except NotFound:
+            return self._delete_ended(request, protocol, grant)
         session = self._session(request, protocol)
+        self.access.check_bound(session, grant, stream=session.stream)
         self.router.end_session(session.id, self.clock(), "deleted")
+        self.tombstones.forget(session.id)
         self._restart_ufrags.pop(session, None)
         # 200, as the spec's diagram shows; OBS warns on anything else (spec notes §1.8).
+        return web.Response(status=200)
+
+    def _delete_ended(
+        self, request: web.Request, protocol: Protocol, grant: Grant | None
+    ) -> web.Response:
+        record = self.tombstones.take(
+            request.match_info["session"],
+            self.clock(),
+            endpoint=protocol.value,
+            stream=request.match_info["stream"],
+        )
+        if record is None:
+            raise NotFound("no such session")
+        # The credential that made the session still decides who may DELETE its URL.
+        self.access.check_bound(record, grant, stream=record.stream)
         return web.Response(status=200)
 
     async def options_session(self, request: web.Request, protocol: Protocol) -> web.Response:
@@ -302,20 +423,16 @@ class WhipWhepResources:
 
     # ------------------------------------------------------------------ helpers
 
-    def _token_for(self, protocol: Protocol) -> str | None:
-        options = self.options
-        return options.publish_token if protocol is Protocol.WHIP else options.view_token
-
-    def _authorize(self, request: web.Request, protocol: Protocol) -> None:
+    def _authorize(self, request: web.Request, protocol: Protocol) -> Grant | None:
         # Only the Authorization header counts: a ?token= query is never authentication.
-        require_token(self._token_for(protocol), request.headers.get("Authorization"))
+        return self.access.authorize(
+            request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
+        )
 
     def _is_authorized(self, request: web.Request, protocol: Protocol) -> bool:
-        try:
-            self._authorize(request, protocol)
-        except PeerError:
-            return False
-        return True
+        return self.access.is_authorized(
+            request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
+        )
 
     def _session(self, request: web.Request, protocol: Protocol) -> SessionView:
         """The session named by the URL; 404 unless it exists under this very endpoint."""
@@ -328,13 +445,14 @@ class WhipWhepResources:
         return session
 
     async def _read_body(self, request: web.Request, *, accepted: tuple[str, ...]) -> str:
-        if request.content_type not in accepted:
-            raise UnsupportedBodyType(request.method, accepted, request.content_type)
-        raw = await request.read()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ParseError("the body is not UTF-8 text") from None
+        return await read_text_body(request, accepted=accepted)
+
+    def _issue(self, protocol: Protocol, session: SessionView, grant: Grant | None) -> None:
+        record = IssuedSession(
+            session_id=session.id, endpoint=protocol.value, stream=session.stream
+        )
+        self.tombstones.issue(record)
+        self.access.bind(record, grant)
 
     def _location(self, protocol: Protocol, session: SessionView) -> str:
         # Always an absolute path: some clients resolve nothing else (spec notes §1.2).

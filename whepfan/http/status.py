@@ -35,8 +35,9 @@ import orjson
 from aiohttp import web
 
 from whepfan.errors import NotFound
-from whepfan.http.auth import require_token
+from whepfan.http.auth import AccessControl
 from whepfan.http.events import EventHub
+from whepfan.http.tokens import Role
 
 SAMPLE_INTERVAL = 1.0
 FANOUT_KEY = "fanout"
@@ -88,7 +89,7 @@ class StreamStatusView(Protocol):
 
 @runtime_checkable
 class CountedViewersView(Protocol):
-    """A stream whose viewers live elsewhere (worker processes, whepfan/workers.py): it
+    """A stream whose viewers live elsewhere (worker processes, whepfan/workers/pool.py): it
     counts them itself instead of exposing each viewer's fanout slot and tracks."""
 
     def subscriptions(self) -> tuple[int, Mapping[int, int]]:
@@ -102,7 +103,7 @@ class FanoutStatsView(Protocol):
 
 @runtime_checkable
 class StatusRouter(Protocol):
-    """What the status API reads from ``whepfan.router.Router``."""
+    """What the status API reads from ``whepfan.media.router.Router``."""
 
     @property
     def streams(self) -> Mapping[str, StreamStatusView]: ...
@@ -151,14 +152,15 @@ class StreamStatus:
         router: StatusRouter,
         clock: Callable[[], float],
         hub: EventHub | None = None,
-        view_token: str | None = None,
+        access: AccessControl | None = None,
         sample_interval: float = SAMPLE_INTERVAL,
     ) -> None:
         self.router = router
         self.clock = clock
         self.hub = hub
-        # The listing shows who publishes what: it needs the view token when one is set.
-        self.view_token = view_token
+        # The listing shows who publishes what: it needs a view credential when viewing
+        # does, and shows a scoped one only the streams it covers.
+        self.access = access or AccessControl()
         self.sample_interval = sample_interval
         self.meter = RateMeter()
         self._timer: asyncio.TimerHandle | None = None
@@ -196,19 +198,22 @@ class StreamStatus:
     # ------------------------------------------------------------------ resources
 
     async def stream_list(self, request: web.Request) -> web.Response:
-        require_token(self.view_token, request.headers.get("Authorization"))
+        grant = self.access.authorize(request.headers.get("Authorization"), Role.VIEW, None)
         now = self.clock()
         streams = self.router.streams
+        names = sorted(name for name in streams if grant is None or grant.streams.covers(name))
+        every_stream = grant is None or grant.streams.every_stream
         body = {
-            "streams": [self.summary(name, streams[name], now) for name in sorted(streams)],
-            "viewers": sum(len(stream.viewers) for stream in streams.values()),
-            "egress_bitrate": _bits(self.meter.rate(FANOUT_KEY)),
+            "streams": [self.summary(name, streams[name], now) for name in names],
+            "viewers": sum(len(streams[name].viewers) for name in names),
+            # The server's whole egress is not a scoped credential's business.
+            "egress_bitrate": _bits(self.meter.rate(FANOUT_KEY)) if every_stream else None,
         }
         return web.json_response(body, dumps=_dumps, headers=JSON_HEADERS)
 
     async def stream_detail(self, request: web.Request) -> web.Response:
-        require_token(self.view_token, request.headers.get("Authorization"))
         name = request.match_info["stream"]
+        self.access.authorize(request.headers.get("Authorization"), Role.VIEW, name)
         stream = self.router.streams.get(name)
         if stream is None:
             raise NotFound(f"no stream {name!r}")

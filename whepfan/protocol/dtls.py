@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Each WHIP/WHEP session runs one DTLS handshake over its ICE-selected address; its
-only product is SRTP keying material. OpenSSL (through pyOpenSSL) does the
-handshake on memory BIOs: ``receive`` writes a datagram into the read BIO and
+only product is SRTP keying material. The system's OpenSSL 3 libssl (``_libssl``,
+the library beside the compiled core's libcrypto; it says why not pyOpenSSL) does
+the handshake on memory BIOs: ``receive`` writes a datagram into the read BIO and
 drives the handshake, whatever OpenSSL wrote comes back as datagrams from
 ``datagrams_to_send``, and results are events from ``next_event``:
 
@@ -20,6 +21,12 @@ OpenSSL's chain verdict is ignored and the leaf is pinned instead; a peer
 certificate is required both ways (RFC 8827 §6.5). RSA and ECDSA peers are both
 accepted: GStreamer's webrtcbin, for one, uses an RSA certificate.
 
+Groups: an ECDSA peer's certificate must be on a curve in our supported_groups
+(RFC 8422 §5.1.1; OpenSSL enforces it in TLS 1.2 as "wrong curve"), and so must the
+ECDHE share a server picks. FFmpeg's WHIP muxer (GnuTLS) signs with P-224, so the
+list goes past OpenSSL's default (X25519, P-256, X448, P-384, P-521) to P-224, last,
+so it is only chosen for a key exchange when a peer offers nothing better.
+
 Timer caveat: OpenSSL's DTLS retransmission timer (RFC 6347 §4.2.4) runs on its
 own wall clock, not on ``now``. ``get_timer`` maps OpenSSL's remaining time onto
 ``now`` when each call returns; if ``handle_timer`` then runs before OpenSSL's
@@ -33,22 +40,21 @@ reaches a session from the address its ICE checks verified (RFC 8445 §7.3).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import enum
 import secrets
 import struct
-import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+
+from whepfan.protocol import _libssl
 
 # --- SRTP protection profiles -------------------------------------------------------
 
@@ -105,6 +111,9 @@ _CIPHER_LIST = b":".join(
     ]
 )
 
+# RFC 8422 §5.1.1 named groups, in our order of preference (see the module docstring).
+_GROUPS_LIST = b"X25519:P-256:P-384:P-521:X448:P-224"
+
 _DTLS1_2_VERSION = 0xFEFD
 #: RFC 5764 §4.2 exporter label.
 _EXPORTER_LABEL = b"EXTRACTOR-dtls_srtp"
@@ -137,7 +146,7 @@ class DtlsCertificate:
     """The server's self-signed DTLS certificate (one per server, shared by sessions).
 
     Peers trust it only through the SDP fingerprint, so the subject is a random name.
-    The SSL context is built once per profile list and shared by every session.
+    The libssl context is built once per profile list and shared by every session.
     """
 
     VALIDITY = datetime.timedelta(days=30)
@@ -145,7 +154,7 @@ class DtlsCertificate:
     def __init__(self, *, private_key: PrivateKey, certificate: x509.Certificate) -> None:
         self.private_key = private_key
         self.certificate = certificate
-        self._contexts: dict[tuple[SrtpProfile, ...], SSL.Context] = {}
+        self._contexts: dict[tuple[SrtpProfile, ...], _libssl.Context] = {}
 
     @classmethod
     def generate(cls, *, now: datetime.datetime | None = None) -> DtlsCertificate:
@@ -181,49 +190,35 @@ class DtlsCertificate:
         """[(algorithm, value)] for SDP a=fingerprint; SHA-256 is mandatory (RFC 8122 §5)."""
         return [("sha-256", certificate_fingerprint(self.certificate, "sha-256"))]
 
-    def ssl_context(self, profiles: tuple[SrtpProfile, ...]) -> SSL.Context:
+    def ssl_context(self, profiles: tuple[SrtpProfile, ...]) -> _libssl.Context:
         context = self._contexts.get(profiles)
         if context is None:
             context = self._contexts[profiles] = self._build_context(profiles)
         return context
 
-    def _build_context(self, profiles: tuple[SrtpProfile, ...]) -> SSL.Context:
-        context = SSL.Context(SSL.DTLS_METHOD)
-        # RFC 8827 §6.5: DTLS 1.2 or later. No tickets and no session cache: a
-        # resumed session would skip the certificate we pin.
-        context.set_min_proto_version(_DTLS1_2_VERSION)
-        context.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_QUERY_MTU)
-        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        context.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_peer_certificate
+    def _build_context(self, profiles: tuple[SrtpProfile, ...]) -> _libssl.Context:
+        # RFC 8827 §6.5: DTLS 1.2 or later. No tickets and no session cache (in
+        # _libssl.Context): a resumed session would skip the certificate we pin. The
+        # peer certificate is required both ways and pinned by DtlsSession's verify.
+        return _libssl.Context(
+            certificate_der=self.certificate.public_bytes(Encoding.DER),
+            private_key_der=self.private_key.private_bytes(
+                Encoding.DER, PrivateFormat.PKCS8, NoEncryption()
+            ),
+            ciphers=_CIPHER_LIST,
+            groups=_GROUPS_LIST,
+            # OpenSSL's default signature algorithms already pair ECDSA with SHA-224..512
+            # on any curve in TLS 1.2 (RFC 5246 §7.4.1.4.1; the curve binding of
+            # ecdsa_secp256r1_sha256 is TLS 1.3 only, RFC 8446 §4.2.3), and RSA
+            # PKCS#1 / PSS: P-224 and RSA peers sign with those, so no list is set.
+            sigalgs=None,
+            # RFC 5764 §4.1.1: offered in our order of preference; an OpenSSL server
+            # picks the first of its own profiles that the client offered.
+            srtp_profiles=b":".join(
+                _PROFILE_PARAMETERS[profile].openssl_name for profile in profiles
+            ),
+            min_version=_DTLS1_2_VERSION,
         )
-        context.use_certificate(self.certificate)
-        context.use_privatekey(self.private_key)
-        context.set_cipher_list(_CIPHER_LIST)
-        # RFC 5764 §4.1.1: offered in our order of preference; an OpenSSL server
-        # picks the first of its own profiles that the client offered.
-        context.set_tlsext_use_srtp(
-            b":".join(_PROFILE_PARAMETERS[profile].openssl_name for profile in profiles)
-        )
-        return context
-
-
-def _verify_peer_certificate(
-    connection: SSL.Connection, certificate: Any, error_number: int, depth: int, ok: int
-) -> bool:
-    """OpenSSL's verify callback: pin the leaf to the SDP fingerprints.
-
-    The chain verdict (``ok``) is ignored: WebRTC certificates are self-signed and
-    authenticated by the signalled fingerprint alone (RFC 8122 §5). Returning False
-    aborts the handshake with an alert (OpenSSL sends unknown_ca).
-    """
-    if depth != 0:
-        return True
-    reference = connection.get_app_data()
-    session = reference() if reference is not None else None
-    if session is None:
-        return False
-    return bool(session._accepts_certificate(certificate.to_cryptography()))
 
 
 # --- events -------------------------------------------------------------------------
@@ -315,13 +310,8 @@ def _pack_records(data: bytes, mtu: int) -> list[bytes]:
     return datagrams
 
 
-def _describe(error: SSL.Error) -> str:
+def _describe(error: Exception) -> str:
     """OpenSSL's error queue as one line: the reason strings of each entry."""
-    entries = error.args[0] if error.args else None
-    if isinstance(entries, list) and entries:
-        return "; ".join(
-            str(entry[-1]) if isinstance(entry, tuple) else str(entry) for entry in entries
-        )
     return str(error) or type(error).__name__
 
 
@@ -347,13 +337,12 @@ class DtlsSession:
             (algorithm.lower(), value.upper()) for algorithm, value in remote_fingerprints
         ]
         self._mtu = mtu
-        self._ssl = SSL.Connection(certificate.ssl_context(self._profiles), None)
-        self._ssl.set_app_data(weakref.ref(self))
-        self._ssl.set_ciphertext_mtu(mtu)
-        if role == "server":
-            self._ssl.set_accept_state()
-        else:
-            self._ssl.set_connect_state()
+        self._ssl = _libssl.Connection(
+            certificate.ssl_context(self._profiles),
+            client=role == "client",
+            mtu=mtu,
+            verify=self._verify_peer_certificate,
+        )
         self._state = _State.NEW
         self._certificate_rejected = False
         self._outgoing: list[bytes] = []
@@ -372,8 +361,12 @@ class DtlsSession:
     @property
     def cipher_suite(self) -> str | None:
         """OpenSSL's name of the negotiated cipher suite, once there is one."""
-        name = self._ssl.get_cipher_name()
-        return str(name) if name is not None else None
+        return self._ssl.cipher_name
+
+    @property
+    def key_exchange_group(self) -> str | None:
+        """The ECDHE group of the handshake (e.g. "x25519"), once there is one."""
+        return self._ssl.group_name
 
     # -- input --------------------------------------------------------------------
 
@@ -394,7 +387,7 @@ class DtlsSession:
             self._state = _State.CONNECTING
         if not data or self._state not in (_State.CONNECTING, _State.CONNECTED):
             return
-        self._ssl.bio_write(data)
+        self._ssl.write_incoming(data)
         if self._state is _State.CONNECTING:
             self._continue_handshake()
         if self._state is _State.CONNECTED:
@@ -407,10 +400,8 @@ class DtlsSession:
             return
         if self._state in (_State.CONNECTING, _State.CONNECTED):
             try:
-                self._ssl.DTLSv1_handle_timeout()
-            except SSL.WantReadError:
-                pass
-            except SSL.Error as error:
+                self._ssl.handle_timeout()
+            except _libssl.LibsslError as error:
                 # OpenSSL gives up after repeated timeouts of the same flight.
                 self._fail(f"handshake timed out: {_describe(error)}")
         self._after_io(now)
@@ -418,10 +409,9 @@ class DtlsSession:
     def close(self) -> None:
         """Queue close_notify (RFC 5246 §7.2.1) and stop; no event is emitted."""
         if self._state is _State.CONNECTED:
-            # shutdown() only queues the alert into the memory BIO; it reports
-            # "not yet answered" as an error, which is expected and harmless here.
-            with contextlib.suppress(SSL.Error):
-                self._ssl.shutdown()
+            # shutdown() only queues the alert into the memory BIO; the peer's answer
+            # is never awaited (RFC 5246 §7.2.1 allows closing without it).
+            self._ssl.shutdown()
             self._flush()
         if self._state in (_State.NEW, _State.CONNECTING, _State.CONNECTED):
             self._state = _State.CLOSED
@@ -444,9 +434,9 @@ class DtlsSession:
     def _continue_handshake(self) -> None:
         try:
             self._ssl.do_handshake()
-        except SSL.WantReadError:
+        except _libssl.WantRead:
             return
-        except SSL.Error as error:
+        except (_libssl.LibsslError, _libssl.Closed) as error:
             if self._certificate_rejected:
                 self._fail("remote certificate does not match the SDP fingerprint")
             else:
@@ -455,13 +445,14 @@ class DtlsSession:
         self._on_handshake_complete()
 
     def _on_handshake_complete(self) -> None:
-        certificate = self._ssl.get_peer_certificate(as_cryptography=True)
+        der = self._ssl.peer_certificate_der()
         # The verify callback pinned the certificate already; checking again here
         # keeps the guarantee even if OpenSSL ever skips the callback.
-        if certificate is None or not self._accepts_certificate(certificate):
+        if der is None or not self._verify_peer_certificate(der, 0):
             self._fail("remote certificate does not match the SDP fingerprint")
             return
-        profile = _PROFILE_BY_OPENSSL_NAME.get(self._ssl.get_selected_srtp_profile())
+        selected = self._ssl.selected_srtp_profile()
+        profile = _PROFILE_BY_OPENSSL_NAME.get(selected.encode()) if selected else None
         if profile is None:
             # RFC 5764 §4.1.1: without a common profile there is no DTLS-SRTP.
             self._fail("no SRTP protection profile in common")
@@ -504,16 +495,35 @@ class DtlsSession:
         channels) and undecryptable records are dropped (RFC 6347 §4.1.2.7)."""
         while True:
             try:
-                self._ssl.recv(65536)
-            except SSL.WantReadError:
+                self._ssl.read()
+            except _libssl.WantRead:
                 return
-            except SSL.ZeroReturnError:
+            except _libssl.Closed:
                 self._state = _State.CLOSED
                 self._events.append(DtlsClosed())
                 return
-            except SSL.Error:
+            except _libssl.LibsslError:
                 return
             self.application_data_dropped += 1
+
+    def _verify_peer_certificate(self, der: bytes, depth: int) -> bool:
+        """OpenSSL's verify callback: pin the leaf to the SDP fingerprints.
+
+        The chain verdict is ignored: WebRTC certificates are self-signed and
+        authenticated by the signalled fingerprint alone (RFC 8122 §5); certificates
+        above the leaf carry no weight. False aborts the handshake with an alert.
+        """
+        if depth != 0:
+            return True
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+        except (ValueError, x509.InvalidVersion):
+            # DER that OpenSSL takes but cryptography's stricter parser refuses (a
+            # malformed UTCTime, RFC 5280 §4.1.2.5.1; a version other than v1..v3,
+            # §4.1.2.1): abort with an alert, as for a mismatch.
+            self._certificate_rejected = True
+            return False
+        return self._accepts_certificate(certificate)
 
     def _accepts_certificate(self, certificate: x509.Certificate) -> bool:
         """RFC 8122 §5: the certificate must match a signalled fingerprint of a hash
@@ -531,20 +541,15 @@ class DtlsSession:
         self._events.append(DtlsFailed(reason))
 
     def _flush(self) -> None:
-        chunks = []
-        while True:
-            try:
-                chunks.append(self._ssl.bio_read(65536))
-            except SSL.WantReadError:
-                break
-        if chunks:
-            self._outgoing.extend(_pack_records(b"".join(chunks), self._mtu))
+        data = self._ssl.read_outgoing()
+        if data:
+            self._outgoing.extend(_pack_records(data, self._mtu))
 
     def _after_io(self, now: float) -> None:
         # Alerts written on failure still go out, so the peer learns why.
         self._flush()
         if self._state in (_State.CONNECTING, _State.CONNECTED):
-            remaining = self._ssl.DTLSv1_get_timeout()
+            remaining = self._ssl.get_timeout()
             self._timer_deadline = None if remaining is None else now + remaining
         else:
             self._timer_deadline = None

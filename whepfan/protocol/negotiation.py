@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from whepfan.errors import NotAcceptable, Unprocessable, WhepfanError
+from whepfan.errors import NotAcceptable, ParseError, Unprocessable, WhepfanError
 from whepfan.protocol import rtp
 from whepfan.protocol.sdp import (
     Candidate,
@@ -453,9 +453,24 @@ def _is_live_rtp(section: MediaSection) -> bool:
     return not section.rejected and section.kind in _MEDIA_KINDS and section.proto in _RTP_PROTOS
 
 
-def _rejected_answer(offered: MediaSection) -> MediaSection:
-    # RFC 3264 §6: a rejected stream keeps its media and formats but gets port 0; JSEP
-    # §5.3.1 keeps its a=mid.
+def _rejected_answer(offered: MediaSection, local: LocalTransport, *, setup: str) -> MediaSection:
+    """RFC 3264 §6: a rejected stream keeps its media and formats but gets port 0; JSEP
+    (RFC 9429 §5.3.1) keeps its a=mid, and RFC 9143 §7.3.3 leaves it out of the answer's
+    BUNDLE group (``_check_bundle`` lists accepted sections only).
+
+    It still carries the session's ICE credentials, fingerprint and setup role, rtcp-mux
+    where the offer had it, and the offered formats' rtpmap/fmtp lines (RFC 8866 §6.6:
+    dynamic payload types are described where they are listed), although RFC 8839 §5.4
+    needs the transport attributes only on sections in use: strict parsers read all of
+    them from every m= section (aiortc refuses such an answer with "ICE username fragment
+    or password is missing", "RTCP mux is not enabled" or "Failed to set remote audio
+    description send parameters"), and the values are the session's and the offer's own,
+    so they cannot mislead anyone. ``a=end-of-candidates`` without candidates (the RFC 8838
+    end-of-candidates indication, in SDP as RFC 8840 writes it) says no address will
+    ever come for it: aiortc (balanced bundle policy) starts
+    ICE on a transport of its own for the rejected section and would otherwise wait for
+    trickled candidates forever, before it starts the transport of the sections we accept.
+    """
     return MediaSection(
         kind=offered.kind,
         port=0,
@@ -464,6 +479,22 @@ def _rejected_answer(offered: MediaSection) -> MediaSection:
         connection=Connection(),
         mid=offered.mid,
         direction="inactive",
+        ice_ufrag=local.ice_ufrag,
+        ice_pwd=local.ice_pwd,
+        fingerprints=list(local.fingerprints),
+        setup=setup,
+        rtcp_mux=offered.rtcp_mux,
+        end_of_candidates=True,
+        codecs=[
+            Codec(
+                payload_type=codec.payload_type,
+                name=codec.name,
+                clock_rate=codec.clock_rate,
+                channels=codec.channels,
+                fmtp=list(codec.fmtp),
+            )
+            for codec in offered.codecs
+        ],
     )
 
 
@@ -605,6 +636,16 @@ def _choose_ingest_codec(
     return _agreed_codec(section, offered, feedback), offered
 
 
+def _without_sender_properties(fmtp: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """fmtp for a recvonly answer: without the ``sprop-*`` parameters, which describe the
+    stream their author sends (RFC 6184 §8.2.2: sprop-parameter-sets and the other sprop
+    ones "describe the properties of the RTP packet stream that the offerer or answerer is
+    sending"; RFC 7587 §7.1: sprop-stereo and sprop-maxcapturerate, likewise; RFC 7798
+    §7.2.2 for H.265). Echoed on an m-line that sends nothing they claim a stream that does
+    not exist. The ingest codec keeps them: they do describe what whepfan forwards."""
+    return tuple((key, value) for key, value in fmtp if not key.lower().startswith("sprop-"))
+
+
 def _agreed_codec(section: MediaSection, offered: Codec, feedback: Iterable[str]) -> RtpCodec:
     """The codec an answer agrees to: the peer's payload type and its own fmtp (they
     describe what its encoder or decoder was set up for; the caller matched them), the
@@ -627,6 +668,30 @@ def _rid_max_bitrate(rid: Rid) -> int | None:
         if key == "max-br" and value.isdigit():
             return int(value)
     return None
+
+
+def _fid_pairs(section: MediaSection) -> dict[int, int]:
+    """Media SSRC -> its RTX SSRC from ``a=ssrc-group:FID`` (RFC 5576 §4.2, RFC 4588 §8.7).
+
+    An RTX FID group names exactly two SSRCs, the original stream then the repair one; a
+    group of another size cannot be paired, so the offer is refused with a 400 saying so
+    rather than guessing which SSRC carries what (a guess that is wrong leaves the video
+    undecodable with no error anywhere).
+    """
+    pairs: dict[int, int] = {}
+    for group in section.ssrc_groups:
+        if group.semantics != "FID":
+            continue
+        if len(group.ssrcs) != 2:
+            listed = " ".join(map(str, group.ssrcs)) or "no SSRC"
+            raise ParseError(
+                f"m= section {section.mid!r}: a=ssrc-group:FID lists {listed}; it needs "
+                "the media SSRC and its RTX SSRC (RFC 4588 §8.7, RFC 5576 §4.2)"
+            )
+        media, repair = group.ssrcs
+        if media != repair:
+            pairs[media] = repair
+    return pairs
 
 
 def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestTrack, ...]:
@@ -659,8 +724,7 @@ def _ingest_tracks(section: MediaSection, answer: MediaSection) -> tuple[IngestT
             IngestTrack(rid=rid_id, max_bitrate=_rid_max_bitrate(rid))
             for rid_id, rid in send_rids.items()
         )
-    fid = {g.ssrcs[0]: g.ssrcs[1] for g in section.ssrc_groups if g.semantics == "FID"}
-    fid = {k: v for k, v in fid.items() if k != v}
+    fid = _fid_pairs(section)
     sim = next((g.ssrcs for g in section.ssrc_groups if g.semantics == "SIM"), None)
     if sim:
         # Legacy SSRC-signalled simulcast (a=ssrc-group:SIM, lowest layer first).
@@ -700,7 +764,7 @@ def answer_publisher(
     unusable: list[str] = []
     for section in offer.media:
         if section.rejected:
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         direction = section.direction or "sendrecv"
         chosen = (
@@ -708,7 +772,7 @@ def answer_publisher(
         )
         if chosen is None:
             unusable.append(f"{section.kind} {section.mid!r}")
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         if direction not in ("sendonly", "sendrecv"):
             # RFC 9725 §4.2: the publisher's offer MUST NOT be recvonly or inactive.
@@ -720,7 +784,8 @@ def answer_publisher(
         _check_rtcp_mux(section)
         codec, _ = chosen
         reply = _accepted_answer(section, local, setup=setup, direction="recvonly")
-        _add_codec(reply, codec, _rtx_for(section, codec.payload_type))
+        answered = replace(codec, fmtp=_without_sender_properties(codec.fmtp))
+        _add_codec(reply, answered, _rtx_for(section, codec.payload_type))
         extension_ids: dict[str, int] = {}
         for extmap in section.extmaps:
             if extmap.uri in understood and extmap.direction in (None, "sendonly", "sendrecv"):
@@ -796,7 +861,7 @@ def answer_viewer(
     used_sources: set[int] = set()
     for section in offer.media:
         if not _is_live_rtp(section):
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         direction = section.direction or "sendrecv"
         if direction not in ("recvonly", "sendrecv"):
@@ -822,7 +887,7 @@ def answer_viewer(
                     f"the offer's {section.kind} section has no codec matching the stream's "
                     "(a counter-offer follows)"
                 )
-            answer.media.append(_rejected_answer(section))
+            answer.media.append(_rejected_answer(section, local, setup=setup))
             continue
         index, source, (codec, _) = match
         used_sources.add(index)

@@ -53,6 +53,9 @@ _SESSION_TYPES = frozenset("vosiuepcbtrzka")
 _MEDIA_TYPES = frozenset("icbka")
 # RFC 8851 §10: rid-id = 1*(alpha-numeric / "-" / "_").
 _RID_ID = re.compile(r"[A-Za-z0-9_-]+")
+# RFC 8866 §5 line order, which serialize() writes: session i u e p, then b, then r z k;
+# media i, then b k.
+_SESSION_LINE_RANK = {"i": 0, "u": 0, "e": 0, "p": 0, "b": 1, "r": 2, "z": 2, "k": 2}
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
 
 
@@ -810,6 +813,11 @@ class SessionDescription:
                 raise ParseError(f"SDP line {number}: {exc.detail}") from None
         if not seen_version:
             raise ParseError("empty SDP")
+        # Parsed lines take the order serialize() writes (a stable sort: same-rank lines
+        # keep theirs), so an out-of-order offer reads back equal from its serialisation.
+        session.lines.sort(key=lambda text: _SESSION_LINE_RANK[text[0]])
+        for section in session.media:
+            section.lines.sort(key=lambda text: text[0] != "i")
         return session
 
     def _parse_line(self, line: str) -> None:

@@ -1,4 +1,5 @@
 // /publish/{stream}: camera and microphone over WHIP, optionally as three simulcast layers.
+import { describeConnection, watchConnection } from "./diagnosis.js";
 import { endpointFor, errorText, fragmentParams, setStatus, streamFromPath } from "./page.js";
 import { WhipPublisher } from "./whip.js";
 
@@ -58,25 +59,46 @@ async function start() {
     setStatus(`no camera/microphone: ${errorText(error)}`, "error");
     return;
   }
-  preview.srcObject = media;
+  const captured = media;
+  preview.srcObject = captured;
   const current = new WhipPublisher({ endpoint: endpointField.value, token: tokenField.value });
   publisher = current;
   setStatus("connecting…", "connecting");
   try {
-    await current.start(media, { videoCodec: codecField.value, simulcast });
+    await current.start(captured, { videoCodec: codecField.value, simulcast });
   } catch (error) {
+    // Refused (409 stream already live, 401, 503) or unreachable: nothing is being
+    // published, so the camera and microphone go off instead of staying lit.
     if (publisher === current) publisher = null;
+    release(captured);
     setStatus(errorText(error), "error");
     return;
   }
-  current.pc.addEventListener("connectionstatechange", () => {
+  current.pc.addEventListener("connectionstatechange", async () => {
     if (publisher !== current) return;
     const state = current.pc.connectionState;
     if (state === "connected") setStatus("live", "live");
-    else if (state === "failed") setStatus("connection failed", "error");
-    else if (state === "disconnected") setStatus("connection interrupted…", "connecting");
+    else if (state === "failed") {
+      // ICE or DTLS gave up: say what was tried (before Stop closes the connection),
+      // end the session and free the devices as Stop would.
+      const tried = await describeConnection(current.pc);
+      await stop();
+      setStatus(`connection failed: ${tried}`, "error");
+    } else if (state === "disconnected") setStatus("connection interrupted…", "connecting");
+  });
+  watchConnection(current.pc, (text) => {
+    if (publisher === current) setStatus(text, "connecting");
   });
   statsTimer = setInterval(showStats, STATS_INTERVAL_MS);
+}
+
+/** Stop the capture tracks of `captured`; clear the preview if it is still shown. */
+function release(captured) {
+  for (const track of captured.getTracks()) track.stop();
+  if (media === captured) {
+    media = null;
+    preview.srcObject = null;
+  }
 }
 
 async function stop() {
@@ -84,9 +106,7 @@ async function stop() {
   statsTimer = null;
   const current = publisher;
   publisher = null;
-  if (media) for (const track of media.getTracks()) track.stop();
-  media = null;
-  preview.srcObject = null;
+  if (media) release(media);
   statsLine.textContent = "";
   if (!current) return;
   try {

@@ -128,6 +128,25 @@ export class HttpSession {
     this._flushTimer = null;
   }
 
+  /**
+   * The STUN/TURN servers the server offers, from `Link: rel="ice-server"` on an OPTIONS
+   * response (RFC 9725 §4.6), as RTCIceServer entries; [] if it offers none or the request
+   * fails. For a peer connection yet to be made: it gathers with the servers it has when
+   * setLocalDescription runs, and servers set after that only count from an ICE restart.
+   */
+  async iceServers() {
+    try {
+      const response = await fetch(this.endpoint, {
+        method: "OPTIONS",
+        headers: authorization(this.token),
+      });
+      if (!response.ok) return [];
+      return iceServersFromLinks(parseLinks(response.headers.get("Link"), this.endpoint));
+    } catch (_) {
+      return [];
+    }
+  }
+
   async connect(pc) {
     this._pc = pc;
     pc.addEventListener("icecandidate", (event) => this._queueCandidate(event.candidate));

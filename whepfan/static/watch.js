@@ -1,4 +1,5 @@
 // /watch/{stream}: the WHEP player page.
+import { describeConnection, watchConnection } from "./diagnosis.js";
 import { endpointFor, errorText, fragmentParams, setStatus, streamFromPath } from "./page.js";
 import { WhepPlayer } from "./whep.js";
 
@@ -55,12 +56,17 @@ async function play({ userGesture }) {
     setStatus(errorText(error), "error");
     return;
   }
-  current.pc.addEventListener("connectionstatechange", () => {
+  current.pc.addEventListener("connectionstatechange", async () => {
     if (player !== current) return;
     const state = current.pc.connectionState;
     if (state === "connected") setStatus("playing", "playing");
-    else if (state === "failed") setStatus("connection failed", "error");
-    else if (state === "disconnected") setStatus("connection interrupted…", "connecting");
+    else if (state === "failed") {
+      const tried = await describeConnection(current.pc);
+      if (player === current) setStatus(`connection failed: ${tried}`, "error");
+    } else if (state === "disconnected") setStatus("connection interrupted…", "connecting");
+  });
+  watchConnection(current.pc, (text) => {
+    if (player === current) setStatus(text, "connecting");
   });
   // Browsers refuse to autoplay sound without a user gesture; start muted then (the
   // video controls unmute).

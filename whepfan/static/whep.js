@@ -16,6 +16,7 @@ export class WhepPlayer {
     this.iceServers = iceServers;
     this.kinds = [...(video ? ["video"] : []), ...(audio ? ["audio"] : [])];
     this.pc = null;
+    this._stopped = false;
     this.stream = null;
     this._stats = null;
   }
@@ -23,9 +24,13 @@ export class WhepPlayer {
   /** Negotiate; resolves with the MediaStream the tracks arrive on. */
   async start() {
     if (this.pc) throw new Error("this player has already started");
-    // WHEP players offer recvonly sections on one bundled transport (draft-03 §4.2);
-    // iceServers default to none: a public STUN server is never contacted by surprise.
-    const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: this.iceServers });
+    // WHEP players offer recvonly sections on one bundled transport (draft-03 §4.2).
+    // Without servers of its own the player uses those the server offers (never a public
+    // STUN server by surprise), asked for before the offer: a viewer whose network drops
+    // UDP to the media port gets through only on the TURN server's relayed candidate.
+    const iceServers = this.iceServers.length ? this.iceServers : await this.session.iceServers();
+    if (this._stopped) throw new Error("this player was stopped while it started");
+    const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers });
     this.pc = pc;
     this.stream = new MediaStream();
     pc.addEventListener("track", (event) => this.stream.addTrack(event.track));
@@ -56,6 +61,7 @@ export class WhepPlayer {
 
   /** End the session: DELETE, then close the peer connection. Returns the DELETE status. */
   async stop({ keepalive = false } = {}) {
+    this._stopped = true;
     let status = null;
     try {
       status = await this.session.close({ keepalive });

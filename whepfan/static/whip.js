@@ -39,13 +39,17 @@ export class WhipPublisher {
     this.session = new HttpSession({ endpoint, token });
     this.iceServers = iceServers;
     this.pc = null;
+    this._stopped = false;
     this._stats = null;
   }
 
   /** Publish the tracks of `media`; `videoCodec` ("VP8", "H264", ...) narrows the offer. */
   async start(media, { videoCodec = "", simulcast = false } = {}) {
     if (this.pc) throw new Error("this publisher has already started");
-    const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: this.iceServers });
+    // As the player does (whep.js): the server's STUN/TURN servers unless given some.
+    const iceServers = this.iceServers.length ? this.iceServers : await this.session.iceServers();
+    if (this._stopped) throw new Error("this publisher was stopped while it started");
+    const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers });
     this.pc = pc;
     // RFC 9725 §4.2: sendonly sections, audio and video at most one each.
     for (const track of media.getTracks()) {
@@ -77,6 +81,7 @@ export class WhipPublisher {
   }
 
   async stop({ keepalive = false } = {}) {
+    this._stopped = true;
     let status = null;
     try {
       status = await this.session.close({ keepalive });
