@@ -19,9 +19,12 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+from fuzz.run import SlowInputs
 
 # The modules that parse peer input; their branches are the coverage signal. atheris
 # instruments whole top-level packages (``include`` keeps only "whepfan" and "aioice"), so
@@ -70,22 +73,20 @@ def not_instrumented() -> list[str]:
 class _Stats:
     """Inputs run and the slowest one, written as JSON for the parent."""
 
-    def __init__(self, path: Path, runs: int) -> None:
+    def __init__(self, path: Path, runs: int, function: Callable[[bytes], None]) -> None:
         self.path = path
         self.runs = runs
+        self.function = function
         self.count = 0
         self.busy_seconds = 0.0
-        self.slowest_seconds = 0.0
-        self.slowest_input = b""
+        self.slow = SlowInputs()
         self.started = time.monotonic()
         self.written = False
 
     def note(self, data: bytes, seconds: float) -> None:
         self.count += 1
         self.busy_seconds += seconds
-        if seconds > self.slowest_seconds:
-            self.slowest_seconds = seconds
-            self.slowest_input = data
+        self.slow.note(data, seconds)
         if self.count == self.runs:
             self.write()
 
@@ -93,14 +94,16 @@ class _Stats:
         if self.written:
             return
         self.written = True
+        wall_seconds = time.monotonic() - self.started
+        slowest_seconds, slowest_input = self.slow.worst(self.function)
         slowest_path = self.path.with_suffix(".slowest")
-        slowest_path.write_bytes(self.slowest_input)
+        slowest_path.write_bytes(slowest_input)
         document = {
             "runs": self.count,
             "busy_seconds": self.busy_seconds,
-            "wall_seconds": time.monotonic() - self.started,
-            "slowest_seconds": self.slowest_seconds,
-            "slowest_bytes": len(self.slowest_input),
+            "wall_seconds": wall_seconds,
+            "slowest_seconds": slowest_seconds,
+            "slowest_bytes": len(slowest_input),
             "slowest_path": str(slowest_path),
         }
         self.path.write_text(json.dumps(document))
@@ -117,7 +120,7 @@ def main(argv: list[str]) -> None:
         libfuzzer_args.insert(0, f"-max_len={target.max_len}")
     function = target.function
     runs = next((int(a.split("=", 1)[1]) for a in libfuzzer_args if a.startswith("-runs=")), -1)
-    stats = _Stats(Path(stats_path), runs)
+    stats = _Stats(Path(stats_path), runs, function)
     atexit.register(stats.write)
     clock = time.perf_counter
 
