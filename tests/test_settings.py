@@ -382,3 +382,17 @@ def test_a_server_bound_to_one_address_advertises_that_address(
     settings = Settings.resolve(cli={"udp": udp, "public_ip": public_ip}, environ={})
     assert settings.advertised_ips() == advertised
     assert settings.media_config().public_ips == advertised
+
+
+def test_the_ended_session_grace_reaches_the_http_layer_from_every_source() -> None:
+    """RFC 9725 §4.3 / WHEP §4.3: how long a DELETE of a session that ended on its own
+    (close_notify, consent lost) still answers 200; CLI over environment, as every option."""
+    assert Settings.resolve(cli={}, environ={}).http_options().ended_session_grace == 60.0
+    from_env = Settings.resolve(cli={}, environ={"WHEPFAN_ENDED_SESSION_GRACE": "5"})
+    assert from_env.http_options().ended_session_grace == 5.0
+    both = Settings.resolve(
+        cli={"ended_session_grace": "0"}, environ={"WHEPFAN_ENDED_SESSION_GRACE": "5"}
+    )
+    assert both.http_options().ended_session_grace == 0.0
+    with pytest.raises(SettingsError, match="cannot be negative"):
+        Settings.resolve(cli={"ended_session_grace": "-1"}, environ={})

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a WHEP 406 counter-offer waits for its answer",
     )
     serve.add_argument(
+        "--ended-session-grace",
+        dest="ended_session_grace",
+        metavar="SECONDS",
+        help="how long a DELETE of a session that already ended still answers 200 (default 60)",
+    )
+    serve.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )
     serve.add_argument(

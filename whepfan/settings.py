@@ -29,6 +29,7 @@ from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
+from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
 from whepfan.workers.capacity import CapacityPolicy
 
@@ -106,6 +107,8 @@ class Settings:
     publisher_takeover: bool = False
     max_viewers: int = MediaConfig().max_viewers
     counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    # How long a DELETE of a session that ended on its own still answers 200 (RFC 9725 §4.3).
+    ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     log_level: str = "info"
     # Scale-out and capacity (DESIGN.md §2): worker processes (1 = in-process), budgets
     # (None = unbounded) and the SIGTERM drain.
@@ -161,6 +164,8 @@ class Settings:
             raise SettingsError("cannot be negative", option="max_viewers")
         if self.counter_offer_ttl <= 0:
             raise SettingsError("must be positive", option="counter_offer_ttl")
+        if self.ended_session_grace < 0:
+            raise SettingsError("cannot be negative", option="ended_session_grace")
         if self.workers < 1:
             raise SettingsError("is at least 1", option="workers")
         for name in ("worker_packet_budget", "egress_budget"):
@@ -324,6 +329,7 @@ class Settings:
             strict_etag=self.strict_etag,
             publisher_takeover=self.publisher_takeover,
             counter_offer_ttl=self.counter_offer_ttl,
+            ended_session_grace=self.ended_session_grace,
             limits=ConnectionLimits(
                 header_timeout=self.http_header_timeout,
                 body_timeout=self.http_body_timeout,
@@ -401,6 +407,7 @@ _OPTIONS: dict[str, str] = {
     "publisher_takeover": "bool",
     "max_viewers": "int",
     "counter_offer_ttl": "float",
+    "ended_session_grace": "float",
     "log_level": "str",
     "workers": "int",
     "worker_packet_budget": "budget",
