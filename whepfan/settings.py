@@ -29,8 +29,8 @@ from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
-from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
+from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE
 from whepfan.workers.capacity import CapacityPolicy
 
 ENV_PREFIX = "WHEPFAN_"
