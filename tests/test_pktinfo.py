@@ -43,7 +43,13 @@ from whepfan._fastpath import (
 from whepfan.config import MediaConfig
 from whepfan.media.router import Router
 from whepfan.media.session import SessionState, ViewerSession
-from whepfan.media.transport import IP_PKTINFO, MediaWorker, _pktinfo_address, source_control
+from whepfan.media.transport import (
+    IP_PKTINFO,
+    MediaWorker,
+    _pktinfo_address,
+    receivable_addresses,
+    source_control,
+)
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
@@ -757,3 +763,22 @@ def test_checks_on_a_non_selected_local_address_do_not_keep_the_viewer(
     router.handle_timer(30.5)
     assert session.id not in router.sessions
     assert session.local_address == REACHED  # a check is not a nomination
+
+
+def test_a_wildcard_ipv4_socket_advertises_no_ipv6_address() -> None:
+    """An IPv4 socket bound to 0.0.0.0 cannot receive what a peer sends to an IPv6
+    candidate; a dual-stack ``::`` socket receives both (IPv4-mapped)."""
+    found = ["192.0.2.7", "2001:db8::7", "198.51.100.1"]
+    assert receivable_addresses(found, socket.AF_INET) == ["192.0.2.7", "198.51.100.1"]
+    assert receivable_addresses(found, socket.AF_INET6) == found
+
+
+async def test_a_wildcard_ipv4_worker_offers_only_ipv4_candidates() -> None:
+    worker = MediaWorker(
+        config=MediaConfig(udp_host="0.0.0.0", udp_port=0), certificate=DtlsCertificate.generate()
+    )
+    try:
+        addresses = [c.address for c in worker.router.candidates]
+        assert addresses and all(ipaddress.ip_address(a).version == 4 for a in addresses)
+    finally:
+        worker.close()

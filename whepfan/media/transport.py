@@ -86,6 +86,15 @@ def interface_addresses() -> list[str]:
     return found or loopback
 
 
+def receivable_addresses(addresses: list[str], family: int) -> list[str]:
+    """The addresses a wildcard socket of ``family`` receives on: an IPv4 socket
+    (``0.0.0.0``) none of the IPv6 ones, which a candidate must not advertise; a dual-stack
+    IPv6 socket (``::``) every one (IPv4 arrives IPv4-mapped, RFC 4291 §2.5.5.2)."""
+    if family == socket.AF_INET6:
+        return list(addresses)
+    return [a for a in addresses if ipaddress.ip_address(a).version == 4]
+
+
 def host_candidates(addresses: list[str], port: int) -> list[sdp.Candidate]:
     """One UDP host candidate per address (RFC 8839 §5.1), priority per RFC 8445 §5.1.2.1
     with type preference 126 (host) and decreasing local preference."""
@@ -145,7 +154,9 @@ class MediaWorker:
             max_viewers=config.max_viewers,
             batch_size=config.fanout_batch_size,
         )
-        addresses = list(config.public_ips) or interface_addresses()
+        addresses = list(config.public_ips) or receivable_addresses(
+            interface_addresses(), self.sock.family
+        )
         # One router per worker, built on this worker's socket, fan-out and timer.
         self.router = router_factory(
             config=config,
