@@ -70,6 +70,10 @@ def not_instrumented() -> list[str]:
     ]
 
 
+# Inputs between two progress writes of the statistics file.
+PROGRESS_EVERY = 4096
+
+
 class _Stats:
     """Inputs run and the slowest one, written as JSON for the parent."""
 
@@ -89,13 +93,19 @@ class _Stats:
         self.slow.note(data, seconds)
         if self.count == self.runs:
             self.write()
+        elif not self.count % PROGRESS_EVERY:
+            # libFuzzer ends a -max_total_time run with exit(), past Python's atexit.
+            self.write(final=False)
 
-    def write(self) -> None:
+    def write(self, *, final: bool = True) -> None:
         if self.written:
             return
-        self.written = True
+        self.written = final
         wall_seconds = time.monotonic() - self.started
-        slowest_seconds, slowest_input = self.slow.worst(self.function)
+        if final:
+            slowest_seconds, slowest_input = self.slow.worst(self.function)
+        else:
+            slowest_seconds, slowest_input = self.slow.first_seen_worst()
         slowest_path = self.path.with_suffix(".slowest")
         slowest_path.write_bytes(slowest_input)
         document = {
@@ -103,6 +113,7 @@ class _Stats:
             "busy_seconds": self.busy_seconds,
             "wall_seconds": wall_seconds,
             "slowest_seconds": slowest_seconds,
+            "slowest_replayed": final,
             "slowest_bytes": len(slowest_input),
             "slowest_path": str(slowest_path),
         }

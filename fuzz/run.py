@@ -56,6 +56,8 @@ class RunResult:
     engine: str
     runs: int
     crashes: int
+    # False when --max-seconds ended the run before --runs inputs.
+    complete: bool
     seconds: float
     slowest_ms: float
     slowest_bytes: int
@@ -85,6 +87,11 @@ class SlowInputs:
             heapq.heappush(self._heap, entry)
         elif seconds > self._heap[0][0]:
             heapq.heapreplace(self._heap, entry)
+
+    def first_seen_worst(self) -> tuple[float, bytes]:
+        """(seconds, input) of the slowest input as first timed, not replayed."""
+        seconds, _, data = max(self._heap, default=(0.0, 0, b""))
+        return seconds, data
 
     def worst(self, function: Callable[[bytes], None]) -> tuple[float, bytes]:
         """(best-of-replays seconds, input) of the slowest kept input."""
@@ -130,6 +137,7 @@ def run_atheris(
     runs: int,
     max_len: int | None,
     timeout: float,
+    max_seconds: int | None,
     artifacts: Path,
     work_dir: Path,
     seed: int | None,
@@ -150,6 +158,8 @@ def run_atheris(
     ]
     if max_len is not None:
         flags.append(f"-max_len={max_len}")
+    if max_seconds is not None:
+        flags.append(f"-max_total_time={max_seconds}")
     if seed is not None:
         flags.append(f"-seed={seed}")
     directories = [str(corpus)] + [
@@ -172,11 +182,13 @@ def run_atheris(
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     if completed.returncode != 0 and not new:
         raise RuntimeError(f"libFuzzer for {target} exited {completed.returncode} and kept nothing")
+    ran = int(stats.get("runs", 0))
     return RunResult(
         target=target,
         engine="atheris",
-        runs=int(stats.get("runs", 0)),
+        runs=ran,
         crashes=len(new) if completed.returncode != 0 else 0,
+        complete=ran >= runs,
         seconds=round(seconds, 2),
         slowest_ms=round(1000 * float(stats.get("slowest_seconds", 0.0)), 3),
         slowest_bytes=int(stats.get("slowest_bytes", 0)),
@@ -269,6 +281,7 @@ def run_hypothesis(
         engine="hypothesis",
         runs=count,
         crashes=len(kept),
+        complete=count >= runs or bool(kept),
         seconds=round(seconds, 2),
         slowest_ms=round(1000 * slowest[0], 3),
         slowest_bytes=len(slowest[1]),
@@ -309,6 +322,9 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(tempfile.gettempdir()) / "whepfan-fuzz",
         help="libFuzzer's growing corpus and run statistics (kept between runs)",
     )
+    parser.add_argument(
+        "--max-seconds", type=int, help="atheris: stop a target after this long, done or not"
+    )
     parser.add_argument("--seed", type=int, help="random seed, for a repeatable run")
     parser.add_argument("--log", type=Path, help="append libFuzzer's output here, not stderr")
     parser.add_argument("--report", type=Path, help="also append each JSON summary line here")
@@ -331,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs=options.runs,
                 max_len=options.max_len,
                 timeout=options.timeout,
+                max_seconds=options.max_seconds,
                 artifacts=options.artifacts / name,
                 work_dir=options.work_dir,
                 seed=options.seed,
