@@ -192,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="when full, admit new viewers on a lower simulcast layer before refusing",
     )
+    # Beyond one box (whepfan/cluster/, docs/scaling.md).
+    for flag, metavar, text in (
+        (
+            "--upstream",
+            "URL",
+            "pull streams from this WHEP origin, a template with {stream} "
+            "(https://origin/whep/{stream}): this node is its edge",
+        ),
+        ("--upstream-token", "TOKEN", "bearer token for --upstream"),
+        ("--cluster", "URL", "join the cluster registered in this Redis (redis://HOST:PORT/DB)"),
+        ("--node-url", "URL", "this node's public HTTP(S) URL, as nodes and viewers reach it"),
+        ("--cluster-token", "TOKEN", "the token nodes of the cluster pull from each other with"),
+        ("--max-upstream-pulls", "N", "upstream sessions this node serves to other nodes"),
+        ("--upstream-grace", "SECONDS", "keep an upstream this long after its last viewer (30)"),
+    ):
+        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar=metavar, help=text)
     serve.add_argument(
         "--drain-timeout",
         dest="drain_timeout",

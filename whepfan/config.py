@@ -19,6 +19,9 @@ class MediaConfig:
     public_ips: tuple[str, ...] = ()
     # RFC 7675 §5.1: consent is lost 30 s after the last verified check.
     consent_timeout: float = 30.0
+    # A publisher with no media for this long is stalled (media/liveness.py): viewers hear
+    # "inactive" and a new WHIP POST may replace it, without waiting for consent expiry.
+    media_timeout: float = 3.0
     # At most one keyframe request (PLI) upstream per stream per interval: a storm of
     # viewers joining must not make the publisher send keyframes back to back.
     keyframe_request_interval: float = 0.5

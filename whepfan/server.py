@@ -24,6 +24,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from whepfan.cluster.node import ClusterNode
 from whepfan.http import COUNTERS_KEY, create_app
 from whepfan.http.connections import (
     CONNECTION_GUARD_KEY,
@@ -222,7 +223,15 @@ async def run(
         await pool.start()
         backend, clock = pool, loop.time
         udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
-    app = create_app(router=backend, clock=clock, options=http_options)
+    cluster = await start_cluster(settings, backend, clock)
+    app = create_app(
+        router=backend,
+        clock=clock,
+        options=http_options,
+        viewer_placement=cluster.place if cluster is not None else None,
+    )
+    if cluster is not None:
+        cluster.add_routes(app)
     add_metrics_route(app, backend.stats, token=settings.metrics_token)
     hub = app.get(EVENT_HUB_KEY)
     if isinstance(backend, WorkerPool) and hub is not None:
@@ -297,10 +306,34 @@ async def run(
             lag_watch.cancel()
         # Stop taking requests first, then end every session (DTLS close_notify goes out).
         await runner.cleanup()
+        if cluster is not None:
+            await cluster.close()
         if isinstance(backend, WorkerPool):
             await backend.close()
         else:
             worker.close()
+
+
+async def start_cluster(
+    settings: Settings, backend: InProcessWorkers | WorkerPool, clock: Callable[[], float]
+) -> ClusterNode | None:
+    """``--upstream`` / ``--cluster`` (whepfan/cluster/): None on a single box."""
+    if settings.upstream is None and settings.cluster is None:
+        return None
+    if not isinstance(backend, InProcessWorkers):
+        # Upstream sessions feed one router; with worker processes they would have to
+        # enter the origin worker's relay (docs/scaling.md, "--workers N").
+        raise SettingsError("--upstream and --cluster need --workers 1 for now")
+    assert settings.upstream is not None
+    node = ClusterNode.static_edge(
+        router=backend.router,
+        clock=clock,
+        template=settings.upstream,
+        token=settings.upstream_token,
+        grace=settings.upstream_grace,
+    )
+    await node.start()
+    return node
 
 
 # Start-up calibration: ~0.15 s of one core, enough for a budget within a few per cent of

@@ -131,6 +131,18 @@ class Settings:
     http_max_connections: int | None = None
     post_rate_limit: float = 10.0
     post_burst: int = 50
+    # Beyond one box (whepfan/cluster/, DESIGN.md §7): a fixed WHEP origin to pull streams
+    # from ("https://origin/whep/{stream}") and its token; or a Redis registry of nodes
+    # (redis://HOST:PORT/DB), this node's public URL and the token nodes pull with; the
+    # upstream sessions this node serves at most (None: unbounded); how long an upstream
+    # stays after its last viewer.
+    upstream: str | None = None
+    upstream_token: str | None = field(default=None, repr=False)
+    cluster: str | None = None
+    node_url: str | None = None
+    cluster_token: str | None = field(default=None, repr=False)
+    max_upstream_pulls: int | None = None
+    upstream_grace: float = 30.0
     # Set by with_generated_publish_token(); lets the server log the token it made.
     publish_token_generated: bool = field(default=False, compare=False)
     # Option -> how the operator gave it (``WHEPFAN_TLS_KEY=/etc/k.pem``), set by
@@ -205,10 +217,37 @@ class Settings:
             self.turn_servers()
         except ParseError as exc:
             raise SettingsError(f"turn_url: {exc.detail}") from None
+        self._check_cluster()
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(
                 f"{self.log_level!r} is not debug/info/warning/error", option="log_level"
             )
+
+    def _check_cluster(self) -> None:
+        if self.upstream is not None and "{stream}" not in self.upstream:
+            raise SettingsError(
+                "a WHEP URL template with {stream}, e.g. https://origin/whep/{stream}",
+                option="upstream",
+            )
+        if self.upstream is not None and self.cluster is not None:
+            raise SettingsError("--upstream (a fixed origin) and --cluster exclude each other")
+        if self.cluster is not None:
+            if not self.cluster.startswith(("redis://", "rediss://", "unix://")):
+                raise SettingsError("a Redis URL: redis://HOST:PORT/DB", option="cluster")
+            if self.cluster_token is None:
+                raise SettingsError("--cluster needs --cluster-token", option="cluster")
+            if self.node_url is None:
+                raise SettingsError("--cluster needs --node-url", option="cluster")
+        if self.node_url is not None and not self.node_url.startswith(("http://", "https://")):
+            raise SettingsError("this node's public http(s) URL", option="node_url")
+        if self.max_upstream_pulls is not None and self.max_upstream_pulls < 0:
+            raise SettingsError("cannot be negative", option="max_upstream_pulls")
+        if self.upstream_grace < 0:
+            raise SettingsError("cannot be negative", option="upstream_grace")
+        for name in ("upstream_token", "cluster_token"):
+            token = getattr(self, name)
+            if token is not None and (not token or any(c.isspace() for c in token)):
+                raise SettingsError("tokens are non-empty and contain no whitespace", option=name)
 
     def given_as(self, option: str) -> str:
         """How ``option`` was given (``--tls-key k.pem``), or its name if by default."""
@@ -421,6 +460,13 @@ _OPTIONS: dict[str, str] = {
     "http_max_connections": "int",
     "post_rate_limit": "float",
     "post_burst": "int",
+    "upstream": "str",
+    "upstream_token": "str",
+    "cluster": "str",
+    "node_url": "str",
+    "cluster_token": "str",
+    "max_upstream_pulls": "int",
+    "upstream_grace": "float",
 }
 
 
@@ -461,7 +507,15 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
 # Settings whose values are secrets (tokens, TURN credentials): errors name them without
 # repeating the value onto a terminal or into a log.
 _CREDENTIALS = frozenset(
-    {"publish_token", "view_token", "metrics_token", "ice_server", "jwt_secret"}
+    {
+        "publish_token",
+        "view_token",
+        "metrics_token",
+        "ice_server",
+        "jwt_secret",
+        "upstream_token",
+        "cluster_token",
+    }
 )
 
 # "list" options -> their Settings field.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -84,6 +84,7 @@ def create_app(
     options: HttpOptions,
     wall_clock: Callable[[], float] = time.time,
     event_options: EventOptions | None = None,
+    viewer_placement: Callable[[web.Request, str], Awaitable[web.Response | None]] | None = None,
 ) -> web.Application:
     """The WHIP/WHEP application for one router; ``clock`` is the router's ``now``."""
     counters: Counter[str] = Counter()
@@ -98,7 +99,11 @@ def create_app(
     # Deadlines and the connection cap; in force where a connections.GuardedSite serves app.
     app[CONNECTION_GUARD_KEY] = ConnectionGuard(options.limits)
     resources = WhipWhepResources(
-        router=router, clock=clock, options=options, wall_clock=wall_clock
+        router=router,
+        clock=clock,
+        options=options,
+        wall_clock=wall_clock,
+        viewer_placement=viewer_placement,
     )
     # One for every resource: a session's binding is checked wherever it is acted on.
     access = resources.access

@@ -129,6 +129,11 @@ class WhipWhepResources:
     viewer_links: Callable[[str, str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
+    # Called with a WHEP POST before its body is read (whepfan/cluster/placement.py): a
+    # response to send instead (307 to another node), or None once the stream is here
+    # (pulled from upstream if need be); may raise whepfan.errors. Nothing awaits
+    # between the body read and the router call, so no half-made session either way.
+    viewer_placement: Callable[[web.Request, str], Awaitable[web.Response | None]] | None = None
     # Credentials and session binding (auth.py); create_app shares it with the extensions.
     access: AccessControl = field(init=False)
     # Issued session URLs and the recently ended ones, for the DELETE that follows an end.
@@ -205,6 +210,10 @@ class WhipWhepResources:
         """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
         grant = self._authorize(request, protocol)
         stream = request.match_info["stream"]
+        if protocol is Protocol.WHEP and self.viewer_placement is not None:
+            placed = await self.viewer_placement(request, stream)
+            if placed is not None:
+                return placed
         if protocol is Protocol.WHEP and not request.body_exists:
             return self._server_offer(stream, self.clock(), grant)
         offer = await self._read_body(request, accepted=(SDP,))

@@ -26,6 +26,7 @@ from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.layers import LayerSelector
+from whepfan.media.liveness import MediaLiveness
 from whepfan.media.meters import IngestReceiveStats
 from whepfan.media.session import PublisherSession
 from whepfan.media.streams import RTP_SEQ_MOD, RTP_TS_MOD, Stream, StreamListeners, Track
@@ -63,8 +64,10 @@ class Ingest:
         listeners: StreamListeners,
         end_viewer: Callable[[str, float, str], object],
         counters: Counter[str],
+        liveness: MediaLiveness,
     ) -> None:
         self.config = config
+        self._liveness = liveness
         self.fanout = fanout
         self._streams = streams
         self._timers = timers
@@ -215,6 +218,7 @@ class Ingest:
         except _fastpath.SrtpError as exc:
             self._counters[f"drop_ingest_srtp_{exc.reason}"] += 1
             return
+        self._liveness.packet(stream, now)  # the publisher's media clock (liveness.py)
         if len(plain) < 12:
             self._counters["drop_ingest_malformed"] += 1
             return

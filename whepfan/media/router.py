@@ -39,6 +39,7 @@ from whepfan.media.egress import Egress
 from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.ingest import Ingest
 from whepfan.media.layers import LayerPolicy, LayerRequest, LayerSelector
+from whepfan.media.liveness import MediaLiveness
 from whepfan.media.sender import DefaultSource, SendDatagram, SendDatagramFrom, Sender
 from whepfan.media.session import (
     Address,
@@ -131,7 +132,14 @@ class Router:
             end_viewer=self.end_session,
             counters=self.counters,
         )
+        self.liveness = MediaLiveness(
+            timeout=config.media_timeout,
+            timers=self.timers,
+            listeners=self.listeners,
+            counters=self.counters,
+        )
         self.ingest = Ingest(
+            liveness=self.liveness,
             config=config,
             fanout=fanout,
             streams=self.streams,
@@ -155,8 +163,16 @@ class Router:
     ) -> tuple[PublisherSession, str]:
         """WHIP POST: negotiate, create the publisher session, return it and the answer."""
         stream = self.streams.get(stream_name)
+        stalled = None
         if stream is not None and stream.live:
-            raise Conflict(f"stream {stream_name!r} already has a publisher", retry_after=5)
+            if not self.liveness.stalled(stream, now):
+                raise Conflict(
+                    f"stream {stream_name!r} already has a publisher",
+                    retry_after=self.liveness.replaceable_in(stream, now),
+                )
+            # Its media stopped (liveness.py): the newcomer replaces it, once its offer
+            # has been answered (a bad offer must not end the old session).
+            stalled = stream.publisher
         offer = sdp.SessionDescription.parse(offer_text)
         session = self.new_session(PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now)
         answer, ingest = answer_publisher(offer, self.local_transport(session))
@@ -164,8 +180,11 @@ class Router:
             raise Unprocessable("the offer carries no audio or video whepfan can receive")
         assert isinstance(session, PublisherSession)
         session.ingest = ingest
+        if stalled is not None:
+            self.end_session(stalled.id, now, "publisher-replaced")
         stream = self.stream(stream_name)
         self.ingest.attach(stream, session, now)
+        self.liveness.watch(stream, now)
         self._register(session)
         log.info(
             "publisher %s on %r: %s",
@@ -317,6 +336,7 @@ class Router:
             and stream is not None
             and stream.publisher is session
         ):
+            self.liveness.forget(stream.name)
             self.ingest.detach(stream)
         self.counters[f"sessions_ended_{reason.split(':')[0]}"] += 1
         log.info(
@@ -454,6 +474,8 @@ class Router:
                     self.ingest.feedback_due(stream, now)
             elif kind is TimerKind.KEYFRAME_RETRY:
                 self.keyframes.handle_timer(self.streams.get(name), name, now)
+            elif kind is TimerKind.MEDIA_TIMEOUT:
+                self.liveness.handle_timer(self.streams.get(name), name, now)
 
     def _reschedule(self, session: MediaSession) -> None:
         if session.id in self.sessions:

@@ -18,6 +18,7 @@ class TimerKind(enum.Enum):
     SESSION = "session"  # MediaSession.get_timer(): ICE consent, DTLS retransmission
     PUBLISHER_FEEDBACK = "publisher-feedback"  # the stream's periodic RR + REMB
     KEYFRAME_RETRY = "keyframe-retry"  # a throttled keyframe request that is still owed
+    MEDIA_TIMEOUT = "media-timeout"  # a publisher's media stopped? (liveness.py)
 
 
 TimerKey = tuple[TimerKind, str]

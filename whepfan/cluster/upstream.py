@@ -1,0 +1,537 @@
+"""Upstream pulls: an edge's WHEP client sessions toward the node that carries a stream.
+
+Theory of operation
+-------------------
+A viewer's WHEP POST for a stream this node does not have asks the ``UpstreamPuller``
+to ``ensure`` it first. The puller asks its ``UpstreamResolver`` where the stream comes
+from (a fixed URL template with ``--upstream``, the Redis registry with ``--cluster``),
+and opens one ``UpstreamSession`` there: a standard WHEP client (draft-ietf-wish-whep-03
+§4.2) made of whepfan's own client stack, the same as ``whepfan loadtest`` uses::
+
+    origin --SRTP--> [own UDP socket] ClientTransport (full ICE, controlling; DTLS)
+                                   |  SRTP/SRTCP datagrams
+                                   v
+                     UpstreamFeed (feed.py): the router's Ingest, as for a publisher
+                                   |
+                                   v  Fanout.push -> edge viewers
+
+``ensure`` returns once the origin's answer is attached (the stream's tracks exist, so
+the viewer's offer negotiates against them); media follows when the upstream's ICE and
+DTLS complete, usually before the viewer's own. The session runs on its own UDP socket,
+so the worker's ICE-lite demux never sees the origin.
+
+Each pull is watched:
+
+* **lost** (ICE consent expired, DTLS closed or failed, the origin refused): the feed
+  detaches (edge viewers stay, waiting, as for a departed publisher) and the pull is
+  tried again with exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``)
+  while viewers remain; the next session's tracks are rebased onto the old ones, so
+  viewers resume without renegotiating.
+* **idle** (no viewers for ``grace`` seconds): the session is ended (DELETE, RFC 9725
+  §4.3 as WHEP reuses it) and forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from whepfan.client.peer import (
+    ClientTransport,
+    LocalParameters,
+    TransportConnected,
+    TransportFailed,
+    host_candidate,
+    new_ice_credentials,
+    viewer_offer,
+)
+from whepfan.client.signalling import delete_session, local_address_towards, post_offer
+from whepfan.cluster.feed import UpstreamFeed
+from whepfan.errors import Conflict, ParseError, ServiceUnavailable, WhepfanError
+from whepfan.media.router import Router
+from whepfan.protocol.negotiation import remote_transport
+from whepfan.protocol.sdp import SessionDescription
+
+log = logging.getLogger("whepfan.cluster.upstream")
+
+DEFAULT_GRACE = 30.0
+RETRY_INITIAL = 0.5
+RETRY_MAX = 10.0
+# How long ensure() waits for the origin's answer before the viewer gets a 503.
+SIGNALLING_TIMEOUT = 10.0
+WATCH_INTERVAL = 0.5
+_RECEIVE_BURST = 64
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamTarget:
+    """Where to pull a stream from: its WHEP endpoint and the bearer token it needs."""
+
+    url: str
+    token: str | None = None
+    node: str | None = None  # the registry's node id, when the cluster chose it
+
+
+# Finds the upstream of a stream, or None when nobody carries it (the viewer gets 409).
+UpstreamResolver = Callable[[str], Awaitable[UpstreamTarget | None]]
+
+
+class StaticUpstream:
+    """``--upstream URL-template``: every stream from one fixed WHEP origin."""
+
+    def __init__(self, template: str, token: str | None = None) -> None:
+        if "{stream}" not in template:
+            raise ValueError("the upstream URL template needs {stream}")
+        self.template = template
+        self.token = token
+
+    async def __call__(self, stream_name: str) -> UpstreamTarget | None:
+        return UpstreamTarget(url=self.template.format(stream=stream_name), token=self.token)
+
+
+class PullFailure(enum.Enum):
+    """Why a pull failed (the ``reason`` label of the pull-failure metric)."""
+
+    REFUSED = "refused"  # the upstream answered 4xx/5xx other than 409
+    NOT_LIVE = "not_live"  # 409: the upstream has no publisher for it
+    UNREACHABLE = "unreachable"  # HTTP failed (connection refused, timeout)
+    BAD_ANSWER = "bad_answer"  # an answer we cannot use
+    TRANSPORT = "transport"  # ICE or DTLS did not complete, or was lost later
+    NO_UPSTREAM = "no_upstream"  # the resolver could not be asked (Redis down)
+
+
+class UpstreamError(WhepfanError):
+    """A pull that could not be made; carries the HTTP error the viewer should get."""
+
+    def __init__(self, reason: PullFailure, error: WhepfanError) -> None:
+        super().__init__(error.detail, retry_after=error.retry_after)
+        self.reason = reason
+        self.error = error
+
+
+class UpstreamSession:
+    """One WHEP client session toward ``target``, feeding ``router``'s stream.
+
+    ``start`` POSTs the offer and attaches the answer (raises ``UpstreamError``); media
+    then flows until ``close``, or until the transport fails, which calls ``on_lost``."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        stream_name: str,
+        target: UpstreamTarget,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        on_lost: Callable[[UpstreamSession, str], None],
+    ) -> None:
+        self.router = router
+        self.stream_name = stream_name
+        self.target = target
+        self._http = http
+        self._clock = clock
+        self._on_lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        self._socket: socket.socket | None = None
+        self._transport: ClientTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.feed: UpstreamFeed | None = None
+        self.location: str | None = None
+        self.started_at = time.monotonic()
+        self.connected_at: float | None = None
+        self.closed = False
+        self.packets_received = 0
+        self.bytes_received = 0
+
+    async def start(self) -> None:
+        try:
+            host = local_address_towards(self.target.url)
+        except OSError as exc:
+            raise UpstreamError(
+                PullFailure.UNREACHABLE,
+                ServiceUnavailable(f"upstream {self.target.url} unreachable: {exc}", retry_after=5),
+            ) from None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.setblocking(False)
+        self._socket = sock
+        ufrag, pwd = new_ice_credentials()
+        local = LocalParameters(
+            ice_ufrag=ufrag,
+            ice_pwd=pwd,
+            fingerprints=self.router.certificate.fingerprints,
+            candidate=host_candidate(host, sock.getsockname()[1]),
+        )
+        offer = viewer_offer(local)
+        try:
+            async with asyncio.timeout(SIGNALLING_TIMEOUT):
+                result = await post_offer(
+                    self._http, self.target.url, offer, token=self.target.token
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.close()
+            raise UpstreamError(
+                PullFailure.UNREACHABLE,
+                ServiceUnavailable(
+                    f"upstream {self.target.url} unreachable: {exc or type(exc).__name__}",
+                    retry_after=5,
+                ),
+            ) from None
+        if self.closed:
+            raise UpstreamError(PullFailure.TRANSPORT, ServiceUnavailable("pull cancelled"))
+        if result.status != 201 or result.answer is None:
+            self.close()
+            detail = f"upstream {self.target.url} answered {result.status}"
+            if result.status == 409:
+                # The stream is not live upstream: the viewer hears what the origin said
+                # (WHEP draft-03 §4.2.8: 409 + Retry-After).
+                raise UpstreamError(
+                    PullFailure.NOT_LIVE,
+                    Conflict(f"stream {self.stream_name!r} is not live", retry_after=5),
+                )
+            raise UpstreamError(
+                PullFailure.REFUSED,
+                ServiceUnavailable(f"{detail}: {result.detail[:200]}", retry_after=5),
+            )
+        self.location = result.location
+        now = self._clock()
+        try:
+            remote = remote_transport(SessionDescription.parse(result.answer))
+            self.feed = UpstreamFeed(
+                self.router, self.stream_name, result.answer, now, self._send_rtcp
+            )
+        except (ParseError, WhepfanError, ValueError) as exc:
+            self.close()
+            raise UpstreamError(
+                PullFailure.BAD_ANSWER,
+                ServiceUnavailable(f"upstream {self.target.url} sent an unusable answer: {exc}"),
+            ) from None
+        self._transport = ClientTransport(
+            certificate=self.router.certificate,
+            local_ufrag=ufrag,
+            local_pwd=pwd,
+            remote=remote,
+            # RFC 8842 §5.5 / RFC 4145 §4: an answer without a=setup is active.
+            dtls_role="client" if remote.setup == "passive" else "server",
+            local_address=(host, sock.getsockname()[1]),
+        )
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._transport.start(now)
+        self._after_io()
+
+    @property
+    def connected(self) -> bool:
+        return self.connected_at is not None and not self.closed
+
+    def close(self) -> None:
+        """End the session here (close_notify out) and detach its feed; the DELETE to the
+        upstream is ``delete()``, which awaits."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._send_pending()
+        if self._socket is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+        if self.feed is not None:
+            self.feed.detach(self._clock())
+
+    async def delete(self) -> None:
+        """Close, and DELETE the session resource upstream (best effort)."""
+        self.close()
+        if self.location is not None:
+            location, self.location = self.location, None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await delete_session(self._http, location, token=self.target.token)
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    def _send_rtcp(self, packet: bytes) -> None:
+        transport, sock = self._transport, self._socket
+        if transport is None or sock is None or transport.selected_address is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.sendto(packet, transport.selected_address[:2])
+
+    def _on_readable(self) -> None:
+        sock, transport = self._socket, self._transport
+        if sock is None or transport is None:
+            return
+        now = self._clock()
+        for _ in range(_RECEIVE_BURST):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP port unreachable from an earlier send
+                log.debug("upstream %s: receive failed: %s", self.stream_name, exc)
+                break
+            media = transport.receive(data, (addr[0], addr[1]), now)
+            if media is not None and self.feed is not None:
+                self.packets_received += 1
+                self.bytes_received += len(media)
+                self.feed.srtp(media, now)
+        self._after_io()
+
+    def _send_pending(self) -> None:
+        if self._transport is None or self._socket is None:
+            return
+        for datagram, address in self._transport.datagrams_to_send():
+            with contextlib.suppress(OSError):
+                self._socket.sendto(datagram, address[:2])
+
+    def _after_io(self) -> None:
+        transport = self._transport
+        if transport is None or self.closed:
+            return
+        self._send_pending()
+        while (event := transport.next_event()) is not None:
+            if isinstance(event, TransportConnected):
+                self.connected_at = time.monotonic()
+                log.info(
+                    "upstream of %r connected to %s in %.0f ms",
+                    self.stream_name,
+                    self.target.url,
+                    (self.connected_at - self.started_at) * 1000,
+                )
+                if self.feed is not None:
+                    self.feed.keyed(event.keys, self._clock())
+            elif isinstance(event, TransportFailed):
+                log.warning("upstream of %r lost: %s", self.stream_name, event.reason)
+                self.close()
+                self._on_lost(self, event.reason)
+                return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = transport.get_timer()
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is not None and not self.closed:
+            self._transport.handle_timer(self._clock())
+            self._after_io()
+
+
+@dataclass(eq=False, kw_only=True)
+class _Pull:
+    """The puller's memory of one stream."""
+
+    stream: str
+    session: UpstreamSession | None = None
+    starting: asyncio.Task[UpstreamSession] | None = None
+    idle_since: float | None = None
+    failures: int = 0
+    retry_at: float | None = None
+    last_error: str | None = None
+
+
+class UpstreamPuller:
+    """The upstream sessions of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        resolve: UpstreamResolver,
+        clock: Callable[[], float],
+        grace: float = DEFAULT_GRACE,
+        max_pulls: int | None = None,
+    ) -> None:
+        self.router = router
+        self.resolve = resolve
+        self._clock = clock
+        self.grace = grace
+        self.max_pulls = max_pulls
+        self._pulls: dict[str, _Pull] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self.counters: Counter[str] = Counter()  # pulls_started, pull_failures_<reason>...
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        self._watch = asyncio.ensure_future(self._watch_forever())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for pull in list(self._pulls.values()):
+            await self._release(pull)
+        if self._http is not None:
+            await self._http.close()
+
+    # what the HTTP layer asks -----------------------------------------------------------
+
+    def pulls(self, stream_name: str) -> bool:
+        """Whether this node's copy of ``stream_name`` comes from upstream."""
+        return stream_name in self._pulls
+
+    async def ensure(self, stream_name: str) -> None:
+        """Make ``stream_name`` available here before a viewer's offer is negotiated:
+        nothing to do when it is published (or already pulled) here; otherwise pull it.
+        Raises ``UpstreamError`` (its ``error`` is the viewer's answer) when that fails;
+        returns without pulling when no node carries it (the router then answers 409)."""
+        stream = self.router.streams.get(stream_name)
+        pull = self._pulls.get(stream_name)
+        if stream is not None and stream.live and (pull is None or pull.session is not None):
+            return
+        if pull is None:
+            pull = self._pulls[stream_name] = _Pull(stream=stream_name)
+        if pull.starting is None:
+            pull.starting = asyncio.ensure_future(self._open(pull))
+        try:
+            await asyncio.shield(pull.starting)
+        except UpstreamError:
+            if pull.session is None and not self._has_viewers(stream_name):
+                self._pulls.pop(stream_name, None)
+            raise
+
+    async def _open(self, pull: _Pull) -> UpstreamSession:
+        try:
+            target = await self.resolve(pull.stream)
+            if target is None:
+                raise UpstreamError(
+                    PullFailure.NOT_LIVE,
+                    Conflict(f"stream {pull.stream!r} is not live", retry_after=5),
+                )
+            assert self._http is not None, "UpstreamPuller.start() first"
+            session = UpstreamSession(
+                router=self.router,
+                stream_name=pull.stream,
+                target=target,
+                http=self._http,
+                clock=self._clock,
+                on_lost=self._lost,
+            )
+            self.counters["pulls_started"] += 1
+            await session.start()
+        except UpstreamError as exc:
+            self.counters[f"pull_failures_{exc.reason.value}"] += 1
+            pull.failures += 1
+            pull.last_error = exc.detail
+            pull.retry_at = self._clock() + self._backoff(pull.failures)
+            raise
+        finally:
+            pull.starting = None
+        if self._pulls.get(pull.stream) is not pull:
+            await session.delete()  # released while signalling
+            raise UpstreamError(PullFailure.TRANSPORT, ServiceUnavailable("pull released"))
+        pull.session = session
+        pull.failures = 0
+        pull.retry_at = None
+        pull.idle_since = self._clock()
+        log.info("pulling %r from %s", pull.stream, session.target.url)
+        return session
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        return min(RETRY_INITIAL * (2 ** max(failures - 1, 0)), RETRY_MAX)
+
+    def _lost(self, session: UpstreamSession, reason: str) -> None:
+        pull = self._pulls.get(session.stream_name)
+        if pull is None or pull.session is not session:
+            return
+        self.counters[f"pull_failures_{PullFailure.TRANSPORT.value}"] += 1
+        pull.session = None
+        pull.failures += 1
+        pull.last_error = reason
+        pull.retry_at = self._clock() + self._backoff(pull.failures)
+        if session.location is not None:
+            task = asyncio.ensure_future(session.delete())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # the watch: re-pull lost upstreams, release idle ones --------------------------------
+
+    def _has_viewers(self, stream_name: str) -> bool:
+        stream = self.router.streams.get(stream_name)
+        return stream is not None and bool(stream.viewers)
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self.watch(self._clock())
+            except Exception:
+                log.exception("upstream watch failed")
+
+    async def watch(self, now: float) -> None:
+        for pull in list(self._pulls.values()):
+            if pull.starting is not None:
+                continue
+            if self._has_viewers(pull.stream):
+                pull.idle_since = None
+            elif pull.idle_since is None:
+                pull.idle_since = now
+            if pull.idle_since is not None and now - pull.idle_since >= self.grace:
+                log.info(
+                    "releasing the upstream of %r: no viewers for %.0f s", pull.stream, self.grace
+                )
+                await self._release(pull)
+                continue
+            if pull.session is None and pull.retry_at is not None and now >= pull.retry_at:
+                if not self._has_viewers(pull.stream):
+                    await self._release(pull)
+                    continue
+                pull.starting = asyncio.ensure_future(self._open(pull))
+                pull.starting.add_done_callback(_ignore_failure)
+
+    async def _release(self, pull: _Pull) -> None:
+        if self._pulls.get(pull.stream) is pull:
+            del self._pulls[pull.stream]
+        if pull.starting is not None:
+            pull.starting.cancel()
+        if pull.session is not None:
+            session, pull.session = pull.session, None
+            await session.delete()
+
+    # what status and metrics read --------------------------------------------------------
+
+    def sessions(self) -> int:
+        return sum(1 for pull in self._pulls.values() if pull.session is not None)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Per pulled stream: from where, connected or not, received counts, failures."""
+        report: dict[str, dict[str, Any]] = {}
+        for name, pull in self._pulls.items():
+            session = pull.session
+            report[name] = {
+                "upstream": session.target.url if session is not None else None,
+                "node": session.target.node if session is not None else None,
+                "connected": session is not None and session.connected,
+                "packets": session.packets_received if session is not None else 0,
+                "bytes": session.bytes_received if session is not None else 0,
+                "failures": pull.failures,
+                "last_error": pull.last_error,
+            }
+        return report
+
+
+def _ignore_failure(task: asyncio.Task[UpstreamSession]) -> None:
+    # A background re-pull's failure is counted and retried by the watch.
+    if not task.cancelled():
+        task.exception()
