@@ -352,8 +352,10 @@ async def test_http_over_two_workers_creates_and_deletes_sessions() -> None:
 
 
 async def test_a_crashed_workers_viewers_are_told_to_reconnect_over_sse() -> None:
-    """Issue 8: a worker dies -> its sessions end (404) and their event readers get
-    `reconnect` (EXT §4.3.5), so players come back through signalling to a live worker."""
+    """Issue 8: a worker dies -> its sessions end and their event readers get `reconnect`
+    (EXT §4.3.5), so players come back through signalling to a live worker. The player's
+    DELETE of the ended session is a normal teardown (200 once, within the ended-session
+    grace, RFC 9725 §4.3); the session is gone after it (404)."""
     live = live_server(workers="2")
     try:
         async with aiohttp.ClientSession(base_url=live.url) as http:
@@ -374,6 +376,8 @@ async def test_a_crashed_workers_viewers_are_told_to_reconnect_over_sse() -> Non
                     remaining = deadline - asyncio.get_running_loop().time()
                     assert remaining > 0, received
                     received += await asyncio.wait_for(events.content.readline(), remaining)
+            async with http.delete(location) as response:
+                assert response.status == 200
             async with http.delete(location) as response:
                 assert response.status == 404
             await publisher.close()
