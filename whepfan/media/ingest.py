@@ -28,6 +28,7 @@ from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.layers import LayerSelector
 from whepfan.media.liveness import MediaLiveness
 from whepfan.media.meters import IngestReceiveStats
+from whepfan.media.nack import UpstreamRepair
 from whepfan.media.session import PublisherSession
 from whepfan.media.streams import RTP_SEQ_MOD, RTP_TS_MOD, Stream, StreamListeners, Track
 from whepfan.media.timers import TimerKind, Timers
@@ -37,6 +38,7 @@ from whepfan.protocol.negotiation import IngestMedia, IngestTrack
 log = logging.getLogger("whepfan.media.ingest")
 
 _SEQ_TS = struct.Struct("!HI")
+_SEQ = struct.Struct("!H")
 _PAYLOAD_FORMATS = {"VP8": _fastpath.PAYLOAD_VP8, "VP9": _fastpath.PAYLOAD_VP9}
 
 
@@ -65,9 +67,11 @@ class Ingest:
         end_viewer: Callable[[str, float, str], object],
         counters: Counter[str],
         liveness: MediaLiveness,
+        repair: UpstreamRepair | None = None,
     ) -> None:
         self.config = config
         self._liveness = liveness
+        self._repair = repair  # NACKs upstream for what the publisher's link lost (nack.py)
         self.fanout = fanout
         self._streams = streams
         self._timers = timers
@@ -85,6 +89,8 @@ class Ingest:
         """``session`` becomes the stream's publisher: bind its encodings to the stream's
         tracks (reusing them, so viewers stay subscribed) or create new ones."""
         stream.publisher = session
+        if self._repair is not None:
+            self._repair.forget(stream.name)
         stream.ingest_by_ssrc.clear()
         stream.ingest_stats.clear()
         for media in session.ingest:
@@ -159,6 +165,8 @@ class Ingest:
         """The publisher left: viewers stay subscribed, waiting for the next one, and
         resume with continuous sequence numbers when one returns."""
         stream.publisher = None
+        if self._repair is not None:
+            self._repair.forget(stream.name)
         if stream.active:
             stream.active = False
             self._listeners.emit(stream.name, "inactive", {})
@@ -235,6 +243,11 @@ class Ingest:
             except ParseError:
                 self._counters["drop_ingest_malformed"] += 1
                 return
+        if self._repair is not None and not self._repair.received(
+            stream, track, ssrc, _SEQ.unpack_from(packet, 2)[0], now, retransmission=is_rtx
+        ):
+            self._counters["drop_ingest_rtx_duplicate"] += 1  # repairs nothing (nack.py)
+            return
         self.push(stream, track, ssrc, packet, now, retransmission=is_rtx)
 
     def _learn_ssrc(

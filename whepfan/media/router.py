@@ -40,6 +40,7 @@ from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.ingest import Ingest
 from whepfan.media.layers import LayerPolicy, LayerRequest, LayerSelector
 from whepfan.media.liveness import MediaLiveness
+from whepfan.media.nack import NackPolicy, UpstreamRepair
 from whepfan.media.sender import DefaultSource, SendDatagram, SendDatagramFrom, Sender
 from whepfan.media.session import (
     Address,
@@ -88,6 +89,7 @@ class Router:
         layer_policy: LayerPolicy | None = None,
         send_from: SendDatagramFrom | None = None,
         default_source: DefaultSource | None = None,
+        nack_policy: NackPolicy | None = None,
     ) -> None:
         self.config = config
         self.certificate = certificate
@@ -138,8 +140,16 @@ class Router:
             listeners=self.listeners,
             counters=self.counters,
         )
+        self.repair = UpstreamRepair(
+            policy=nack_policy or NackPolicy(),
+            timers=self.timers,
+            feedback=self.feedback,
+            keyframes=self.keyframes,
+            counters=self.counters,
+        )
         self.ingest = Ingest(
             liveness=self.liveness,
+            repair=self.repair,
             config=config,
             fanout=fanout,
             streams=self.streams,
@@ -476,6 +486,8 @@ class Router:
                 self.keyframes.handle_timer(self.streams.get(name), name, now)
             elif kind is TimerKind.MEDIA_TIMEOUT:
                 self.liveness.handle_timer(self.streams.get(name), name, now)
+            elif kind is TimerKind.NACK:
+                self.repair.handle_timer(self.streams.get(name), name, now)
 
     def _reschedule(self, session: MediaSession) -> None:
         if session.id in self.sessions:

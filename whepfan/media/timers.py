@@ -19,6 +19,7 @@ class TimerKind(enum.Enum):
     PUBLISHER_FEEDBACK = "publisher-feedback"  # the stream's periodic RR + REMB
     KEYFRAME_RETRY = "keyframe-retry"  # a throttled keyframe request that is still owed
     MEDIA_TIMEOUT = "media-timeout"  # a publisher's media stopped? (liveness.py)
+    NACK = "nack"  # NACKs due to the stream's publisher (nack.py)
 
 
 TimerKey = tuple[TimerKind, str]
