@@ -59,8 +59,15 @@ from whepfan.includes.system cimport (
     CMSG_SPACE,
     EAGAIN,
     EINTR,
+    EINVAL,
+    EIO,
+    EMSGSIZE,
     ENOBUFS,
+    ENOPROTOOPT,
+    EOPNOTSUPP,
     MSG_DONTWAIT,
+    SOL_UDP,
+    UDP_SEGMENT,
     SO_TYPE,
     SOCK_DGRAM,
     SOL_SOCKET,
@@ -76,6 +83,7 @@ from whepfan.includes.system cimport (
     IPV6_PKTINFO,
     cmsghdr,
     mmsghdr,
+    msghdr,
     sendmmsg,
     sockaddr,
     sockaddr_in,
@@ -422,18 +430,28 @@ cdef int batch_init(SendBatch* batch, int fd, int capacity) noexcept:
     batch.buffers = <uint8_t*>malloc(<size_t>capacity * BATCH_SLOT_SIZE)
     batch.iov = <iovec*>calloc(capacity, sizeof(iovec))
     batch.messages = <mmsghdr*>calloc(capacity, sizeof(mmsghdr))
+    batch.message_first = <int32_t*>calloc(capacity, sizeof(int32_t))
+    batch.message_segments = <int32_t*>calloc(capacity, sizeof(int32_t))
+    batch.message_bytes = <int32_t*>calloc(capacity, sizeof(int32_t))
+    batch.message_gso_size = <uint16_t*>calloc(capacity, sizeof(uint16_t))
+    batch.message_plain_control = <void**>calloc(capacity, sizeof(void*))
+    batch.message_plain_controllen = <size_t*>calloc(capacity, sizeof(size_t))
+    batch.gso_control = <uint64_t*>calloc(<size_t>capacity * GSO_CONTROL_WORDS, sizeof(uint64_t))
     batch.accepted = <uint8_t*>calloc(capacity, sizeof(uint8_t))
     batch.slot_viewer = <int32_t*>calloc(capacity, sizeof(int32_t))
     batch.slot_subscription = <Subscription**>calloc(capacity, sizeof(Subscription*))
     batch.slot_payload_len = <uint32_t*>calloc(capacity, sizeof(uint32_t))
+    batch.open_message = -1
     if (batch.buffers == NULL or batch.iov == NULL or batch.messages == NULL
+            or batch.message_first == NULL or batch.message_segments == NULL
+            or batch.message_bytes == NULL or batch.message_gso_size == NULL
+            or batch.message_plain_control == NULL or batch.message_plain_controllen == NULL
+            or batch.gso_control == NULL
             or batch.accepted == NULL or batch.slot_viewer == NULL
             or batch.slot_subscription == NULL or batch.slot_payload_len == NULL):
         return -1
     for index in range(capacity):
         batch.iov[index].iov_base = batch.buffers + <size_t>index * BATCH_SLOT_SIZE
-        batch.messages[index].msg_hdr.msg_iov = &batch.iov[index]
-        batch.messages[index].msg_hdr.msg_iovlen = 1
     return 0
 
 
@@ -441,6 +459,13 @@ cdef void batch_free(SendBatch* batch) noexcept:
     free(batch.buffers)
     free(batch.iov)
     free(batch.messages)
+    free(batch.message_first)
+    free(batch.message_segments)
+    free(batch.message_bytes)
+    free(batch.message_gso_size)
+    free(batch.message_plain_control)
+    free(batch.message_plain_controllen)
+    free(batch.gso_control)
     free(batch.accepted)
     free(batch.slot_viewer)
     free(batch.slot_subscription)
@@ -453,37 +478,152 @@ cdef inline uint8_t* batch_next_slot(SendBatch* batch) noexcept nogil:
 
 
 cdef inline void batch_commit(SendBatch* batch, int length, const sockaddr_in6* address,
-                              socklen_t address_len) noexcept nogil:
-    """The next slot holds ``length`` bytes for ``address``: add it to the batch."""
-    batch.iov[batch.count].iov_len = length
-    batch.messages[batch.count].msg_hdr.msg_name = <void*>address
-    batch.messages[batch.count].msg_hdr.msg_namelen = address_len
+                              socklen_t address_len, void* control,
+                              size_t control_len) noexcept nogil:
+    """The next slot holds ``length`` bytes for ``address``: add it to the batch as an
+    entry of its own, sent with ``control`` (NULL: none)."""
+    cdef int slot = batch.count
+    cdef int entry = batch.message_count
+    cdef msghdr* header = &batch.messages[entry].msg_hdr
+    batch.iov[slot].iov_len = length
+    header.msg_name = <void*>address
+    header.msg_namelen = address_len
+    header.msg_iov = &batch.iov[slot]
+    header.msg_iovlen = 1
+    header.msg_control = control
+    header.msg_controllen = control_len
+    batch.message_first[entry] = slot
+    batch.message_segments[entry] = 1
+    batch.message_bytes[entry] = length
+    batch.message_gso_size[entry] = <uint16_t>length
+    batch.message_plain_control[entry] = control
+    batch.message_plain_controllen[entry] = control_len
     batch.count += 1
+    batch.message_count += 1
 
 
-cdef int batch_send(SendBatch* batch, FanoutCounters* counters) noexcept nogil:
-    """sendmmsg the batch; fills ``accepted`` per slot, returns datagrams accepted.
+if CMSG_SPACE(sizeof(uint16_t)) > (GSO_CONTROL_WORDS - SOURCE_CONTROL_WORDS) * sizeof(uint64_t):
+    raise ImportError("UDP_SEGMENT control message larger than its room in gso_control")
 
-    sendmmsg stops at the first datagram that fails; if some went out it returns their
-    number and the error is lost (sendmmsg(2)), so the unsent tail is sent again, which
-    either makes progress or reports the error of its first datagram. A full socket
-    buffer (EAGAIN/ENOBUFS) gets one immediate retry, then the rest of the batch is
-    dropped: waiting would stall every other viewer. Any other error belongs to that
-    datagram's destination: drop it alone and go on with the next.
-    """
-    cdef int position = 0, result, error, retried = 0, accepted = 0, index
+
+cdef inline void batch_join(SendBatch* batch, int length) noexcept nogil:
+    """The next slot holds ``length`` bytes for the last entry's destination: make it
+    that entry's next GSO segment (udp(7) UDP_SEGMENT). The caller checked that all of
+    the entry's segments so far are ``message_gso_size`` long and ``length`` is at most
+    that: the kernel cuts the entry's bytes into segments of that size, so only the
+    last may be shorter."""
+    cdef int slot = batch.count
+    cdef int entry = batch.message_count - 1
+    cdef msghdr* header = &batch.messages[entry].msg_hdr
+    cdef uint64_t* control
+    cdef cmsghdr* segment
+    batch.iov[slot].iov_len = length
+    header.msg_iovlen += 1       # msg_iov spans consecutive slots' iovecs
+    batch.message_segments[entry] += 1
+    batch.message_bytes[entry] += length
+    batch.count += 1
+    if batch.message_segments[entry] == 2:
+        # Now a GSO entry: the viewer's source control message (if any), then UDP_SEGMENT
+        # at the CMSG_SPACE-aligned offset after it, in the same msghdr.
+        control = batch.gso_control + <size_t>entry * GSO_CONTROL_WORDS
+        if batch.message_plain_controllen[entry]:
+            memcpy(control, batch.message_plain_control[entry],
+                   batch.message_plain_controllen[entry])
+        segment = <cmsghdr*>((<uint8_t*>control) + batch.message_plain_controllen[entry])
+        segment.cmsg_level = SOL_UDP
+        segment.cmsg_type = UDP_SEGMENT
+        segment.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+        (<uint16_t*>CMSG_DATA(segment))[0] = batch.message_gso_size[entry]
+        header.msg_control = control
+        header.msg_controllen = batch.message_plain_controllen[entry] + CMSG_SPACE(sizeof(uint16_t))
+
+
+cdef inline bint gso_refusal(int error) noexcept nogil:
+    """An error the kernel gives a GSO entry for the segmentation itself, not for its
+    destination: EIO (no checksum offload or an IPsec route on the way), EINVAL (segment
+    larger than the route's MTU allows, or too many segments), EMSGSIZE, EOPNOTSUPP and
+    ENOPROTOOPT (no UDP_SEGMENT). Its segments can still go out one per entry."""
+    return (error == EIO or error == EINVAL or error == EMSGSIZE or error == EOPNOTSUPP
+            or error == ENOPROTOOPT)
+
+
+cdef inline bint gso_unavailable(int error) noexcept nogil:
+    """A refusal that says this socket's path cannot do UDP GSO at all (checksum offload
+    missing, xfrm, no kernel support), rather than this one entry being too large."""
+    return error == EIO or error == EOPNOTSUPP or error == ENOPROTOOPT
+
+
+cdef int batch_send_plain(SendBatch* batch, int entry, FanoutCounters* counters) noexcept nogil:
+    """Send the segments of GSO entry ``entry`` as one entry each (the kernel refused the
+    GSO entry); marks ``accepted`` per slot, returns datagrams accepted. Same error rules
+    as batch_send."""
+    cdef mmsghdr plain[GSO_MAX_SEGMENTS]
+    cdef int first = batch.message_first[entry]
+    cdef int count = batch.message_segments[entry]
+    cdef int index, position = 0, result, error, retried = 0, accepted = 0
     cdef bint buffer_full
-    memset(batch.accepted, 0, batch.count)
-    while position < batch.count:
-        # MSG_DONTWAIT: never block in here, even if the fd was left in blocking mode.
-        result = sendmmsg(batch.fd, batch.messages + position, batch.count - position,
-                          MSG_DONTWAIT)
+    memset(plain, 0, count * sizeof(mmsghdr))
+    for index in range(count):
+        plain[index].msg_hdr.msg_name = batch.messages[entry].msg_hdr.msg_name
+        plain[index].msg_hdr.msg_namelen = batch.messages[entry].msg_hdr.msg_namelen
+        plain[index].msg_hdr.msg_iov = &batch.iov[first + index]
+        plain[index].msg_hdr.msg_iovlen = 1
+        plain[index].msg_hdr.msg_control = batch.message_plain_control[entry]
+        plain[index].msg_hdr.msg_controllen = batch.message_plain_controllen[entry]
+    while position < count:
+        result = sendmmsg(batch.fd, plain + position, count - position, MSG_DONTWAIT)
         counters.sendmmsg_calls += 1
         if result > 0:
             for index in range(position, position + result):
-                batch.accepted[index] = 1
+                batch.accepted[first + index] = 1
             position += result
             accepted += result
+            continue
+        error = errno if result < 0 else EAGAIN
+        buffer_full = error == EAGAIN or error == ENOBUFS
+        if error == EINTR or (buffer_full and not retried):
+            retried = 1
+            continue
+        if buffer_full:
+            counters.send_buffer_full += count - position
+            counters.send_errors += count - position
+            break
+        counters.send_errors += 1
+        position += 1
+    return accepted
+
+
+cdef int batch_send(SendBatch* batch, FanoutCounters* counters, int* gso_error) noexcept nogil:
+    """sendmmsg the batch; fills ``accepted`` per slot, returns datagrams accepted.
+
+    sendmmsg stops at the first entry that fails; if some went out it returns their
+    number and the error is lost (sendmmsg(2)), so the unsent tail is sent again, which
+    either makes progress or reports the error of its first entry. A full socket
+    buffer (EAGAIN/ENOBUFS) gets one immediate retry, then the rest of the batch is
+    dropped: waiting would stall every other viewer. Any other error belongs to that
+    entry's destination: drop it alone and go on with the next. A GSO entry the kernel
+    refuses as such (gso_refusal) is re-sent one segment per entry; if the refusal says
+    the path cannot do GSO, ``gso_error`` is set to it so the Fanout stops using it.
+    """
+    cdef int position = 0, result, error, retried = 0, accepted = 0, entry, index, segments
+    cdef bint buffer_full
+    memset(batch.accepted, 0, batch.count)
+    while position < batch.message_count:
+        # MSG_DONTWAIT: never block in here, even if the fd was left in blocking mode.
+        result = sendmmsg(batch.fd, batch.messages + position, batch.message_count - position,
+                          MSG_DONTWAIT)
+        counters.sendmmsg_calls += 1
+        if result > 0:
+            for entry in range(position, position + result):
+                segments = batch.message_segments[entry]
+                for index in range(batch.message_first[entry],
+                                   batch.message_first[entry] + segments):
+                    batch.accepted[index] = 1
+                accepted += segments
+                if segments > 1:
+                    counters.gso_messages += 1
+                    counters.gso_segments += segments
+            position += result
             continue
         error = errno if result < 0 else EAGAIN
         # Linux: EWOULDBLOCK == EAGAIN. ENOBUFS: the device queue is full.
@@ -492,10 +632,20 @@ cdef int batch_send(SendBatch* batch, FanoutCounters* counters) noexcept nogil:
             retried = 1
             continue
         if buffer_full:
-            counters.send_buffer_full += batch.count - position
-            counters.send_errors += batch.count - position
+            segments = 0
+            for entry in range(position, batch.message_count):
+                segments += batch.message_segments[entry]
+            counters.send_buffer_full += segments
+            counters.send_errors += segments
             break
-        counters.send_errors += 1
+        segments = batch.message_segments[position]
+        if segments > 1 and gso_refusal(error):
+            counters.gso_refused += 1
+            if gso_unavailable(error):
+                gso_error[0] = error
+            accepted += batch_send_plain(batch, position, counters)
+        else:
+            counters.send_errors += segments
         position += 1
     return accepted
 
@@ -634,13 +784,29 @@ cdef class Fanout:
     cdef FanoutCounters counters
     cdef int32_t* switch_log        # (viewer, from track, to track) per completed switch
     cdef int switch_log_count
+    cdef BurstPacket* burst         # BURST_CAPACITY packets of the push_batch in progress
+    cdef bint gso_on                # push_batch sends each viewer's run as GSO entries
+    cdef int gso_error              # errno that turned GSO off at send time; 0: none
+    cdef int gso_max_segment        # largest datagram put in a GSO entry
+    cdef int pad_limit              # most RTP padding octets added to equal a run
 
-    def __cinit__(self, int fd, *, int max_viewers=16384, int max_tracks=64, int batch_size=32):
+    def __cinit__(self, int fd, *, int max_viewers=16384, int max_tracks=64, int batch_size=32,
+                  bint gso=False, int gso_max_segment=1452, int pad_limit=32):
         cdef int index
         if max_viewers < 1 or max_tracks < 1:
             raise ValueError("max_viewers and max_tracks must be positive")
         if not 1 <= batch_size <= 1024:   # UIO_MAXIOV bounds one sendmmsg call
             raise ValueError("batch_size must be in 1..1024")
+        if not 64 <= gso_max_segment <= MAX_RTP_PACKET + SRTP_MAX_OVERHEAD:
+            raise ValueError("gso_max_segment must be in 64..1530")
+        if not 0 <= pad_limit <= 255:    # RFC 3550 §5.1: the padding count is one octet
+            raise ValueError("pad_limit must be in 0..255")
+        self.gso_on = gso
+        self.gso_max_segment = gso_max_segment
+        self.pad_limit = pad_limit
+        self.burst = <BurstPacket*>malloc(BURST_CAPACITY * sizeof(BurstPacket))
+        if self.burst == NULL:
+            raise MemoryError()
         self.family = socket_family(fd)
         self.fd = fd
         self.max_viewers = max_viewers
@@ -672,6 +838,7 @@ cdef class Fanout:
             free(self.viewers)
         free(self.free_viewers)
         free(self.switch_log)
+        free(self.burst)
         batch_free(&self.batch)
 
     # -- lookups: unknown ids are the caller's bug, not the peer's -----------------------
@@ -818,6 +985,25 @@ cdef class Fanout:
     @property
     def viewer_count(self) -> int:
         return self.max_viewers - self.free_viewer_count
+
+    @property
+    def gso(self) -> bool:
+        """push_batch sends each viewer's run of equal-length packets as one UDP GSO
+        entry. Turns False by itself when the kernel refuses GSO for this socket's path
+        (see ``gso_error``)."""
+        return self.gso_on
+
+    @gso.setter
+    def gso(self, bint enabled) -> None:
+        self.gso_on = enabled
+        if enabled:
+            self.gso_error = 0
+
+    @property
+    def gso_error(self) -> int:
+        """The errno with which the kernel refused a GSO entry and so turned ``gso``
+        off (EIO, EOPNOTSUPP, ENOPROTOOPT); 0 if that has not happened."""
+        return self.gso_error
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -1011,7 +1197,10 @@ cdef class Fanout:
         cdef Subscription* subscription
         if self.batch.count == 0:
             return 0
-        accepted = batch_send(&self.batch, &self.counters)
+        self.batch.open_message = -1
+        accepted = batch_send(&self.batch, &self.counters, &self.gso_error)
+        if self.gso_error:
+            self.gso_on = 0   # the path refuses UDP GSO: one entry per datagram from now
         for index in range(self.batch.count):
             viewer = &self.viewers[self.batch.slot_viewer[index]]
             if self.batch.accepted[index]:
@@ -1026,6 +1215,7 @@ cdef class Fanout:
                 viewer.send_errors += 1
         self.counters.packets_sent += accepted
         self.batch.count = 0
+        self.batch.message_count = 0
         return accepted
 
     cdef int _queue(self, int32_t viewer_index, Viewer* viewer, int length,
@@ -1034,14 +1224,43 @@ cdef class Fanout:
         self.batch.slot_viewer[self.batch.count] = viewer_index
         self.batch.slot_subscription[self.batch.count] = subscription
         self.batch.slot_payload_len[self.batch.count] = payload_len
-        # Every slot is rewritten: one batch slot serves viewers with and without a source.
-        if viewer.source_control_len:
-            self.batch.messages[self.batch.count].msg_hdr.msg_control = viewer.source_control
-        else:
-            self.batch.messages[self.batch.count].msg_hdr.msg_control = NULL
-        self.batch.messages[self.batch.count].msg_hdr.msg_controllen = viewer.source_control_len
-        batch_commit(&self.batch, length, &viewer.address, viewer.address_len)
+        # Every entry is rewritten: one batch serves viewers with and without a source.
+        batch_commit(&self.batch, length, &viewer.address, viewer.address_len,
+                     viewer.source_control if viewer.source_control_len else NULL,
+                     viewer.source_control_len)
+        self.batch.open_message = -1
         if self.batch.count == self.batch.capacity:
+            return self._flush()
+        return 0
+
+    cdef int _queue_segment(self, int32_t viewer_index, Viewer* viewer, int length,
+                            Subscription* subscription, uint32_t payload_len) noexcept nogil:
+        """As _queue, for a packet of a viewer's run in push_batch: with GSO on, it joins
+        the viewer's open GSO entry if all that entry's segments so far have its first
+        one's length and this one is no longer (udp(7): only the last segment may be
+        shorter; a shorter one closes the entry)."""
+        cdef SendBatch* batch = &self.batch
+        cdef int entry = batch.open_message
+        if not self.gso_on:
+            return self._queue(viewer_index, viewer, length, subscription, payload_len)
+        batch.slot_viewer[batch.count] = viewer_index
+        batch.slot_subscription[batch.count] = subscription
+        batch.slot_payload_len[batch.count] = payload_len
+        if (entry >= 0 and entry == batch.message_count - 1
+                and batch.slot_viewer[batch.message_first[entry]] == viewer_index
+                and length <= batch.message_gso_size[entry]
+                and batch.message_segments[entry] < GSO_MAX_SEGMENTS
+                and batch.message_bytes[entry] + length <= GSO_MAX_BYTES):
+            batch_join(batch, length)
+            if length < batch.message_gso_size[entry]:
+                batch.open_message = -1
+        else:
+            batch_commit(batch, length, &viewer.address, viewer.address_len,
+                         viewer.source_control if viewer.source_control_len else NULL,
+                         viewer.source_control_len)
+            batch.open_message = (batch.message_count - 1 if length <= self.gso_max_segment
+                                  else -1)
+        if batch.count == batch.capacity:
             return self._flush()
         return 0
 
@@ -1189,6 +1408,119 @@ cdef class Fanout:
         subscription.offset_floor_set = 1
         return 1
 
+    cdef int _prepare(self, Track* source, const uint8_t* data, int length, bint keyframe,
+                      BurstPacket* packet) noexcept nogil:
+        """Validate and read one pushed packet into ``packet`` and cache it; 0 if it is to
+        be sent, -1 if it was counted and dropped (malformed or oversized)."""
+        cdef int cache_index
+        cdef uint8_t* cached
+        if length > MAX_RTP_PACKET:
+            self.counters.dropped_too_large += 1
+            return -1
+        if length == 0 or rtp_parse_layout(data, length, &packet.layout) != 0:
+            self.counters.dropped_malformed += 1
+            return -1
+        self.counters.pushed += 1
+        source.pushed += 1
+        packet.data = data
+        packet.length = length
+        packet.padded_length = length
+        packet.keyframe = keyframe
+        packet.sequence = load16(data + 2)
+        packet.timestamp = load32(data + 4)
+        if source.payload_format == PAYLOAD_VP8:
+            vp8_parse_fields(data + packet.layout.header_len, packet.layout.payload_len,
+                             &packet.descriptor)
+        elif source.payload_format == PAYLOAD_VP9:
+            vp9_parse_fields(data + packet.layout.header_len, packet.layout.payload_len,
+                             &packet.descriptor)
+        else:
+            packet.descriptor.present = 0
+        # The one copy that outlives this call: NACKs are answered from it.
+        cache_index = packet.sequence % source.cache_packets
+        cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
+        memcpy(cached, data, length)
+        source.cache_seq[cache_index] = packet.sequence
+        source.cache_len[cache_index] = <uint16_t>length
+        return 0
+
+    cdef int _deliver(self, Track* source, Subscription* subscription,
+                      const BurstPacket* packet, double arrival, bint segment) noexcept nogil:
+        """One pushed packet to one subscription: the keyframe gate, stale and temporal-layer
+        drops, the viewer's header and descriptor, SRTP, and the batch (``segment``: as
+        part of the viewer's run, see _queue_segment). Returns what flushes accepted."""
+        cdef Viewer* viewer = &self.viewers[subscription.viewer]
+        cdef const DescriptorFields* descriptor = &packet.descriptor
+        cdef uint16_t sequence = packet.sequence, out_seq
+        cdef uint32_t timestamp = packet.timestamp
+        cdef int length = packet.length, protected_len, padding
+        cdef bint dropped
+        cdef uint8_t* slot
+        if subscription.wait_keyframe:
+            # A decoder cannot start mid-GOP: hold the viewer until a keyframe.
+            if not packet.keyframe:
+                viewer.dropped_waiting_keyframe += 1
+                self.counters.dropped_waiting_keyframe += 1
+                return 0
+            subscription.wait_keyframe = 0
+            if subscription.switch_from >= 0:
+                self._complete_switch(source, subscription, sequence, timestamp, arrival,
+                                      descriptor)
+        elif subscription.offset_floor_set and seq_before(
+                sequence, subscription.offset_valid_from):
+            # A late packet (a retransmission) from before this viewer's offsets
+            # last changed: renumbered now it would collide with packets sent.
+            self.counters.dropped_stale += 1
+            return 0
+        if source.payload_format == PAYLOAD_VP9:
+            dropped = self._drop_temporal_vp9(subscription, descriptor, sequence)
+        else:
+            dropped = self._drop_temporal(subscription, descriptor, sequence)
+        if dropped:
+            self.counters.dropped_temporal_layer += 1
+            return 0
+        slot = batch_next_slot(&self.batch)
+        memcpy(slot, packet.data, length)
+        rtp_rewrite(slot, &packet.layout, subscription, sequence, timestamp)
+        if descriptor.present:
+            descriptor_rewrite(slot + packet.layout.header_len, descriptor, subscription)
+        out_seq = <uint16_t>(sequence + subscription.seq_offset)
+        if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
+            subscription.has_sent = 1
+            subscription.last_seq = out_seq
+            subscription.last_ts = timestamp + subscription.ts_offset
+            subscription.last_sent_at = arrival
+            if descriptor.present and descriptor.picture_id >= 0:
+                subscription.has_picture_state = 1
+                subscription.last_picture_id = <uint16_t>(
+                    (descriptor.picture_id + subscription.picture_id_offset) & 0x7FFF)
+                if descriptor.tl0_pic_idx >= 0:
+                    subscription.last_tl0 = <uint8_t>(
+                        descriptor.tl0_pic_idx + subscription.tl0_offset)
+        padding = packet.padded_length - length
+        if segment and padding > 0 and self.gso_on:
+            # RFC 3550 §5.1: P set, padding octets after the payload, the last one counting
+            # them all (itself and any padding the publisher sent). The viewer strips it;
+            # SRTP encrypts and authenticates it with the payload (RFC 3711 §3.1).
+            memset(slot + length, 0, padding)
+            slot[0] |= 0x20
+            length += padding
+            slot[length - 1] = <uint8_t>(packet.layout.padding_len + padding)
+            if packet.layout.padding_len:
+                slot[length - padding - 1] = 0
+            self.counters.padded_packets += 1
+            self.counters.padding_bytes += padding
+        protected_len = srtp_protect_rtp(&viewer.tx, slot, length, BATCH_SLOT_SIZE)
+        if protected_len < 0:
+            viewer.protect_errors += 1
+            self.counters.protect_errors += 1
+            return 0
+        if segment:
+            return self._queue_segment(subscription.viewer, viewer, protected_len, subscription,
+                                       packet.layout.payload_len)
+        return self._queue(subscription.viewer, viewer, protected_len, subscription,
+                           packet.layout.payload_len)
+
     def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False,
              now=None) -> int:
         """Cache ``packet`` (plain RTP) and send it to every subscriber of ``track``;
@@ -1197,94 +1529,106 @@ cdef class Fanout:
         CLOCK_MONOTONIC) times layer switches."""
         cdef Track* source = self._track(track)
         cdef int length = packet.shape[0]
-        cdef RtpLayout layout
-        cdef DescriptorFields descriptor
-        cdef bint dropped
-        cdef uint16_t sequence, out_seq
-        cdef uint32_t timestamp
-        cdef int index, protected_len, sent = 0, cache_index
+        cdef int index, sent = 0
         cdef double arrival = monotonic_seconds() if now is None else <double>now
-        cdef Subscription* subscription
-        cdef Viewer* viewer
-        cdef uint8_t* slot
-        cdef uint8_t* cached
-        if length > MAX_RTP_PACKET:
-            self.counters.dropped_too_large += 1
-            return 0
-        if length == 0 or rtp_parse_layout(&packet[0], length, &layout) != 0:
+        cdef BurstPacket* prepared = &self.burst[0]
+        if length == 0:
             self.counters.dropped_malformed += 1
             return 0
-        self.counters.pushed += 1
-        source.pushed += 1
-        sequence = load16(&packet[2])
-        timestamp = load32(&packet[4])
         with nogil:
-            if source.payload_format == PAYLOAD_VP8:
-                vp8_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &descriptor)
-            elif source.payload_format == PAYLOAD_VP9:
-                vp9_parse_fields(&packet[0] + layout.header_len, layout.payload_len, &descriptor)
-            else:
-                descriptor.present = 0
-            # The one copy that outlives this call: NACKs are answered from it.
-            cache_index = sequence % source.cache_packets
-            cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
-            memcpy(cached, &packet[0], length)
-            source.cache_seq[cache_index] = sequence
-            source.cache_len[cache_index] = <uint16_t>length
-            index = 0
-            while index < source.subscription_count:
-                subscription = &source.subscriptions[index]
-                index += 1
-                viewer = &self.viewers[subscription.viewer]
-                if subscription.wait_keyframe:
-                    # A decoder cannot start mid-GOP: hold the viewer until a keyframe.
-                    if not keyframe:
-                        viewer.dropped_waiting_keyframe += 1
-                        self.counters.dropped_waiting_keyframe += 1
-                        continue
-                    subscription.wait_keyframe = 0
-                    if subscription.switch_from >= 0:
-                        self._complete_switch(source, subscription, sequence, timestamp,
-                                              arrival, &descriptor)
-                elif subscription.offset_floor_set and seq_before(
-                        sequence, subscription.offset_valid_from):
-                    # A late packet (a retransmission) from before this viewer's offsets
-                    # last changed: renumbered now it would collide with packets sent.
-                    self.counters.dropped_stale += 1
+            if self._prepare(source, &packet[0], length, keyframe, prepared) == 0:
+                index = 0
+                while index < source.subscription_count:
+                    sent += self._deliver(source, &source.subscriptions[index], prepared,
+                                          arrival, 0)
+                    index += 1
+                sent += self._flush()
+        return sent
+
+    cdef void _equalize(self, int count) noexcept nogil:
+        """Give the burst's packets RTP padding so that runs of them have one length:
+        consecutive packets whose lengths differ by at most ``pad_limit`` octets are padded
+        to the longest of them, except the last of each run, which a GSO entry allows to be
+        shorter. Chromium's packetizer splits a frame into near-equal packets (libwebrtc
+        SplitAboutEqually: sizes differ by one octet), so runs are usually a frame long."""
+        cdef int start = 0, end, index, longest, shortest, length, limit = self.pad_limit
+        cdef int room = self.gso_max_segment - SRTP_MAX_OVERHEAD
+        cdef BurstPacket* packet
+        while start < count:
+            longest = shortest = self.burst[start].length
+            end = start + 1
+            while end < count and end - start < GSO_MAX_SEGMENTS:
+                length = self.burst[end].length
+                if length > longest:
+                    if length - shortest > limit or length > room:
+                        break
+                    longest = length
+                elif longest - length > limit:
+                    end += 1    # much shorter: it can end the run as it is
+                    break
+                elif length < shortest:
+                    shortest = length
+                end += 1
+            if longest <= room:
+                for index in range(start, end - 1):
+                    packet = &self.burst[index]
+                    # The padding count octet covers all padding (RFC 3550 §5.1).
+                    if (packet.length < longest
+                            and packet.layout.padding_len + longest - packet.length <= 255):
+                        packet.padded_length = longest
+            start = end
+
+    def push_batch(self, int track, packets, keyframes=None, now=None) -> int:
+        """Push the packets of ``track`` that arrived together (one read burst of the
+        publisher's socket, or one relay delivery), in order; ``keyframes[i]`` is push()'s
+        ``keyframe`` for ``packets[i]`` (None: none is). Each viewer gets the same packets
+        and the same per-packet rules as from push() one by one, but back to back: with
+        ``gso`` on, its run goes out as UDP GSO entries (udp(7) UDP_SEGMENT), one walk of
+        the kernel's UDP/IP stack per entry, and packets whose lengths differ by a few
+        octets get RTP padding to make the run equal (see _equalize). Returns datagrams
+        the kernel accepted."""
+        cdef Track* source = self._track(track)
+        cdef list held = [bytes(packet) if not isinstance(packet, bytes) else packet
+                          for packet in packets]
+        cdef list flags
+        cdef int total = len(held), chunk, offset = 0, count, index, sent = 0, subscription
+        cdef int capacity = min(BURST_CAPACITY, self.batch.capacity)
+        cdef double arrival = monotonic_seconds() if now is None else <double>now
+        cdef bytes data
+        if keyframes is None:
+            flags = [False] * total
+        else:
+            flags = [bool(flag) for flag in keyframes]
+            if len(flags) != total:
+                raise ValueError("keyframes must have one flag per packet")
+        while offset < total:
+            chunk = min(capacity, total - offset)
+            count = 0
+            for index in range(offset, offset + chunk):
+                data = held[index]
+                if len(data) == 0:
+                    self.counters.dropped_malformed += 1
                     continue
-                if source.payload_format == PAYLOAD_VP9:
-                    dropped = self._drop_temporal_vp9(subscription, &descriptor, sequence)
-                else:
-                    dropped = self._drop_temporal(subscription, &descriptor, sequence)
-                if dropped:
-                    self.counters.dropped_temporal_layer += 1
-                    continue
-                slot = batch_next_slot(&self.batch)
-                memcpy(slot, cached, length)
-                rtp_rewrite(slot, &layout, subscription, sequence, timestamp)
-                if descriptor.present:
-                    descriptor_rewrite(slot + layout.header_len, &descriptor, subscription)
-                out_seq = <uint16_t>(sequence + subscription.seq_offset)
-                if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
-                    subscription.has_sent = 1
-                    subscription.last_seq = out_seq
-                    subscription.last_ts = timestamp + subscription.ts_offset
-                    subscription.last_sent_at = arrival
-                    if descriptor.present and descriptor.picture_id >= 0:
-                        subscription.has_picture_state = 1
-                        subscription.last_picture_id = <uint16_t>(
-                            (descriptor.picture_id + subscription.picture_id_offset) & 0x7FFF)
-                        if descriptor.tl0_pic_idx >= 0:
-                            subscription.last_tl0 = <uint8_t>(
-                                descriptor.tl0_pic_idx + subscription.tl0_offset)
-                protected_len = srtp_protect_rtp(&viewer.tx, slot, length, BATCH_SLOT_SIZE)
-                if protected_len < 0:
-                    viewer.protect_errors += 1
-                    self.counters.protect_errors += 1
-                    continue
-                sent += self._queue(subscription.viewer, viewer, protected_len, subscription,
-                                    layout.payload_len)
-            sent += self._flush()
+                if self._prepare(source, <const uint8_t*><const char*>data, len(data),
+                                 flags[index], &self.burst[count]) == 0:
+                    count += 1
+            offset += chunk
+            if count == 0:
+                continue
+            with nogil:
+                if self.gso_on and count > 1:
+                    self._equalize(count)
+                subscription = 0
+                while subscription < source.subscription_count:
+                    # A viewer's run stays in one batch, so it is never split by a flush.
+                    if self.batch.count + count > self.batch.capacity:
+                        sent += self._flush()
+                    self.batch.open_message = -1
+                    for index in range(count):
+                        sent += self._deliver(source, &source.subscriptions[subscription],
+                                              &self.burst[index], arrival, 1)
+                    subscription += 1
+                sent += self._flush()
         return sent
 
     def resend(self, int viewer, int track, seqs) -> int:
@@ -1479,14 +1823,24 @@ cdef class Fanout:
             "switch_log_overflows": self.counters.switch_log_overflows,
             "dropped_temporal_layer": self.counters.dropped_temporal_layer,
             "dropped_stale": self.counters.dropped_stale,
+            "gso": bool(self.gso_on),
+            "gso_error": self.gso_error,
+            "gso_messages": self.counters.gso_messages,
+            "gso_segments": self.counters.gso_segments,
+            "gso_refused": self.counters.gso_refused,
+            "padded_packets": self.counters.padded_packets,
+            "padding_bytes": self.counters.padding_bytes,
         }
 
 
 def measure_send_limit(int fd, destinations, *, int profile, int packet_size, int packets,
-                       int batch_size=32):
+                       int batch_size=32, int segments=1):
     """The same-run limit for benchmarks: protect one packet per destination with ONE
     SRTP context and sendmmsg the batches, with none of the fan-out's per-viewer work.
-    ``packets`` packets each go to every destination. Returns (datagrams sent, seconds)."""
+    ``packets`` packets each go to every destination. ``segments`` > 1: the packets go in
+    runs of that many per destination, protected back to back and sent as one UDP GSO
+    entry each (udp(7) UDP_SEGMENT), the limit of the GSO fan-out. Returns (datagrams
+    sent, seconds)."""
     cdef int family = socket_family(fd)
     cdef int count = len(destinations)
     cdef sockaddr_in6* addresses
@@ -1495,7 +1849,8 @@ def measure_send_limit(int fd, destinations, *, int profile, int packet_size, in
     cdef FanoutCounters counters
     cdef SrtpCtx context
     cdef uint8_t template[MAX_RTP_PACKET]
-    cdef int index, destination, packet_index, result
+    cdef int index, destination, packet_index, result, run, segment, gso_error = 0
+    cdef bint opened
     cdef uint16_t sequence = 0
     cdef uint8_t* slot
     cdef long long sent = 0
@@ -1504,6 +1859,8 @@ def measure_send_limit(int fd, destinations, *, int profile, int packet_size, in
         raise ValueError("packet_size must be 12..1500, packets >= 0, destinations non-empty")
     if not 1 <= batch_size <= 1024:
         raise ValueError("batch_size must be in 1..1024")
+    if not 1 <= segments <= min(GSO_MAX_SEGMENTS, batch_size):
+        raise ValueError("segments must be in 1..min(64, batch_size)")
     key_len, salt_len = profile_key_lengths(profile)
     key = _os.urandom(key_len)
     salt = _os.urandom(salt_len)
@@ -1527,23 +1884,34 @@ def measure_send_limit(int fd, destinations, *, int profile, int packet_size, in
         store32(template + 8, 0x5EED5EED)
         with nogil:
             started = monotonic_seconds()
-            for packet_index in range(packets):
+            packet_index = 0
+            while packet_index < packets:
+                run = min(segments, packets - packet_index)
                 for destination in range(count):
-                    slot = batch_next_slot(&batch)
-                    memcpy(slot, template, packet_size)
-                    store16(slot + 2, sequence)
-                    sequence += 1
-                    result = srtp_protect_rtp(&context, slot, packet_size, BATCH_SLOT_SIZE)
-                    if result < 0:
-                        continue
-                    batch_commit(&batch, result, &addresses[destination],
-                                 address_lens[destination])
-                    if batch.count == batch.capacity:
-                        sent += batch_send(&batch, &counters)
+                    if batch.count + run > batch.capacity:
+                        sent += batch_send(&batch, &counters, &gso_error)
                         batch.count = 0
+                        batch.message_count = 0
+                    opened = 0
+                    for segment in range(run):
+                        slot = batch_next_slot(&batch)
+                        memcpy(slot, template, packet_size)
+                        store16(slot + 2, sequence)
+                        sequence += 1
+                        result = srtp_protect_rtp(&context, slot, packet_size, BATCH_SLOT_SIZE)
+                        if result < 0:
+                            continue
+                        if not opened:
+                            batch_commit(&batch, result, &addresses[destination],
+                                         address_lens[destination], NULL, 0)
+                            opened = 1
+                        else:
+                            batch_join(&batch, result)
+                packet_index += run
             if batch.count:
-                sent += batch_send(&batch, &counters)
+                sent += batch_send(&batch, &counters, &gso_error)
                 batch.count = 0
+                batch.message_count = 0
             elapsed = monotonic_seconds() - started
     finally:
         srtp_ctx_clear(&context)

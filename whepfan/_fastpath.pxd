@@ -133,6 +133,17 @@ cdef enum:
     # One IPV6_PKTINFO control message: CMSG_SPACE(sizeof(in6_pktinfo)) = 16 + 24 on
     # LP64 Linux (checked at import); an IP_PKTINFO one (16 + 16) fits as well.
     SOURCE_CONTROL_WORDS = 5
+    # UDP GSO (udp(7) UDP_SEGMENT). One GSO entry carries at most this many segments
+    # (the kernel's UDP_MAX_SEGMENTS is 64 before Linux 5.5, 128 after) and this many
+    # payload bytes (a UDP datagram's length field is 16 bits).
+    GSO_MAX_SEGMENTS = 64
+    GSO_MAX_BYTES = 65000
+    # A GSO entry's control messages: the viewer's source control message, then
+    # CMSG_SPACE(sizeof(uint16_t)) = 24 bytes of UDP_SEGMENT (checked at import).
+    GSO_CONTROL_WORDS = SOURCE_CONTROL_WORDS + 3
+    # Packets of one track handed to Fanout.push_batch in one go; more are taken in
+    # chunks of this many (transport.py reads at most RECEIVE_BURST = 64 per wake-up).
+    BURST_CAPACITY = 64
 
 
 # Where the parts of one RTP packet are, found once per push and reused for every viewer.
@@ -264,20 +275,49 @@ cdef struct FanoutCounters:
     uint64_t switch_log_overflows
     uint64_t dropped_temporal_layer
     uint64_t dropped_stale          # pushed packets older than a subscription's offsets
+    uint64_t gso_messages           # sendmmsg entries that carried >= 2 segments (UDP GSO)
+    uint64_t gso_segments           # datagrams those entries carried
+    uint64_t gso_refused            # GSO entries the kernel refused, re-sent one per entry
+    uint64_t padded_packets         # packets given RTP padding to equal their run's size
+    uint64_t padding_bytes          # padding octets that added
 
 
-# Preallocated datagrams for one sendmmsg(2) call.
+# Preallocated datagrams for one sendmmsg(2) call. A slot is one datagram; an entry
+# (mmsghdr) is one slot, or, with UDP GSO, a run of consecutive slots for one viewer
+# (msg_iov spans their iovecs) with a UDP_SEGMENT control message.
 cdef struct SendBatch:
     int fd
     int capacity
-    int count
+    int count                    # slots in use
+    int message_count            # entries in use
+    int open_message             # the entry the next segment of this run may join; -1
     uint8_t* buffers             # capacity slots of BATCH_SLOT_SIZE bytes
-    iovec* iov
-    mmsghdr* messages
+    iovec* iov                   # per slot
+    mmsghdr* messages            # per entry
+    int32_t* message_first       # per entry: its first slot
+    int32_t* message_segments    # per entry: slots it carries
+    int32_t* message_bytes       # per entry: payload bytes of those slots
+    uint16_t* message_gso_size   # per entry: length of its first segment
+    void** message_plain_control     # per entry: the viewer's own control message ...
+    size_t* message_plain_controllen # ... which a plain re-send of its segments uses
+    uint64_t* gso_control        # per entry: GSO_CONTROL_WORDS words of control messages
     uint8_t* accepted            # per slot, after flush: 1 if the kernel took it
     int32_t* slot_viewer         # per slot: viewer index (Fanout bookkeeping)
     Subscription** slot_subscription   # per slot: RTP data counted for SRs, or NULL
     uint32_t* slot_payload_len
+
+
+# One publisher packet of a push_batch burst: where it is and what push() reads from it,
+# found once and reused for every viewer.
+cdef struct BurstPacket:
+    const uint8_t* data          # the caller's bytes (alive for the whole call)
+    int length
+    int padded_length            # with RTP padding to its run's segment size (GSO only)
+    uint16_t sequence
+    uint32_t timestamp
+    uint8_t keyframe
+    RtpLayout layout
+    DescriptorFields descriptor
 
 
 # ------------------------------------------------------------------ receiver (_receiver.pxi)

@@ -67,6 +67,9 @@ class Fanout:
         max_viewers: int = 16384,
         max_tracks: int = 64,
         batch_size: int = 32,
+        gso: bool = False,
+        gso_max_segment: int = 1452,
+        pad_limit: int = 32,
     ) -> None: ...
     # Tracks are ingest streams (one SSRC of the publisher: audio, a video layer).
     def add_track(
@@ -140,6 +143,25 @@ class Fanout:
         waiting for one start there (and pending switches complete). ``now`` is the
         caller's monotonic time in seconds (default: CLOCK_MONOTONIC)."""
 
+    def push_batch(
+        self,
+        track: int,
+        packets: Sequence[bytes],
+        keyframes: Sequence[bool] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """push() for packets of ``track`` that arrived together, viewer by viewer: with
+        ``gso`` on, each viewer's run of equal-length packets goes out as one UDP GSO
+        entry (near-equal ones padded, RFC 3550 §5.1). Returns datagrams sent."""
+
+    @property
+    def gso(self) -> bool:
+        """push_batch uses UDP GSO; False after the kernel refused it (``gso_error``)."""
+
+    @gso.setter
+    def gso(self, enabled: bool) -> None: ...
+    @property
+    def gso_error(self) -> int: ...
     def resend(self, viewer: int, track: int, seqs: Sequence[int]) -> int:
         """Answer a NACK: re-send the viewer's sequence numbers ``seqs`` from the cache
         (as RTX when the subscription has an RTX ssrc/pt). Returns packets re-sent."""
@@ -163,6 +185,7 @@ def measure_send_limit(
     packet_size: int,
     packets: int,
     batch_size: int = 32,
+    segments: int = 1,
 ) -> tuple[int, float]:
     """The same-run limit for benchmarks: a plain C loop that protects one packet per
     destination with the same crypto and sends with ``sendmmsg``.

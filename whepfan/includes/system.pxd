@@ -53,6 +53,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags)
     int getsockname(int sockfd, sockaddr* addr, socklen_t* addrlen)
     int getsockopt(int sockfd, int level, int optname, void* optval, socklen_t* optlen)
+    int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -98,8 +99,24 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned int ipi6_ifindex
 
 
+cdef extern from "<netinet/udp.h>" nogil:
+    # udp(7) UDP_SEGMENT (Linux 4.18, "UDP GSO"): as a SOL_UDP control message on send,
+    # a uint16_t segment size; the kernel cuts the datagram's payload into datagrams of
+    # that size (the last may be shorter), walking the UDP/IP stack once for all of
+    # them. UDP_GRO (Linux 5.0): a receiving socket may get such a run coalesced, with
+    # the segment size in a SOL_UDP/UDP_GRO control message (an int).
+    enum: SOL_UDP
+    enum: UDP_SEGMENT
+    enum: UDP_GRO
+
+
 cdef extern from "<errno.h>" nogil:
     int errno
     enum: EAGAIN
     enum: ENOBUFS
     enum: EINTR
+    enum: EIO
+    enum: EINVAL
+    enum: EMSGSIZE
+    enum: EOPNOTSUPP
+    enum: ENOPROTOOPT
