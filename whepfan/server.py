@@ -232,7 +232,12 @@ async def run(
     )
     if cluster is not None:
         cluster.add_routes(app)
-    add_metrics_route(app, backend.stats, token=settings.metrics_token)
+    add_metrics_route(
+        app,
+        backend.stats,
+        token=settings.metrics_token,
+        collectors=[cluster.collector()] if cluster is not None else [],
+    )
     hub = app.get(EVENT_HUB_KEY)
     if isinstance(backend, WorkerPool) and hub is not None:
         # A crashed worker's viewers must come back through signalling (another worker).
@@ -324,13 +329,17 @@ async def start_cluster(
         # Upstream sessions feed one router; with worker processes they would have to
         # enter the origin worker's relay (docs/scaling.md, "--workers N").
         raise SettingsError("--upstream and --cluster need --workers 1 for now")
-    assert settings.upstream is not None
-    node = ClusterNode.static_edge(
-        router=backend.router,
+    node = ClusterNode.create(
+        backend=backend,
         clock=clock,
-        template=settings.upstream,
-        token=settings.upstream_token,
+        upstream=settings.upstream,
+        upstream_token=settings.upstream_token,
+        cluster=settings.cluster,
+        node_url=settings.node_url,
+        cluster_token=settings.cluster_token,
+        max_upstream_pulls=settings.max_upstream_pulls,
         grace=settings.upstream_grace,
+        api_token=settings.metrics_token,
     )
     await node.start()
     return node

@@ -148,6 +148,8 @@ class ViewerResult:
     stalls: int = 0  # silences longer than the stall gap (stalls.py)
     longest_gap: float = 0.0  # seconds: the longest silence once its media path was ready
     stalled_at_end: bool = False  # still silent when the run ended
+    endpoint: str | None = None  # where the POST was answered (after any 307s)
+    redirects: int = 0
     counters: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -196,6 +198,8 @@ class _Viewer:
                 self._fail(f"POST failed: {exc}")
                 return
             self.result.status = answer.status
+            self.result.endpoint = answer.endpoint
+            self.result.redirects = answer.redirects
             if answer.status != 201 or answer.answer is None:
                 self.result.outcome = "rejected"
                 self.result.error = problem_summary(

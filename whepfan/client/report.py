@@ -191,6 +191,9 @@ def summarize(
         "failed": outcomes.get("failed", 0),
         "rejected": outcomes.get("rejected", 0),
         "answers": dict(sorted(statuses.items())),
+        # Where the viewers were answered: a cluster places them by 307 (RFC 9725 §4.5).
+        "endpoints": dict(sorted(Counter(v.endpoint for v in viewers if v.endpoint).items())),
+        "redirected": sum(1 for v in viewers if v.redirects),
         "errors": dict(Counter(v.error for v in viewers if v.error).most_common(10)),
         "latency_ms": latencies,
         "loss_percent": {
@@ -288,6 +291,11 @@ def render_text(report: LoadTestReport) -> str:
         f"{summary['rejected']} rejected, {stalls['viewers']} stalled",
         "answers: " + ", ".join(f"{code} x{count}" for code, count in summary["answers"].items()),
     ]
+    if summary.get("redirected"):
+        lines.append(
+            f"redirected {summary['redirected']} of {summary['viewers']}; answered by "
+            + ", ".join(f"{url} x{count}" for url, count in summary["endpoints"].items())
+        )
     if summary["stopped_early"]:
         lines.append(f"stopped early: {summary['stopped_early']}")
     lines += [

@@ -20,6 +20,10 @@ class OfferResult:
     location: str | None = None  # absolute URL of the session resource
     retry_after: str | None = None
     detail: str = ""
+    # The endpoint that answered, after following ``redirects`` 307/308s (a cluster's
+    # placement, RFC 9725 §4.5).
+    endpoint: str = ""
+    redirects: int = 0
 
 
 def _headers(token: str | None, content_type: str | None = None) -> dict[str, str]:
@@ -31,25 +35,51 @@ def _headers(token: str | None, content_type: str | None = None) -> dict[str, st
     return headers
 
 
+# Redirects followed at most per POST (a cluster places a viewer in one hop).
+MAX_REDIRECTS = 5
+
+
 async def post_offer(
     http: aiohttp.ClientSession, url: str, offer: str, *, token: str | None = None
 ) -> OfferResult:
     """POST an SDP offer; any status is a result (failures are reported, not raised),
-    network errors raise ``aiohttp.ClientError`` / ``OSError``."""
-    async with http.post(
-        url, data=offer.encode(), headers=_headers(token, "application/sdp")
-    ) as response:
-        body = await response.text(errors="replace")
-        if response.status != 201:
+    network errors raise ``aiohttp.ClientError`` / ``OSError``.
+
+    A 307 or 308 is followed with the same body and the same token (RFC 9110 §15.4.8:
+    the method and content are kept). aiohttp, like fetch, would drop Authorization on a
+    redirect to another origin; a WHIP/WHEP load balancer redirects to another node of
+    the same service, which accepts the same token (RFC 9725 §4.5), so it is resent."""
+    endpoint = url
+    for redirects in range(MAX_REDIRECTS + 1):
+        async with http.post(
+            endpoint,
+            data=offer.encode(),
+            headers=_headers(token, "application/sdp"),
+            allow_redirects=False,
+        ) as response:
+            body = await response.text(errors="replace")
+            target = response.headers.get("Location")
+            if response.status in (307, 308) and target and redirects < MAX_REDIRECTS:
+                endpoint = urllib.parse.urljoin(endpoint, target)
+                continue
+            if response.status != 201:
+                return OfferResult(
+                    status=response.status,
+                    retry_after=response.headers.get("Retry-After"),
+                    detail=body[:300],
+                    endpoint=endpoint,
+                    redirects=redirects,
+                )
+            # RFC 9725 §4.2: Location may be relative to the endpoint URL.
+            absolute = urllib.parse.urljoin(endpoint, target) if target else None
             return OfferResult(
-                status=response.status,
-                retry_after=response.headers.get("Retry-After"),
-                detail=body[:300],
+                status=201,
+                answer=body,
+                location=absolute,
+                endpoint=endpoint,
+                redirects=redirects,
             )
-        location = response.headers.get("Location")
-        # RFC 9725 §4.2: Location may be relative to the endpoint URL.
-        absolute = urllib.parse.urljoin(url, location) if location else None
-        return OfferResult(status=201, answer=body, location=absolute)
+    raise AssertionError("unreachable: the last iteration returns")
 
 
 async def delete_session(

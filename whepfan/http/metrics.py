@@ -290,7 +290,11 @@ class HttpCollector(Collector):
 
 
 def add_metrics_route(
-    app: web.Application, stats: Callable[[], ServerStats], *, token: str | None = None
+    app: web.Application,
+    stats: Callable[[], ServerStats],
+    *,
+    token: str | None = None,
+    collectors: Iterable[Collector] = (),
 ) -> None:
     """Serve ``GET /metrics`` from ``stats`` (called once per scrape); with ``token``, only
     to requests that present it (others get 401 + ``WWW-Authenticate: Bearer``, as
@@ -298,6 +302,8 @@ def add_metrics_route(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(stats))
     registry.register(HttpCollector(app))
+    for collector in collectors:  # e.g. the cluster's (whepfan/cluster/node.py)
+        registry.register(collector)
     # The standard process_* metrics of the serving process (process_cpu_seconds_total
     # is what `whepfan loadtest --server-metrics` plots against viewers). With worker
     # processes it covers the control plane only: each worker is a process of its own.
