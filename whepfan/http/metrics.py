@@ -113,6 +113,19 @@ def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
         "fanout",
         "resend_misses",
     )
+    nacks = CounterMetricFamily(
+        "whepfan_upstream_nacks",
+        "Publisher packets NACKed (RFC 4585 §6.2.1, each retry counted), repaired by the "
+        "publisher's retransmission, or given up (a keyframe request follows).",
+        labels=["worker", "outcome"],
+    )
+    for worker in workers:
+        for outcome in ("sent_upstream", "recovered", "unrepairable"):
+            nacks.add_metric(
+                [_label(worker), outcome.removesuffix("_upstream")],
+                worker.router.get(f"nack_{outcome}", 0),
+            )
+    yield nacks
     drops = CounterMetricFamily(
         "whepfan_dropped_packets",
         "Packets dropped, by reason (router input and fan-out output).",
