@@ -55,8 +55,10 @@ def redis(log_dir: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def nodes(redis: RedisServer, log_dir: Path) -> Iterator[dict[str, Node]]:
+    # The origin serves one upstream pull at most: a second edge pulls from the first.
+    limits = {"origin": ["--max-upstream-pulls", "1"]}
     started = {
-        name: cluster_node(name, log_dir, redis, "--upstream-grace", "2")
+        name: cluster_node(name, log_dir, redis, "--upstream-grace", "2", *limits.get(name, []))
         for name in ("origin", "edge-a", "edge-b")
     }
     try:
@@ -87,6 +89,12 @@ def carriers(node: Node, stream: str) -> dict[str, object]:
     listed = node.cluster()["nodes"]
     assert isinstance(listed, list)
     return {n["id"]: n["streams"][stream]["from"] for n in listed if stream in n["streams"]}
+
+
+def pulls_served_by(node: Node, source: str) -> int:
+    listed = node.cluster()["nodes"]
+    assert isinstance(listed, list)
+    return sum(1 for n in listed for s in n["streams"].values() if s["from"] == source)
 
 
 async def post_status(url: str, offer: str, **headers: str) -> tuple[int, dict[str, str], str]:
@@ -138,6 +146,37 @@ async def test_an_edge_pulls_a_stream_of_the_origin_and_placement_sends_viewers_
             await viewer.close()
 
 
+async def test_a_second_edge_pulls_from_the_first_when_the_origin_serves_its_limit(
+    nodes: dict[str, Node],
+) -> None:
+    origin, edge_a, edge_b = nodes["origin"], nodes["edge-a"], nodes["edge-b"]
+    # Earlier tests' pulls are released (a 2 s grace) before the origin's one is taken.
+    assert wait_for(lambda: pulls_served_by(edge_a, origin.url) == 0, 15)
+    async with publisher(origin, "tree"):
+        assert wait_for(lambda: origin.url in carriers(edge_b, "tree"))
+        first, second = DecodingViewer(), DecodingViewer()
+        try:
+            await start_viewer(first, f"{edge_a.url}/whep/tree?placed=1")
+            assert await wait_until(lambda: len(first.video_frames) >= 5, 15)
+            # Every node sees that the origin now serves its one pull (edge A's).
+            assert wait_for(lambda: carriers(edge_b, "tree").get(edge_a.url) == origin.url)
+            await start_viewer(second, f"{edge_b.url}/whep/tree?placed=1")
+            assert await wait_until(lambda: len(second.video_frames) >= 10, 15)
+            assert second.video_frames[-1].width == 320
+            pulls = edge_b.cluster()["pulls"]
+            # origin -> edge A -> edge B: a two-level tree.
+            assert pulls["tree"]["node"] == edge_a.url  # type: ignore[index]
+            assert wait_for(
+                lambda: (
+                    carriers(origin, "tree")
+                    == {origin.url: None, edge_a.url: origin.url, edge_b.url: edge_a.url}
+                )
+            )
+        finally:
+            await first.close()
+            await second.close()
+
+
 def _recvonly_offer() -> str:
     """A WHEP offer for the answers that come before any media (307, 503)."""
     ufrag, pwd = new_ice_credentials()
@@ -155,6 +194,7 @@ async def test_redis_stopped_local_viewers_keep_watching_new_pulls_get_503_and_n
     nodes: dict[str, Node], redis: RedisServer
 ) -> None:
     origin, edge_a, edge_b = nodes["origin"], nodes["edge-a"], nodes["edge-b"]
+    assert wait_for(lambda: pulls_served_by(edge_a, origin.url) == 0, 15)
     async with publisher(origin, "steady"):
         assert wait_for(lambda: origin.url in carriers(edge_a, "steady"))
         viewer = DecodingViewer()

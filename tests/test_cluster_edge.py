@@ -148,3 +148,32 @@ async def test_edge_viewers_resume_when_the_origin_publisher_returns(
         assert origin_viewers(origin, "returning") == 1
     finally:
         await viewer.close()
+
+
+async def test_a_lost_upstream_is_pulled_again_and_edge_viewers_resume(
+    origin: LiveServer, edge: LiveServer
+) -> None:
+    async with publisher(origin, "lost"):
+        viewer = DecodingViewer()
+        try:
+            await start_viewer(viewer, f"{edge.url}/whep/lost")
+            await decode_frames(viewer, 5)
+            assert origin.info is not None and edge.info is not None
+            backend = origin.info.backend
+            (upstream_id,) = backend.streams["lost"].viewers
+            # The origin ends the edge's session (DTLS close_notify): the edge notices,
+            # backs off, pulls again; its viewer stays on the same session throughout.
+            origin.loop.call_soon_threadsafe(
+                backend.end_session, upstream_id, origin.loop.time(), "deleted"
+            )
+            assert await wait_until(
+                lambda: set(backend.streams["lost"].viewers) - {upstream_id}, 10
+            )
+            before = len(viewer.video_frames)
+            await decode_frames(viewer, before + 10)
+            pulls = (await cluster_state(edge))["pulls"]
+            assert isinstance(pulls, dict)
+            assert pulls["lost"]["connected"] is True
+            assert pulls["lost"]["last_error"] == "the server closed DTLS (close_notify)"
+        finally:
+            await viewer.close()
