@@ -13,11 +13,14 @@ nothing is dropped.
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import pytest
+from test_router import CLIENT, Harness, connect_viewer
 
+from whepfan import _fastpath
 from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.nack import (
     Arrival,
@@ -26,7 +29,7 @@ from whepfan.media.nack import (
     RepairRtt,
     UpstreamRepair,
 )
-from whepfan.media.session import PublisherSession
+from whepfan.media.session import PublisherSession, ViewerSession
 from whepfan.media.streams import Stream, Track
 from whepfan.media.timers import TimerKind, Timers
 from whepfan.protocol import rtcp
@@ -392,3 +395,101 @@ def test_a_new_publisher_starts_from_nothing() -> None:
     worker.video_packet(8, 10.0)
     worker.run_until(20.0)
     assert worker.sender.datagrams == []
+
+
+# --------------------------------------------- through the router, SRTP and the Fanout
+
+
+VP8_KEYFRAME = b"\x10" + bytes([0x50, 0x02, 0x00, 0x9D, 0x01, 0x2A, 0x40, 0x01, 0xF0, 0x00])
+CHROMIUM_VIDEO_SSRC, CHROMIUM_RTX_SSRC = 1750141743, 2201050024  # the fixture's FID group
+
+
+def _vp8(seq: int, *, ssrc: int = CHROMIUM_VIDEO_SSRC, keyframe: bool = False) -> bytes:
+    # RTP header (RFC 3550 §5.1, PT 96) + a VP8 descriptor (RFC 7741 §4.2): a keyframe
+    # start, or a middle packet (S = 0) of the same picture.
+    header = bytes([0x80, 96]) + seq.to_bytes(2, "big") + (90000).to_bytes(4, "big")
+    body = VP8_KEYFRAME if keyframe else b"\x00"
+    return header + ssrc.to_bytes(4, "big") + body + bytes([seq % 256]) * 40
+
+
+def test_a_publisher_gap_is_nacked_repaired_by_rtx_and_served_to_viewers() -> None:
+    """The whole path in memory: the publisher's SRTP with a gap, our SRTCP NACK naming
+    its media SSRC, its RTX (RFC 4588 §4) unwrapped and fanned out, and a viewer's own
+    NACK for that packet answered from the fan-out cache."""
+    harness = Harness()
+    viewer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    viewer_sock.bind(("127.0.0.1", 0))
+    viewer_sock.settimeout(5.0)
+    try:
+        router = harness.router
+        publisher_address = ("127.0.0.1", CLIENT[1] + 1)
+        viewer_address = viewer_sock.getsockname()
+        publisher_id, _, now = connect_viewer(
+            harness, 0.0, publisher=True, client=publisher_address
+        )
+        viewer_id, _, now = connect_viewer(harness, now, client=viewer_address)
+        keys = router.sessions[publisher_id].keys
+        viewer = router.sessions[viewer_id]
+        assert keys is not None and viewer.keys is not None
+        assert isinstance(viewer, ViewerSession)
+        rtp_out = _fastpath.SrtpSession(keys.profile, keys.remote_key, keys.remote_salt)
+        rtcp_in = _fastpath.SrtpSession(keys.profile, keys.local_key, keys.local_salt)
+        harness.take_sent()
+
+        for seq in (1000, 1001, 1003):
+            packet = _vp8(seq, keyframe=seq == 1000)
+            router.datagram_received(rtp_out.protect(packet), publisher_address, now)
+        deadline = router.get_timer()
+        assert deadline is not None and deadline <= now + 0.005
+        router.handle_timer(now + 0.005)
+        to_publisher = [data for data, addr in harness.sent if addr == publisher_address]
+        (compound,) = (rtcp.parse_compound(rtcp_in.unprotect_rtcp(d)) for d in to_publisher)
+        nack = compound[1]
+        assert isinstance(nack, rtcp.GenericNack)
+        assert nack.media_ssrc == CHROMIUM_VIDEO_SSRC  # not the RTX SSRC (RFC 4588 §6.3)
+        assert nack.lost_sequence_numbers() == [1002]
+
+        # RFC 4588 §4: RTX PT 97 on the FID SSRC, payload = OSN + the original payload.
+        original = _vp8(1002)
+        rtx = bytearray(original[:12]) + original[2:4] + original[12:]
+        rtx[1] = 97
+        rtx[8:12] = CHROMIUM_RTX_SSRC.to_bytes(4, "big")
+        rtx[2:4] = (7).to_bytes(2, "big")
+        router.datagram_received(rtp_out.protect(bytes(rtx)), publisher_address, now + 0.02)
+        assert router.counters["nack_recovered"] == 1
+        # A second answer repairs nothing and is not fanned out again.
+        rtx[2:4] = (8).to_bytes(2, "big")
+        router.datagram_received(rtp_out.protect(bytes(rtx)), publisher_address, now + 0.03)
+        assert router.counters["drop_ingest_rtx_duplicate"] == 1
+
+        # The viewer got 1000, 1001, 1003 and then the repaired 1002, renumbered.
+        viewer_in = _fastpath.SrtpSession(
+            viewer.keys.profile, viewer.keys.local_key, viewer.keys.local_salt
+        )
+        received: list[bytes] = []
+        while len(received) < 4:
+            data = viewer_sock.recv(2048)
+            if data[0] >= 128 and not 192 <= data[1] <= 223:  # RTP, not RTCP (RFC 5761 §4)
+                received.append(viewer_in.unprotect(data))
+        repaired = received[3]
+        assert repaired[12:] == original[12:]
+        repaired_seq = int.from_bytes(repaired[2:4], "big")
+
+        # Its NACK for the repaired packet hits the cache (it missed before issue 15).
+        video = next(m for m in viewer.egress if m.kind == "video")
+        viewer_nack = rtcp.GenericNack.from_sequence_numbers(
+            sender_ssrc=1, media_ssrc=video.ssrc, sequence_numbers=[repaired_seq]
+        )
+        viewer_out = _fastpath.SrtpSession(
+            viewer.keys.profile, viewer.keys.remote_key, viewer.keys.remote_salt
+        )
+        before = router.fanout.stats()
+        router.datagram_received(
+            viewer_out.protect_rtcp(bytes(viewer_nack)), viewer_address, now + 0.05
+        )
+        after = router.fanout.stats()
+        assert after["resent"] == before["resent"] + 1
+        assert after["resend_misses"] == before["resend_misses"]
+    finally:
+        viewer_sock.close()
+        harness.close()
