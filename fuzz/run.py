@@ -183,6 +183,14 @@ def run_atheris(
     if completed.returncode != 0 and not new:
         raise RuntimeError(f"libFuzzer for {target} exited {completed.returncode} and kept nothing")
     ran = int(stats.get("runs", 0))
+    slowest_seconds = float(stats.get("slowest_seconds", 0.0))
+    if stats and not stats.get("slowest_replayed", True):
+        # A run libFuzzer ended by exit() kept only first timings: replay the slowest here.
+        from fuzz.targets import TARGETS
+
+        keep = SlowInputs()
+        keep.note(Path(stats["slowest_path"]).read_bytes(), slowest_seconds)
+        slowest_seconds = keep.worst(TARGETS[target].function)[0]
     return RunResult(
         target=target,
         engine="atheris",
@@ -190,7 +198,7 @@ def run_atheris(
         crashes=len(new) if completed.returncode != 0 else 0,
         complete=ran >= runs,
         seconds=round(seconds, 2),
-        slowest_ms=round(1000 * float(stats.get("slowest_seconds", 0.0)), 3),
+        slowest_ms=round(1000 * slowest_seconds, 3),
         slowest_bytes=int(stats.get("slowest_bytes", 0)),
         slowest_path=stats.get("slowest_path"),
         artifacts=[str(artifacts / name) for name in new],
