@@ -138,12 +138,16 @@ async def test_edge_viewers_resume_when_the_origin_publisher_returns(
         async with publisher(origin, "returning"):
             await start_viewer(viewer, f"{edge.url}/whep/returning")
             await decode_frames(viewer, 5)
-        # The publisher is gone; the edge viewer stays, as on a single node.
-        await asyncio.sleep(0.5)
+        # The publisher is gone; the edge viewer stays, as on a single node, and the
+        # edge's stream turns inactive (SSE "inactive") once its media stops.
+        assert edge.info is not None
+        edge_streams = edge.info.backend.streams
+        assert await wait_until(lambda: not edge_streams["returning"].active, 10)
         before = len(viewer.video_frames)
         started = time.monotonic()
         async with publisher(origin, "returning"):
             await decode_frames(viewer, before + 10)
+            assert edge_streams["returning"].active
         assert time.monotonic() - started < 15
         assert origin_viewers(origin, "returning") == 1
     finally:

@@ -363,6 +363,7 @@ class Settings:
         return HttpOptions(
             publish_token=self.publish_token,
             view_token=self.view_token,
+            cluster_token=self.cluster_token,
             jwt=self.jwt_verifier(),
             ice_servers=(*self.ice_servers, *self.turn_servers()),
             strict_etag=self.strict_etag,

@@ -15,7 +15,9 @@ this module follows it:
 * A **stand-in publisher session** holds that negotiation. It is never registered with
   the router (no ICE, no timers, no address: the upstream transport lives on its own
   socket), so the router never sends it anything; ``keyed`` gives it the SRTP keys of
-  the upstream DTLS handshake and ``Ingest.keyed`` makes the stream active.
+  the upstream DTLS handshake and ``Ingest.keyed`` makes the stream active; the
+  router's ``MediaLiveness`` watches its media as a publisher's, so the SSE
+  active/inactive events follow the origin's publisher (within the media timeout).
 * The stream's ``keyframe_upstream`` strategy sends keyframe requests (PLI, RFC 4585
   §6.3.1) on the upstream session, after the edge's own ``KeyframeRequests`` throttle.
 
@@ -68,6 +70,9 @@ class UpstreamFeed:
             self.attached = False
             return
         router.ingest.attach(stream, stand_in, now)
+        # Its media clock (media/liveness.py): when the origin's publisher stops, edge
+        # viewers hear "inactive" within the media timeout, and "active" on its return.
+        router.liveness.watch(stream, now)
         stream.keyframe_upstream = self._request_keyframes
         self.attached = True
         self.keyframe_requests_sent = 0
@@ -112,6 +117,7 @@ class UpstreamFeed:
         self.session.close()
         if stream is not None:
             stream.keyframe_upstream = None
+            self.router.liveness.forget(stream.name)
             self.router.ingest.detach(stream)
 
     def _request_keyframes(self, stream: Stream, tracks: Sequence[Track], now: float) -> bool:

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from whepfan.errors import Forbidden, Unauthorized
-from whepfan.http.tokens import Grant, InvalidToken, JwtVerifier, Role
+from whepfan.http.tokens import EVERY_STREAM, Grant, InvalidToken, JwtVerifier, Role
 
 log = logging.getLogger("whepfan.http.auth")
 
@@ -141,8 +141,12 @@ class AccessControl:
         view_token: str | None = None,
         verifier: JwtVerifier | None = None,
         wall_clock: Callable[[], float] = time.time,
+        cluster_token: str | None = None,
     ) -> None:
         self._static = {Role.PUBLISH: publish_token, Role.VIEW: view_token}
+        # The token nodes of a cluster pull streams from each other with (whepfan/cluster/):
+        # a view credential besides the others; a session it made is bound to it alone.
+        self._cluster_token = cluster_token
         self.verifier = verifier
         self.wall_clock = wall_clock  # JWT exp/nbf are Unix times (RFC 7519 §2)
         # Weak keys, as routes.py's restart ufrags: the binding goes with the session.
@@ -204,6 +208,8 @@ class AccessControl:
         ]
         if matches:
             return Grant.static(matches[0])
+        if self._cluster_token is not None and _same(token, self._cluster_token):
+            return Grant(role=Role.VIEW, streams=EVERY_STREAM, binding=b"cluster")
         if self.verifier is None:
             raise BearerUnauthorized(NOT_VALID, challenge=challenge("invalid_token", NOT_VALID))
         try:

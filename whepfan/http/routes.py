@@ -106,6 +106,8 @@ class HttpOptions:
     max_body_bytes: int = 128 * 1024
     # Header, body and keep-alive deadlines and the connection cap (connections.py).
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Another node of the cluster pulling a stream (whepfan/cluster/): a view credential.
+    cluster_token: str | None = None
     # Per-client POST token buckets (ratelimit.py); None: no limit.
     post_rate_limit: RateLimit | None = None
 
@@ -145,6 +147,7 @@ class WhipWhepResources:
         self.access = AccessControl(
             publish_token=options.publish_token,
             view_token=options.view_token,
+            cluster_token=options.cluster_token,
             verifier=options.jwt,
             wall_clock=self.wall_clock,
         )
