@@ -32,7 +32,7 @@ from whepfan.media.nack import (
 from whepfan.media.session import PublisherSession, ViewerSession
 from whepfan.media.streams import Stream, Track
 from whepfan.media.timers import TimerKind, Timers
-from whepfan.protocol import rtcp
+from whepfan.protocol import rtcp, rtp
 from whepfan.protocol.negotiation import IngestMedia, RtpCodec
 
 POLICY = NackPolicy(
@@ -461,6 +461,17 @@ def test_a_publisher_gap_is_nacked_repaired_by_rtx_and_served_to_viewers() -> No
         rtx[2:4] = (8).to_bytes(2, "big")
         router.datagram_received(rtp_out.protect(bytes(rtx)), publisher_address, now + 0.03)
         assert router.counters["drop_ingest_rtx_duplicate"] == 1
+        # A padding-only RTX probe (RFC 3550 §5.1 padding, no OSN) is neither unwrapped
+        # into a bogus original nor taken for a gap.
+        probe = bytearray(rtx[:12]) + bytes(223) + bytes([224])
+        probe[0] |= 0x20
+        probe[2:4] = (9).to_bytes(2, "big")
+        router.datagram_received(rtp_out.protect(bytes(probe)), publisher_address, now + 0.04)
+        assert router.counters["drop_ingest_rtx_padding"] == 1
+        assert router.repair.rtt("live") == pytest.approx(0.015)  # the one repair's
+        router.handle_timer(now + 1.0)
+        assert router.counters["nack_sent_upstream"] == 1
+        assert router.counters["nack_unrepairable"] == 0
 
         # The viewer got 1000, 1001, 1003 and then the repaired 1002, renumbered.
         viewer_in = _fastpath.SrtpSession(
@@ -493,3 +504,15 @@ def test_a_publisher_gap_is_nacked_repaired_by_rtx_and_served_to_viewers() -> No
     finally:
         viewer_sock.close()
         harness.close()
+
+
+def test_padding_only_packets_are_told_apart() -> None:
+    header = _vp8(5)[:12]
+    padded = bytearray(header) + b"\x07\x00" + bytes(3) + b"\x04"
+    padded[0] |= 0x20  # P: the last 4 bytes are padding, the OSN 0x0700 is not
+    assert not rtp.padding_only(bytes(padded))
+    probe = bytearray(header) + bytes(255) + b"\xff"
+    assert not rtp.padding_only(bytes(probe))  # P unset: all of it is payload
+    probe[0] |= 0x20
+    assert rtp.padding_only(bytes(probe[:12] + probe[-255:]))
+    assert not rtp.padding_only(header)

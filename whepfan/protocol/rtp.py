@@ -371,6 +371,16 @@ class HeaderExtensionMap:
         return read_sdes_string(packet, self.ids_by_uri.get(URI_REPAIRED_RTP_STREAM_ID))
 
 
+def padding_only(data: bytes | bytearray | memoryview) -> bool:
+    """Whether the packet carries nothing but padding (RFC 3550 §5.1: P set and the padding
+    count covers the whole payload), as the RTX packets libwebrtc probes bandwidth with.
+    Raises ParseError if the header does not fit."""
+    header_length = rtp_header_length(data)
+    if not data[0] & 0x20 or len(data) <= header_length:
+        return False
+    return header_length + data[-1] >= len(data)
+
+
 def unwrap_rtx(payload: bytes | bytearray | memoryview) -> tuple[int, bytes]:
     """Split an RTX payload into (original sequence number, original payload).
 
