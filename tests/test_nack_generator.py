@@ -309,6 +309,29 @@ def test_due_nacks_go_to_the_publisher_as_one_compound() -> None:
     assert [pid for pid, _ in nack.items] == [4, 21]
 
 
+def test_every_encodings_nacks_share_one_compound() -> None:
+    """Simulcast: a generator per encoding (its own SSRC and sequence numbers), one
+    datagram for all that is due."""
+    worker = Worker()
+    low = Track(
+        fanout_id=3,
+        kind="video",
+        ingest=worker.video.ingest,
+        codec_name="VP8",
+        clock_rate=90000,
+        rid="q",
+        encoding_index=1,
+    )
+    worker.stream.tracks["video"].append(low)
+    for seq in (10, 12):
+        worker.video_packet(seq, 0.0)
+    for seq in (500, 503):
+        worker.repair.received(worker.stream, low, 0x4444, seq, 0.0, retransmission=False)
+    worker.run_until(0.02)
+    assert len(worker.sender.datagrams) == 1
+    assert worker.nacks() == [(VIDEO_SSRC, [11]), (0x4444, [501, 502])]
+
+
 def test_rtx_repairs_and_duplicates_are_told_apart() -> None:
     worker = Worker()
     worker.video_packet(1, 0.0)
