@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a new WHIP publisher replaces the live one instead of 409",
     )
     serve.add_argument(
+        "--gso",
+        dest="gso",
+        choices=("auto", "on", "off"),
+        help="UDP GSO for the fan-out: one send entry per viewer's run of packets "
+        "(default auto: where the start-up probe succeeds)",
+    )
+    serve.add_argument(
         "--max-viewers",
         dest="max_viewers",
         metavar="N",

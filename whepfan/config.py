@@ -35,6 +35,9 @@ class MediaConfig:
     # WHEP draft-03 §4.2.2: a counter-offer with no valid-until is valid for 30 s.
     counter_offer_ttl: float = 30.0
     fanout_batch_size: int = 32
+    # UDP GSO for the fan-out (media/gso.py): "auto" where the start-up probe succeeds,
+    # "on" (a failing probe is a start-up error) or "off".
+    gso: str = "auto"
     # ~2 s of 720p video at ~200 packets/s, rounded up to a power of two.
     video_cache_packets: int = 1024
     audio_cache_packets: int = 128

@@ -110,6 +110,8 @@ class Settings:
     # How long a DELETE of a session that ended on its own still answers 200 (RFC 9725 §4.3).
     ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     log_level: str = "info"
+    # UDP GSO for the fan-out (media/gso.py): auto, on or off.
+    gso: str = "auto"
     # Scale-out and capacity (DESIGN.md §2): worker processes (1 = in-process), budgets
     # (None = unbounded) and the SIGTERM drain.
     workers: int = 1
@@ -180,6 +182,8 @@ class Settings:
             raise SettingsError("cannot be negative", option="ended_session_grace")
         if self.workers < 1:
             raise SettingsError("is at least 1", option="workers")
+        if self.gso not in ("auto", "on", "off"):
+            raise SettingsError("is one of auto, on, off", option="gso")
         for name in ("worker_packet_budget", "egress_budget"):
             budget = getattr(self, name)
             if budget == AUTO_BUDGET and name == "worker_packet_budget":
@@ -330,6 +334,7 @@ class Settings:
             "udp_port": self.udp_port,
             "public_ips": self.advertised_ips(),
             "max_viewers": self.max_viewers,
+            "gso": self.gso,
         }
         if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
             values["counter_offer_ttl"] = self.counter_offer_ttl
@@ -449,6 +454,7 @@ _OPTIONS: dict[str, str] = {
     "counter_offer_ttl": "float",
     "ended_session_grace": "float",
     "log_level": "str",
+    "gso": "str",
     "workers": "int",
     "worker_packet_budget": "budget",
     "egress_budget": "float",

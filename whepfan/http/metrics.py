@@ -78,6 +78,17 @@ class ServerCollector(Collector):
             [((_label(w),), w.receive_delay) for w in workers],
             labels=["worker"],
         )
+        yield _gauge(
+            "whepfan_worker_send_path",
+            "The fan-out's send path per worker, 1 for the one in use: gso (a viewer's run "
+            "of packets per UDP GSO entry, media/gso.py) or sendmmsg (a datagram per entry).",
+            [
+                ((_label(w), path), float(bool(w.fanout.get("gso")) == (path == "gso")))
+                for w in workers
+                for path in ("gso", "sendmmsg")
+            ],
+            labels=["worker", "path"],
+        )
         yield from _worker_counters(workers)
         yield _latency(workers)
         yield from _capacity(stats)
@@ -95,6 +106,12 @@ def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
         "whepfan_sent_packets", "RTP packets sent to viewers.", "fanout", "packets_sent"
     )
     yield per_worker("whepfan_sent_bytes", "Bytes sent to viewers.", "fanout", "bytes_sent")
+    yield per_worker(
+        "whepfan_gso_sent_packets",
+        "Of whepfan_sent_packets, those sent inside UDP GSO entries (udp(7) UDP_SEGMENT).",
+        "fanout",
+        "gso_segments",
+    )
     yield per_worker(
         "whepfan_ingested_packets", "Publisher RTP packets fanned out.", "fanout", "pushed"
     )

@@ -24,6 +24,7 @@ from typing import Protocol
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
+from whepfan.media.burst import FanoutBursts
 from whepfan.media.feedback import KeyframeRequests, PublisherFeedback
 from whepfan.media.layers import LayerSelector
 from whepfan.media.liveness import MediaLiveness
@@ -82,6 +83,8 @@ class Ingest:
         self._end_viewer = end_viewer
         self._counters = counters
         self.tap: IngestTap | None = None
+        # Packets of the read burst in progress, pushed per track at its end (burst.py).
+        self.bursts = FanoutBursts(lambda: self.fanout, flushed=layers.switches_completed)
 
     # attach and detach -------------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class Ingest:
         for viewer in list(stream.viewers.values()):
             if fanout_ids.intersection(viewer.track_by_ssrc.values()):
                 self._end_viewer(viewer.id, now, "codec-changed")
+        self.bursts.flush()
         for track in tracks:
             self.fanout.remove_track(track.fanout_id)
 
@@ -175,6 +179,7 @@ class Ingest:
         stream.next_feedback_at = math.inf
         self._timers.cancel((TimerKind.PUBLISHER_FEEDBACK, stream.name))
         if not stream.viewers:
+            self.bursts.flush()
             for track in stream.all_tracks():
                 self.fanout.remove_track(track.fanout_id)
             del self._streams[stream.name]
@@ -368,10 +373,10 @@ class Ingest:
         if not retransmission:
             track.meter.add(len(packet) - header_len, timestamp, now)
         data = bytes(packet)
-        self.fanout.push(track.fanout_id, data, keyframe, now)
+        held = self.bursts.push(track.fanout_id, data, keyframe, now)
         if self.tap is not None and not relayed:
             self.tap.packet(stream, track, data, keyframe)
-        if track.kind == "video":
+        if track.kind == "video" and not held:
             self._layers.switches_completed()
 
     def _measure_picture(self, track: Track, payload: bytes) -> None:
@@ -428,6 +433,7 @@ class Ingest:
                     # Relay the publisher's NTP<->RTP mapping, shifted like the media,
                     # so browsers can lip-sync audio and video (RFC 3550 §6.4.1).
                     rtp_time = (packet.rtp_timestamp + track.ts_offset) % RTP_TS_MOD
+                    self.bursts.flush()  # the SR's counts include what came before it
                     self.fanout.send_sender_reports(track.fanout_id, packet.ntp_timestamp, rtp_time)
                     if self.tap is not None:
                         self.tap.sender_report(stream, track, packet.ntp_timestamp, rtp_time)

@@ -408,6 +408,15 @@ class Router:
 
     # ------------------------------------------------------------------ datagram input
 
+    def begin_burst(self) -> None:
+        """The driver starts reading what is queued on its socket: publisher packets are
+        held per track until ``end_burst`` and fanned out together (media/burst.py)."""
+        self.ingest.bursts.begin()
+
+    def end_burst(self) -> None:
+        """Everything queued was read: fan out what the burst held."""
+        self.ingest.bursts.end()
+
     def datagram_received(
         self, data: bytes, addr: Address, now: float, local: str | None = None
     ) -> None:

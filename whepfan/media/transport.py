@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -30,6 +31,7 @@ import ifaddr
 
 from whepfan import _fastpath
 from whepfan.config import MediaConfig
+from whepfan.media import gso
 from whepfan.media.health import ReceiveDelay
 from whepfan.media.router import Router
 from whepfan.media.session import Address
@@ -149,10 +151,13 @@ class MediaWorker:
         self._source_controls: dict[str, Control] = {}
         # Replies that met a full send buffer, sent in order once it drains.
         self._backlog: deque[tuple[bytes, Address, Control | None]] = deque()
+        # UDP GSO (gso.py): probed on this socket; "on" that fails is a start-up error.
+        self.gso = gso.resolve(config.gso, self.sock)
         self.fanout = _fastpath.Fanout(
             self.sock.fileno(),
             max_viewers=config.max_viewers,
             batch_size=config.fanout_batch_size,
+            gso=self.gso,
         )
         addresses = list(config.public_ips) or receivable_addresses(
             interface_addresses(), self.sock.family
@@ -204,6 +209,8 @@ class MediaWorker:
         router = self.router
         local_names = self._local_names
         first = True
+        if self.gso:
+            router.begin_burst()  # per-track runs for GSO entries (media/burst.py)
         for _ in range(RECEIVE_BURST):
             try:
                 data, ancillary, _flags, addr = receive(MAX_DATAGRAM, ancillary_size)
@@ -229,6 +236,18 @@ class MediaWorker:
             except Exception:  # a bug must not stop the port for everyone else
                 log.exception("datagram from %s crashed the router", addr)
                 router.counters["router_errors"] += 1
+        try:
+            router.end_burst()
+        except Exception:
+            log.exception("fanning out a read burst crashed")
+            router.counters["router_errors"] += 1
+        if self.gso and not self.fanout.gso:
+            # The kernel refused a GSO entry for this path (gso.py): said once.
+            self.gso = False
+            log.warning(
+                "UDP GSO refused while sending (%s): the fan-out sends one datagram per entry",
+                os.strerror(self.fanout.gso_error),
+            )
         self.arm_timer()
 
     def _record_delay(self, timespec: bytes) -> None:

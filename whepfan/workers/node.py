@@ -351,6 +351,8 @@ class WorkerNode:
 
     def _on_relay(self) -> None:
         now = self._loop.time()
+        if self.media.gso:
+            self.router.begin_burst()  # what the relay delivered together (media/burst.py)
         for _ in range(256):  # bounded, so control messages interleave under load
             try:
                 data = self.relay.recv(65536)
@@ -365,4 +367,5 @@ class WorkerNode:
                 self.relays.relayed_keyframe_request(frame.stream, now)
             else:
                 self.relays.relayed_packet(frame, now)
+        self.router.end_burst()
         self.media.arm_timer()
