@@ -212,7 +212,7 @@ class ClearSrtcp:
         return data
 
 
-WORKER_POLICY = replace(POLICY, max_missing=50)
+WORKER_POLICY = replace(POLICY, max_missing=500)
 RTCP_SSRC = 0x5EEDF00D
 VIDEO_SSRC, RTX_SSRC, AUDIO_SSRC = 0x1111, 0x2222, 0x3333
 
@@ -374,8 +374,8 @@ def test_an_unrepairable_gap_asks_for_a_keyframe_through_the_throttle() -> None:
 def test_an_overflowing_gap_asks_for_a_keyframe_at_once() -> None:
     worker = Worker()
     worker.video_packet(1, 0.0)
-    assert worker.video_packet(100, 0.5) is True
-    assert worker.counters["nack_unrepairable"] == 98
+    assert worker.video_packet(600, 0.5) is True  # 598 missing, over max_missing (500)
+    assert worker.counters["nack_unrepairable"] == 598
     assert worker.plis == [([1], 0.5)]
     worker.run_until(10.0)
     assert worker.sender.datagrams == []
@@ -539,3 +539,18 @@ def test_padding_only_packets_are_told_apart() -> None:
     probe[0] |= 0x20
     assert rtp.padding_only(bytes(probe[:12] + probe[-255:]))
     assert not rtp.padding_only(header)
+
+
+def test_a_scattered_loss_list_is_split_below_1200_bytes() -> None:
+    worker = Worker()
+    # One loss in 18: no two share a PID+BLP item (RFC 4585 §6.2.1 covers PID + 16), so
+    # 300 losses are 300 items, 1,224 bytes of FCI: more than one datagram holds.
+    for seq in range(1, 18 * 300 + 1):
+        if seq % 18:
+            worker.video_packet(seq, 0.0)
+    worker.run_until(0.01)
+    lost = [seq for _, numbers in worker.nacks() for seq in numbers]
+    assert lost == list(range(18, 18 * 300, 18))
+    assert len(worker.sender.datagrams) == 2
+    assert all(len(datagram) <= 1200 for datagram in worker.sender.datagrams)
+    assert worker.counters["nack_packets_upstream"] == 2

@@ -51,8 +51,10 @@ from whepfan.media.timers import TimerKind, Timers
 from whepfan.protocol import rtcp
 
 _HALF = RTP_SEQ_MOD // 2
-# Generic NACK items per RTCP packet: 4 bytes each, so a NACK stays far below a 1200-byte
-# datagram even with an RR in front (the widest a scattered loss list can make it).
+# A datagram of NACKs stays within 1200 bytes, below any path MTU WebRTC runs on (the
+# SRTCP tag and index add at most 20). A Generic NACK is 12 bytes plus 4 per item, so
+# 200 items (812 bytes, after an 8-byte RR) always fit; a scattered loss list is split.
+_MAX_DATAGRAM = 1200
 _MAX_ITEMS_PER_NACK = 200
 
 
@@ -345,11 +347,20 @@ class UpstreamRepair:
     def _send(self, stream: Stream, nacks: list[rtcp.GenericNack]) -> None:
         # RFC 4585 §3.1 / RFC 3550 §6.1: feedback goes in a compound packet that starts
         # with a report; an RR with no report blocks (RC = 0) leaves the periodic RRs'
-        # loss intervals alone. Two NACKs per datagram keep each well under the MTU.
+        # loss intervals alone. NACKs are packed greedily up to _MAX_DATAGRAM.
         head = bytes(rtcp.ReceiverReport(ssrc=self._feedback.rtcp_ssrc, reports=[]))
-        for start in range(0, len(nacks), 2):
-            compound = head + b"".join(bytes(n) for n in nacks[start : start + 2])
-            if self._feedback.send(stream, compound, failure="nack_upstream_failed"):
+        compounds: list[bytes] = []
+        compound = head
+        for nack in nacks:
+            packet = bytes(nack)
+            if len(compound) > len(head) and len(compound) + len(packet) > _MAX_DATAGRAM:
+                compounds.append(compound)
+                compound = head
+            compound += packet
+        if len(compound) > len(head):
+            compounds.append(compound)
+        for datagram in compounds:
+            if self._feedback.send(stream, datagram, failure="nack_upstream_failed"):
                 self._counters["nack_packets_upstream"] += 1
 
     def _unrepairable(
