@@ -17,8 +17,9 @@ The router owns the registry (streams, sessions, the ufrag and address maps) and
 signalling API the HTTP layer calls through a backend (publish, view, counter-offers,
 trickle, ICE restart, end, the layer API). It composes the engine's parts, each with its
 own state: ``Ingest`` (publishers), ``Egress`` (viewers), ``LayerSelector`` (layer
-choice), ``KeyframeRequests`` + ``PublisherFeedback`` (what goes upstream), ``Timers``
-(one heap of typed deadlines) and ``Sender`` (how datagrams leave).
+choice), ``KeyframeRequests`` + ``PublisherFeedback`` + ``UpstreamRepair`` (what goes
+upstream: PLIs, RR/REMB, NACKs for what the publisher's link lost), ``Timers`` (one heap
+of typed deadlines) and ``Sender`` (how datagrams leave).
 
 It is driven like the protocol layer (``datagram_received(data, addr, now, local)``,
 ``get_timer()``, ``handle_timer(now)``); ``transport.py`` is the thin asyncio driver.

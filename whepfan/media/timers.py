@@ -1,8 +1,8 @@
 """Deadlines heap; keys are (kind, name) tuples.
 
 One media worker arms one asyncio timer (transport.py); everything with a deadline on
-the worker (each session's ICE/DTLS timer, each stream's publisher feedback, each stream's
-deferred keyframe request) is an entry here. Rescheduling a key replaces its deadline:
+the worker (each session's ICE/DTLS timer, each stream's publisher feedback, deferred
+keyframe request and due upstream NACKs) is an entry here. Rescheduling a key replaces its deadline:
 the superseded heap entry stays until it surfaces and is skipped as stale, so scheduling
 costs O(log n) and nothing is searched.
 """
