@@ -17,9 +17,17 @@ from hypothesis import strategies as st
 from whepfan.errors import ParseError
 from whepfan.media.twcc import FEEDBACK_INTERVAL, ArrivalFeedback, transport_sequence
 from whepfan.protocol import rtcp
+from whepfan.protocol.negotiation import (
+    EXT_TRANSPORT_CC,
+    EXT_TRANSPORT_CC_02,
+    LocalTransport,
+    answer_publisher,
+)
 from whepfan.protocol.rtcp import TransportFeedback, TransportWideFeedback
+from whepfan.protocol.sdp import Candidate, SessionDescription
 
-CAPTURE = Path(__file__).parent / "data" / "chromium_publisher_arrivals.txt"
+DATA = Path(__file__).parent / "data"
+CAPTURE = DATA / "chromium_publisher_arrivals.txt"
 CAPTURE_EXTENSION_ID = 3  # the capture's a=extmap for transport-wide-cc-01
 
 # Transport feedback as Chromium sends it (pion/rtcp's test vectors, taken from Chrome):
@@ -300,3 +308,34 @@ def test_a_long_gap_is_split_into_packets_that_fit() -> None:
     assert packets[-1].base_sequence == 901  # the late one starts its own packet
     for packet in packets:
         assert TransportFeedback.parse(packet.serialize()) == packet
+
+
+# ------------------------------------------------------------------------- negotiation
+
+
+def test_a_chromium_whip_offer_gets_transport_cc_in_the_answer() -> None:
+    offer = SessionDescription.parse(
+        (DATA / "sdp" / "chromium-156-whip-simulcast-offer.sdp").read_text()
+    )
+    local = LocalTransport(
+        "srvU",
+        "serverpasswordserverpass",
+        [("sha-256", ":".join(["4F"] * 32))],
+        [Candidate.parse("1 1 udp 2130706431 198.18.0.1 40000 typ host")],
+    )
+    offered = {e.uri: e.id for e in offer.media[1].extmaps}
+    answer, ingest = answer_publisher(offer, local, transport_cc=True)
+    for section, media in zip(answer.media, ingest, strict=True):
+        # RFC 8285 §6: the offerer's id; only the -01 extension whepfan reports on.
+        assert {e.uri: e.id for e in section.extmaps}[EXT_TRANSPORT_CC] == offered[EXT_TRANSPORT_CC]
+        assert EXT_TRANSPORT_CC_02 not in {e.uri for e in section.extmaps}
+        assert media.extension_ids[EXT_TRANSPORT_CC] == offered[EXT_TRANSPORT_CC]
+        assert all(
+            "transport-cc" in codec.rtcp_fb
+            for codec in section.codecs
+            if codec.name.lower() not in ("rtx", "red", "ulpfec")
+        )
+    # Without it (relay stand-ins, REMB-only), neither the extension nor the feedback.
+    answer, ingest = answer_publisher(offer, local)
+    assert all(EXT_TRANSPORT_CC not in m.extension_ids for m in ingest)
+    assert "transport-cc" not in answer.serialize()

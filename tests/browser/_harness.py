@@ -114,6 +114,51 @@ class NetworkNamespace:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
 
 
+def linked_namespace(server: NetworkNamespace, name: str, subnet: int) -> NetworkNamespace:
+    """A client namespace joined to ``server``'s by its own veth pair: ``c0`` here at
+    198.18.``subnet``.2, ``s<subnet>`` in ``server`` at .1, the default route through it.
+    Traffic to the server's 198.18.0.1 crosses this link (in one namespace it would go
+    over ``lo``), so ``shape``/``drop_randomly`` on its two ends set what the client's
+    link does in each direction."""
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    _run(["ip", "netns", "add", name])
+    client = NetworkNamespace(name)
+    _run(client.command("ip", "link", "set", "lo", "up"))
+    peer = f"s{subnet}"
+    _run(client.command("ip", "link", "add", "c0", "type", "veth", "peer", "name", peer))
+    _run(client.command("ip", "link", "set", peer, "netns", server.name))
+    for namespace, command in (
+        (client, f"ip addr add 198.18.{subnet}.2/24 dev c0"),
+        (client, "ip link set c0 up"),
+        (client, f"ip route add default via 198.18.{subnet}.1"),
+        (server, f"ip addr add 198.18.{subnet}.1/24 dev {peer}"),
+        (server, f"ip link set {peer} up"),
+    ):
+        _run(namespace.command(*command.split()))
+    return client
+
+
+def shape(namespace: NetworkNamespace, device: str, rate: str) -> None:
+    """A token-bucket rate limit on what ``device`` sends (tbf; this kernel has no netem):
+    a 32 kbit burst and 50 ms of queue before tail drop, like a modest access link."""
+    _run(
+        namespace.command(
+            *f"tc qdisc replace dev {device} root tbf rate {rate} burst 32kbit latency 50ms".split()
+        )
+    )
+
+
+def drop_randomly(namespace: NetworkNamespace, probability: float) -> None:
+    """Drop each UDP datagram arriving in ``namespace`` with ``probability``, independently
+    (iptables' ``statistic`` match in random mode); HTTP over TCP is left alone."""
+    _run(
+        namespace.command(
+            *f"iptables -A INPUT -p udp -m statistic --mode random --probability {probability} "
+            "-j DROP".split()
+        )
+    )
+
+
 class WhepfanProcess:
     """``python -m whepfan.cli ARGS`` inside the namespace, its output in a log file."""
 

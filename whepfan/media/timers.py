@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 class TimerKind(enum.Enum):
     SESSION = "session"  # MediaSession.get_timer(): ICE consent, DTLS retransmission
     PUBLISHER_FEEDBACK = "publisher-feedback"  # the stream's periodic RR + REMB
+    TRANSPORT_FEEDBACK = "transport-feedback"  # transport-wide cc feedback (media/twcc.py)
     KEYFRAME_RETRY = "keyframe-retry"  # a throttled keyframe request that is still owed
     MEDIA_TIMEOUT = "media-timeout"  # a publisher's media stopped? (liveness.py)
     NACK = "nack"  # NACKs due to the stream's publisher (nack.py)

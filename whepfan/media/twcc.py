@@ -100,7 +100,8 @@ class ArrivalFeedback:
         max_packets: int = MAX_PACKETS_PER_FEEDBACK,
     ) -> None:
         self.sender_ssrc = sender_ssrc
-        # libwebrtc puts the SSRC of a media stream here; receivers ignore it.
+        # Must be one of the sender's media SSRCs: libwebrtc ignores feedback naming
+        # another (the caller sets it as media packets arrive).
         self.media_ssrc = media_ssrc
         self.interval = interval
         self.max_packets = max_packets

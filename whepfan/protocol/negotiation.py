@@ -754,9 +754,9 @@ def answer_publisher(
     remote = remote_transport(offer)
     setup = answer_setup(remote.setup)
     feedback = (*_AGREED_FEEDBACK, "transport-cc") if transport_cc else _AGREED_FEEDBACK
-    understood = _INGEST_EXTENSIONS | (
-        {EXT_TRANSPORT_CC, EXT_TRANSPORT_CC_02} if transport_cc else set()
-    )
+    # Only the -01 extension: whepfan reports periodically (media/twcc.py), while -02
+    # senders ask for each feedback and may leave out the timing.
+    understood = _INGEST_EXTENSIONS | ({EXT_TRANSPORT_CC} if transport_cc else set())
     answer = _session(local, offer)
     ingest: list[IngestMedia] = []
     accepted: list[MediaSection] = []
