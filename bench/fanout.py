@@ -408,6 +408,273 @@ def measure_baseline(
     )
 
 
+# --- UDP GSO (issue 17): runs of a burst per viewer in one sendmmsg entry -----------------
+
+GSO_BURSTS = (1, 4, 6, 8)  # packets per frame that arrive together (720p: ~6-8)
+GSO_VIEWERS = (100, 1000, 5000)
+GSO_TARGET_VIEWERS, GSO_TARGET_BURST = 1000, 6
+GSO_TARGET_LIMIT_MULTIPLE = 1.6  # x the same-run sendmmsg limit (GCM)
+GSO_TARGET_GSO_RATIO = 0.85  # of the same-run GSO limit
+
+
+@dataclass
+class GsoFigures:
+    """One run of the four GSO contenders for one (viewers, burst, profile)."""
+
+    sendmmsg_limit: float  # datagrams per CPU-second: C crypto + sendmmsg, one per entry
+    gso_limit: float  # the same crypto, each destination's run of ``burst`` as one entry
+    fanout_off: float  # Fanout.push per packet (today's path)
+    fanout_on: float  # Fanout.push_batch of the burst with GSO
+    off_p99_us: float  # per burst: from its first packet in to its last datagram out
+    on_p99_us: float
+    delivered: float
+
+    @property
+    def limit_multiple(self) -> float:
+        return self.fanout_on / self.sendmmsg_limit if self.sendmmsg_limit else 0.0
+
+    @property
+    def gso_ratio(self) -> float:
+        return self.fanout_on / self.gso_limit if self.gso_limit else 0.0
+
+
+def measure_burst_fanout(
+    sender: socket.socket,
+    pool: ReceiverPool,
+    addresses: Sequence[tuple[str, int]],
+    profile: int,
+    pushes: int,
+    burst: int,
+    *,
+    gso: bool,
+) -> tuple[Throughput, list[int]]:
+    """The fan-out fed ``burst`` packets at a time, as one read of the publisher's socket
+    returns them: GSO off pushes them one by one (push, today's path), GSO on pushes them
+    together (push_batch). Returns the throughput and each burst's duration in ns."""
+    fanout = Fanout(sender.fileno(), gso=gso)
+    video = add_viewers(fanout, addresses, profile)
+    packet = rtp_template()
+    latencies: list[int] = []
+    sequence = 0
+
+    def send_round(count: int) -> int:
+        nonlocal sequence
+        clock, record, pack = time.perf_counter_ns, latencies.append, struct.pack_into
+        sent = 0
+        remaining = count
+        while remaining:
+            size = min(burst, remaining)
+            remaining -= size
+            packets = []
+            for _ in range(size):
+                pack("!HI", packet, 2, sequence & 0xFFFF, (sequence // burst) * VIDEO_CLOCK_STEP)
+                sequence += 1
+                packets.append(bytes(packet))
+            started = clock()
+            if gso:
+                sent += fanout.push_batch(video, packets)
+            else:
+                for ingested in packets:
+                    sent += fanout.push(video, ingested)
+            record(clock() - started)
+        return sent
+
+    warm_up(pool, send_round)
+    latencies.clear()
+    throughput = run_rounds(
+        pool,
+        viewers=len(addresses),
+        pushes=pushes,
+        send_round=send_round,
+        expected_size=PACKET_SIZE + SRTP_TRAILER[profile],
+    )
+    if gso and burst > 1 and fanout.stats()["gso_messages"] == 0:
+        raise RuntimeError("GSO was on but no GSO entry went out (kernel refused it?)")
+    return throughput, latencies
+
+
+def measure_segment_limit(
+    sender: socket.socket,
+    pool: ReceiverPool,
+    addresses: Sequence[tuple[str, int]],
+    profile: int,
+    pushes: int,
+    segments: int,
+) -> Throughput:
+    """The same-run limit in C: ``segments`` 1 is the sendmmsg limit (one datagram per
+    entry), more is the GSO limit (each destination's run of that many in one entry)."""
+    destinations = list(addresses)
+
+    def send_round(count: int) -> int:
+        sent, _seconds = measure_send_limit(
+            sender.fileno(),
+            destinations,
+            profile=profile,
+            packet_size=PACKET_SIZE,
+            packets=count,
+            segments=segments,
+        )
+        return sent
+
+    warm_up(pool, send_round)
+    return run_rounds(
+        pool,
+        viewers=len(addresses),
+        pushes=pushes,
+        send_round=send_round,
+        expected_size=PACKET_SIZE + SRTP_TRAILER[profile],
+    )
+
+
+def gso_run_once(
+    sender: socket.socket,
+    pool: ReceiverPool,
+    addresses: Sequence[tuple[str, int]],
+    profile: int,
+    pushes: int,
+    burst: int,
+    run_index: int,
+) -> GsoFigures:
+    # The bursts' packet count per round must keep whole bursts: round up to one.
+    pushes = max(burst, pushes - pushes % burst)
+    contenders: list[Callable[[], object]] = [
+        lambda: measure_segment_limit(sender, pool, addresses, profile, pushes, 1),
+        lambda: measure_segment_limit(sender, pool, addresses, profile, pushes, burst),
+        lambda: measure_burst_fanout(sender, pool, addresses, profile, pushes, burst, gso=False),
+        lambda: measure_burst_fanout(sender, pool, addresses, profile, pushes, burst, gso=True),
+    ]
+    # Rotate the order per run so that a drift in machine load favours none of them.
+    order = [(run_index + index) % len(contenders) for index in range(len(contenders))]
+    results: dict[int, object] = {index: contenders[index]() for index in order}
+    plain_limit, gso_limit = results[0], results[1]
+    off, off_latencies = results[2]  # type: ignore[misc]
+    on, on_latencies = results[3]  # type: ignore[misc]
+    assert isinstance(plain_limit, Throughput) and isinstance(gso_limit, Throughput)
+    off_latencies.sort()
+    on_latencies.sort()
+    return GsoFigures(
+        sendmmsg_limit=plain_limit.per_cpu_second,
+        gso_limit=gso_limit.per_cpu_second,
+        fanout_off=off.per_cpu_second,
+        fanout_on=on.per_cpu_second,
+        off_p99_us=percentile(off_latencies, 0.99) / 1000,
+        on_p99_us=percentile(on_latencies, 0.99) / 1000,
+        delivered=min(t.delivered_fraction for t in (plain_limit, gso_limit, off, on)),
+    )
+
+
+@dataclass
+class GsoRow:
+    viewers: int
+    burst: int
+    profile: str
+    sendmmsg_limit: float
+    gso_limit: float
+    fanout_off: float
+    fanout_on: float
+    limit_multiple: float  # medians of the per-run ratios
+    gso_ratio: float
+    off_ratio: float  # GSO off / the sendmmsg limit
+    off_p99_us: float
+    on_p99_us: float
+    delivered: float
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_gso(
+    plan: Plan,
+    viewer_counts: Sequence[int],
+    bursts: Sequence[int],
+    progress: Callable[[str], None],
+) -> list[GsoRow]:
+    descriptors = raise_open_file_limit()
+    rows: list[GsoRow] = []
+    with ReceiverPool() as pool, open_sender() as sender:
+        for viewers in viewer_counts:
+            addresses = viewer_addresses(pool, viewers, descriptors)
+            prime_sockets(sender, pool, addresses)
+            for burst in bursts:
+                for name in plan.profiles:
+                    figures = []
+                    for run_index in range(plan.runs):
+                        progress(
+                            f"gso: {viewers} viewers, burst {burst}, {name}, run {run_index + 1}"
+                        )
+                        figures.append(
+                            gso_run_once(
+                                sender,
+                                pool,
+                                addresses,
+                                PROFILES[name],
+                                plan.pushes(viewers),
+                                burst,
+                                run_index,
+                            )
+                        )
+                    rows.append(gso_summarise(viewers, burst, name, figures))
+    return rows
+
+
+def gso_summarise(viewers: int, burst: int, profile: str, figures: list[GsoFigures]) -> GsoRow:
+    def median(select: Callable[[GsoFigures], float]) -> float:
+        return statistics.median(select(figure) for figure in figures)
+
+    return GsoRow(
+        viewers=viewers,
+        burst=burst,
+        profile=profile,
+        sendmmsg_limit=median(lambda f: f.sendmmsg_limit),
+        gso_limit=median(lambda f: f.gso_limit),
+        fanout_off=median(lambda f: f.fanout_off),
+        fanout_on=median(lambda f: f.fanout_on),
+        limit_multiple=median(lambda f: f.limit_multiple),
+        gso_ratio=median(lambda f: f.gso_ratio),
+        off_ratio=median(lambda f: f.fanout_off / f.sendmmsg_limit if f.sendmmsg_limit else 0.0),
+        off_p99_us=median(lambda f: f.off_p99_us),
+        on_p99_us=median(lambda f: f.on_p99_us),
+        delivered=min(f.delivered for f in figures),
+        runs=[
+            {**asdict(f), "limit_multiple": f.limit_multiple, "gso_ratio": f.gso_ratio}
+            for f in figures
+        ],
+    )
+
+
+def format_gso(rows: Sequence[GsoRow]) -> str:
+    lines = [
+        "UDP GSO: a burst of equal packets per viewer as one sendmmsg entry (whepfan on/off,"
+        " against the same run's sendmmsg and GSO limits; k datagrams per CPU-second):",
+        f"{'viewers':>7}  {'burst':>5}  {'prof':<4}  {'sendmmsg lim':>12}  {'gso lim':>8}"
+        f"  {'off':>7}  {'on':>7}  {'off÷lim':>7}  {'p99 off µs':>10}  {'p99 on µs':>9}"
+        f"  {'deliv%':>6}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.viewers:>7}  {row.burst:>5}  {row.profile:<4}"
+            f"  {row.sendmmsg_limit / 1000:>12.1f}"
+            f"  {row.gso_limit / 1000:>8.1f}  {row.fanout_off / 1000:>7.1f}"
+            f"  {row.fanout_on / 1000:>7.1f}  {row.off_ratio:>7.2f}  {row.off_p99_us:>10.1f}"
+            f"  {row.on_p99_us:>9.1f}  {100 * row.delivered:>6.1f}"
+        )
+    for row in rows:
+        lines.append(
+            f"gso @ {row.viewers} viewers, burst {row.burst}, {row.profile}: "
+            f"{row.limit_multiple:.2f}x the sendmmsg limit, {row.gso_ratio:.2f} of the gso limit"
+        )
+    for row in rows:
+        if (row.viewers, row.burst, row.profile) == (GSO_TARGET_VIEWERS, GSO_TARGET_BURST, "GCM"):
+            met = (
+                row.limit_multiple >= GSO_TARGET_LIMIT_MULTIPLE
+                and row.gso_ratio >= GSO_TARGET_GSO_RATIO
+            )
+            lines.append(
+                f"target @ {row.viewers} viewers, burst {row.burst}, GCM: >= "
+                f"{GSO_TARGET_LIMIT_MULTIPLE}x the sendmmsg limit and >= {GSO_TARGET_GSO_RATIO}"
+                f" of the gso limit: {'met' if met else 'MISSED'}"
+            )
+    return "\n".join(lines)
+
+
 def warm_up(pool: ReceiverPool, send_round: Callable[[int], int]) -> None:
     """A few untimed packets first, so first-touch page faults and cold caches are not
     billed to the measured rounds."""
@@ -823,6 +1090,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", choices=sorted(PROFILES), action="append", help="only these profiles"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the rows and every run as JSON")
+    parser.add_argument(
+        "--gso-only",
+        action="store_true",
+        help="only the UDP GSO comparison (bursts 1/4/6/8 at 100/1,000/5,000 viewers)",
+    )
+    parser.add_argument("--bursts", type=int, nargs="+", help="GSO burst sizes instead of 1 4 6 8")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     arguments = parser.parse_args(argv)
     plan = SMOKE_PLAN if arguments.smoke else FULL_PLAN
@@ -844,9 +1117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"... {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    rows = run(plan, progress)
-    table = format_table(rows, plan)
-    print(table)
+    rows: list[Row] = []
+    if not arguments.gso_only:
+        rows = run(plan, progress)
+        print(format_table(rows, plan))
+    gso_viewers = arguments.viewers or (plan.viewer_counts if arguments.smoke else GSO_VIEWERS)
+    bursts = tuple(arguments.bursts or ((1, 6) if arguments.smoke else GSO_BURSTS))
+    if arguments.bursts and not all(1 <= burst <= 32 for burst in bursts):
+        parser.error("--bursts must be in 1..32 (a viewer's run stays within one batch)")
+    gso_rows = run_gso(plan, gso_viewers, bursts, progress)
+    if arguments.gso_only:
+        print(f"machine: {machine_description()}")
+    print(format_gso(gso_rows))
     print(f"(benchmark took {time.perf_counter() - started:.0f} s)")
     if arguments.json:
         with open(arguments.json, "w") as output:
@@ -857,6 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "plan": asdict(plan),
                     "packet_size": PACKET_SIZE,
                     "rows": [asdict(row) for row in rows],
+                    "gso_rows": [asdict(row) for row in gso_rows],
                 },
                 output,
                 indent=2,

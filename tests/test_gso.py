@@ -13,8 +13,11 @@ import random
 import re
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -58,6 +61,8 @@ from whepfan.protocol.codecs import Vp8PayloadDescriptor
 from whepfan.protocol.dtls import DtlsCertificate
 
 __all__ = ["sender", "viewers"]  # fixtures shared with test_fanout
+
+BENCH_FANOUT = Path(__file__).resolve().parent.parent / "bench" / "fanout.py"
 
 SO_NO_CHECK = 11  # socket(7): no UDP checksums on send; the kernel then refuses GSO
 
@@ -609,3 +614,43 @@ async def test_gso_off_serves_viewers_one_datagram_per_entry(
         finally:
             await viewer.close()
             await publisher.close()
+
+
+@pytest.mark.slow
+def test_bench_fanout_prints_one_gso_line_per_profile() -> None:
+    # bench/fanout.py as a user runs it: the same run's sendmmsg and GSO limits and
+    # whepfan with GSO off and on; one line per (viewers, burst, profile) in this form.
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_FANOUT),
+            "--gso-only",
+            "--smoke",
+            "--viewers",
+            "20",
+            "--bursts",
+            "1",
+            "6",
+            "--runs",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = re.findall(
+        r"^gso @ 20 viewers, burst (\d), (GCM|CM): (\d+\.\d\d)x the sendmmsg limit, "
+        r"(\d+\.\d\d) of the gso limit$",
+        completed.stdout,
+        re.MULTILINE,
+    )
+    assert sorted((burst, profile) for burst, profile, _, _ in lines) == [
+        ("1", "CM"),
+        ("1", "GCM"),
+        ("6", "CM"),
+        ("6", "GCM"),
+    ]
+    assert all(float(multiple) > 0 and float(ratio) > 0 for _, _, multiple, ratio in lines)
