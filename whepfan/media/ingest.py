@@ -243,11 +243,11 @@ class Ingest:
         track, is_rtx = entry
         packet = bytearray(plain)
         if is_rtx:
-            if rtp.padding_only(packet):
-                # A bandwidth probe, not a repair: it has no OSN to unwrap (RFC 4588 §4).
-                self._counters["drop_ingest_rtx_padding"] += 1
-                return
             try:
+                if rtp.padding_only(packet):
+                    # A bandwidth probe, not a repair: no OSN to unwrap (RFC 4588 §4).
+                    self._counters["drop_ingest_rtx_padding"] += 1
+                    return
                 packet = rtp.unwrap_rtx_packet(packet, track.ingest.codec.payload_type)
             except ParseError:
                 self._counters["drop_ingest_malformed"] += 1
