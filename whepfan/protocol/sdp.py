@@ -624,7 +624,11 @@ class MediaSection:
             self.ssrc_groups.append(SsrcGroup.parse(value))
         elif name == "rid" and value is not None:
             self.rids.append(Rid.parse(value))
-        elif name == "simulcast" and value is not None and self.simulcast is None:
+        elif name == "simulcast" and value is not None:
+            # RFC 8853 §5.1 describes one a=simulcast per media description: a second one
+            # makes the answer ambiguous (and, kept verbatim, would not serialise in place).
+            if self.simulcast is not None:
+                raise ParseError("second a=simulcast in a media section")
             self.simulcast = Simulcast.parse(value)
         else:
             self.attributes.append((name, value))
