@@ -469,7 +469,7 @@ def test_a_publisher_gap_is_nacked_repaired_by_rtx_and_served_to_viewers() -> No
         (compound,) = (rtcp.parse_compound(rtcp_in.unprotect_rtcp(d)) for d in to_publisher)
         nack = compound[1]
         assert isinstance(nack, rtcp.GenericNack)
-        assert nack.media_ssrc == CHROMIUM_VIDEO_SSRC  # not the RTX SSRC (RFC 4588 §6.3)
+        assert nack.media_ssrc == CHROMIUM_VIDEO_SSRC  # the media source that lost it, not RTX
         assert nack.lost_sequence_numbers() == [1002]
 
         # RFC 4588 §4: RTX PT 97 on the FID SSRC, payload = OSN + the original payload.

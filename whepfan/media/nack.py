@@ -228,7 +228,7 @@ class NackGenerator:
 class _TrackRepair:
     track: Track
     generator: NackGenerator
-    media_ssrc: int | None = None  # what the NACK names (RFC 4588 §4: not the RTX SSRC)
+    media_ssrc: int | None = None  # the NACK's media source: the stream that lost packets
 
 
 @dataclass(eq=False, kw_only=True)
