@@ -251,7 +251,7 @@ class UpstreamRepair:
 
     ``received`` is called by ingest for each media packet of a publisher on this worker
     (never for a relay copy: the origin worker repairs); it returns False for an RTX
-    packet that repairs nothing (a duplicate answer, or RTX padding, RFC 4588 §8.3),
+    packet that repairs nothing (a second answer, or an old packet libwebrtc resends as a probe),
     which ingest drops. The ``NACK`` timer of a stream sends what is due.
     """
 
