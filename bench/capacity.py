@@ -28,6 +28,10 @@ The load generator polls connected viewers' sockets (``whepfan loadtest --poll-m
 rather than being woken per datagram: on loopback the sender pays for that wake-up, a
 cost no viewer across a network imposes (see whepfan/_receiver.pxi).
 
+UDP GSO (issue 17): every whepfan worker count runs once per ``--gso`` mode (default
+``on,off``, as "whepfan N w GSO on" / "... off"), so viewers per core and CPU µs per
+delivered packet with and without GSO come from the same run.
+
 The join storm: N viewers (``--storm``, default 1,000) arrive within ``--storm-window``
 seconds against whepfan; time to first frame is POST -> first VP8 keyframe packet as the
 load generator's receiver sees it (first RTP is reported beside it), and the viewers
@@ -216,9 +220,15 @@ class Server:
 
 
 class WhepfanServer(Server):
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, gso: str = "auto") -> None:
         self.workers = workers
-        self.name = f"whepfan {workers} worker{'s' if workers > 1 else ''}"
+        # --gso on/off (issue 17): a viewer's run of a burst in one UDP GSO entry, or not.
+        self.gso = gso
+        # Names fit the tables' 19-character contender column.
+        if gso == "auto":
+            self.name = f"whepfan {workers} worker{'s' if workers > 1 else ''}"
+        else:
+            self.name = f"whepfan {workers} w GSO {gso}"
         self.pinned = SERVER_CPUS is not None and workers == 1
         http_port = _free_port(socket.SOCK_STREAM)
         udp_port = _free_port(socket.SOCK_DGRAM)
@@ -233,6 +243,7 @@ class WhepfanServer(Server):
                 # The raw capacity is what is measured: the default budget ("auto", 0.7 of
                 # the limit) would refuse viewers first; the report prints where.
                 "--worker-packet-budget", "none",
+                "--gso", gso,
             ],
             preexec_fn=_pinned(SERVER_CPUS if workers == 1 else None),
         )  # fmt: skip
@@ -704,6 +715,11 @@ def _counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
+    parser.add_argument(
+        "--gso",
+        default="on,off",
+        help="whepfan --gso modes to run side by side, each with every worker count",
+    )
     # 2 and 5 place the naive SFU's limit (it transcodes: a core holds a handful).
     parser.add_argument("--viewers", default="1,2,5,10,100,400,800,1000,1100,1200,1400,1600")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds at each step")
@@ -733,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration_packets = 200_000
     if args.smoke:
         args.workers, args.viewers, args.hold, args.ramp = "1", "1,2", 4.0, 20.0
+        args.gso = "auto"
         args.storm, args.storm_window, args.storm_hold = 6, 1.0, 1.0
         args.size, args.bitrate = "320x240", 300_000
         calibration_packets = 20_000
@@ -771,8 +788,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"stream: {stream.size} VP8 at {stream.bitrate // 1000} kbit/s + Opus", flush=True)
 
+    gso_modes = [mode for mode in args.gso.split(",") if mode]
+    if not gso_modes or any(mode not in ("on", "off", "auto") for mode in gso_modes):
+        parser.error("--gso is a comma-separated list of on, off, auto")
     servers: list[tuple[str, Any]] = [
-        (f"whepfan {w}", lambda w=w: WhepfanServer(w)) for w in worker_counts
+        (f"whepfan {w} {mode}", lambda w=w, mode=mode: WhepfanServer(w, mode))
+        for w in worker_counts
+        for mode in gso_modes
     ]
     if args.naive:
         servers.append((NAIVE, lambda: NaiveServer(stream.bitrate)))
