@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from whepfan.settings import Settings
+from whepfan.settings import Settings, SettingsError
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "cluster"
 
@@ -97,3 +97,18 @@ def test_redis_example_config_is_accepted_by_redis_server(tmp_path: Path) -> Non
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"upstream": "http://o/whep/{stream}", "workers": "2"}, "need --workers 1"),
+        ({"upstream": "http://o/whep/live"}, "{stream}"),
+        ({"cluster": "redis://r/0", "cluster_token": "t"}, "--cluster needs --node-url"),
+        ({"cluster": "http://r/0", "cluster_token": "t", "node_url": "http://n"}, "Redis URL"),
+    ],
+)
+def test_cluster_settings_are_checked(given: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.resolve(cli=given, environ={})
+    assert message in str(caught.value)

@@ -115,3 +115,11 @@ def test_among_relays_the_least_loaded_serves() -> None:
 def test_records_survive_the_json_round_trip() -> None:
     record = node("a", viewers=3, budget=1e5, max_pulls=2, s=CarriedStream(source="o"))
     assert NodeRecord.from_json(record.to_json()) == record
+
+
+def test_the_registry_url_is_shown_without_its_password() -> None:
+    from whepfan.cluster.registry import redacted
+
+    assert redacted("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert redacted("rediss://user:pw@[::1]/2") == "rediss://user:***@[::1]/2"
+    assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -86,7 +86,7 @@ def _registry_down(registry: ClusterRegistry, stream_name: str) -> UpstreamError
         PullFailure.NO_UPSTREAM,
         ServiceUnavailable(
             f"stream {stream_name!r} is not on this node and the cluster registry "
-            f"({registry.url}) is unreachable ({registry.last_error or 'not answering'}), "
+            f"({registry.shown_url}) is unreachable ({registry.last_error or 'not answering'}), "
             "so the node carrying it cannot be found; local streams are still served",
             retry_after=5,
         ),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ class ClusterRegistry:
         interval: float = REFRESH_INTERVAL,
     ) -> None:
         self.url = url
+        # For logs and GET /api/cluster: the URL without its password.
+        self.shown_url = redacted(url)
         self.node_id = node_id
         self._describe_self = describe_self
         self._published = published
@@ -180,14 +183,14 @@ class ClusterRegistry:
                 log.warning(
                     "cluster registry %s unreachable (%s): serving local streams only, "
                     "cross-node pulls refused until it is back",
-                    self.url,
+                    self.shown_url,
                     exc,
                 )
             self.available = False
             self.last_error = str(exc) or type(exc).__name__
             return
         if not self.available:
-            log.info("registered in the cluster registry %s as %s", self.url, self.node_id)
+            log.info("registered in the cluster registry %s as %s", self.shown_url, self.node_id)
         self.available = True
         self.last_error = None
         self.refreshes += 1
@@ -254,11 +257,24 @@ class ClusterRegistry:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "registry": self.url,
+            "registry": self.shown_url,
             "available": self.available,
             "error": self.last_error,
             "node": self.node_id,
         }
+
+
+def redacted(url: str) -> str:
+    """``url`` with the password of its userinfo (redis://:PASSWORD@host) replaced."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _text(value: object) -> str | None:
