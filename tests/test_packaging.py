@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import zipfile
@@ -261,6 +262,15 @@ def _checkout_copy(destination: Path) -> Path:
     return destination
 
 
+@pytest.fixture(scope="module")
+def work() -> Iterator[Path]:
+    """This module's own scratch directory. Its wheel, venv and demo live for minutes, and
+    pytest prunes its numbered base directories (keeping three) whenever another pytest
+    run of the same user starts, which on a shared machine is often."""
+    with tempfile.TemporaryDirectory(prefix="whepfan-packaging-") as name:
+        yield Path(name)
+
+
 @dataclass(frozen=True)
 class Built:
     wheel: Path
@@ -268,10 +278,9 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def built(work: Path) -> Built:
     """``pip wheel --no-deps`` of the checkout (pip's build isolation fetches the build
     requirements of pyproject.toml)."""
-    work = tmp_path_factory.mktemp("wheel")
     source = _checkout_copy(work / "src")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", source])
     (wheel,) = (work / "dist").glob("whepfan-*.whl")
@@ -279,9 +288,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheel_venv(built: Built, work: Path) -> Path:
     """A fresh virtualenv with the wheel installed; pip resolves its dependencies."""
-    venv = tmp_path_factory.mktemp("venv") / "venv"
+    venv = work / "venv"
     _run([sys.executable, "-m", "venv", venv])
     _run([venv / "bin" / "python", "-m", "pip", "install", "-q", built.wheel])
     return venv
@@ -311,8 +320,10 @@ def test_wheel_holds_the_compiled_core_every_module_and_page_and_no_tests(built:
 
 @pytest.mark.slow
 def test_wheel_venv_imports_whepfan_from_its_own_site_packages(
-    wheel_venv: Path, tmp_path: Path
+    wheel_venv: Path, work: Path
 ) -> None:
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
     result = _run(
         [
             wheel_venv / "bin" / "python",
@@ -320,7 +331,7 @@ def test_wheel_venv_imports_whepfan_from_its_own_site_packages(
             "import whepfan._fastpath as core, whepfan.client.source as source; "
             "print(core.__file__); print(source.__file__)",
         ],
-        cwd=tmp_path,  # not the checkout, whose whepfan/ would shadow the installed one
+        cwd=elsewhere,  # not the checkout, whose whepfan/ would shadow the installed one
     )
     for line in result.stdout.split():
         assert Path(line).resolve().is_relative_to(wheel_venv.resolve()), line
@@ -340,10 +351,11 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def wheel_demo(wheel_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+def wheel_demo(wheel_venv: Path, work: Path) -> Iterator[Demo]:
     """The wheel venv's ``whepfan demo`` on free loopback ports, until it prints its URLs."""
-    work = tmp_path_factory.mktemp("demo")
-    log_path = work / "demo.log"
+    demo_dir = work / "demo"
+    demo_dir.mkdir()
+    log_path = demo_dir / "demo.log"
     http = f"127.0.0.1:{_free_port(socket.SOCK_STREAM)}"
     udp = f"127.0.0.1:{_free_port(socket.SOCK_DGRAM)}"
     argv = [wheel_venv / "bin" / "whepfan", "demo", "--http", http, "--udp", udp]
@@ -351,7 +363,7 @@ def wheel_demo(wheel_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*map(str, argv), "--public-ip", "127.0.0.1"],
-            cwd=work,
+            cwd=demo_dir,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -412,10 +424,10 @@ async def test_wheel_demo_serves_its_pages_and_media_a_whep_viewer_decodes(
 
 @pytest.mark.slow
 def test_wheel_loadtest_viewers_receive_and_decrypt_the_wheel_demo(
-    wheel_demo: Demo, wheel_venv: Path, tmp_path: Path
+    wheel_demo: Demo, wheel_venv: Path, work: Path
 ) -> None:
     """The wheel's own WHEP load generator (the compiled receiver) against its demo."""
-    report_path = tmp_path / "report.json"
+    report_path = work / "loadtest.json"
     _run(
         [
             wheel_venv / "bin" / "whepfan",
@@ -431,7 +443,7 @@ def test_wheel_loadtest_viewers_receive_and_decrypt_the_wheel_demo(
             "--json",
             report_path,
         ],
-        cwd=tmp_path,
+        cwd=work,
     )
     report = orjson.loads(report_path.read_bytes())
     assert report["summary"]["received_media"] == 2
