@@ -33,8 +33,9 @@ from whepfan.media.nack import UpstreamRepair
 from whepfan.media.session import PublisherSession
 from whepfan.media.streams import RTP_SEQ_MOD, RTP_TS_MOD, Stream, StreamListeners, Track
 from whepfan.media.timers import TimerKind, Timers
+from whepfan.media.twcc import ArrivalFeedback, transport_sequence
 from whepfan.protocol import codecs, rtcp, rtp
-from whepfan.protocol.negotiation import IngestMedia, IngestTrack
+from whepfan.protocol.negotiation import EXT_TRANSPORT_CC, IngestMedia, IngestTrack
 
 log = logging.getLogger("whepfan.media.ingest")
 
@@ -85,6 +86,9 @@ class Ingest:
         self.tap: IngestTap | None = None
         # Packets of the read burst in progress, pushed per track at its end (burst.py).
         self.bursts = FanoutBursts(lambda: self.fanout, flushed=layers.switches_completed)
+        # Streams whose publisher negotiated transport-wide cc: its extension id and the
+        # arrival record the TRANSPORT_FEEDBACK timer reports (twcc.py).
+        self._arrivals: dict[str, tuple[int, ArrivalFeedback]] = {}
 
     # attach and detach -------------------------------------------------------------------
 
@@ -178,6 +182,8 @@ class Ingest:
         stream.ingest_by_ssrc.clear()
         stream.next_feedback_at = math.inf
         self._timers.cancel((TimerKind.PUBLISHER_FEEDBACK, stream.name))
+        self._arrivals.pop(stream.name, None)
+        self._timers.cancel((TimerKind.TRANSPORT_FEEDBACK, stream.name))
         if not stream.viewers:
             self.bursts.flush()
             for track in stream.all_tracks():
@@ -202,6 +208,21 @@ class Ingest:
             keys.profile, keys.remote_key, keys.remote_salt
         )
         self._schedule_feedback(stream, now)
+        transport_cc = next(
+            (
+                m.extension_ids[EXT_TRANSPORT_CC]
+                for m in session.ingest
+                if EXT_TRANSPORT_CC in m.extension_ids
+            ),
+            None,
+        )
+        if transport_cc is None:
+            self._arrivals.pop(stream.name, None)
+        else:
+            self._arrivals[stream.name] = (
+                transport_cc,
+                ArrivalFeedback(sender_ssrc=self._feedback.rtcp_ssrc),
+            )
         self._keyframes.request(stream, now, force=True)
         if not stream.active:
             stream.active = True
@@ -219,6 +240,19 @@ class Ingest:
         self._schedule_feedback(stream, now)
         self._layers.report(stream, now)
 
+    def transport_feedback_due(self, stream: Stream, now: float) -> None:
+        """The stream's ``TRANSPORT_FEEDBACK`` timer: what arrived since the last
+        (draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1), in one compound."""
+        entry = self._arrivals.get(stream.name)
+        if entry is None or not PublisherFeedback.connected(stream):
+            return
+        arrivals = entry[1]
+        packets = arrivals.poll(now)
+        if packets:
+            compound = b"".join(packet.serialize() for packet in packets)
+            self._feedback.send(stream, compound, failure="transport_feedback_failed")
+        self._timers.schedule((TimerKind.TRANSPORT_FEEDBACK, stream.name), arrivals.deadline())
+
     # SRTP in ------------------------------------------------------------------------------
 
     def rtp_received(self, session: PublisherSession, data: bytes, now: float) -> None:
@@ -235,12 +269,26 @@ class Ingest:
         if len(plain) < 12:
             self._counters["drop_ingest_malformed"] += 1
             return
+        transport_cc = self._arrivals.get(stream.name)
+        if transport_cc is not None:
+            # Every packet of the transport counts, RTX and probing padding included.
+            sequence = transport_sequence(plain, transport_cc[0])
+            if sequence is not None:
+                transport_cc[1].record(sequence, now)
+                self._timers.schedule(
+                    (TimerKind.TRANSPORT_FEEDBACK, stream.name), transport_cc[1].deadline()
+                )
         ssrc = int.from_bytes(plain[8:12], "big")
         entry = stream.ingest_by_ssrc.get(ssrc) or self._learn_ssrc(stream, session, plain)
         if entry is None:
             self._counters["drop_ingest_unknown_ssrc"] += 1
             return
         track, is_rtx = entry
+        if transport_cc is not None and not is_rtx:
+            # libwebrtc acts on transport feedback only when its media SSRC is one of
+            # its own media streams' (RTCPReceiver::HandleTransportFeedback), as its
+            # receive side sets it: the last media SSRC that arrived.
+            transport_cc[1].media_ssrc = ssrc
         packet = bytearray(plain)
         if is_rtx:
             try:

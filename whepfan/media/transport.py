@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 import struct
@@ -145,6 +146,7 @@ class MediaWorker:
         # How long what we read had waited (the first datagram of each read burst, the
         # oldest queued): a worker past its capacity shows here before anywhere else.
         self.receive_delay = ReceiveDelay(clock=self._loop.time)
+        self._last_arrival = -math.inf
         # Received pktinfo -> address text, and text -> control message to send from it:
         # a worker sees a handful of local addresses, so neither is built per datagram.
         self._local_names: dict[bytes, str] = {}
@@ -222,17 +224,19 @@ class MediaWorker:
                 router.counters["socket_errors"] += 1
                 continue
             local = None
+            now = self._loop.time()
             for level, _kind, payload in ancillary:
                 if level == socket.SOL_SOCKET:  # SCM_TIMESTAMPNS, the only one at this level
                     if first:
                         self._record_delay(payload)
                         first = False
+                    now = self._arrival_time(payload, now)
                 else:
                     # pktinfo: a known one costs a dict lookup (measured: ~0.3 µs per
                     # datagram for recvmsg and this, over asyncio's datagram endpoint).
                     local = local_names.get(payload) or self._local_address(ancillary)
             try:
-                router.datagram_received(data, (addr[0], addr[1]), self._loop.time(), local)
+                router.datagram_received(data, (addr[0], addr[1]), now, local)
             except Exception:  # a bug must not stop the port for everyone else
                 log.exception("datagram from %s crashed the router", addr)
                 router.counters["router_errors"] += 1
@@ -249,6 +253,23 @@ class MediaWorker:
                 os.strerror(self.fanout.gso_error),
             )
         self.arm_timer()
+
+    def _arrival_time(self, timespec: bytes, now: float) -> float:
+        """When the kernel received the datagram (SO_TIMESTAMPNS, wall clock) on the
+        monotonic clock the loop's time follows: transport-wide cc feedback (twcc.py)
+        reports arrival times to 250 µs, and uvloop's ``time()`` is cached per loop
+        iteration in whole milliseconds, so a burst read late would look like packets
+        that arrived together. Never before the previous datagram's (a stepped wall
+        clock); ``now`` when the timestamp is missing or implausible."""
+        if len(timespec) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(timespec)
+            wall = seconds + nanoseconds * 1e-9
+            monotonic, real = time.monotonic(), time.time()
+            if 0.0 <= real - wall < 1.0:
+                now = monotonic - (real - wall)
+        now = max(now, self._last_arrival)
+        self._last_arrival = now
+        return now
 
     def _record_delay(self, timespec: bytes) -> None:
         if len(timespec) >= _TIMESPEC.size:
