@@ -37,6 +37,7 @@ from test_fanout import (
     Viewer,
     attach,
     key_arguments,
+    make_keys,
     new_viewer,
     open_sender,
     open_viewer,
@@ -51,6 +52,7 @@ from whepfan._fastpath import (
     PROFILE_AEAD_AES_128_GCM,
     PROFILE_AES128_CM_SHA1_80,
     Fanout,
+    Receiver,
     measure_send_limit,
 )
 from whepfan.client.publisher import Publisher, PublisherOptions
@@ -654,3 +656,44 @@ def test_bench_fanout_prints_one_gso_line_per_profile() -> None:
         ("6", "GCM"),
     ]
     assert all(float(multiple) > 0 and float(ratio) > 0 for _, _, multiple, ratio in lines)
+
+
+@pytest.mark.parametrize("gro", [True, False])
+def test_load_generator_counts_every_datagram_of_a_gro_run(
+    sender: socket.socket, gro: bool
+) -> None:
+    # The loadtest receiver with UDP_GRO: the kernel hands it the GSO entry as one read
+    # with its segment size; split by it, every datagram is counted and SRTP-verified.
+    profile = PROFILE_AEAD_AES_128_GCM
+    tx_key, tx_salt, rx_key, rx_salt = make_keys(profile)
+    fanout = gso_fanout(sender)
+    track = fanout.add_track()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    receiver = Receiver(max_viewers=4, gro=gro)
+    try:
+        slot = receiver.add_viewer(sock.fileno())
+        assert receiver.stats()["gro_sockets"] == (1 if gro else 0)
+        receiver.set_keys(slot, profile=profile, key=tx_key, salt=tx_salt)
+        receiver.set_payload_type(slot, 96, kind="video", clock_rate=90000)
+        viewer = fanout.add_viewer(
+            "127.0.0.1",
+            sock.getsockname()[1],
+            profile=profile,
+            tx_key=tx_key,
+            tx_salt=tx_salt,
+            rx_key=rx_key,
+            rx_salt=rx_salt,
+        )
+        fanout.subscribe(viewer, track, ssrc=0x77, payload_type=96, wait_keyframe=False)
+        assert fanout.push_batch(track, burst([1200] * 6)) == 6
+        assert fanout.push_batch(track, burst([900, 900, 500], first_seq=106)) == 3
+        assert receiver.drain() == []
+        stats = receiver.viewer_stats(slot)
+        assert stats["packets"] == 9 and stats["expected"] == 9 and stats["lost"] == 0
+        assert stats["decrypted"] == 9 and stats["decrypt_failures"] == 0
+        assert stats["bytes"] == 6 * 1216 + 2 * 916 + 516
+        assert (stats["coalesced_reads"] == 2) if gro else (stats["coalesced_reads"] == 0)
+    finally:
+        sock.close()

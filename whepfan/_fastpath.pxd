@@ -326,7 +326,10 @@ cdef enum:
     RX_SLOT_SIZE = 2048              # one datagram; WebRTC media stays under ~1300 bytes
     RX_MAX_STREAMS = 4               # SSRCs counted per viewer (audio, video, RTX, spare)
     RX_CONTROL_SLOTS = 256           # STUN/DTLS datagrams returned by one drain()
-    RX_ANCILLARY_SIZE = 64           # CMSG_SPACE(timespec) + CMSG_SPACE(uint32) = 56
+    # CMSG_SPACE(timespec) + CMSG_SPACE(uint32) + CMSG_SPACE(int) (UDP_GRO) = 80
+    RX_ANCILLARY_SIZE = 96
+    # With UDP_GRO a read may return a run of datagrams coalesced (udp(7)): up to 64 KiB.
+    RX_GRO_SLOT_SIZE = 65536
     RX_MAX_EVENTS = 256              # ready sockets taken from one epoll_wait
     RX_BATCHES_PER_SOCKET = 8        # recvmmsg calls per ready socket per drain (fairness)
     RX_DUPLICATE_WINDOW = 64         # sequence numbers remembered for duplicate detection
@@ -369,6 +372,7 @@ cdef struct RxViewer:
     uint64_t unkeyed                 # RTP before the DTLS keys were set
     uint64_t malformed
     uint64_t other_streams           # packets of SSRCs beyond RX_MAX_STREAMS
+    uint64_t coalesced_reads         # reads that returned >= 2 datagrams (UDP_GRO)
     uint32_t socket_drops            # SO_RXQ_OVFL: dropped by this socket's full buffer
     uint64_t sample_counter
     double first_rtp_at

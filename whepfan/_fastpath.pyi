@@ -205,8 +205,16 @@ class Receiver:
     datagrams for Python. The sockets stay the caller's."""
 
     def __init__(
-        self, *, max_viewers: int = 4096, batch_size: int = 64, verify_every: int = 1
-    ) -> None: ...
+        self,
+        *,
+        max_viewers: int = 4096,
+        batch_size: int = 64,
+        verify_every: int = 1,
+        gro: bool = False,
+    ) -> None:
+        """``gro``: ask every socket for UDP_GRO, so a run of datagrams is one read (64 KiB
+        buffers per batch slot); counts stay per datagram (split by the segment size)."""
+
     def fileno(self) -> int:
         """The epoll fd, readable whenever a viewer socket is (for ``loop.add_reader``)."""
 

@@ -58,7 +58,7 @@ from whepfan.includes.system cimport (
     sockaddr_in,
     sockaddr_in6,
 )
-from whepfan.includes.system cimport SOL_SOCKET
+from whepfan.includes.system cimport SOL_SOCKET, SOL_UDP, UDP_GRO
 from whepfan.includes.recv cimport (
     SCM_TIMESTAMPNS,
     SO_RXQ_OVFL,
@@ -266,9 +266,13 @@ cdef class Receiver:
     cdef uint64_t drains
     cdef uint64_t polls
     cdef int sweep_next              # the polled sweep resumes here after a full stop
+    cdef bint gro                    # ask each socket for UDP_GRO (udp(7))
+    cdef int slot_size               # receive buffer per message: one datagram or a GRO run
+    cdef int gro_sockets             # sockets that accepted UDP_GRO
     cdef double clock_offset         # CLOCK_MONOTONIC - CLOCK_REALTIME, this drain/poll
 
-    def __cinit__(self, *, int max_viewers=4096, int batch_size=64, int verify_every=1):
+    def __cinit__(self, *, int max_viewers=4096, int batch_size=64, int verify_every=1,
+                  bint gro=False):
         cdef int index
         self.epfd = -1
         if max_viewers < 1 or not 1 <= batch_size <= 1024 or verify_every < 1:
@@ -276,8 +280,10 @@ cdef class Receiver:
         self.max_viewers = max_viewers
         self.batch_size = batch_size
         self.verify_every = verify_every
+        self.gro = gro
+        self.slot_size = RX_GRO_SLOT_SIZE if gro else RX_SLOT_SIZE
         self.viewers = <RxViewer*>calloc(max_viewers, sizeof(RxViewer))
-        self.buffers = <uint8_t*>malloc(batch_size * RX_SLOT_SIZE)
+        self.buffers = <uint8_t*>malloc(<size_t>batch_size * self.slot_size)
         self.messages = <mmsghdr*>calloc(batch_size, sizeof(mmsghdr))
         self.vectors = <iovec*>calloc(batch_size, sizeof(iovec))
         self.sources = <sockaddr_in6*>calloc(batch_size, sizeof(sockaddr_in6))
@@ -294,8 +300,8 @@ cdef class Receiver:
                 or self.control_viewer == NULL or self.control_source == NULL):
             raise MemoryError()
         for index in range(batch_size):
-            self.vectors[index].iov_base = self.buffers + index * RX_SLOT_SIZE
-            self.vectors[index].iov_len = RX_SLOT_SIZE
+            self.vectors[index].iov_base = self.buffers + <size_t>index * self.slot_size
+            self.vectors[index].iov_len = self.slot_size
             self.messages[index].msg_hdr.msg_iov = &self.vectors[index]
             self.messages[index].msg_hdr.msg_iovlen = 1
             self.messages[index].msg_hdr.msg_name = &self.sources[index]
@@ -351,6 +357,11 @@ cdef class Receiver:
         # reading and socket_drops stays 0.
         setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &enable, sizeof(int))
         setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &enable, sizeof(int))
+        # udp(7) UDP_GRO (Linux 5.0): a run of datagrams of one sender (a GSO entry on
+        # loopback, a NIC's GRO otherwise) arrives as one read with its segment size in a
+        # control message; counted per datagram all the same (_read_socket splits it).
+        if self.gro and setsockopt(fd, SOL_UDP, UDP_GRO, &enable, sizeof(int)) == 0:
+            self.gro_sockets += 1
         memset(&self.viewers[index], 0, sizeof(RxViewer))
         self.viewers[index].fd = fd
         self.viewers[index].in_use = 1
@@ -470,15 +481,21 @@ cdef class Receiver:
         viewer.control_packets += 1
 
     cdef double _arrival(self, mmsghdr* message, RxViewer* viewer,
-                         double read_at) noexcept nogil:
+                         double read_at, int* segment_size) noexcept nogil:
         """The kernel's receive time of ``message`` on CLOCK_MONOTONIC (``read_at`` when
-        it carries none); records the socket's drop count on the way."""
+        it carries none); records the socket's drop count on the way, and sets
+        ``segment_size`` to the UDP_GRO segment size if the read is a coalesced run."""
         cdef cmsghdr* header = CMSG_FIRSTHDR(&message.msg_hdr)
         cdef timespec* stamp
         cdef uint32_t drops
+        cdef int gso_size
         cdef double arrival = read_at
         while header != NULL:
-            if header.cmsg_level == SOL_SOCKET:
+            if header.cmsg_level == SOL_UDP and header.cmsg_type == UDP_GRO:
+                memcpy(&gso_size, CMSG_DATA(header), sizeof(int))
+                if gso_size > 0:
+                    segment_size[0] = gso_size
+            elif header.cmsg_level == SOL_SOCKET:
                 if header.cmsg_type == SCM_TIMESTAMPNS:
                     stamp = <timespec*>CMSG_DATA(header)
                     arrival = stamp.tv_sec + stamp.tv_nsec * 1e-9 + self.clock_offset
@@ -492,9 +509,9 @@ cdef class Receiver:
         """Empties one socket (up to RX_BATCHES_PER_SOCKET batches, for fairness).
         Returns 1 when the control slots are full: the caller stops, the rest stays queued
         for the next drain/poll."""
-        cdef int batch, received, message, length
+        cdef int batch, received, message, length, segment_size, offset, part
         cdef uint8_t* data
-        cdef double read_at
+        cdef double read_at, arrival
         for batch in range(RX_BATCHES_PER_SOCKET):
             if self.control_count >= RX_CONTROL_SLOTS:
                 return 1
@@ -507,13 +524,24 @@ cdef class Receiver:
                 return 0
             read_at = rx_monotonic()
             for message in range(received):
-                data = self.buffers + message * RX_SLOT_SIZE
+                data = self.buffers + <size_t>message * self.slot_size
                 length = self.messages[message].msg_len
-                if length > 0 and 128 <= data[0] <= 191:
-                    self._media(viewer, data, length,
-                                self._arrival(&self.messages[message], viewer, read_at))
-                elif length > 0:
-                    self._control(index, viewer, data, length, &self.sources[message])
+                segment_size = length
+                arrival = self._arrival(&self.messages[message], viewer, read_at, &segment_size)
+                if segment_size <= 0 or segment_size > length:
+                    segment_size = length
+                if segment_size < length:
+                    viewer.coalesced_reads += 1
+                # A GRO run is datagrams of segment_size bytes, the last maybe shorter
+                # (udp(7)): each is counted and checked as if read on its own.
+                offset = 0
+                while offset < length:
+                    part = min(segment_size, length - offset)
+                    if 128 <= data[offset] <= 191:
+                        self._media(viewer, data + offset, part, arrival)
+                    else:
+                        self._control(index, viewer, data + offset, part, &self.sources[message])
+                    offset += part
             if received < self.batch_size:
                 return 0
         return 0
@@ -621,6 +649,7 @@ cdef class Receiver:
             "unkeyed": slot.unkeyed,
             "malformed": slot.malformed,
             "other_streams": slot.other_streams,
+            "coalesced_reads": slot.coalesced_reads,
             "socket_drops": slot.socket_drops,
             "streams": streams,
             "audio_jitter_ms": audio_jitter,
@@ -631,4 +660,5 @@ cdef class Receiver:
         }
 
     def stats(self) -> dict:
-        return {"recv_calls": self.recv_calls, "drains": self.drains, "polls": self.polls}
+        return {"recv_calls": self.recv_calls, "drains": self.drains, "polls": self.polls,
+                "gro_sockets": self.gro_sockets}
