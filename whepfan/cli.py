@@ -327,6 +327,13 @@ def add_publish_command(commands: argparse._SubParsersAction) -> None:
     publish.add_argument("--no-audio", dest="audio", action="store_false")
     publish.add_argument("--no-video", dest="video", action="store_false")
     publish.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the session fails or ends instead of publishing again (with "
+        "backoff 0.5 s to 8 s) until --duration passes",
+    )
+    publish.add_argument(
         "--log-level",
         dest="log_level",
         default="info",
@@ -337,7 +344,12 @@ def add_publish_command(commands: argparse._SubParsersAction) -> None:
 def run_publish(args: argparse.Namespace) -> int:
     import asyncio
 
-    from whepfan.client.publisher import Publisher, PublisherOptions, PublishError
+    from whepfan.client.publisher import (
+        Publisher,
+        PublisherOptions,
+        PublishError,
+        ReconnectingPublisher,
+    )
 
     try:
         options = PublisherOptions(
@@ -358,7 +370,15 @@ def run_publish(args: argparse.Namespace) -> int:
         print(f"whepfan publish: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    async def publish_again() -> int:
+        publisher = ReconnectingPublisher(options)
+        await publisher.run(args.duration)
+        print(f"whepfan publish: {publisher.stats}", file=sys.stderr)
+        return 0
+
     async def publish() -> int:
+        if args.reconnect:
+            return await publish_again()
         async with Publisher(options) as publisher:
             await publisher.wait(args.duration)
             print(f"whepfan publish: {publisher.stats.as_dict()}", file=sys.stderr)

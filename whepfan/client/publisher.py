@@ -11,6 +11,21 @@ RTCP from the server is answered as a browser would: PLI (RFC 4585 §6.3.1) and 
 (RFC 4585 §6.2.1) re-sends the packets from a short history. A Sender Report with an SDES
 CNAME goes out every second per SSRC (RFC 3550 §6.1, §6.4.1) so that viewers can
 synchronise audio and video.
+
+A session can end without a word from the server: the server or the media worker that
+held it died, so no DTLS close_notify comes and ICE consent would only expire 30 s
+later (RFC 7675 §5.1). So the publisher also watches for silence: nothing at all from
+the server (no RTCP, whose receiver reports whepfan sends every second, no STUN
+response, no DTLS) for ``silence_timeout`` makes it ask the server about its session
+(GET on the session URL); a 404 or 409, or no server at all, ends the session there.
+
+``ReconnectingPublisher`` (``whepfan publish`` without ``--no-reconnect``) publishes again
+whenever a session ends that way or fails (ICE, DTLS, a refused or unreachable POST),
+after an exponential backoff with jitter (``ReconnectPolicy``), honouring the server's
+Retry-After; viewers of a whepfan server resume on the same sessions. Before its first
+session it retries only what the server asked it to retry later (409 while a previous
+publisher is still live, 429, 503, ...): a server it cannot reach or connect to at all
+is a mistake to report at once, with what was tried, not to retry in silence.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,15 +90,66 @@ log = logging.getLogger("whepfan.publish")
 SENDER_REPORT_INTERVAL = 1.0  # seconds; RFC 3550 §6.2 allows this for a lone sender
 EARLY_RTCP_LIMIT = 16  # SRTCP packets kept while the DTLS handshake finishes
 HISTORY_PACKETS = 512  # per encoding: ~1-2 s of video for NACK answers
+# POST answers worth trying again: timeouts, conflicts (the stream's previous publisher
+# is still live, RFC 9725 §4.2), rate limits and server trouble. Anything else (400, 401,
+# 403, 404, 415, 422, ...) will not change by waiting.
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# Answers to the session probe that say the session is gone (RFC 9725 §4.3: the resource
+# is the session; whepfan answers 404 once it ended).
+SESSION_GONE_STATUSES = frozenset({404, 409})
 
 
 class PublishError(Exception):
     """The publisher could not start or lost its session; ``status`` is the HTTP status
-    of the failed POST, if that is what failed."""
+    of the failed POST, if that is what failed, and ``retry_after`` its Retry-After in
+    seconds (RFC 9110 §10.2.3, the delay-seconds form), if it gave one."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth publishing again later: no HTTP answer at all (unreachable, ICE or DTLS
+        failed), or one of ``RETRYABLE_STATUSES``."""
+        return self.status is None or self.status in RETRYABLE_STATUSES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconnectPolicy:
+    """Exponential backoff with jitter between publish attempts: ``initial`` seconds
+    before the first retry, times ``factor`` per failed attempt up to ``maximum``, each
+    spread over +/- ``jitter`` of itself so that many publishers cut off at once (a
+    server restart) do not come back in lockstep."""
+
+    initial: float = 0.5
+    maximum: float = 8.0
+    factor: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum or self.factor < 1 or not 0 <= self.jitter < 1:
+            raise ValueError("need 0 < initial <= maximum, factor >= 1, 0 <= jitter < 1")
+
+    def delay(self, attempt: int, uniform: float, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt`` + 1 (``attempt`` >= 1 failures so
+        far); ``uniform`` is a random number in [0, 1). A server's Retry-After, when
+        longer, wins (capped at ``maximum``: a publisher should come back soon)."""
+        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
+        wait = base * (1 + self.jitter * (2 * uniform - 1))
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.maximum))
+        return wait
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After in delay-seconds (what whepfan sends); an HTTP-date is ignored."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +166,8 @@ class PublisherOptions:
     video: bool = True
     keyframe_interval: float = 10.0  # seconds between unrequested keyframes
     connect_timeout: float = 10.0
+    # Nothing from the server for this long: ask it whether the session still exists.
+    silence_timeout: float = 3.0
 
     def __post_init__(self) -> None:
         if self.codec not in ("vp8", "h264"):
@@ -112,6 +181,8 @@ class PublisherOptions:
             raise ValueError(f"width and height must be multiples of {divisor}, at least 32")
         if self.bitrate < 10_000:
             raise ValueError("bitrate below 10 kbit/s")
+        if not self.silence_timeout > 0:
+            raise ValueError("the silence timeout must be positive")
 
 
 class PacketHistory:
@@ -207,6 +278,7 @@ class Publisher:
         self._audio_history = PacketHistory(64)
         self._early_rtcp: list[bytes] = []
         self._started_at = 0.0
+        self._last_heard_at = 0.0
         self._timestamp_base: dict[int, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -245,7 +317,9 @@ class Publisher:
         if result.status != 201 or result.answer is None:
             await self.close()
             raise PublishError(
-                f"WHIP POST answered {result.status}: {result.detail}", status=result.status
+                f"WHIP POST answered {result.status}: {result.detail}",
+                status=result.status,
+                retry_after=_retry_after_seconds(result.retry_after),
             )
         self.location = result.location
         try:
@@ -278,18 +352,24 @@ class Publisher:
             reason = str(exc) or f"not connected within {options.connect_timeout:g} s"
             raise PublishError(f"{reason}: {diagnosis}") from exc
         self._remote = connected.address
-        self._started_at = loop.time()
+        self._started_at = self._last_heard_at = loop.time()
         if self.layers:
             self._tasks.append(loop.create_task(self._video_loop()))
         if self.audio_sender is not None:
             self._tasks.append(loop.create_task(self._audio_loop()))
         self._tasks.append(loop.create_task(self._report_loop()))
+        self._tasks.append(loop.create_task(self._watch_server()))
         log.info("publishing to %s (%s)", options.url, self.location)
 
     async def wait(self, duration: float | None = None) -> None:
         """Until ``duration`` seconds pass or the session ends (``failure`` says why)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), duration)
+
+    @property
+    def ended(self) -> bool:
+        """The session is over: closed, failed, or found gone (``failure`` says why)."""
+        return self._ended.is_set()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -391,6 +471,7 @@ class Publisher:
         transport, loop = self._transport, self._loop
         if transport is None or loop is None:
             return
+        self._last_heard_at = loop.time()
         media = transport.receive(data, addr, loop.time())
         if media is not None and is_rtcp(media):
             if self._srtcp_in is None:
@@ -425,12 +506,12 @@ class Publisher:
                 if self._connected is not None and not self._connected.done():
                     self._connected.set_result(event)
             elif isinstance(event, TransportFailed):
-                self.failure = event.reason
                 if self._connected is not None and not self._connected.done():
+                    self.failure = event.reason
                     self._connected.set_exception(PublishError(event.reason))
+                    self._ended.set()
                 else:
-                    log.warning("session ended: %s", event.reason)
-                self._ended.set()
+                    self._session_lost(event.reason)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -561,6 +642,45 @@ class Publisher:
                 )
                 self._send_rtcp(report.serialize() + description.serialize())
 
+    async def _watch_server(self) -> None:
+        """End the session when the server went silent and says, or shows by not
+        answering, that the session is gone (see the module docstring)."""
+        assert self._loop is not None
+        timeout = self.options.silence_timeout
+        while True:
+            await asyncio.sleep(max(0.0, self._last_heard_at + timeout - self._loop.time()))
+            silent_for = self._loop.time() - self._last_heard_at
+            if silent_for < timeout:
+                continue
+            status = await self._probe_session()
+            if status == 0 or status in SESSION_GONE_STATUSES:
+                answer = "no answer" if status == 0 else f"{status} for the session"
+                self._session_lost(f"nothing from the server for {silent_for:.1f} s and {answer}")
+                return
+            # Alive as far as HTTP knows (a server that sends little RTCP): ICE consent
+            # still ends it if the media path is dead. Probe again a timeout from now.
+            self._last_heard_at = self._loop.time()
+
+    async def _probe_session(self) -> int:
+        """GET on the session URL: its status, or 0 when the server cannot be reached."""
+        if self._http is None or self.location is None:
+            return 0
+        headers = {"Authorization": f"Bearer {self.options.token}"} if self.options.token else {}
+        try:
+            async with self._http.get(
+                self.location, headers=headers, timeout=aiohttp.ClientTimeout(total=5.0)
+            ) as response:
+                return response.status
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return 0
+
+    def _session_lost(self, reason: str) -> None:
+        if self._ended.is_set():
+            return
+        self.failure = reason
+        log.warning("session ended: %s", reason)
+        self._ended.set()
+
     # -- feedback ----------------------------------------------------------------------
 
     def _rtcp_received(self, data: bytes) -> None:
@@ -610,3 +730,85 @@ class Publisher:
 
 def _random_ssrc() -> int:
     return secrets.randbits(32) or 1
+
+
+class ReconnectingPublisher:
+    """``Publisher`` sessions one after the other: whenever one fails or is found gone,
+    publish again after ``policy``'s backoff (see the module docstring). ``run`` returns
+    when ``duration`` passes or ``stop`` is set; it raises the ``PublishError`` of an
+    attempt that waiting cannot fix (a wrong token: 401), and, before the first session
+    connected, of one the server did not answer with a status to retry (see the module
+    docstring)."""
+
+    def __init__(
+        self,
+        options: PublisherOptions,
+        *,
+        policy: ReconnectPolicy | None = None,
+        certificate: DtlsCertificate | None = None,
+        uniform: Callable[[], float] = random.random,
+    ) -> None:
+        self.options = options
+        self.policy = policy or ReconnectPolicy()
+        # One certificate for every session: its fingerprint identifies this publisher.
+        self.certificate = certificate or DtlsCertificate.generate()
+        self._uniform = uniform
+        self.current: Publisher | None = None
+        self.sessions = 0  # sessions that connected
+        self.attempts = 0  # publish attempts that failed (POST, ICE, DTLS)
+        self.failures: list[str] = []  # why each session or attempt ended, in order
+
+    async def run(self, duration: float | None = None, stop: asyncio.Event | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if duration is None else loop.time() + duration
+        stop = stop or asyncio.Event()
+        failed_in_a_row = 0
+        while not stop.is_set():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return
+            publisher = Publisher(self.options, certificate=self.certificate)
+            retry_after = None
+            reason: str | None
+            try:
+                await publisher.start()
+            except PublishError as exc:
+                if not exc.retryable or (self.sessions == 0 and exc.status is None):
+                    raise
+                reason, retry_after = str(exc), exc.retry_after
+                self.attempts += 1
+            else:
+                self.current = publisher
+                self.sessions += 1
+                failed_in_a_row = 0
+                await _first_of(publisher.wait(remaining), stop.wait())
+                reason = publisher.failure
+                await publisher.close()
+                if reason is None:
+                    return  # the duration passed, or we were stopped
+            failed_in_a_row += 1
+            self.failures.append(reason)
+            delay = self.policy.delay(failed_in_a_row, self._uniform(), retry_after)
+            log.warning(
+                "%s; publishing again in %.1f s (attempt %d)", reason, delay, failed_in_a_row + 1
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        current = self.current.stats.as_dict() if self.current is not None else {}
+        return {**current, "sessions": self.sessions, "failed_attempts": self.attempts}
+
+
+async def _first_of(*awaitables: Awaitable[Any]) -> None:
+    """Until the first of ``awaitables`` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -35,6 +35,7 @@ import select
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -553,10 +554,13 @@ class WorkerPool:
         origin = stream.origin if stream is not None else None
         if origin is None or not self.handles[origin].alive:
             # A returning publisher goes back to its previous worker (viewers there see one
-            # continuous sequence line); a new one to the least-loaded worker.
+            # continuous sequence line). If that worker died, to the one holding most of
+            # the stream's viewers: its relay copy becomes the stream (RelayCopies.publish)
+            # and ingest's rebase continues their lines. A new one: the least loaded.
+            waiting = Counter(v.worker for v in stream.viewers.values()) if stream else Counter()
             origin = min(
                 (i for i, h in self.handles.items() if h.alive),
-                key=lambda i: (self.ledger.load(i).packets_per_second, i),
+                key=lambda i: (-waiting[i], self.ledger.load(i).packets_per_second, i),
                 default=None,
             )
             if origin is None:
