@@ -328,3 +328,71 @@ async def test_a_server_that_cannot_be_reached_before_any_session_is_reported_at
     with pytest.raises(PublishError) as caught:
         await publisher.run(duration=30)
     assert caught.value.status is None and publisher.sessions == 0
+
+
+def _publish_process(url: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "whepfan.cli",
+                "publish",
+                url,
+                "--token",
+                TOKEN,
+                "--size",
+                "160x120",
+                "--keyframe-interval",
+                "1",
+            ],
+            stdout=output,
+            stderr=output,
+        )
+
+
+@pytest.mark.slow
+async def test_a_sigkilled_publisher_is_replaced_within_the_media_timeout(tmp_path: Path) -> None:
+    """Issue 15.2 as reported: ``whepfan publish`` is SIGKILLed (no DELETE, no
+    close_notify; its ICE consent would last 30 s). Viewers hear SSE ``inactive`` once
+    its media has stopped for the media timeout, a restarted ``whepfan publish`` is
+    accepted (after a 409 or two while the old one might still be sending), and the
+    viewer decodes the new one on the same session (SSE ``active``)."""
+    live = live_server()
+    url = f"{live.url}/whip/crash"
+    first = _publish_process(url, tmp_path / "first.log")
+    second: subprocess.Popen[bytes] | None = None
+    viewer: DecodingViewer | None = None
+    try:
+        assert live.info is not None
+        backend = live.info.backend
+        await _until(lambda: "crash" in backend.streams, 30, "the first did not publish")
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            viewer, location = await _viewer(http, "/whep/crash")
+            await viewer.wait_frames(5, timeout=20)
+            old = backend.streams["crash"].publisher
+            assert old is not None
+            async with http.get(location + "/events") as events:
+                assert events.status == 200
+                first.kill()
+                first.wait(10)
+                killed_at = asyncio.get_running_loop().time()
+                await _next_event(events, b"inactive", 15)
+                # Long before ICE consent (30 s) would have ended it.
+                assert asyncio.get_running_loop().time() - killed_at < 15
+                second = _publish_process(url, tmp_path / "second.log")
+                await _next_event(events, b"active", 30)
+            current = backend.streams["crash"].publisher
+            assert current is not None and current.id != old.id
+            with pytest.raises(NotFound):
+                backend.get_session(old.id)  # ended as "publisher-replaced"
+            assert viewer.pc.connectionState == "connected"
+            await _resumes(viewer)
+    finally:
+        if viewer is not None:
+            await viewer.close()
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(10)
+        live.close()

@@ -17,6 +17,7 @@ import pytest
 from test_router import WHIP_OFFER, Harness, _with_fingerprint, connect_viewer
 
 from whepfan import _fastpath
+from whepfan.cli import build_parser
 from whepfan.config import MediaConfig
 from whepfan.errors import Conflict, PeerError
 from whepfan.media.liveness import MediaLiveness
@@ -24,6 +25,7 @@ from whepfan.media.session import PublisherSession, ViewerSession
 from whepfan.media.streams import Stream, StreamEvent, StreamListeners
 from whepfan.media.timers import TimerKind, Timers
 from whepfan.protocol.dtls import DtlsCertificate
+from whepfan.settings import Settings, SettingsError
 
 KEY = (TimerKind.MEDIA_TIMEOUT, "live")
 # The Chromium fixture offer's audio SSRC (a=ssrc:412631864) and Opus payload type.
@@ -213,3 +215,21 @@ def test_a_replacement_with_a_bad_offer_keeps_the_stalled_publisher(harness: Har
     with pytest.raises(PeerError):
         router.publish("live", "v=0\r\nnot an offer\r\n", now + 3.5)
     assert router.streams["live"].publisher is old and old.id in router.sessions
+
+
+# ---------------------------------------------------------------------- the setting
+
+
+def test_media_timeout_reaches_the_media_config_from_every_source() -> None:
+    assert Settings.resolve(cli={}, environ={}).media_config().media_timeout == 3.0
+    from_env = Settings.resolve(cli={}, environ={"WHEPFAN_MEDIA_TIMEOUT": "5"})
+    assert from_env.media_config().media_timeout == 5.0
+    args = build_parser().parse_args(["serve", "--media-timeout", "1.5"])
+    assert args.media_timeout == "1.5"
+    from_cli = Settings.resolve(cli={"media_timeout": args.media_timeout}, environ={})
+    assert from_cli.media_config().media_timeout == 1.5
+
+
+def test_a_media_timeout_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(SettingsError, match="--media-timeout 0: must be positive"):
+        Settings.resolve(cli={"media_timeout": "0"}, environ={})

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a new WHIP publisher replaces the live one instead of 409",
     )
     serve.add_argument(
+        "--media-timeout",
+        dest="media_timeout",
+        metavar="SECONDS",
+        help="a publisher that sent no media this long is stalled: viewers get SSE "
+        "inactive and a new WHIP POST replaces it (default 3)",
+    )
+    serve.add_argument(
         "--gso",
         dest="gso",
         choices=("auto", "on", "off"),

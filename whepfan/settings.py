@@ -107,6 +107,9 @@ class Settings:
     publisher_takeover: bool = False
     max_viewers: int = MediaConfig().max_viewers
     counter_offer_ttl: float = DEFAULT_COUNTER_OFFER_TTL
+    # A publisher with no media this long is stalled: "inactive", and a new WHIP POST
+    # may replace it (media/liveness.py).
+    media_timeout: float = MediaConfig().media_timeout
     # How long a DELETE of a session that ended on its own still answers 200 (RFC 9725 §4.3).
     ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     log_level: str = "info"
@@ -178,6 +181,8 @@ class Settings:
             raise SettingsError("cannot be negative", option="max_viewers")
         if self.counter_offer_ttl <= 0:
             raise SettingsError("must be positive", option="counter_offer_ttl")
+        if not self.media_timeout > 0:
+            raise SettingsError("must be positive", option="media_timeout")
         if self.ended_session_grace < 0:
             raise SettingsError("cannot be negative", option="ended_session_grace")
         if self.workers < 1:
@@ -337,6 +342,7 @@ class Settings:
             "udp_port": self.udp_port,
             "public_ips": self.advertised_ips(),
             "max_viewers": self.max_viewers,
+            "media_timeout": self.media_timeout,
             "gso": self.gso,
         }
         if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
@@ -455,6 +461,7 @@ _OPTIONS: dict[str, str] = {
     "publisher_takeover": "bool",
     "max_viewers": "int",
     "counter_offer_ttl": "float",
+    "media_timeout": "float",
     "ended_session_grace": "float",
     "log_level": "str",
     "gso": "str",
