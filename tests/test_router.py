@@ -8,6 +8,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from _paths import SDP_FIXTURES
@@ -21,6 +22,9 @@ from whepfan.media.streams import StreamEvent
 from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate, DtlsConnected, DtlsSession
 from whepfan.protocol.ice import IceConnected, IceControllingChecker
+
+if TYPE_CHECKING:
+    from _peers import InProcessSignalling
 
 FIXTURES = SDP_FIXTURES
 WHIP_OFFER = (FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
@@ -75,16 +79,23 @@ def _ice_credentials(offer: str) -> tuple[str, str]:
 
 
 def connect_viewer(
-    h: Harness, now: float, *, publisher: bool = False, client: tuple[str, int] = CLIENT
+    h: Harness,
+    now: float,
+    *,
+    publisher: bool = False,
+    client: tuple[str, int] = CLIENT,
+    signalling: InProcessSignalling | None = None,
 ) -> tuple[str, IceControllingChecker, float]:
-    """A viewer (or publisher) that completes ICE and DTLS against the router, in memory."""
+    """A viewer (or publisher) that completes ICE and DTLS against the router, in memory;
+    its POST goes to ``signalling`` (e.g. InProcessWorkers, with admission) if given."""
     client_cert = DtlsCertificate.generate()
     offer = _with_fingerprint(WHIP_OFFER if publisher else WHEP_OFFER, client_cert)
     session: MediaSession
+    post = signalling or h.router
     if publisher:
-        session, answer = h.router.publish("live", offer, now)
+        session, answer = post.publish("live", offer, now)
     else:
-        session, answer = h.router.view("live", offer, now)
+        session, answer = post.view("live", offer, now)
     ufrag, pwd = _ice_credentials(offer)
     checker = IceControllingChecker(
         local_ufrag=ufrag,
@@ -145,8 +156,9 @@ def test_consent_expiry_frees_a_silent_viewer_at_exactly_30_seconds(harness: Har
     harness.router.handle_timer(viewer_deadline)
     assert session_id not in harness.router.sessions
     assert harness.router.fanout.viewer_count == 0
-    # The in-memory publisher never sent a check either, so it expired too (at 30.0).
-    assert harness.router.counters["sessions_ended_ice-consent-expired"] == 2
+    assert harness.router.counters["sessions_ended_ice-consent-expired"] == 1
+    # The in-memory publisher never connected: it went at its connect deadline (10.0).
+    assert harness.router.counters["connect_timeouts_publisher"] == 1
 
 
 def test_consent_checks_keep_a_viewer_alive(harness: Harness) -> None:
@@ -167,24 +179,35 @@ def test_consent_checks_keep_a_viewer_alive(harness: Harness) -> None:
     assert session_id in harness.router.sessions
 
 
-def test_a_viewer_that_never_checks_is_freed_after_the_consent_timeout(harness: Harness) -> None:
-    harness.router.publish("live", WHIP_OFFER, 0.0)
-    session, _ = harness.router.view("live", WHEP_OFFER, 1.0)
-    harness.router.handle_timer(30.9)
-    assert session.id in harness.router.sessions
-    harness.router.handle_timer(31.0)
-    assert session.id not in harness.router.sessions
+def test_a_viewer_that_never_checks_is_freed_after_the_consent_timeout() -> None:
+    # With a connect timeout longer than consent (test_admission_squatting.py has the
+    # default one), consent expiry still frees a session that never checked.
+    harness = Harness(connect_timeout=60.0)
+    try:
+        harness.router.publish("live", WHIP_OFFER, 0.0)
+        session, _ = harness.router.view("live", WHEP_OFFER, 1.0)
+        harness.router.handle_timer(30.9)
+        assert session.id in harness.router.sessions
+        harness.router.handle_timer(31.0)
+        assert session.id not in harness.router.sessions
+    finally:
+        harness.close()
 
 
-def test_counter_offer_expires_when_unanswered(harness: Harness) -> None:
-    harness.router.publish("live", WHIP_OFFER, 0.0)
-    session, offer = harness.router.counter_offer("live", 5.0)
-    assert "a=sendonly" in offer and "a=setup:actpass" in offer
-    harness.router.handle_timer(34.99)
-    assert session.id in harness.router.sessions
-    harness.router.handle_timer(35.0)
-    with pytest.raises(NotFound):
-        harness.router.get_session(session.id)
+def test_counter_offer_expires_when_unanswered() -> None:
+    harness = Harness(connect_timeout=60.0)  # the TTL, not the connect deadline, comes first
+    try:
+        harness.router.publish("live", WHIP_OFFER, 0.0)
+        session, offer = harness.router.counter_offer("live", 5.0)
+        assert "a=sendonly" in offer and "a=setup:actpass" in offer
+        harness.router.handle_timer(34.99)
+        assert session.id in harness.router.sessions
+        harness.router.handle_timer(35.0)
+        with pytest.raises(NotFound):
+            harness.router.get_session(session.id)
+        assert harness.router.counters["sessions_ended_counter-offer-expired"] == 1
+    finally:
+        harness.close()
 
 
 def test_viewer_of_a_stream_without_publisher_gets_409_and_capacity_gets_503() -> None:

@@ -86,7 +86,9 @@ def test_media_config_and_http_options() -> None:
     assert (media.udp_host, media.udp_port, media.public_ips) == ("127.0.0.1", 0, ("192.0.2.9",))
     assert media.max_viewers == 12
     options = settings.http_options()
-    assert options.publish_token is None and options.counter_offer_ttl == 30.0
+    assert options.publish_token is None
+    # A counter-offer goes at the connect deadline (10 s) before its 30 s TTL.
+    assert options.counter_offer_ttl == 10.0 and media.connect_timeout == 10.0
 
 
 def test_generated_publish_token_is_unguessable_and_only_when_missing() -> None:

@@ -172,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a WHEP 406 counter-offer waits for its answer",
     )
     serve.add_argument(
+        "--session-connect-timeout",
+        dest="session_connect_timeout",
+        metavar="SECONDS",
+        help="a WHIP/WHEP session not connected (ICE + DTLS) this long after its POST is "
+        "ended, freeing its slot (default 10; not publish's --connect-timeout)",
+    )
+    serve.add_argument(
+        "--max-pending-sessions",
+        dest="max_pending_sessions",
+        metavar="N",
+        help="viewers admitted and not connected yet at most; beyond it WHEP answers 503 "
+        "(default: max(64, max-viewers / 4))",
+    )
+    serve.add_argument(
         "--ended-session-grace",
         dest="ended_session_grace",
         metavar="SECONDS",

@@ -19,6 +19,10 @@ class MediaConfig:
     public_ips: tuple[str, ...] = ()
     # RFC 7675 §5.1: consent is lost 30 s after the last verified check.
     consent_timeout: float = 30.0
+    # A session not connected (ICE + DTLS keyed) this long after its POST is ended, so
+    # that one that never sends a check frees its slot long before consent would expire
+    # (media/session.py). Counter-offered sessions must be answered and connected in it.
+    connect_timeout: float = 10.0
     # A publisher with no media for this long is stalled (media/liveness.py): viewers hear
     # "inactive" and a new WHIP POST may replace it, without waiting for consent expiry.
     media_timeout: float = 3.0

@@ -31,7 +31,7 @@ from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
 from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE
-from whepfan.workers.capacity import CapacityPolicy
+from whepfan.workers.capacity import CapacityPolicy, default_max_pending
 
 ENV_PREFIX = "WHEPFAN_"
 # worker_packet_budget = "auto": measured by `whepfan serve` at start-up (whepfan calibrate's
@@ -110,6 +110,11 @@ class Settings:
     # A publisher with no media this long is stalled: "inactive", and a new WHIP POST
     # may replace it (media/liveness.py).
     media_timeout: float = MediaConfig().media_timeout
+    # Admission that cannot be squatted (media/session.py, workers/capacity.py): a
+    # session not connected (ICE + DTLS) this long after its POST is ended, freeing its
+    # slot; viewers admitted and not connected yet at most (None: default_max_pending).
+    session_connect_timeout: float = MediaConfig().connect_timeout
+    max_pending_sessions: int | None = None
     # How long a DELETE of a session that ended on its own still answers 200 (RFC 9725 §4.3).
     ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
     log_level: str = "info"
@@ -183,6 +188,10 @@ class Settings:
             raise SettingsError("must be positive", option="counter_offer_ttl")
         if not self.media_timeout > 0:
             raise SettingsError("must be positive", option="media_timeout")
+        if not self.session_connect_timeout > 0:
+            raise SettingsError("must be positive", option="session_connect_timeout")
+        if self.max_pending_sessions is not None and self.max_pending_sessions < 1:
+            raise SettingsError("is at least 1", option="max_pending_sessions")
         if self.ended_session_grace < 0:
             raise SettingsError("cannot be negative", option="ended_session_grace")
         if self.workers < 1:
@@ -343,6 +352,7 @@ class Settings:
             "public_ips": self.advertised_ips(),
             "max_viewers": self.max_viewers,
             "media_timeout": self.media_timeout,
+            "connect_timeout": self.session_connect_timeout,
             "gso": self.gso,
         }
         if "counter_offer_ttl" in {f.name for f in fields(MediaConfig)}:
@@ -365,7 +375,18 @@ class Settings:
             egress_bit_budget=self.egress_budget,
             stream_viewer_cap=self.stream_viewer_cap,
             admit_lower_layer=self.admit_lower_layer,
+            max_viewers=self.max_viewers,
+            max_pending=self.max_pending,
+            connect_timeout=self.session_connect_timeout,
         )
+
+    @property
+    def max_pending(self) -> int:
+        """Viewers admitted and not connected yet at most (``max_pending_sessions``, or
+        by default a quarter of ``max_viewers`` and at least 64: capacity.py says why)."""
+        if self.max_pending_sessions is not None:
+            return self.max_pending_sessions
+        return default_max_pending(self.max_viewers)
 
     def turn_servers(self) -> tuple[IceServer, ...]:
         """The ``turn_urls`` with time-limited credentials from ``turn_secret``."""
@@ -382,7 +403,9 @@ class Settings:
             ice_servers=(*self.ice_servers, *self.turn_servers()),
             strict_etag=self.strict_etag,
             publisher_takeover=self.publisher_takeover,
-            counter_offer_ttl=self.counter_offer_ttl,
+            # A counter-offer's session goes at its connect deadline if that comes first
+            # (it runs from the POST): valid-until and Expires say when it really goes.
+            counter_offer_ttl=min(self.counter_offer_ttl, self.session_connect_timeout),
             ended_session_grace=self.ended_session_grace,
             limits=ConnectionLimits(
                 header_timeout=self.http_header_timeout,
@@ -462,6 +485,8 @@ _OPTIONS: dict[str, str] = {
     "max_viewers": "int",
     "counter_offer_ttl": "float",
     "media_timeout": "float",
+    "session_connect_timeout": "float",
+    "max_pending_sessions": "int",
     "ended_session_grace": "float",
     "log_level": "str",
     "gso": "str",

@@ -169,6 +169,17 @@ def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
         )
     yield drops
     yield keyframes
+    timeouts = CounterMetricFamily(
+        "whepfan_connect_timeouts",
+        "Sessions ended for not connecting (ICE + DTLS) within the connect timeout.",
+        labels=["worker", "kind"],
+    )
+    for worker in workers:
+        for kind in ("viewer", "publisher"):
+            timeouts.add_metric(
+                [_label(worker), kind], worker.router.get(f"connect_timeouts_{kind}", 0)
+            )
+    yield timeouts
 
 
 def _latency(workers: list[WorkerStats]) -> Metric:
@@ -230,6 +241,8 @@ def _capacity(stats: ServerStats) -> Iterable[Metric]:
         "draining",
         "no_worker",
         "worker_behind",
+        "max_viewers",
+        "pending_full",
     ):
         refusals.add_metric([reason], stats.refusals.get(reason, 0))
     yield refusals
@@ -243,6 +256,16 @@ def _capacity(stats: ServerStats) -> Iterable[Metric]:
     restarts.add_metric([], stats.worker_restarts)
     yield restarts
     yield _gauge("whepfan_draining", "1 while the server drains.", [((), int(stats.draining))])
+    yield _gauge(
+        "whepfan_pending_viewers",
+        "Viewers admitted (201) that have not connected (ICE + DTLS) yet.",
+        [((), stats.pending_viewers)],
+    )
+    yield _gauge(
+        "whepfan_pending_viewer_limit",
+        "Pending viewers at most; beyond, WHEP answers 503 (pending_full; +Inf: no cap).",
+        [((), _budget(stats.max_pending_viewers))],
+    )
 
 
 def _gauge(

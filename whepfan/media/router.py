@@ -44,6 +44,7 @@ from whepfan.media.liveness import MediaLiveness
 from whepfan.media.nack import NackPolicy, UpstreamRepair
 from whepfan.media.sender import DefaultSource, SendDatagram, SendDatagramFrom, Sender
 from whepfan.media.session import (
+    CONNECT_TIMEOUT,
     Address,
     AddressLearned,
     Gone,
@@ -255,6 +256,9 @@ class Router:
             remote_pwd=None,
             consent_timeout=self.config.consent_timeout,
             now=now,
+            # From the POST, not the answer: a counter-offer nobody answers must not hold
+            # its slot longer than any other session that never connects.
+            connect_timeout=self.config.connect_timeout,
         )
         assert isinstance(session, ViewerSession)
         offer = build_counter_offer(
@@ -350,6 +354,8 @@ class Router:
             self.liveness.forget(stream.name)
             self.ingest.detach(stream)
         self.counters[f"sessions_ended_{reason.split(':')[0]}"] += 1
+        if reason == CONNECT_TIMEOUT:
+            self.counters[f"connect_timeouts_{session.kind.value}"] += 1
         log.info(
             "%s %s on %r ended: %s", session.kind.value, session.id[:8], session.stream, reason
         )
@@ -560,12 +566,13 @@ class Router:
             remote_pwd=remote.ice_pwd,
             consent_timeout=self.config.consent_timeout,
             now=now,
+            connect_timeout=self.config.connect_timeout,
         )
 
     def _register(self, session: MediaSession) -> None:
         self.sessions[session.id] = session
         self._by_ufrag[session.local_ufrag] = session
-        # A session that never completes ICE is gone when its consent deadline passes.
+        # A session that never connects is gone at its connect deadline (session.py).
         self._reschedule(session)
 
     def local_transport(self, session: MediaSession) -> LocalTransport:

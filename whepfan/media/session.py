@@ -11,8 +11,16 @@ local address comes in with each datagram, as the remote one does.
 Lifecycle (both kinds)::
 
     NEW ──verified STUN check──▶ CHECKED ──DTLS handshake──▶ CONNECTED ──▶ CLOSED
-     │                                                                      ▲
+     │                      │                                               ▲
+     ├──────────────────────┴─ not CONNECTED by the connect deadline ───────┤
      └──────────── consent expired (RFC 7675 §5.1) / DELETE / DTLS failure ─┘
+
+The connect deadline is what keeps sessions that never connect from holding a slot: a
+POST costs a client one request, and without it the session would live until consent
+expires (30 s, RFC 7675 §5.1), which is a slot held for 30 s per request. Real clients
+check within a round trip of the answer (ICE-lite: we never check first, RFC 8445 §2.5)
+and finish DTLS in two more, so ``connect_timeout`` (10 s by default) leaves room for
+TURN allocation and several lost DTLS flights (RFC 6347 §4.2.4.1: 1 s, doubling).
 """
 
 from __future__ import annotations
@@ -94,6 +102,10 @@ class Gone:
     reason: str
 
 
+# Gone.reason of a session that was not CONNECTED by its connect deadline.
+CONNECT_TIMEOUT = "connect-timeout"
+
+
 SessionEvent = AddressLearned | Keyed | Gone
 
 
@@ -116,6 +128,9 @@ class MediaSession:
     local_address: str | None = None
     keys: SrtpKeys | None = None
     connected_at: float | None = None
+    # When a session not CONNECTED by then is ended ("connect-timeout"); None once keyed
+    # or for a session without one (a relay stand-in, never registered).
+    connect_deadline: float | None = None
     # Set while a WHEP counter-offer awaits the client's answer (draft-03 §4.2.2).
     answer_deadline: float | None = None
     # Every local ufrag this session answered to (ICE restarts add one), for demux cleanup.
@@ -135,6 +150,7 @@ class MediaSession:
         remote_pwd: str | None,
         consent_timeout: float,
         now: float,
+        connect_timeout: float | None = None,
     ) -> MediaSession:
         ufrag, pwd = new_ice_credentials()
         return cls(
@@ -157,6 +173,7 @@ class MediaSession:
             local_ufrag=ufrag,
             local_pwd=pwd,
             created_at=now,
+            connect_deadline=None if connect_timeout is None else now + connect_timeout,
             ufrags=[ufrag],
         )
 
@@ -194,6 +211,8 @@ class MediaSession:
 
     def handle_timer(self, now: float) -> list[SessionEvent]:
         events: list[SessionEvent] = []
+        if self.connect_deadline is not None and now >= self.connect_deadline:
+            return [Gone(CONNECT_TIMEOUT)]
         if self.answer_deadline is not None and now >= self.answer_deadline:
             return [Gone("counter-offer-expired")]
         ice_deadline = self.ice.get_timer()
@@ -207,7 +226,12 @@ class MediaSession:
         return events
 
     def get_timer(self) -> float | None:
-        candidates = (self.ice.get_timer(), self.dtls.get_timer(), self.answer_deadline)
+        candidates = (
+            self.ice.get_timer(),
+            self.dtls.get_timer(),
+            self.answer_deadline,
+            self.connect_deadline,
+        )
         deadlines = [t for t in candidates if t is not None]
         return min(deadlines) if deadlines else None
 
@@ -265,6 +289,7 @@ class MediaSession:
                     remote_salt=event.remote_salt,
                 )
                 self.state = SessionState.CONNECTED
+                self.connect_deadline = None
                 yield Keyed(self.keys)
             elif isinstance(event, DtlsFailed):
                 yield Gone(f"dtls-failed: {event.reason}")

@@ -10,7 +10,18 @@ Three budgets bound the sum:
 * per worker, packets/s: the worker's core saturates at a packet rate, measured on this
   machine by ``whepfan calibrate`` (or configured);
 * per server, bits/s: the egress link (configured, e.g. NIC rate x 0.8);
-* per stream, viewers: an optional cap an operator sets.
+* per stream, viewers: an optional cap an operator sets;
+* per server, viewers (``max_viewers``), pending and connected alike: each one holds
+  a slot of the Fanout from its POST on.
+
+Pending viewers: admitted (201) but not connected yet (ICE + DTLS keyed). They are
+counted apart and capped (``max_pending``): a POST costs a client one request, while
+the session it makes costs the server an answer, ICE and DTLS state and a slot until it
+connects or its connect deadline passes (media/session.py). The cap bounds what clients
+that never connect can hold; refusals beyond it are ``pending_full``. A viewer moves
+from pending to connected when its worker reports it keyed (:meth:`CapacityLedger.
+connected`). Retry-After on ``max_viewers`` and ``pending_full`` refusals is when the
+oldest pending viewer reaches its connect deadline, the latest a pending slot frees.
 
 A stream's cost per layer is measured from its ingest counters (:class:`RateMeter`) or,
 until a measurement exists, a configured default. Loads are recomputed from the current
@@ -74,6 +85,12 @@ class CapacityPolicy:
     default_cost: LayerCost = DEFAULT_VIEWER_COST
     # A configured per-viewer cost replaces measurement (operators who know their bitrate).
     fixed_cost: LayerCost | None = None
+    # Viewers on the server, any state (None: unbounded); of them, not connected yet.
+    max_viewers: int | None = None
+    max_pending: int | None = None
+    # The media plane's connect timeout (MediaConfig.connect_timeout): when a pending
+    # viewer is connected or gone at the latest, for Retry-After (None: unknown).
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for budget in (self.worker_packet_budget, self.egress_bit_budget):
@@ -81,6 +98,24 @@ class CapacityPolicy:
                 raise ValueError("budgets are positive")
         if self.stream_viewer_cap is not None and self.stream_viewer_cap < 0:
             raise ValueError("the stream viewer cap is not negative")
+        if self.max_viewers is not None and self.max_viewers < 0:
+            raise ValueError("max_viewers is not negative")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError("max_pending is at least 1")
+        if self.connect_timeout is not None and not self.connect_timeout > 0:
+            raise ValueError("the connect timeout is positive")
+
+
+def default_max_pending(max_viewers: int) -> int:
+    """Pending viewers allowed by default: a quarter of ``max_viewers``, at least 64.
+
+    Honest viewers are pending for one connection setup (the setup latency histogram:
+    well under a second on a LAN, a few seconds through TURN), so the pending count of a
+    flash crowd is its join rate times that, and the join rate is bounded by how fast
+    the server answers offers. A quarter of the server joining within one setup time is
+    past any crowd that rate allows; 64 lets a small server take a page of embedded
+    players at once."""
+    return max(64, max_viewers // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +148,9 @@ class _Viewer:
     stream: str
     worker: int
     layer: int
+    # Pending (admitted, not connected yet) since then (None: when is unknown).
+    admitted_at: float | None = None
+    connected: bool = False
 
 
 @dataclass(slots=True)
@@ -249,18 +287,44 @@ class CapacityLedger:
     def viewer_ids(self, worker: int | None = None) -> list[str]:
         return [vid for vid, v in self._viewers.items() if worker is None or v.worker == worker]
 
+    @property
+    def viewers(self) -> int:
+        """Viewers on the books, pending and connected."""
+        return len(self._viewers)
+
+    @property
+    def pending(self) -> int:
+        """Viewers admitted that have not connected yet."""
+        return sum(1 for viewer in self._viewers.values() if not viewer.connected)
+
     # ------------------------------------------------------------------ admission
 
-    def reserve(self, stream: str, *, count_refusal: bool = True) -> Admission:
+    def reserve(
+        self, stream: str, *, count_refusal: bool = True, now: float | None = None
+    ) -> Admission:
         """The least-loaded worker with room for one more viewer of ``stream`` (at a lower
         layer if the policy allows and the top one fits nowhere), or ServiceUnavailable
-        (counted in ``refusals`` unless ``count_refusal`` is False: a first try)."""
+        (counted in ``refusals`` unless ``count_refusal`` is False: a first try). ``now``
+        (the clock ``commit`` was given) times Retry-After by the pending viewers."""
         self._count_refusal = count_refusal
         if self.draining:
             return self._refuse("draining", "the server is draining; try another")
-        cap = self.policy.stream_viewer_cap
+        policy = self.policy
+        if policy.max_viewers is not None and len(self._viewers) >= policy.max_viewers:
+            return self._refuse(
+                "max_viewers",
+                "no viewer capacity left on this server",
+                self._pending_retry_after(now),
+            )
+        cap = policy.stream_viewer_cap
         if cap is not None and self.stream_viewers(stream) >= cap:
             return self._refuse("stream_cap", f"stream {stream!r} has its maximum of viewers")
+        if policy.max_pending is not None and self.pending >= policy.max_pending:
+            return self._refuse(
+                "pending_full",
+                "too many viewers are still connecting; try again shortly",
+                self._pending_retry_after(now),
+            )
         if not self._workers:
             return self._refuse("no_worker", "no media worker is running")
         keeping_up = self._workers - self._behind
@@ -290,9 +354,38 @@ class CapacityLedger:
                     return Admission(worker=load.worker, layer=layer, cost=cost)
         return self._refuse(reason, "no viewer capacity left on this server")
 
-    def commit(self, viewer_id: str, stream: str, admission: Admission) -> None:
-        self._viewers[viewer_id] = _Viewer(stream, admission.worker, admission.layer)
+    def commit(
+        self, viewer_id: str, stream: str, admission: Admission, now: float | None = None
+    ) -> None:
+        """Record the viewer ``reserve`` admitted, pending until :meth:`connected`."""
+        self._viewers[viewer_id] = _Viewer(
+            stream, admission.worker, admission.layer, admitted_at=now
+        )
         self.admissions["lower_layer" if admission.layer else "top_layer"] += 1
+
+    def connected(self, viewer_id: str) -> bool:
+        """The viewer is keyed (ICE + DTLS): no longer pending. False if unknown or
+        already connected."""
+        viewer = self._viewers.get(viewer_id)
+        if viewer is None or viewer.connected:
+            return False
+        viewer.connected = True
+        return True
+
+    def _pending_retry_after(self, now: float | None) -> int:
+        """Seconds until the oldest pending viewer is connected or gone at the latest
+        (its connect deadline), within the policy's Retry-After; the policy's without a
+        clock, a connect timeout or any pending viewer."""
+        timeout = self.policy.connect_timeout
+        times = [
+            viewer.admitted_at
+            for viewer in self._viewers.values()
+            if not viewer.connected and viewer.admitted_at is not None
+        ]
+        if now is None or timeout is None or not times:
+            return self.policy.retry_after
+        wait = min(times) + timeout - now
+        return max(1, min(self.policy.retry_after, math.ceil(wait)))
 
     def release(self, viewer_id: str) -> bool:
         return self._viewers.pop(viewer_id, None) is not None
@@ -315,10 +408,12 @@ class CapacityLedger:
         if viewer is not None:
             viewer.layer = layer
 
-    def _refuse(self, reason: str, detail: str) -> Admission:
+    def _refuse(self, reason: str, detail: str, retry_after: int | None = None) -> Admission:
         if self._count_refusal:
             self.refusals[reason] += 1
-        raise ServiceUnavailable(detail, retry_after=self.policy.retry_after)
+        raise ServiceUnavailable(
+            detail, retry_after=self.policy.retry_after if retry_after is None else retry_after
+        )
 
 
 def _fits(used: float, cost: float, budget: float) -> bool:

@@ -106,21 +106,25 @@ class InProcessWorkers:
         if stream is None or not stream.live:
             return create()  # the router answers 409 (WHEP §4.2.8) before any 503
         try:
-            admission = self.ledger.reserve(stream_name, count_refusal=False)
+            admission = self.ledger.reserve(stream_name, count_refusal=False, now=now)
         except ServiceUnavailable:
-            # Sessions that ended without a DELETE may still be on the books: settle once.
+            # Sessions that ended without a DELETE, or connected since the last tick, may
+            # still be on the books as they were: settle once.
             self.tick(None)
-            admission = self.ledger.reserve(stream_name)
+            admission = self.ledger.reserve(stream_name, now=now)
         session, answer = create()
-        self.ledger.commit(session.id, stream_name, admission)
+        self.ledger.commit(session.id, stream_name, admission, now)
         if admission.layer > 0:
             self.layer_ceilings.cap(self.router, session.id, stream, admission.layer, now)
         return session, answer
 
     def tick(self, now: float | None) -> None:
-        """Once a second: settle ended sessions, observe setup latency, measure streams."""
+        """Once a second: settle ended and connected sessions, observe setup latency,
+        measure streams."""
         for session_id, _, _ in self.monitor.sample():
             self.layer_ceilings.forget(session_id)
+        for session_id in self.monitor.take_connected():
+            self.ledger.connected(session_id)  # pending -> connected
         # A worker whose socket has queued media for a while takes no new viewers.
         self.ledger.set_behind(
             0, self.monitor.receive_delay.sustained(RECEIVE_DELAY_WARNING) is not None

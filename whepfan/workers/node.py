@@ -307,6 +307,8 @@ class WorkerNode:
                     "stats": self.monitor.stats().to_json(),
                     "streams": self.relays.origin_stream_counters(),
                     "status": self.relays.stream_status(self._loop.time()),
+                    # Keyed since the last report: no longer pending for admission.
+                    "connected": self.monitor.take_connected(),
                 }
             )
 

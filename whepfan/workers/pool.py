@@ -445,6 +445,10 @@ class WorkerPool:
             return
         handle.stats = stats
         self.ledger.set_behind(handle.index, stats.behind)
+        for session_id in message.get("connected", []):
+            session = self.sessions.get(session_id)
+            if session is not None and session.worker == handle.index:
+                self.ledger.connected(session_id)  # pending -> connected
         now = self._loop.time()
         self._fanout_stats.update(handle.index, stats.pid, stats.fanout)
         reported = message.get("status", {})
@@ -594,12 +598,13 @@ class WorkerPool:
         if stream is None or not stream.live:
             # WHEP draft-03 §4.2.8: 409 + Retry-After when the stream is not live.
             raise errors.Conflict(f"stream {stream_name!r} is not live", retry_after=5)
-        if self.viewer_count >= self.config.max_viewers:
+        # The ledger holds max_viewers and the pending cap (capacity.py) with the budgets.
+        admission: Admission = self.ledger.reserve(stream_name, now=now)
+        if self.viewer_count >= self.config.max_viewers:  # a ledger without max_viewers
             raise ServiceUnavailable("no viewer capacity left on this server", retry_after=10)
-        admission: Admission = self.ledger.reserve(stream_name)
         result = self._request(admission.worker, op, args)
         session = self._register(admission.worker, result["session"])
-        self.ledger.commit(session.id, stream_name, admission)
+        self.ledger.commit(session.id, stream_name, admission, now)
         if admission.layer > 0:
             # As in-process: the worker applies capacity.LayerCeilings to its own layers.
             ceiling = self._request(

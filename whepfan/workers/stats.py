@@ -92,6 +92,9 @@ class ServerStats:
     admissions: dict[str, int]
     worker_restarts: int = 0
     draining: bool = False
+    # Viewers admitted and not connected yet, and their cap (None: unbounded).
+    pending_viewers: int = 0
+    max_pending_viewers: int | None = None
 
 
 def server_stats(
@@ -105,6 +108,8 @@ def server_stats(
         admissions=dict(ledger.admissions),
         worker_restarts=restarts,
         draining=ledger.draining,
+        pending_viewers=ledger.pending,
+        max_pending_viewers=ledger.policy.max_pending,
     )
 
 
@@ -120,6 +125,9 @@ class RouterMonitor:
         self.receive_delay = ReceiveDelay()
         self._known: dict[str, tuple[str, str]] = {}
         self._observed: set[str] = set()
+        # Sessions seen keyed since take_connected() last ran (admission: pending ->
+        # connected, capacity.CapacityLedger.connected).
+        self._connected: list[str] = []
 
     def sample(self) -> list[tuple[str, str, str]]:
         """Observe newly keyed sessions; return (id, kind, stream) of ended ones."""
@@ -137,8 +145,14 @@ class RouterMonitor:
                 self._known[session.id] = (session.kind.value, session.stream)
             if session.connected_at is not None and session.id not in self._observed:
                 self._observed.add(session.id)
+                self._connected.append(session.id)
                 self.setup_latency.observe(max(0.0, session.connected_at - session.created_at))
         return ended
+
+    def take_connected(self) -> list[str]:
+        """Ids of the sessions ``sample`` saw keyed since the last call."""
+        connected, self._connected = self._connected, []
+        return connected
 
     def stats(self) -> WorkerStats:
         publishers = sum(
