@@ -396,3 +396,48 @@ async def test_a_sigkilled_publisher_is_replaced_within_the_media_timeout(tmp_pa
                 process.terminate()
                 process.wait(10)
         live.close()
+
+
+@pytest.mark.slow
+async def test_no_reconnect_makes_whepfan_publish_exit_when_its_session_ends(
+    tmp_path: Path,
+) -> None:
+    live = live_server()
+    log = tmp_path / "publish.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "whepfan.cli",
+                "publish",
+                f"{live.url}/whip/once",
+                "--token",
+                TOKEN,
+                "--size",
+                "160x120",
+                "--no-reconnect",
+            ],
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        assert live.info is not None
+        backend = live.info.backend
+        await _until(
+            lambda: "once" in backend.streams and backend.streams["once"].active,
+            30,
+            "whepfan publish did not go live",
+        )
+        publisher = backend.streams["once"].publisher
+        assert publisher is not None
+        _call(live, backend.end_session, publisher.id, 0.0, "deleted")
+        status = await asyncio.to_thread(process.wait, 20)
+        assert status == 1
+        assert "the server closed DTLS (close_notify)" in log.read_text()
+        assert "once" not in backend.streams  # it did not come back
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        live.close()
