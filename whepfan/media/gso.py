@@ -25,6 +25,8 @@ import os
 import socket
 import struct
 
+from whepfan.settings import SettingsError
+
 log = logging.getLogger("whepfan.media.gso")
 
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -35,8 +37,9 @@ PROBE_SEGMENT = 64
 PROBE_TIMEOUT = 1.0  # loopback delivery happens within the send call; this is slack
 
 
-class GsoUnavailable(RuntimeError):
-    """``--gso on`` on a socket whose kernel or options refuse UDP GSO."""
+class GsoUnavailable(SettingsError):
+    """``--gso on`` on a socket whose kernel or options refuse UDP GSO (the CLI prints it
+    with the usage, as for any setting that cannot be honoured)."""
 
 
 def kernel_supports_gso() -> bool:
@@ -94,7 +97,10 @@ def resolve(mode: str, sock: socket.socket) -> bool:
     if reason is None:
         return True
     if mode == "on":
-        raise GsoUnavailable(f"--gso on, but UDP GSO is unavailable on this socket: {reason}")
+        raise GsoUnavailable(
+            f"UDP GSO is unavailable on this socket: {reason}; use --gso auto or off",
+            option="gso",
+        )
     log.warning("UDP GSO unavailable (%s): the fan-out sends one datagram per entry", reason)
     return False
 
