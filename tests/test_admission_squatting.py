@@ -5,10 +5,11 @@ them, and a real viewer gets in within 15 s of 50 squatting POSTs.
 On virtual time: the session's connect deadline (media/session.py) through the router
 (the tests/test_router.py harness: whepfan's own ICE checker and DTLS client, in
 memory); the ledger's pending count, cap and Retry-After (workers/capacity.py); the
-in-process backend moving viewers from pending to connected. Against a real server
-(``whepfan.server.run`` via tests/_server.py): 50 POSTs that never send a STUN check,
-then an aiortc viewer that honours Retry-After, with a short connect timeout and with
-the default one; and ``/metrics``.
+in-process backend moving viewers from pending to connected; the per-address POST rate
+limit in front of the real router. Against a real server (``whepfan.server.run`` via
+tests/_server.py): 50 POSTs that never send a STUN check, then an aiortc viewer that
+honours Retry-After, with a short connect timeout and with the default one, and the
+same with two worker processes; and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from _peers import DecodingViewer, only_loopback_candidates, sending_peer
 from _server import LiveServer, settings_for
 from _signalling import AUTH, SDP, accept_answer, exchange, wait_connected, wait_for
+from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCPeerConnection
 from test_metrics import Samples, parse, render
 from test_router import (
@@ -36,6 +38,8 @@ from test_router import (
 )
 
 from whepfan.errors import Conflict, ServiceUnavailable
+from whepfan.http import COUNTERS_KEY, HttpOptions, create_app
+from whepfan.http.ratelimit import RateLimit
 from whepfan.media.session import CONNECT_TIMEOUT, SessionState
 from whepfan.protocol.ice import IceControllingChecker
 from whepfan.settings import Settings, SettingsError
@@ -501,3 +505,94 @@ async def test_with_the_defaults_a_real_viewer_plays_within_15_s_of_fifty_squatt
     admitted, playing, waits = await _squatters_then_a_real_viewer(default_server, 10.0)
     assert admitted >= 10.0, (admitted, waits)
     assert playing < 15.0, (admitted, playing, waits)
+
+
+@pytest.fixture
+def pool_server() -> Iterator[LiveServer]:
+    live = LiveServer(
+        settings_for(
+            workers="2", max_viewers="4", session_connect_timeout="3", worker_packet_budget="none"
+        )
+    )
+    yield live
+    live.close()
+
+
+async def test_with_two_worker_processes_squatters_time_out_and_viewers_stop_pending(
+    pool_server: LiveServer,
+) -> None:
+    """--workers 2: each worker ends its squatters at their deadline and reports it (the
+    pool's ledger forgets them), and reports a viewer once keyed (no longer pending)."""
+    async with aiohttp.ClientSession(base_url=pool_server.url) as http:
+        publisher = await _publish(http)
+        viewer = DecodingViewer()
+        try:
+            for _ in range(4):
+                async with http.post(f"/whep/{STREAM}", data=WHEP_OFFER, headers=SDP) as answer:
+                    assert answer.status == 201
+            assert await _pending_is(http, 4)
+            waits = await _view_honouring_retry_after(http, viewer, time.monotonic() + 30.0)
+            assert waits and all(1 <= wait <= 3 for wait in waits)
+            await viewer.wait_frames(5, timeout=15.0)
+            await wait_for(lambda: _pending_is(http, 0), timeout=5.0)
+
+            async def all_timed_out() -> bool:
+                # Each worker's counters are as of its last once-a-second stats report.
+                samples = await _metrics(http)
+                per_worker = [
+                    samples.get(
+                        ("whepfan_connect_timeouts_total", (("kind", "viewer"), ("worker", w))), 0
+                    )
+                    for w in ("0", "1")
+                ]
+                return sum(per_worker) == 4
+
+            await wait_for(all_timed_out, timeout=5.0)
+            samples = await _metrics(http)
+            refusals = samples[("whepfan_admission_refusals_total", (("reason", "max_viewers"),))]
+            assert refusals == len(waits)
+        finally:
+            await viewer.close()
+            await publisher.close()
+
+
+# ---------------------------------------------------------------- the POST rate limit
+
+
+async def test_the_post_rate_limit_bounds_one_client_s_whip_and_whep_posts() -> None:
+    """One address's POSTs share one token bucket (http/ratelimit.py) in front of the
+    real router: past the burst, WHIP and WHEP POSTs get 429 + Retry-After and create
+    nothing, whatever the capacity left; the bucket refills at the rate (virtual time).
+    Loopback is exempt by default, so this client is limited with the exemption off."""
+    harness = Harness()
+    clock = [100.0]
+    try:
+        ledger = CapacityLedger(policy=CapacityPolicy(fixed_cost=COST, connect_timeout=10.0))
+        workers = InProcessWorkers(router=harness.router, ledger=ledger)
+        app = create_app(
+            router=workers,
+            clock=lambda: clock[0],
+            options=HttpOptions(
+                publish_token="t",
+                post_rate_limit=RateLimit(rate=0.5, burst=3, exempt_loopback=False),
+            ),
+        )
+        async with TestClient(TestServer(app)) as client:
+            whip = await client.post(
+                "/whip/live", data=WHIP_OFFER, headers={**SDP, "Authorization": "Bearer t"}
+            )
+            assert whip.status == 201
+            for _ in range(2):
+                assert (await client.post("/whep/live", data=WHEP_OFFER, headers=SDP)).status == 201
+            sessions = len(harness.router.sessions)
+            for path in ("/whep/live", "/whip/other"):
+                refused = await client.post(path, data=WHEP_OFFER, headers=SDP)
+                assert refused.status == 429
+                assert refused.headers["Retry-After"] == "2"  # one token at 0.5/s
+                assert refused.content_type == "application/problem+json"
+            assert len(harness.router.sessions) == sessions
+            clock[0] += 2.0
+            assert (await client.post("/whep/live", data=WHEP_OFFER, headers=SDP)).status == 201
+            assert app[COUNTERS_KEY]["http_rate_limited"] == 2
+    finally:
+        harness.close()
