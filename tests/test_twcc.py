@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_nack_generator import CHROMIUM_VIDEO_SSRC, _vp8
+from test_router import CLIENT, Harness, connect_viewer
 
+from whepfan import _fastpath
 from whepfan.errors import ParseError
 from whepfan.media.twcc import FEEDBACK_INTERVAL, ArrivalFeedback, transport_sequence
 from whepfan.protocol import rtcp
@@ -339,3 +342,67 @@ def test_a_chromium_whip_offer_gets_transport_cc_in_the_answer() -> None:
     answer, ingest = answer_publisher(offer, local)
     assert all(EXT_TRANSPORT_CC not in m.extension_ids for m in ingest)
     assert "transport-cc" not in answer.serialize()
+
+
+# ------------------------------------------------------------------ through the router
+
+
+def _with_transport_sequence(packet: bytes, sequence: int) -> bytes:
+    """``packet`` (no extensions) with an RFC 8285 one-byte block carrying the transport-
+    wide sequence number as id 3 (the Chromium fixture's a=extmap), as Chromium sends."""
+    header = bytearray(packet[:12])
+    header[0] |= 0x10
+    block = bytes.fromhex("bede0001") + bytes([0x31]) + sequence.to_bytes(2, "big") + b"\x00"
+    return bytes(header) + block + packet[12:]
+
+
+def test_a_publishers_packets_are_reported_to_it_every_100_ms() -> None:
+    """In memory, on virtual time: a WHIP publisher (the Chromium fixture, transport-cc
+    offered) sends SRTP with transport-wide sequence numbers, one lost; the router's
+    TRANSPORT_FEEDBACK timer sends it SRTCP feedback with each arrival, naming its
+    video SSRC."""
+    harness = Harness()
+    try:
+        router = harness.router
+        publisher_id, _, now = connect_viewer(harness, 0.0, publisher=True)
+        keys = router.sessions[publisher_id].keys
+        assert keys is not None
+        rtp_out = _fastpath.SrtpSession(keys.profile, keys.remote_key, keys.remote_salt)
+        rtcp_in = _fastpath.SrtpSession(keys.profile, keys.local_key, keys.local_salt)
+        harness.take_sent()
+        start = now
+        arrivals = {}
+        feedback: list[TransportFeedback] = []
+
+        def run_timers_until(until: float) -> None:
+            # Every deadline of the router at its time (feedback, RR, ICE), in order.
+            while (deadline := router.get_timer()) is not None and deadline <= until:
+                router.handle_timer(deadline)
+                for data in harness.take_sent():
+                    for packet in rtcp.parse_compound(rtcp_in.unprotect_rtcp(data)):
+                        if isinstance(packet, TransportWideFeedback):
+                            feedback.append(TransportFeedback.from_packet(packet))
+
+        for index in range(40):
+            sequence = 500 + index
+            at = start + 0.005 * index
+            run_timers_until(at)
+            if index == 7:
+                continue  # lost on the way
+            packet = _with_transport_sequence(_vp8(1000 + index, keyframe=index == 0), sequence)
+            router.datagram_received(rtp_out.protect(packet), CLIENT, at)
+            arrivals[sequence] = at
+        run_timers_until(start + 1.0)
+        reported = dict(item for packet in feedback for item in packet.arrivals())
+        assert sorted(reported) == list(range(500, 540))
+        assert reported[507] is None
+        base = reported[500]
+        assert base is not None
+        for sequence, at in arrivals.items():
+            decoded = reported[sequence]
+            assert decoded is not None
+            assert abs((decoded - base) - (at - start)) <= 0.000125 + 1e-9
+        assert {packet.media_ssrc for packet in feedback} == {CHROMIUM_VIDEO_SSRC}
+        assert len(feedback) == 2  # 0.2 s of packets, one feedback per 100 ms
+    finally:
+        harness.close()

@@ -187,7 +187,7 @@ class Router:
             stalled = stream.publisher
         offer = sdp.SessionDescription.parse(offer_text)
         session = self.new_session(PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now)
-        answer, ingest = answer_publisher(offer, self.local_transport(session))
+        answer, ingest = answer_publisher(offer, self.local_transport(session), transport_cc=True)
         if not ingest:
             raise Unprocessable("the offer carries no audio or video whepfan can receive")
         assert isinstance(session, PublisherSession)
@@ -498,6 +498,10 @@ class Router:
                 stream = self.streams.get(name)
                 if stream is not None:
                     self.ingest.feedback_due(stream, now)
+            elif kind is TimerKind.TRANSPORT_FEEDBACK:
+                stream = self.streams.get(name)
+                if stream is not None:
+                    self.ingest.transport_feedback_due(stream, now)
             elif kind is TimerKind.KEYFRAME_RETRY:
                 self.keyframes.handle_timer(self.streams.get(name), name, now)
             elif kind is TimerKind.MEDIA_TIMEOUT:
