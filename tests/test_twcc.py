@@ -6,8 +6,11 @@ and packets Chromium sends, and the publisher-side feedback (media/twcc.py
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +20,12 @@ from test_nack_generator import CHROMIUM_VIDEO_SSRC, _vp8
 from test_router import CLIENT, Harness, connect_viewer
 
 from whepfan import _fastpath
+from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
+from whepfan.media.transport import MediaWorker
 from whepfan.media.twcc import FEEDBACK_INTERVAL, ArrivalFeedback, transport_sequence
 from whepfan.protocol import rtcp
+from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.protocol.negotiation import (
     EXT_TRANSPORT_CC,
     EXT_TRANSPORT_CC_02,
@@ -406,3 +412,36 @@ def test_a_publishers_packets_are_reported_to_it_every_100_ms() -> None:
         assert len(feedback) == 2  # 0.2 s of packets, one feedback per 100 ms
     finally:
         harness.close()
+
+
+# ------------------------------------------------------------------- arrival times
+
+
+async def test_datagrams_read_late_keep_their_kernel_arrival_times() -> None:
+    """Feedback reports arrival times, so the worker hands the router each datagram's
+    SO_TIMESTAMPNS time: three datagrams sent 50 ms apart while the loop is busy are
+    read together but keep their spacing, and all of them precede the read."""
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    worker = MediaWorker(config=config, certificate=DtlsCertificate.generate())
+    await worker.start()
+    seen: list[float] = []
+    received = worker.router.datagram_received
+
+    def record(data: bytes, addr: tuple[str, int], now: float, local: str | None = None) -> None:
+        seen.append(now)
+        received(data, addr, now, local)
+
+    worker.router.datagram_received = record  # type: ignore[method-assign]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(3):
+            sender.sendto(b"\x00garbage", ("127.0.0.1", worker.port))
+            time.sleep(0.05)  # the loop is blocked here: nothing is read yet
+        blocked_until = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert len(seen) == 3
+        assert all(later - earlier >= 0.045 for earlier, later in itertools.pairwise(seen))
+        assert seen[-1] <= blocked_until
+    finally:
+        sender.close()
+        worker.close()
