@@ -40,7 +40,7 @@ START_TIMEOUT = 60.0
 # Scrapes are 1 s apart; on a loaded machine a few may come late.
 SCRAPE_TIMEOUT = 30.0
 NEEDS = "apt-get install -y prometheus (Debian's, with promtool)"
-ALERT_RULES = 6  # alerting rules in whepfan-alerts.yml
+ALERT_RULES = 7  # alerting rules in whepfan-alerts.yml
 
 
 def _free_port() -> int:
