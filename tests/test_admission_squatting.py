@@ -50,7 +50,7 @@ from whepfan.workers.capacity import (
     LayerCost,
     default_max_pending,
 )
-from whepfan.workers.in_process import InProcessWorkers
+from whepfan.workers.in_process import SETTLE_INTERVAL, InProcessWorkers
 
 COST = LayerCost(packets_per_second=100.0, bits_per_second=1_000_000.0)
 
@@ -305,6 +305,33 @@ def test_in_process_pending_cap_refuses_then_admits_once_a_pending_viewer_connec
         assert squatter.id not in harness.router.sessions
         late, _ = workers.view("live", WHEP_OFFER, 10.0)
         assert set(ledger.viewer_ids()) == {real, second_squatter.id, late.id}
+    finally:
+        harness.close()
+
+
+def test_refused_posts_settle_the_ledger_at_most_every_quarter_second() -> None:
+    """Settling walks every session: a flood of refused POSTs must not do it per POST.
+    A slot freed just after a settle is seen by the first refusal SETTLE_INTERVAL on."""
+    harness = Harness(max_viewers=1, connect_timeout=1.0)
+    try:
+        ledger = CapacityLedger(
+            policy=CapacityPolicy(fixed_cost=COST, max_viewers=1, connect_timeout=1.0)
+        )
+        workers = InProcessWorkers(router=harness.router, ledger=ledger)
+        connect_viewer(harness, 0.0, publisher=True)
+        squatter, _ = workers.view("live", WHEP_OFFER, 0.0)
+        with pytest.raises(ServiceUnavailable):
+            workers.view("live", WHEP_OFFER, 0.875)  # settles (nothing to settle yet)
+        harness.router.handle_timer(1.0)
+        assert squatter.id not in harness.router.sessions
+        for now in (1.0, 1.0625):  # within SETTLE_INTERVAL of the last settle: no walk
+            with pytest.raises(ServiceUnavailable) as refused:
+                workers.view("live", WHEP_OFFER, now)
+            assert refused.value.retry_after == 1  # the squatter's deadline is past
+        assert ledger.viewer_ids() == [squatter.id]
+        viewer, _ = workers.view("live", WHEP_OFFER, 0.875 + SETTLE_INTERVAL)  # 1.125
+        assert ledger.viewer_ids() == [viewer.id]
+        assert ledger.refusals == {"max_viewers": 3}
     finally:
         harness.close()
 

@@ -22,6 +22,9 @@ from whepfan.protocol import sdp
 from whepfan.workers.capacity import CapacityLedger, LayerCeilings, RateMeter, stream_layers
 from whepfan.workers.stats import RouterMonitor, ServerStats, server_stats
 
+# Seconds between two settles of the ledger on refused POSTs (each walks every session).
+SETTLE_INTERVAL = 0.25
+
 
 class InProcessWorkers:
     """``--workers 1``: the in-process router behind the capacity ledger."""
@@ -32,6 +35,7 @@ class InProcessWorkers:
         self.monitor = RouterMonitor(router, worker=0)
         self._meters: dict[tuple[str, str], RateMeter] = {}
         self.layer_ceilings = LayerCeilings()  # viewers admitted on a lower layer
+        self._settled_at: float | None = None  # when a refusal last settled the ledger
 
     # SessionRouter ----------------------------------------------------------------------
 
@@ -109,8 +113,11 @@ class InProcessWorkers:
             admission = self.ledger.reserve(stream_name, count_refusal=False, now=now)
         except ServiceUnavailable:
             # Sessions that ended without a DELETE, or connected since the last tick, may
-            # still be on the books as they were: settle once.
-            self.tick(None)
+            # still be on the books as they were: settle once. Settling walks every
+            # session, so a flood of refused POSTs settles at most every SETTLE_INTERVAL.
+            if self._settled_at is None or not 0 <= now - self._settled_at < SETTLE_INTERVAL:
+                self._settled_at = now
+                self.tick(None)
             admission = self.ledger.reserve(stream_name, now=now)
         session, answer = create()
         self.ledger.commit(session.id, stream_name, admission, now)
