@@ -228,6 +228,18 @@ def test_import_walk_tells_eager_from_deferred_imports(tmp_path: Path) -> None:
 # --- the wheel, in a fresh virtualenv ---------------------------------------------------
 
 
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without what would point another interpreter at the
+    checkout (a module imported during collection may have set PYTHONPATH for its own
+    subprocesses; bench/capacity.py does) or configure whepfan."""
+    dropped = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"}
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in dropped and not key.startswith("WHEPFAN_")
+    }
+
+
 def _run(argv: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(arg) for arg in argv],
@@ -235,6 +247,7 @@ def _run(argv: list[str | Path], **kwargs: object) -> subprocess.CompletedProces
         text=True,
         check=False,
         timeout=BUILD_TIMEOUT,
+        env=_clean_environment(),
         **kwargs,  # type: ignore[call-overload]
     )
     assert result.returncode == 0, (
@@ -293,6 +306,8 @@ def wheel_venv(built: Built, work: Path) -> Path:
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", venv])
     _run([venv / "bin" / "python", "-m", "pip", "install", "-q", built.wheel])
+    # pip skips a wheel whose version it believes installed: make sure this one landed.
+    assert (venv / "bin" / "whepfan").is_file(), "pip installed no whepfan script"
     return venv
 
 
@@ -359,7 +374,7 @@ def wheel_demo(wheel_venv: Path, work: Path) -> Iterator[Demo]:
     http = f"127.0.0.1:{_free_port(socket.SOCK_STREAM)}"
     udp = f"127.0.0.1:{_free_port(socket.SOCK_DGRAM)}"
     argv = [wheel_venv / "bin" / "whepfan", "demo", "--http", http, "--udp", udp]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WHEPFAN_")}
+    env = _clean_environment()
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*map(str, argv), "--public-ip", "127.0.0.1"],
