@@ -64,12 +64,12 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 # bench/ holds scripts: run from a checkout without installing (the server, publisher and
-# load generator subprocesses get the same path through PYTHONPATH).
+# load generator subprocesses get the same path through PYTHONPATH, set in main() only: a
+# test that imports this module must not hand the checkout to every later subprocess).
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(BENCH)
 if REPOSITORY not in sys.path:
     sys.path.insert(0, REPOSITORY)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
 from whepfan.workers.calibrate import calibrate  # noqa: E402
 
 TOKEN = "bench-capacity"
@@ -713,6 +713,9 @@ def _counts(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")])
+    )
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="whepfan worker counts to run")
     parser.add_argument(
