@@ -71,8 +71,9 @@ CHROMIUM_FLAGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 INSTALL_HINT = (
-    "install the browser test dependencies: apt-get install -y chromium && "
-    "pip install playwright && npm ci --prefix tests/browser (never `playwright install`)"
+    "install the browser test dependencies: README quick start, command 2 (Debian's "
+    "chromium, iproute2, iptables; .venv with '.[test]'; npm ci --prefix tests/browser); "
+    "never `playwright install`"
 )
 
 
