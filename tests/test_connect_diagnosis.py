@@ -239,3 +239,33 @@ async def test_a_server_bound_to_one_address_answers_with_that_candidate_only(
         assert [(c.address, c.port) for c in candidates] == [
             ("127.0.0.1", loopback_server.info.udp_port if loopback_server.info else 0)
         ]
+
+
+async def test_a_loadtest_viewer_that_cannot_connect_says_what_it_tried(
+    unreachable_server: LiveServer,
+) -> None:
+    """The viewer side of the same: a WHEP viewer of ``whepfan loadtest`` answered with a
+    candidate nothing listens at reports its ICE/DTLS state and the candidates it checked."""
+    from _signalling import bearer, negotiate, placeholder_publisher
+
+    from whepfan.client.loadtest import LoadTest, LoadTestOptions
+
+    async with aiohttp.ClientSession(base_url=unreachable_server.url) as http:
+        publisher = placeholder_publisher()  # live once answered, never connects
+        await negotiate(http, publisher, "/whip/unreachable-viewers", bearer(TOKEN))
+        try:
+            options = LoadTestOptions(
+                url=f"{unreachable_server.url}/whep/unreachable-viewers",
+                viewers=1,
+                duration=0.1,
+                setup_timeout=1.0,
+                token=TOKEN,
+            )
+            report = await LoadTest(options).run()
+        finally:
+            await publisher.close()
+    [(error, count)] = report.summary["errors"].items()
+    assert count == 1
+    assert error.startswith("not connected within 1 s: ICE checking, DTLS new"), error
+    assert "remote candidates from the answer: 127.0.0.2:" in error
+    assert "is the server's media port reachable" in error

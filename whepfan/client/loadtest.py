@@ -218,7 +218,9 @@ class _Viewer:
             try:
                 await asyncio.wait_for(asyncio.shield(self.keyed), max(remaining, 0.01))
             except TimeoutError:
-                self._fail(f"not connected within {options.setup_timeout:g} s")
+                # Say what was tried (candidates, checks, ICE/DTLS states), as publish does.
+                tried = f": {self.transport.diagnosis()}" if self.transport is not None else ""
+                self._fail(f"not connected within {options.setup_timeout:g} s{tried}")
                 return
             except ConnectionError as exc:
                 self._fail(str(exc))
