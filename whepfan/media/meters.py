@@ -63,13 +63,16 @@ class IngestReceiveStats:
         )
         dlsr = 0
         if self.last_sr_arrival is not None:
-            dlsr = int((now - self.last_sr_arrival) * 65536)  # units of 1/65536 s
+            # Units of 1/65536 s, a 32-bit field (RFC 3550 §6.4.1). The SR's arrival time is
+            # the kernel's receive stamp and ``now`` the timer's: never let the difference
+            # go negative (or past the field) and break the whole report.
+            dlsr = min(max(int((now - self.last_sr_arrival) * 65536), 0), 0xFFFFFFFF)
         return rtcp.ReportBlock(
             ssrc=self.ssrc,
             fraction_lost=min(fraction, 255),
             cumulative_lost=min(lost, 0x7FFFFF),
             highest_sequence=extended_max & 0xFFFFFFFF,
-            jitter=int(self.jitter),
+            jitter=min(int(self.jitter), 0xFFFFFFFF),  # 32-bit field (§6.4.1)
             last_sender_report=self.last_sr_ntp_middle,
             delay_since_last_sender_report=dlsr,
         )
