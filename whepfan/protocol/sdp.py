@@ -408,6 +408,9 @@ class Rid:
                 if not piece:
                     continue
                 key, sep, param_value = piece.partition("=")
+                # RFC 8851 §10's grammar has no space around "="; strip it so what we
+                # serialise parses back the same (found by the sdp fuzz target).
+                key, param_value = key.strip(), param_value.strip()
                 if key == "pt" and sep and not rid.payload_types and not rid.restrictions:
                     rid.payload_types = [
                         _int(pt, "rid pt", high=127) for pt in param_value.split(",")
