@@ -374,9 +374,9 @@ class Publisher:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # return_exceptions collects the tasks' own CancelledError, while a cancellation
+        # of the caller (Ctrl-C) still propagates: close must not swallow it.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._transport is not None:
             self._transport.close()
@@ -781,9 +781,11 @@ class ReconnectingPublisher:
                 self.current = publisher
                 self.sessions += 1
                 failed_in_a_row = 0
-                await _first_of(publisher.wait(remaining), stop.wait())
-                reason = publisher.failure
-                await publisher.close()
+                try:
+                    await _first_of(publisher.wait(remaining), stop.wait())
+                finally:  # also when cancelled (Ctrl-C): the session is DELETEd
+                    reason = publisher.failure
+                    await publisher.close()
                 if reason is None:
                     return  # the duration passed, or we were stopped
             failed_in_a_row += 1
