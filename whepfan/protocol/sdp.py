@@ -411,6 +411,8 @@ class Rid:
                 # RFC 8851 §10's grammar has no space around "="; strip it so what we
                 # serialise parses back the same (found by the sdp fuzz target).
                 key, param_value = key.strip(), param_value.strip()
+                if not key and not param_value:
+                    continue  # a bare "=": nothing to keep (it would serialise as nothing)
                 if key == "pt" and sep and not rid.payload_types and not rid.restrictions:
                     rid.payload_types = [
                         _int(pt, "rid pt", high=127) for pt in param_value.split(",")
