@@ -330,7 +330,9 @@ def test_twenty_viewers_in_one_page_all_decode(server: str, context: Any, vp8_st
     assert all(frames >= FRAMES for frames in decoded), decoded
     assert all(summary["audioSamples"] > 0 for summary in result["summaries"])
     assert result["statuses"] == [200] * MANY_VIEWERS
-    assert _stream_listing(page)["viewers"] == viewers_before
+    # All twenty are gone. A viewer left by an earlier test of the module may end meanwhile
+    # (its page closed, its session times out), so the count may drop, never grow.
+    assert _stream_listing(page)["viewers"] <= viewers_before
 
 
 def test_watch_page_screenshot_shows_moving_video(
