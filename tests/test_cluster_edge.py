@@ -6,7 +6,6 @@ edge with ``--upstream``), whepfan's own WHIP publisher, aiortc viewers that dec
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 
