@@ -291,7 +291,10 @@ class Codec:
             if not piece:
                 continue
             key, sep, param_value = piece.partition("=")
-            params.append((key.strip(), param_value.strip() if sep else ""))
+            key, param_value = key.strip(), param_value.strip() if sep else ""
+            if not key and not param_value:
+                continue  # a bare "=": nothing to keep (it would serialise as nothing)
+            params.append((key, param_value))
         return params
 
     @property
