@@ -267,24 +267,30 @@ class WhipWhepResources:
         """WHEP draft-03 §4.2.2: 406 with our own offer and the future session's Location;
         the player PATCHes its answer there. The router drops the session if no answer
         comes within ``counter_offer_ttl``."""
-        session, offer = self.router.counter_offer(stream, now)
-        self.access.bind(session, grant)
-        self._issue(Protocol.WHEP, session, grant)
-        valid_until = email.utils.formatdate(
-            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
-        )
-        response = web.Response(
-            status=406,
-            body=offer.encode(),
-            headers={
-                "Location": self._location(Protocol.WHEP, session),
-                "ETag": session.etag,
-                "Accept-Patch": f"{SDP}, {SDPFRAG}",
-            },
-        )
+        offer, headers, valid_until = self._server_offered_session(stream, now, grant)
+        response = web.Response(status=406, body=offer.encode(), headers=headers)
         # The parameter value is an HTTP-date (RFC 9110 §5.6.7), which needs quoting.
         response.headers["Content-Type"] = f'{SDP}; valid-until="{valid_until}"'
         return response
+
+    def _server_offered_session(
+        self, stream: str, now: float, grant: Grant | None
+    ) -> tuple[str, dict[str, str], str]:
+        """A viewer session that starts with our offer (406 counter-offer or the legacy
+        server-offer mode): the offer, the session's headers, and the HTTP-date after
+        which an unanswered offer is gone (``counter_offer_ttl``)."""
+        session, offer = self.router.counter_offer(stream, now)
+        self.access.bind(session, grant)
+        self._issue(Protocol.WHEP, session, grant)
+        deadline = email.utils.formatdate(
+            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
+        )
+        headers = {
+            "Location": self._location(Protocol.WHEP, session),
+            "ETag": session.etag,
+            "Accept-Patch": f"{SDP}, {SDPFRAG}",
+        }
+        return offer, headers, deadline
 
     def _server_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
         """The legacy server-offer mode (draft-murillo-whep-00/01 §4, removed in -02): a
@@ -293,22 +299,9 @@ class WhipWhepResources:
         session goes if no answer comes within ``counter_offer_ttl``. Eyevinn's
         webrtc-player falls back to it when its own offer is refused with 400, and
         players written against Cloudflare's "server offer" WHEP use it first."""
-        session, offer = self.router.counter_offer(stream, now)
-        self.access.bind(session, grant)
-        self._issue(Protocol.WHEP, session, grant)
-        expires = email.utils.formatdate(
-            self.wall_clock() + self.options.counter_offer_ttl, usegmt=True
-        )
-        response = web.Response(
-            status=201,
-            body=offer.encode(),
-            headers={
-                "Location": self._location(Protocol.WHEP, session),
-                "ETag": session.etag,
-                "Accept-Patch": f"{SDP}, {SDPFRAG}",
-                "Expires": expires,  # draft-murillo-whep-01 §4: when an unanswered offer goes
-            },
-        )
+        offer, headers, expires = self._server_offered_session(stream, now, grant)
+        headers["Expires"] = expires  # draft-murillo-whep-01 §4: when an unanswered offer goes
+        response = web.Response(status=201, body=offer.encode(), headers=headers)
         response.headers["Content-Type"] = SDP
         self._add_ice_server_links(response)
         return response
