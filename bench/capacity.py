@@ -132,14 +132,27 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime (proc(5) fields 14 and 15; all threads) of ``pids``."""
-    total = 0.0
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is not None:
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return total
+class TreeCpu:
+    """CPU seconds a process tree has used so far, never decreasing.
+
+    Summing the live tree alone drops a descendant's seconds the moment it exits (they
+    reach the parent's cutime only when it is reaped, and not at all for a grandchild
+    reparented to init), so a window read off two samples could come out negative. Each
+    process seen keeps its last figure, keyed by (pid, start time) so a reused pid is a
+    new process."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self._last: dict[tuple[int, int], float] = {}
+
+    def sample(self) -> float:
+        for pid in process_tree(self.root):
+            fields = _stat_fields(pid)
+            if fields is not None:
+                # proc(5): utime, stime are fields 14, 15; starttime is field 22.
+                key = (pid, int(fields[19]))
+                self._last[key] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return sum(self._last.values())
 
 
 class CpuSampler:
@@ -149,14 +162,14 @@ class CpuSampler:
 
     def __init__(self, *roots: int) -> None:
         self.samples: list[tuple[float, ...]] = []
-        self._roots = roots
+        self._trees = [TreeCpu(root) for root in roots]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            cpu = [cpu_seconds(process_tree(root)) for root in self._roots]
+            cpu = [tree.sample() for tree in self._trees]
             self.samples.append((time.monotonic(), *cpu))
             if self._stop.wait(CPU_SAMPLE_INTERVAL):
                 return

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -263,5 +264,30 @@ def test_summary_ratios_are_against_the_naive_sfu_and_the_limit() -> None:
 def test_process_cpu_is_read_from_proc() -> None:
     tree = capacity.process_tree(os.getpid())
     assert tree[0] == os.getpid()
-    assert capacity.cpu_seconds(tree) > 0
-    assert capacity.cpu_seconds([2**22 + 12345]) == 0.0  # no such process: nothing counted
+    assert capacity.TreeCpu(os.getpid()).sample() > 0
+    assert capacity.TreeCpu(2**22 + 12345).sample() == 0.0  # no such process: nothing counted
+
+
+def test_tree_cpu_keeps_an_exited_childs_seconds() -> None:
+    """The CI failure this pins: a load-generator child exited between two samples and
+    the live-tree sum fell, so the window's loadgen CPU came out at -0.17 cores."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\ninput()",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    tree, child_alone = capacity.TreeCpu(os.getpid()), capacity.TreeCpu(child.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while child_alone.sample() < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during = tree.sample()
+    finally:
+        child.communicate(b"\n", timeout=30)
+    assert child_alone.sample() >= 0.25  # the child's seconds were in ``during``
+    assert child.pid not in capacity.process_tree(os.getpid())
+    assert tree.sample() >= during
