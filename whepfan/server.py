@@ -325,10 +325,6 @@ async def start_cluster(
     """``--upstream`` / ``--cluster`` (whepfan/cluster/): None on a single box."""
     if settings.upstream is None and settings.cluster is None:
         return None
-    if not isinstance(backend, InProcessWorkers):
-        # Upstream sessions feed one router; with worker processes they would have to
-        # enter the origin worker's relay (docs/scaling.md, "--workers N").
-        raise SettingsError("--upstream and --cluster need --workers 1 for now")
     node = ClusterNode.create(
         backend=backend,
         clock=clock,

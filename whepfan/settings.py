@@ -247,9 +247,6 @@ class Settings:
                 "a WHEP URL template with {stream}, e.g. https://origin/whep/{stream}",
                 option="upstream",
             )
-        if (self.upstream is not None or self.cluster is not None) and self.workers != 1:
-            # The upstream feed enters one in-process router (docs/scaling.md, "Not yet").
-            raise SettingsError("--upstream and --cluster need --workers 1 for now")
         if self.upstream is not None and self.cluster is not None:
             raise SettingsError("--upstream (a fixed origin) and --cluster exclude each other")
         if self.cluster is not None:

@@ -29,6 +29,10 @@ Each pull is watched:
   viewers resume without renegotiating.
 * **idle** (no viewers for ``grace`` seconds): the session is ended (DELETE, RFC 9725
   §4.3 as WHEP reuses it) and forgotten.
+
+The puller is the same with ``--workers N``: it reads the pool's streams (viewers on every
+worker) and its ``open_session`` runs each session in a worker process
+(cluster/pool_backend.py, workers/upstream_ops.py).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -86,6 +90,55 @@ class UpstreamTarget:
 UpstreamResolver = Callable[[str], Awaitable[UpstreamTarget | None]]
 
 
+class PulledStream(Protocol):
+    """What the puller reads of a stream: a Router's Stream, or a worker pool's
+    ProxyStream (its viewers on every worker)."""
+
+    @property
+    def live(self) -> bool: ...
+    @property
+    def viewers(self) -> Mapping[str, object]: ...
+
+
+class PulledStreams(Protocol):
+    """The node's streams: a Router, or the worker pool (workers/pool.py)."""
+
+    @property
+    def streams(self) -> Mapping[str, PulledStream]: ...
+
+
+class PullSession(Protocol):
+    """One pull's session as the puller drives it: ``UpstreamSession`` here, or
+    cluster/pool_backend.py's, whose transport runs in a worker process."""
+
+    stream_name: str
+    target: UpstreamTarget
+    location: str | None
+    packets_received: int
+    bytes_received: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def delete(self) -> None: ...
+
+
+class SessionOpener(Protocol):
+    """Makes (not starts) the session of one pull; ``on_lost`` when its transport fails."""
+
+    def __call__(
+        self,
+        *,
+        stream_name: str,
+        target: UpstreamTarget,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        on_lost: Callable[[PullSession, str], None],
+    ) -> PullSession: ...
+
+
 class StaticUpstream:
     """``--upstream URL-template``: every stream from one fixed WHEP origin."""
 
@@ -108,6 +161,7 @@ class PullFailure(enum.Enum):
     BAD_ANSWER = "bad_answer"  # an answer we cannot use
     TRANSPORT = "transport"  # ICE or DTLS did not complete, or was lost later
     NO_UPSTREAM = "no_upstream"  # the resolver could not be asked (Redis down)
+    WORKER = "worker"  # the worker process holding the session exited (--workers N)
 
 
 class UpstreamError(WhepfanError):
@@ -147,6 +201,7 @@ class UpstreamSession:
         self._timer: asyncio.TimerHandle | None = None
         self.feed: UpstreamFeed | None = None
         self.location: str | None = None
+        self.answer: str | None = None  # the upstream's SDP answer (relay copies mirror it)
         self.started_at = time.monotonic()
         self.connected_at: float | None = None
         self.closed = False
@@ -205,6 +260,7 @@ class UpstreamSession:
                 ServiceUnavailable(f"{detail}: {result.detail[:200]}", retry_after=5),
             )
         self.location = result.location
+        self.answer = result.answer
         now = self._clock()
         try:
             remote = remote_transport(SessionDescription.parse(result.answer))
@@ -339,8 +395,8 @@ class _Pull:
     """The puller's memory of one stream."""
 
     stream: str
-    session: UpstreamSession | None = None
-    starting: asyncio.Task[UpstreamSession] | None = None
+    session: PullSession | None = None
+    starting: asyncio.Task[PullSession] | None = None
     idle_since: float | None = None
     failures: int = 0
     retry_at: float | None = None
@@ -353,12 +409,18 @@ class UpstreamPuller:
     def __init__(
         self,
         *,
-        router: Router,
+        router: PulledStreams,
         resolve: UpstreamResolver,
         clock: Callable[[], float],
         grace: float = DEFAULT_GRACE,
         max_pulls: int | None = None,
+        open_session: SessionOpener | None = None,
     ) -> None:
+        if open_session is None:
+            if not isinstance(router, Router):
+                raise TypeError("sessions open on a Router unless open_session is given")
+            open_session = _opener_on(router)
+        self.open_session = open_session
         self.router = router
         self.resolve = resolve
         self._clock = clock
@@ -410,7 +472,7 @@ class UpstreamPuller:
                 self._pulls.pop(stream_name, None)
             raise
 
-    async def _open(self, pull: _Pull) -> UpstreamSession:
+    async def _open(self, pull: _Pull) -> PullSession:
         try:
             target = await self.resolve(pull.stream)
             if target is None:
@@ -419,8 +481,7 @@ class UpstreamPuller:
                     Conflict(f"stream {pull.stream!r} is not live", retry_after=5),
                 )
             assert self._http is not None, "UpstreamPuller.start() first"
-            session = UpstreamSession(
-                router=self.router,
+            session = self.open_session(
                 stream_name=pull.stream,
                 target=target,
                 http=self._http,
@@ -451,7 +512,7 @@ class UpstreamPuller:
     def _backoff(failures: int) -> float:
         return min(RETRY_INITIAL * (2 ** max(failures - 1, 0)), RETRY_MAX)
 
-    def _lost(self, session: UpstreamSession, reason: str) -> None:
+    def _lost(self, session: PullSession, reason: str) -> None:
         pull = self._pulls.get(session.stream_name)
         if pull is None or pull.session is not session:
             return
@@ -531,7 +592,30 @@ class UpstreamPuller:
         return report
 
 
-def _ignore_failure(task: asyncio.Task[UpstreamSession]) -> None:
+def _opener_on(router: Router) -> SessionOpener:
+    """The default ``open_session``: the session's transport in this process, on ``router``."""
+
+    def open_session(
+        *,
+        stream_name: str,
+        target: UpstreamTarget,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        on_lost: Callable[[PullSession, str], None],
+    ) -> PullSession:
+        return UpstreamSession(
+            router=router,
+            stream_name=stream_name,
+            target=target,
+            http=http,
+            clock=clock,
+            on_lost=on_lost,
+        )
+
+    return open_session
+
+
+def _ignore_failure(task: asyncio.Task[PullSession]) -> None:
     # A background re-pull's failure is counted and retried by the watch.
     if not task.cancelled():
         task.exception()

@@ -197,7 +197,12 @@ class RelayCopies:
             PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now
         )
         assert isinstance(stand_in, PublisherSession)
-        _, stand_in.ingest = answer_publisher(offer, router.local_transport(stand_in))
+        # The origin accepted this description already; a copy mirrors what it accepted
+        # and refuses nothing (an upstream pull's answer may carry sections the origin
+        # worker rejected with port 0: cluster/feed.py negotiates it the same way).
+        _, stand_in.ingest = answer_publisher(
+            offer, router.local_transport(stand_in), reject_partial=False
+        )
         stream = router.stream(stream_name)
         router.ingest.attach(stream, stand_in, now)
         for track in stream.all_tracks():

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from whepfan import _fastpath
+from whepfan.config import MediaConfig
 from whepfan.errors import ServiceUnavailable
 from whepfan.media.health import RECEIVE_DELAY_WARNING
 from whepfan.media.layers import LayerRequest
@@ -50,6 +51,10 @@ class InProcessWorkers:
     @property
     def viewer_count(self) -> int:
         return self.router.viewer_count
+
+    @property
+    def config(self) -> MediaConfig:
+        return self.router.config
 
     @property
     def lower_layer_admissions(self) -> int:

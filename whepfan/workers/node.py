@@ -3,14 +3,16 @@
 Started by the pool (pool.py) with a pickled ``WorkerSpec``, a worker process runs one
 ``MediaWorker`` (media/transport.py) on UDP port base+index, answers the control
 channel's requests through a table of handlers (control.py), relays the streams it
-originates to the other workers and mirrors theirs (media/relay.py, relay_peer.py), and
-reports stats, ended sessions and stream events once a second or as they happen.
+originates to the other workers and mirrors theirs (media/relay.py, relay_peer.py), holds
+the upstream pulls the main process gives it (upstream_ops.py), and reports stats, ended
+sessions and stream events once a second or as they happen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -32,6 +34,7 @@ from whepfan.workers import control
 from whepfan.workers.capacity import LayerCeilings
 from whepfan.workers.relay_peer import RelayPeer, relay_path
 from whepfan.workers.stats import RouterMonitor
+from whepfan.workers.upstream_ops import WorkerUpstreams
 
 log = logging.getLogger("whepfan.workers")
 
@@ -136,10 +139,14 @@ class WorkerNode:
         # Viewers admitted on a lower layer (the main process's CAP_LAYER): held here
         # because only this worker knows the stream's layers.
         self.layer_ceilings = LayerCeilings()
+        self.upstreams = WorkerUpstreams(
+            router=self.router, relays=self.relays, send_event=self._send, clock=self.media.now
+        )
         self.monitor = RouterMonitor(self.router, worker=spec.index)
         self.monitor.receive_delay = self.media.receive_delay
         self.router.add_listener(self._on_stream_event)
         self._sweep_pending = False
+        self._answering: set[asyncio.Task[None]] = set()  # handlers that answer later
         self._handlers: dict[str, control.Handler] = {
             control.PUBLISH: self._publish,
             control.VIEW: self._view,
@@ -153,6 +160,8 @@ class WorkerNode:
             control.LAYER_STATUS: self._layer_status,
             control.ATTACH_RELAY: self._attach_relay,
             control.DETACH_RELAY: self._detach_relay,
+            control.UPSTREAM_OPEN: self.upstreams.open,
+            control.UPSTREAM_CLOSE: self.upstreams.close,
             control.SHUTDOWN: self._shutdown,
         }
 
@@ -170,6 +179,9 @@ class WorkerNode:
         finally:
             stats_task.cancel()
             lag_task.cancel()
+            for task in self._answering:
+                task.cancel()
+            await self.upstreams.aclose()
             self._loop.remove_reader(self.control.fileno())
             self._loop.remove_reader(self.relay.fileno())
             self.media.close()
@@ -216,15 +228,34 @@ class WorkerNode:
         request_id = message.get("id")
         try:
             result = control.dispatch(self._handlers, message, self._loop.time())
-        except WhepfanError as exc:
-            reply = control.error_reply(request_id, exc)
-        except Exception:
-            log.exception("control operation %r failed", message.get("op"))
-            reply = {"id": request_id, "error": {"class": "internal", "detail": "worker bug"}}
+        except Exception as exc:
+            reply = self._failure_reply(message, exc)
         else:
+            if inspect.isawaitable(result):
+                # Answered when it resolves (control.py); the worker serves on meanwhile.
+                task = asyncio.ensure_future(self._answer_later(message, result))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+                return
             reply = {"id": request_id, "result": result}
         if request_id is not None:
             self._send(reply)
+
+    async def _answer_later(self, message: dict[str, Any], pending: Any) -> None:
+        try:
+            reply = {"id": message.get("id"), "result": await pending}
+        except Exception as exc:
+            reply = self._failure_reply(message, exc)
+        self.media.arm_timer()  # the operation may have scheduled router timers
+        if message.get("id") is not None:
+            self._send(reply)
+
+    @staticmethod
+    def _failure_reply(message: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, WhepfanError):
+            return control.error_reply(message.get("id"), exc)
+        log.error("control operation %r failed", message.get("op"), exc_info=exc)
+        return {"id": message.get("id"), "error": {"class": "internal", "detail": "worker bug"}}
 
     # control operations (control.py names them) ------------------------------------------
 
@@ -311,6 +342,9 @@ class WorkerNode:
                     "connected": self.monitor.take_connected(),
                 }
             )
+            upstreams = self.upstreams.report()
+            if upstreams:
+                self._send({"event": control.UPSTREAM_REPORT, "upstreams": upstreams})
 
     def _sweep(self) -> None:
         self._sweep_pending = False
