@@ -178,6 +178,7 @@ class Simulation:
         self.samples: list[Sample] = []
         self.captured: list[dict[str, Any]] = []  # what a capture file stores
         self.lost_media = 0
+        self.lost_media_at: list[float] = []
         self.sent_media = 0
         self.padding_packets = 0
         self.now = 0.0
@@ -190,7 +191,9 @@ class Simulation:
         arrival = self.link.send(time, size)
         if media:
             self.sent_media += 1
-            self.lost_media += arrival is None
+            if arrival is None:
+                self.lost_media += 1
+                self.lost_media_at.append(time)
         if arrival is not None:
             heapq.heappush(self._arrivals, (arrival, sequence))
 
@@ -402,11 +405,13 @@ def test_the_lowest_layer_on_an_open_link_stays_normal() -> None:
     assert simulation.estimator.estimate_bps >= LOW_BPS
 
 
-def probe_run(link: TokenBucketLink, *, target_bps: float, seconds: float = 8.0) -> Simulation:
-    """The middle layer for 3 s, then a probe to ``target_bps``."""
-    estimator = ViewerBandwidth(initial_bps=MID_BPS, now=0.0)
+def probe_run(
+    link: TokenBucketLink, *, target_bps: float, layer_bps: float = MID_BPS, seconds: float = 8.0
+) -> Simulation:
+    """A layer (the middle one) for 3 s, then a probe to ``target_bps``."""
+    estimator = ViewerBandwidth(initial_bps=layer_bps, now=0.0)
     simulation = Simulation(link=link, estimator=estimator)
-    media = stream(MID_BPS, start=0.0, end=seconds, seed=7)
+    media = stream(layer_bps, start=0.0, end=seconds, seed=7)
     started: list[float] = []
 
     def probe_after_three_seconds(simulation: Simulation) -> None:
@@ -456,6 +461,25 @@ def test_a_probe_to_the_top_layer_fails_quickly_on_700_kbits() -> None:
     assert simulation.estimator.estimate_bps < SLOW_LINK_BPS
 
 
+def test_a_probe_to_a_rate_that_fits_succeeds_on_700_kbits() -> None:
+    # From the lowest layer: would the middle one (plus audio and headroom) fit?
+    simulation = probe_run(slow_link(), target_bps=600_000, layer_bps=LOW_BPS)
+    result = simulation.estimator.probe_result
+    assert result is not None and result.succeeded, result
+    assert simulation.lost_media == 0
+    assert simulation.estimator.estimate_bps >= 0.9 * 600_000
+
+
+def test_a_probe_is_not_fooled_by_a_large_token_bucket() -> None:
+    # A 50 kB bucket passes the probe's first ~0.5 s at line rate; what follows is
+    # limited to 700 kbit/s, and the probe is judged on that part.
+    big_bucket = TokenBucketLink(rate_bps=SLOW_LINK_BPS, burst=50_000, latency=0.050)
+    simulation = probe_run(big_bucket, target_bps=HIGH_BPS)
+    result = simulation.estimator.probe_result
+    assert result is not None and not result.succeeded, result
+    assert result.measured_bps is None or result.measured_bps < 0.9 * HIGH_BPS
+
+
 def test_a_probe_whose_feedback_never_comes_fails_at_its_timeout() -> None:
     estimator = ViewerBandwidth(initial_bps=MID_BPS, now=0.0)
     losing = False
@@ -478,6 +502,153 @@ def test_a_probe_whose_feedback_never_comes_fails_at_its_timeout() -> None:
         3.0 + config.probe_duration + config.probe_feedback_timeout
     )
     assert estimator.deadline() is None
+
+
+# --- closed loop: a layer policy reading the estimator -------------------------------------------
+
+LAYERS = (LOW_BPS, MID_BPS, HIGH_BPS)
+AUDIO_BPS = AUDIO_SIZE * 8 / AUDIO_INTERVAL
+
+
+@dataclass
+class ProbingLayerPolicy:
+    """The rules proposed for media/layers.py on top of a ``ViewerBandwidth``, reduced
+    to what this test needs: down (after ``hold`` on a layer) when the estimate falls
+    under ``margin`` x what the layer needs, as far as the estimate requires; up one
+    layer only after a probe to the next layer's need (+ ``probe_headroom``) succeeded,
+    the probe started ``up_wait`` after the last move and never while over-using; each
+    failed probe doubles the wait (to ``max_up_wait``)."""
+
+    estimator: ViewerBandwidth
+    layer: int = 1  # LayerPolicy.initial(3): the middle
+    hold: float = 2.0
+    up_wait: float = 3.0
+    max_up_wait: float = 30.0
+    margin: float = 0.85
+    probe_headroom: float = 1.1
+    moved_at: float = -math.inf  # as LayerPolicyState: a new viewer may move down at once
+    started_at: float = 0.0
+    changes: list[tuple[float, int]] = field(default_factory=list)
+    probes_started: list[float] = field(default_factory=list)
+    probes: list[tuple[float, bool]] = field(default_factory=list)
+
+    @staticmethod
+    def need(layer: int) -> float:
+        return LAYERS[layer] + AUDIO_BPS
+
+    def on_feedback(self, now: float) -> None:
+        estimator = self.estimator
+        estimate = estimator.estimate_bps
+        result = estimator.probe_result
+        if result is not None:
+            estimator.probe_result = None  # each result is used once
+            self.probes.append((now, result.succeeded))
+            if result.succeeded and self.layer < len(LAYERS) - 1:
+                self.move(self.layer + 1, now)
+                return
+            self.up_wait = min(self.up_wait * 2, self.max_up_wait)
+        if estimate < self.margin * self.need(self.layer):
+            if self.layer > 0 and now - self.moved_at >= self.hold:
+                estimator.cancel_probe(now)
+                target = self.layer - 1
+                while target > 0 and self.need(target) > estimate:
+                    target -= 1
+                self.move(target, now)
+            return
+        if (
+            not estimator.probing
+            and self.layer < len(LAYERS) - 1
+            and now - max(self.moved_at, self.started_at) >= self.up_wait
+            and estimator.state is not BandwidthUsage.OVERUSING
+        ):
+            estimator.start_probe(self.probe_headroom * self.need(self.layer + 1), now)
+            self.probes_started.append(now)
+
+    def move(self, layer: int, now: float) -> None:
+        self.layer, self.moved_at = layer, now
+        self.changes.append((now, layer))
+
+
+def adaptive_stream(
+    policy: ProbingLayerPolicy, *, end: float, seed: int
+) -> Iterator[tuple[float, int]]:
+    """``stream``'s shape at whatever layer the policy chose when each frame starts (a
+    new layer starts with a keyframe, as a switch does)."""
+    rng = random.Random(seed)
+    frame_time, audio_time = 0.0, 0.007
+    previous_layer: int | None = None
+    while frame_time < end:
+        layer = policy.layer
+        keyframe = layer != previous_layer
+        previous_layer = layer
+        frame_bytes = (
+            LAYERS[layer] / FRAME_RATE / 8 * rng.uniform(0.8, 1.2) * (3 if keyframe else 1)
+        )
+        packets = max(1, math.ceil(frame_bytes / MTU_PAYLOAD))
+        size = math.ceil(frame_bytes / packets)
+        batch = [(frame_time + index * 20e-6, size) for index in range(packets)]
+        next_frame = frame_time + 1 / FRAME_RATE
+        while audio_time < next_frame:
+            batch.append((audio_time, AUDIO_SIZE))
+            audio_time += AUDIO_INTERVAL
+        yield from sorted(batch)
+        frame_time = next_frame
+
+
+def closed_loop(
+    link: TokenBucketLink, *, seconds: float = 30.0
+) -> tuple[ProbingLayerPolicy, Simulation]:
+    estimator = ViewerBandwidth(initial_bps=ProbingLayerPolicy.need(1), now=0.0)
+    policy = ProbingLayerPolicy(estimator)
+    simulation = Simulation(link=link, estimator=estimator)
+    simulation.on_sample = lambda simulation: policy.on_feedback(simulation.now)
+    simulation.run(adaptive_stream(policy, end=seconds, seed=11), until=seconds)
+    print(
+        f"\nlayer changes {[(round(t, 2), layer) for t, layer in policy.changes]}, probes "
+        f"{[(round(t, 2), ok) for t, ok in policy.probes]}, media lost "
+        f"{simulation.lost_media}/{simulation.sent_media}"
+    )
+    return policy, simulation
+
+
+def test_closed_loop_on_700_kbits_stays_on_the_middle_layer() -> None:
+    policy, simulation = closed_loop(slow_link())
+    assert policy.layer == 1
+    assert policy.changes == []
+    # Probes for the top layer fail and back off (3, 6, 12 s ...).
+    assert policy.probes and not any(ok for _, ok in policy.probes)
+    assert len(policy.probes) <= 4
+    # Each failed probe costs a few media packets (its first ~0.3 s overflows the 50 ms
+    # queue before feedback can show it); outside them, nothing is lost.
+    for lost_at in simulation.lost_media_at:
+        assert any(start <= lost_at < start + 0.5 for start in policy.probes_started)
+    assert simulation.lost_media <= 12 * len(policy.probes)
+
+
+def test_closed_loop_on_400_kbits_settles_on_the_lowest_layer() -> None:
+    link = TokenBucketLink(rate_bps=400_000, burst=4000, latency=0.050)
+    policy, simulation = closed_loop(link)
+    assert policy.layer == 0
+    assert len(policy.changes) == 1
+    assert policy.changes[0][0] <= 1.0
+    assert not any(ok for _, ok in policy.probes)
+    # The middle layer's loss until it moved down (and its queue drained, 50 ms); then
+    # only the failed probes'.
+    for lost_at in simulation.lost_media_at:
+        assert lost_at < policy.changes[0][0] + 0.05 or any(
+            start <= lost_at < start + 0.5 for start in policy.probes_started
+        )
+
+
+def test_closed_loop_on_an_open_link_climbs_to_the_top_layer_and_stays() -> None:
+    policy, simulation = closed_loop(open_link())
+    assert policy.layer == 2
+    assert len(policy.changes) == 1
+    moved_at, layer = policy.changes[0]
+    assert layer == 2 and moved_at <= 6.0
+    assert simulation.lost_media == 0
+    # The estimate keeps room for the top layer: no over-use from its frame bursts.
+    assert all(s.state is not BandwidthUsage.OVERUSING for s in simulation.samples)
 
 
 # --- wrap-around, duplicates, reordering, gaps ----------------------------------------------------
@@ -807,7 +978,7 @@ def test_probe_rejects_a_nonsense_target_and_can_be_cancelled() -> None:
             estimator.start_probe(target, now=1.0)
     estimator.start_probe(2_000_000, now=1.0)
     assert estimator.deadline() == 1.0
-    estimator.cancel_probe()
+    estimator.cancel_probe(1.5)
     assert estimator.deadline() is None and estimator.probe_result is None
 
 

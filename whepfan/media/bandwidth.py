@@ -770,7 +770,7 @@ class ViewerBandwidth:
     - ``start_probe(target_bps, now)`` when the layer policy wants to know whether a
       higher rate fits; then ``poll(now)`` at ``deadline()`` and, for each
       ``PaddingRequest``, ``fanout.send_padding(viewer, track, request.count,
-      request.size)``; when it sends nothing (no RTX negotiated), ``cancel_probe()``;
+      request.size)``; when it sends nothing (no RTX negotiated), ``cancel_probe(now)``;
     - read ``estimate_bps``, ``state``, ``loss_fraction``, ``probe_result``.
 
     The estimate is min(delay-based, loss-based), clamped to the config's bounds.
@@ -795,6 +795,8 @@ class ViewerBandwidth:
         self._loss_lost = 0
         self._rtt: float | None = None
         self._probe: _Probe | None = None
+        # Send times during which the latest probe padded: see _counts_for_loss.
+        self._padded: tuple[float, float] | None = None
         self.loss_fraction: float | None = None
         """Lost / reported over the latest window of >= LOSS_MIN_PACKETS packets."""
         self.probe_result: ProbeResult | None = None
@@ -865,13 +867,15 @@ class ViewerBandwidth:
             self._sent.add(packet.send_time, packet.size)
             if probe is not None:
                 probe.observe(packet)
-            if packet.recovered:
-                # Counted lost by an earlier feedback; if that window is still open, undo.
-                self._loss_lost = max(self._loss_lost - 1, 0)
-            else:
-                self._loss_reported += 1
+            if self._counts_for_loss(packet.send_time):
+                if packet.recovered:
+                    # Counted lost by an earlier feedback; if that window is open, undo.
+                    self._loss_lost = max(self._loss_lost - 1, 0)
+                else:
+                    self._loss_reported += 1
+                if packet.arrival is None:
+                    self._loss_lost += 1
             if packet.arrival is None:
-                self._loss_lost += 1
                 continue
             if newest_send is None or packet.send_time > newest_send:
                 newest_send = packet.send_time
@@ -906,6 +910,15 @@ class ViewerBandwidth:
                 probe.overused = True
             self._judge_probe(now, final=False)
 
+    def _counts_for_loss(self, send_time: float) -> bool:
+        """A packet sent while a probe padded tests the probe's rate, not the one the
+        viewer's layer needs: its loss fails the probe (``ProbeResult``) but does not cut
+        the loss-based estimate, or a failed probe would push a viewer off a layer that
+        fits. (Its delay still counts: a probe that builds a queue is over-use, and the
+        decrease is to 0.85 x what the path delivered, padding included.)"""
+        padded = self._padded
+        return padded is None or not padded[0] <= send_time < padded[1]
+
     # --- probing -------------------------------------------------------------------------------
 
     def start_probe(self, target_bps: float, now: float) -> float:
@@ -920,11 +933,18 @@ class ViewerBandwidth:
         self._probe = _Probe(
             target_bps=target_bps, padding_bps=padding_bps, now=now, config=self.config
         )
+        self._padded = (now, self._probe.padding_ends)
         self.probe_result = None
         return padding_bps
 
-    def cancel_probe(self) -> None:
+    def cancel_probe(self, now: float) -> None:
         """Stop a running probe without a result (e.g. the padding could not be sent)."""
+        self._end_probe(now)
+
+    def _end_probe(self, now: float) -> None:
+        probe = self._probe
+        if probe is not None:
+            self._padded = (probe.started_at, min(max(now, probe.started_at), probe.padding_ends))
         self._probe = None
 
     def deadline(self) -> float | None:
@@ -989,7 +1009,7 @@ class ViewerBandwidth:
         if outcome is None:
             return
         measured = probe.measured_bps
-        self._probe = None
+        self._end_probe(now)
         self.probe_result = ProbeResult(
             target_bps=probe.target_bps,
             outcome=outcome,
