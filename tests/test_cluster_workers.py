@@ -85,17 +85,30 @@ def stream_viewers(node: Node, stream: str) -> int:
     return viewers
 
 
+def metrics(node: Node) -> list[str]:
+    """The sample lines of ``node``'s /metrics."""
+    with urllib.request.urlopen(f"{node.url}/metrics", timeout=2) as response:
+        return [line for line in response.read().decode().splitlines() if line[:1] != "#"]
+
+
 def viewers_per_worker(node: Node) -> dict[str, int]:
     """``whepfan_viewers{worker=...}`` of ``node``'s /metrics."""
-    with urllib.request.urlopen(f"{node.url}/metrics", timeout=2) as response:
-        text = response.read().decode()
     counts: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in metrics(node):
         if line.startswith("whepfan_viewers{"):
             labels, value = line.rsplit(" ", 1)
             worker = labels.split('worker="', 1)[1].split('"', 1)[0]
             counts[worker] = int(float(value))
     return counts
+
+
+def metric_total(node: Node, family: str) -> float:
+    """The sum of ``family``'s samples (any labels) in ``node``'s /metrics."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics(node)
+        if line.startswith((family + "{", family + " "))
+    )
 
 
 def pulls(node: Node) -> dict[str, dict[str, object]]:
@@ -154,6 +167,7 @@ async def test_edge_viewers_on_both_workers_share_one_upstream_released_after_th
             assert streams["spread"]["from"] == origin.url
             assert streams["spread"]["viewers"] == 4
             assert node_record(origin, edge)["upstream_sessions"] == 1
+            assert metric_total(edge, "whepfan_cluster_upstream_sessions") == 1
         finally:
             for viewer in viewers:
                 await viewer.close()
