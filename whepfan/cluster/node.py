@@ -240,7 +240,7 @@ class ClusterNode:
         """None once ``stream`` can be viewed here; a 307 to another node; or raises."""
         registry = self.registry
         if self._is_cluster_pull(request):
-            self._check_pull_limit(stream)
+            self._check_pull_limit(stream, layer=request.query.get("rid"))
         elif (
             registry is not None
             and registry.available
@@ -266,17 +266,22 @@ class ClusterNode:
             raise exc.error from None
         return None
 
-    def _check_pull_limit(self, stream: str) -> None:
+    def _check_pull_limit(self, stream: str, *, layer: str | None = None) -> None:
         limit = self.max_upstream_pulls
         if limit is None or self.registry is None:
             return
-        served = sum(
-            1
+        served = [
+            name
             for node in self.registry.nodes.values()
-            for carried in node.streams.values()
+            for name, carried in node.streams.items()
             if carried.source == self.registry.node_id
-        )
-        if served >= limit:
+        ]
+        if layer is not None and stream in served:
+            # One more layer (``?rid=``) of a pull already counted: an edge pulls a
+            # simulcast stream as one session per layer (upstream.py), and the limit
+            # counts streams served, not sessions.
+            return
+        if len(served) >= limit:
             self.counters["upstream_pulls_refused"] += 1
             raise ServiceUnavailable(
                 f"this node serves its maximum of {limit} upstream pulls", retry_after=5
@@ -354,9 +359,14 @@ class ClusterCollector(Collector):
         puller = node.puller
         sessions = GaugeMetricFamily(
             "whepfan_cluster_upstream_sessions",
-            "Upstream WHEP sessions this node pulls streams over.",
+            "Upstream WHEP sessions this node pulls streams over, by the simulcast layer "
+            'each carries (its rid; "" for a single-layer stream).',
+            labels=["layer"],
         )
-        sessions.add_metric([], puller.sessions())
+        by_layer = puller.sessions_by_layer()
+        by_layer.setdefault("", 0)  # an idle node reports 0, not nothing
+        for layer, count in sorted(by_layer.items()):
+            sessions.add_metric([layer], count)
         yield sessions
         started = CounterMetricFamily(
             "whepfan_cluster_pulls", "Upstream pulls started (first pulls and re-pulls)."
