@@ -20,9 +20,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from _cluster import REDIS_SERVER, Node, RedisServer, cluster_node, wait_for
+from _cluster import CLUSTER_TOKEN, REDIS_SERVER, Node, RedisServer, cluster_node, wait_for
 from _peers import DecodingViewer, only_loopback_candidates, wait_until
-from test_cluster import carriers, publisher
+from test_cluster import _recvonly_offer, carriers, post_status, publisher
 from test_publish import start_viewer
 
 pytestmark = [
@@ -214,6 +214,41 @@ async def test_killing_the_worker_holding_the_upstream_pulls_it_again(
         finally:
             for viewer in viewers + replacements:
                 await viewer.close()
+
+
+async def test_a_node_is_full_when_its_workers_together_hold_max_viewers(
+    redis: RedisServer, log_dir: Path
+) -> None:
+    # A cluster of its own (Redis database 1): one node, two workers, room for two viewers.
+    node = Node(
+        "full",
+        log_dir,
+        *("--cluster", f"redis://127.0.0.1:{redis.port}/1", "--cluster-token", CLUSTER_TOKEN),
+        *("--workers", "2", "--max-viewers", "2"),
+    )
+    node.args += ["--node-url", node.url]
+    node.start()
+    try:
+        assert wait_for(lambda: node.node_ids() == {node.url})
+        async with publisher(node, "full"):
+            # Placed here (201, no redirect): the only node, with room.
+            viewers = await start_viewers(f"{node.url}/whep/full", 2)
+            try:
+                assert await frames_grow(viewers, 3)
+                assert wait_for(lambda: viewers_per_worker(node) == {"0": 1, "1": 1})
+                # One viewer on each worker: the node's record counts both.
+                assert wait_for(lambda: node_record(node, node)["viewers"] == 2)
+                status, headers, body = await post_status(
+                    f"{node.url}/whep/full", _recvonly_offer()
+                )
+                assert status == 503, body
+                assert "every node of the cluster is full" in orjson.loads(body)["detail"]
+                assert headers["Retry-After"] == "10"
+            finally:
+                for viewer in viewers:
+                    await viewer.close()
+    finally:
+        node.stop()
 
 
 @pytest.fixture(scope="module")
