@@ -100,6 +100,12 @@ class InProcessWorkers:
     def get_session(self, session_id: str) -> MediaSession:
         return self.router.get_session(session_id)
 
+    def session_pending(self, session_id: str) -> bool:
+        """Answered and not connected yet (http/pending.py): the router's own state, so a
+        session that connected or ended a moment ago no longer counts."""
+        session = self.router.sessions.get(session_id)
+        return session is not None and session.connected_at is None
+
     def add_listener(self, listener: StreamListener) -> None:
         self.router.add_listener(listener)
 

@@ -90,6 +90,8 @@ class ProxySession:
     # Publishers only, for the status API: from the origin worker's stats messages.
     state: SessionState = SessionState.NEW
     connected_at: float | None = None
+    # Any kind: reported keyed (ICE + DTLS) by its worker, so no longer pending.
+    keyed: bool = False
 
     def update(self, data: dict[str, Any]) -> None:
         self.etag = data["etag"]
@@ -479,6 +481,7 @@ class WorkerPool:
         for session_id in message.get("connected", []):
             session = self.sessions.get(session_id)
             if session is not None and session.worker == handle.index:
+                session.keyed = True
                 self.ledger.connected(session_id)  # pending -> connected
         now = self._loop.time()
         self._fanout_stats.update(handle.index, stats.pid, stats.fanout)
@@ -782,6 +785,12 @@ class WorkerPool:
         if session is None:
             raise NotFound("no such session")
         return session
+
+    def session_pending(self, session_id: str) -> bool:
+        """Answered and not reported keyed by its worker yet (http/pending.py); workers
+        report with their once-a-second stats, so a session may count that long more."""
+        session = self.sessions.get(session_id)
+        return session is not None and not session.keyed
 
     def _session_request(self, session: ProxySession, op: str, args: dict[str, Any]) -> Any:
         try:
