@@ -12,7 +12,7 @@ there; the main process keeps the cluster-level state. Split:
   through ``PoolUpstreams``: the worker is the one a WHIP publisher of the stream would
   get (``WorkerPool.choose_origin``: the stream's previous origin if it lives, else the
   worker holding most of its viewers, else the least loaded).
-* **the worker** (workers/upstream_ops.py): the ``UpstreamSession`` itself (its UDP
+* **the worker** (worker_upstreams.py): the ``UpstreamSession`` itself (its UDP
   socket, ICE, DTLS, the WHEP POST) and its ``UpstreamFeed`` into that worker's router.
   The stream is then originated there exactly as a WHIP publisher's: the relay
   (media/relay.py) carries its RTP to the other workers' viewers, and their keyframe
@@ -59,13 +59,18 @@ from whepfan.cluster.upstream import (
     UpstreamError,
     UpstreamTarget,
 )
+from whepfan.cluster.worker_upstreams import WorkerUpstreams
 from whepfan.errors import Conflict, ServiceUnavailable, WhepfanError
 from whepfan.workers import control
+from whepfan.workers.node import ExtensionFactory
 from whepfan.workers.pool import WorkerPool
 
 # The worker's POST has SIGNALLING_TIMEOUT; its reply comes a little after.
 OPEN_TIMEOUT = SIGNALLING_TIMEOUT + 5.0
 DELETE_TIMEOUT = 5.0
+
+# What a cluster node's worker pool runs in each worker (workers/node.py extensions).
+WORKER_EXTENSIONS: tuple[ExtensionFactory, ...] = (WorkerUpstreams.install,)
 
 
 class PoolUpstreams:

@@ -32,7 +32,7 @@ Each pull is watched:
 
 The puller is the same with ``--workers N``: it reads the pool's streams (viewers on every
 worker) and its ``open_session`` runs each session in a worker process
-(cluster/pool_backend.py, workers/upstream_ops.py).
+(cluster/pool_backend.py, cluster/worker_upstreams.py).
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ LAYER_STATUS = "layer_status"
 ATTACH_RELAY = "attach_relay"
 DETACH_RELAY = "detach_relay"
 SHUTDOWN = "shutdown"
-# An upstream pull's session in this worker (workers/upstream_ops.py): open answers
-# later, once the upstream's WHEP answer is attached; close is immediate.
+# An upstream pull's session in a worker (cluster/worker_upstreams.py, a worker
+# extension): open answers once the upstream's WHEP answer is attached; close at once.
 UPSTREAM_OPEN = "upstream_open"
 UPSTREAM_CLOSE = "upstream_close"
 

@@ -3,9 +3,13 @@
 Started by the pool (pool.py) with a pickled ``WorkerSpec``, a worker process runs one
 ``MediaWorker`` (media/transport.py) on UDP port base+index, answers the control
 channel's requests through a table of handlers (control.py), relays the streams it
-originates to the other workers and mirrors theirs (media/relay.py, relay_peer.py), holds
-the upstream pulls the main process gives it (upstream_ops.py), and reports stats, ended
-sessions and stream events once a second or as they happen.
+originates to the other workers and mirrors theirs (media/relay.py, relay_peer.py), and
+reports stats, ended sessions and stream events once a second or as they happen.
+
+A layer above ``workers/`` runs code here through *extensions* (``WorkerSpec.extensions``:
+module-level factories, pickled by reference, run at start): each adds control
+operations and a report per stats interval, as cluster/worker_upstreams.py does for the
+upstream pulls of an edge, without ``workers/`` importing it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -34,9 +39,25 @@ from whepfan.workers import control
 from whepfan.workers.capacity import LayerCeilings
 from whepfan.workers.relay_peer import RelayPeer, relay_path
 from whepfan.workers.stats import RouterMonitor
-from whepfan.workers.upstream_ops import WorkerUpstreams
 
 log = logging.getLogger("whepfan.workers")
+
+
+class WorkerExtension(Protocol):
+    """Code a layer above ``workers/`` runs in each worker process (see the docstring)."""
+
+    def handlers(self) -> dict[str, control.Handler]:
+        """Its control operations (names from control.py)."""
+        ...
+
+    def report(self) -> dict[str, Any] | None:
+        """An event for the main process once per stats interval, or None."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+ExtensionFactory = Callable[["WorkerNode"], WorkerExtension]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +72,7 @@ class WorkerSpec:
     workers: int
     stats_interval: float = 1.0
     log_level: str = "info"
+    extensions: tuple[ExtensionFactory, ...] = ()
 
 
 def certificate_pem(certificate: DtlsCertificate) -> tuple[bytes, bytes]:
@@ -139,9 +161,6 @@ class WorkerNode:
         # Viewers admitted on a lower layer (the main process's CAP_LAYER): held here
         # because only this worker knows the stream's layers.
         self.layer_ceilings = LayerCeilings()
-        self.upstreams = WorkerUpstreams(
-            router=self.router, relays=self.relays, send_event=self._send, clock=self.media.now
-        )
         self.monitor = RouterMonitor(self.router, worker=spec.index)
         self.monitor.receive_delay = self.media.receive_delay
         self.router.add_listener(self._on_stream_event)
@@ -160,10 +179,11 @@ class WorkerNode:
             control.LAYER_STATUS: self._layer_status,
             control.ATTACH_RELAY: self._attach_relay,
             control.DETACH_RELAY: self._detach_relay,
-            control.UPSTREAM_OPEN: self.upstreams.open,
-            control.UPSTREAM_CLOSE: self.upstreams.close,
             control.SHUTDOWN: self._shutdown,
         }
+        self.extensions = [install(self) for install in spec.extensions]
+        for extension in self.extensions:
+            self._handlers.update(extension.handlers())
 
     async def run(self) -> None:
         self.control.setblocking(False)
@@ -181,7 +201,8 @@ class WorkerNode:
             lag_task.cancel()
             for task in self._answering:
                 task.cancel()
-            await self.upstreams.aclose()
+            for extension in self.extensions:
+                await extension.aclose()
             self._loop.remove_reader(self.control.fileno())
             self._loop.remove_reader(self.relay.fileno())
             self.media.close()
@@ -190,6 +211,10 @@ class WorkerNode:
                 peer.close()
 
     # control channel ---------------------------------------------------------------------
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        """An event to the main process (``{"event": NAME, ...}``, control.py)."""
+        self._send(event)
 
     def _send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -342,9 +367,10 @@ class WorkerNode:
                     "connected": self.monitor.take_connected(),
                 }
             )
-            upstreams = self.upstreams.report()
-            if upstreams:
-                self._send({"event": control.UPSTREAM_REPORT, "upstreams": upstreams})
+            for extension in self.extensions:
+                report = extension.report()
+                if report is not None:
+                    self._send(report)
 
     def _sweep(self) -> None:
         self._sweep_pending = False

@@ -44,7 +44,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -60,7 +60,12 @@ from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.workers import control
 from whepfan.workers.capacity import Admission, CapacityLedger, RateMeter, stream_layers
-from whepfan.workers.node import WorkerSpec, certificate_pem, worker_process_main
+from whepfan.workers.node import (
+    ExtensionFactory,
+    WorkerSpec,
+    certificate_pem,
+    worker_process_main,
+)
 from whepfan.workers.stats import ServerStats, WorkerStats, server_stats
 
 log = logging.getLogger("whepfan.workers")
@@ -267,6 +272,7 @@ class WorkerPool:
         request_timeout: float = 5.0,
         stats_interval: float = 1.0,
         log_level: str = "info",
+        extensions: Sequence[ExtensionFactory] = (),
     ) -> None:
         if workers < 2:
             raise ValueError("a worker pool has at least two workers")
@@ -276,6 +282,7 @@ class WorkerPool:
         self.request_timeout = request_timeout
         self.stats_interval = stats_interval
         self.log_level = log_level
+        self.extensions = tuple(extensions)  # run in every worker (workers/node.py)
         self.key_pem, self.cert_pem = certificate_pem(certificate)
         self.relay_dir = tempfile.mkdtemp(prefix="whepfan-")
         self.handles: dict[int, WorkerHandle] = {}
@@ -312,6 +319,7 @@ class WorkerPool:
             workers=self.size,
             stats_interval=self.stats_interval,
             log_level=self.log_level,
+            extensions=self.extensions,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):

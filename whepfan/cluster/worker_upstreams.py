@@ -1,4 +1,4 @@
-"""Upstream pulls whose transport runs in this worker process (``--workers N``).
+"""Upstream pulls whose transport runs in a worker process (``--workers N``).
 
 With worker processes the main process keeps every pull's bookkeeping (the cluster's
 ``UpstreamPuller``: ensure, the grace release, re-pulls with backoff; the registry and
@@ -20,6 +20,10 @@ control.py), the close, a transport's loss (``UPSTREAM_LOST``) and, once per sta
 interval, each session's state and counts (``UPSTREAM_REPORT``). The WHEP resource is
 DELETEd by the main process, which has its Location from the open's reply, so the
 DELETE goes out even when this process was killed.
+
+It is a worker extension (workers/node.py): ``workers/`` never imports the cluster; the
+pool is given ``WorkerUpstreams.install`` (cluster/pool_backend.py ``WORKER_EXTENSIONS``),
+and every worker process runs it at start.
 """
 
 from __future__ import annotations
@@ -35,14 +39,26 @@ from whepfan.cluster.upstream import UpstreamError, UpstreamSession, UpstreamTar
 from whepfan.media.relay import RelayCopies
 from whepfan.media.router import Router
 from whepfan.workers import control
+from whepfan.workers.node import WorkerNode
 
-log = logging.getLogger("whepfan.workers.upstream")
+log = logging.getLogger("whepfan.cluster.worker")
 
 SendEvent = Callable[[dict[str, Any]], None]
 
 
 class WorkerUpstreams:
-    """The upstream sessions of one worker process, keyed by the main process's id."""
+    """The upstream sessions of one worker process, keyed by the main process's id (a
+    ``workers.node.WorkerExtension``)."""
+
+    @classmethod
+    def install(cls, node: WorkerNode) -> WorkerUpstreams:
+        """The extension factory the pool's workers run at start."""
+        return cls(
+            router=node.router,
+            relays=node.relays,
+            send_event=node.send_event,
+            clock=node.media.now,
+        )
 
     def __init__(
         self,
@@ -58,6 +74,25 @@ class WorkerUpstreams:
         self._clock = clock
         self._sessions: dict[str, UpstreamSession] = {}
         self._http: aiohttp.ClientSession | None = None
+
+    # the extension ---------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, control.Handler]:
+        return {control.UPSTREAM_OPEN: self.open, control.UPSTREAM_CLOSE: self.close}
+
+    def report(self) -> dict[str, Any] | None:
+        """``UPSTREAM_REPORT``: per session, connected or not and what it received."""
+        if not self._sessions:
+            return None
+        upstreams = {
+            upstream_id: {
+                "connected": session.connected,
+                "packets": session.packets_received,
+                "bytes": session.bytes_received,
+            }
+            for upstream_id, session in self._sessions.items()
+        }
+        return {"event": control.UPSTREAM_REPORT, "upstreams": upstreams}
 
     # control operations ------------------------------------------------------------------
 
@@ -141,17 +176,6 @@ class WorkerUpstreams:
         # stalled feed, RelayCopies.publish then keeps its own offer).
         if self.relays.canonical_offers.get(session.stream_name) == session.answer:
             del self.relays.canonical_offers[session.stream_name]
-
-    def report(self) -> dict[str, dict[str, Any]]:
-        """Per session: connected or not, what it received (``UPSTREAM_REPORT``)."""
-        return {
-            upstream_id: {
-                "connected": session.connected,
-                "packets": session.packets_received,
-                "bytes": session.bytes_received,
-            }
-            for upstream_id, session in self._sessions.items()
-        }
 
     async def aclose(self) -> None:
         """The worker stops: every session ends here (the main process DELETEs them)."""
