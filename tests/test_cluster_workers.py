@@ -33,6 +33,14 @@ pytestmark = [
 GRACE = 2.0
 
 
+def any_udp_ports(node: Node) -> Node:
+    """``--udp 127.0.0.1:0``: each worker binds a port of its own (with a fixed base port,
+    worker i takes base+i, which _cluster.free_port does not check)."""
+    at = node.args.index("--udp")
+    node.args[at + 1] = "127.0.0.1:0"
+    return node
+
+
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     only_loopback_candidates(monkeypatch)
@@ -54,7 +62,10 @@ def redis(log_dir: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def nodes(redis: RedisServer, log_dir: Path) -> Iterator[dict[str, Node]]:
     workers = ("--workers", "2", "--upstream-grace", str(GRACE))
-    started = {name: cluster_node(name, log_dir, redis, *workers) for name in ("origin", "edge")}
+    started = {
+        name: any_udp_ports(cluster_node(name, log_dir, redis, *workers))
+        for name in ("origin", "edge")
+    }
     try:
         for node in started.values():
             node.start()
@@ -227,7 +238,7 @@ async def test_a_node_is_full_when_its_workers_together_hold_max_viewers(
         *("--workers", "2", "--max-viewers", "2"),
     )
     node.args += ["--node-url", node.url]
-    node.start()
+    any_udp_ports(node).start()
     try:
         assert wait_for(lambda: node.node_ids() == {node.url})
         async with publisher(node, "full"):
@@ -264,7 +275,7 @@ def static_edge(nodes: dict[str, Node], log_dir: Path) -> Iterator[Node]:
         "--upstream-grace",
         str(GRACE),
     )
-    node.start()
+    any_udp_ports(node).start()
     yield node
     node.stop()
 
