@@ -131,6 +131,21 @@ async def test_a_worker_that_exits_during_the_open_fails_it_and_is_replaced(
     assert await _eventually(lambda: pool.handles[worker].serving, 30)
 
 
+async def test_a_pool_whose_workers_lack_the_extension_takes_no_upstreams() -> None:
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    bare = WorkerPool(
+        workers=2,
+        config=config,
+        certificate=DtlsCertificate.generate(),
+        ledger=CapacityLedger(policy=CapacityPolicy(), workers=2),
+    )
+    try:
+        with pytest.raises(ValueError, match="WORKER_EXTENSIONS"):
+            PoolUpstreams(bare)
+    finally:
+        await bare.close()
+
+
 async def _eventually(condition: object, timeout: float = 5.0) -> bool:
     assert callable(condition)
     loop = asyncio.get_running_loop()

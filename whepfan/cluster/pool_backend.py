@@ -77,6 +77,9 @@ class PoolUpstreams:
     """The puller's ``SessionOpener`` on a worker pool, and its sessions by id."""
 
     def __init__(self, pool: WorkerPool) -> None:
+        if WorkerUpstreams.install not in pool.extensions:
+            # Its workers would answer UPSTREAM_OPEN "unknown control operation".
+            raise ValueError("the pool's workers need WORKER_EXTENSIONS for upstream pulls")
         self.pool = pool
         self.sessions: dict[str, PoolUpstreamSession] = {}
         self._ids = itertools.count(1)
