@@ -16,12 +16,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from whepfan.cluster.node import ClusterNode
 from whepfan.cluster.pool_backend import WORKER_EXTENSIONS, PoolUpstreams
 from whepfan.cluster.upstream import PullFailure, PullSession, UpstreamError, UpstreamTarget
 from whepfan.config import MediaConfig
 from whepfan.errors import Conflict, ServiceUnavailable
 from whepfan.protocol.dtls import DtlsCertificate
-from whepfan.workers.capacity import CapacityLedger, CapacityPolicy
+from whepfan.workers.capacity import CapacityLedger, CapacityPolicy, LayerCost
 from whepfan.workers.pool import WorkerPool
 
 pytestmark = pytest.mark.slow
@@ -144,6 +145,48 @@ async def test_a_pool_whose_workers_lack_the_extension_takes_no_upstreams() -> N
             PoolUpstreams(bare)
     finally:
         await bare.close()
+
+
+async def test_a_pool_nodes_record_sums_its_workers_load_and_budget() -> None:
+    """What placement weighs a node by (cluster/node.py ``record``): its viewers, packets
+    per second used and packet budget, over every worker the ledger knows."""
+    config = MediaConfig(udp_host="127.0.0.1", udp_port=0, public_ips=("127.0.0.1",))
+    cost = LayerCost(packets_per_second=100.0, bits_per_second=1e6)
+    ledger = CapacityLedger(
+        policy=CapacityPolicy(worker_packet_budget=1000.0, fixed_cost=cost, max_viewers=9),
+        workers=2,
+    )
+    pool = WorkerPool(
+        workers=2,
+        config=config,
+        certificate=DtlsCertificate.generate(),
+        ledger=ledger,
+        extensions=WORKER_EXTENSIONS,
+    )
+    try:
+        node = ClusterNode.create(
+            backend=pool,
+            clock=asyncio.get_running_loop().time,
+            upstream=None,
+            upstream_token=None,
+            cluster="redis://127.0.0.1:1/0",  # never contacted: record() reads the ledger
+            node_url="http://node.example",
+            cluster_token="t",
+            max_upstream_pulls=None,
+            grace=1.0,
+        )
+        for viewer in ("a", "b", "c"):
+            ledger.commit(viewer, "s", ledger.reserve("s"))
+        assert {ledger.load(w).viewers for w in (0, 1)} == {1, 2}  # least loaded alternates
+        record = node.record()
+        assert record.packets_per_second == 300.0
+        assert record.packet_budget == 2000.0
+        assert record.packets_free == 1700.0
+        # One worker gone (restarting): the node's budget is the live workers'.
+        ledger.remove_worker(1)
+        assert node.record().packet_budget == 1000.0
+    finally:
+        await pool.close()
 
 
 async def _eventually(condition: object, timeout: float = 5.0) -> bool:
