@@ -244,3 +244,32 @@ async def test_a_lost_upstream_in_a_worker_is_pulled_again_and_both_workers_view
         finally:
             for viewer in viewers:
                 await viewer.close()
+
+
+async def test_a_worker_pool_edge_pulls_a_simulcast_stream_as_one_session(
+    origin: LiveServer, edge_with_workers: LiveServer
+) -> None:
+    """With --workers N an edge pulls a simulcast stream as one session, whose layer the
+    origin's policy picks (cluster/upstream.py LayeredPullSession); both workers' viewers
+    get that layer, one over the relay."""
+    options = PublisherOptions(
+        url=f"{origin.url}/whip/simulcast-pool",
+        token=TOKEN,
+        simulcast=True,
+        width=320,
+        height=240,
+        keyframe_interval=1.0,
+    )
+    async with Publisher(options):
+        viewers = [DecodingViewer(), DecodingViewer()]
+        try:
+            for viewer in viewers:
+                await start_viewer(viewer, f"{edge_with_workers.url}/whep/simulcast-pool")
+            for viewer in viewers:
+                await decode_frames(viewer, 5)
+            assert origin_viewers(origin, "simulcast-pool") == 1
+            sizes = {(v.video_frames[-1].width, v.video_frames[-1].height) for v in viewers}
+            assert len(sizes) == 1 and sizes <= {(80, 60), (160, 120), (320, 240)}, sizes
+        finally:
+            for viewer in viewers:
+                await viewer.close()
