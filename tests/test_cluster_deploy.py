@@ -71,6 +71,8 @@ def test_every_role_toml_resolves(role: str) -> None:
         assert settings.cluster is not None and settings.cluster.startswith("redis://")
         assert settings.node_url is not None and settings.cluster_token is not None
         assert settings.workers == 1
+        # Session URLs are absolute under the node's URL (a 307 placed the viewer here).
+        assert settings.http_options().public_url == settings.node_url
 
 
 def test_redis_example_config_is_accepted_by_redis_server(tmp_path: Path) -> None:

@@ -444,6 +444,7 @@ class Settings:
             post_rate_limit=RateLimit(rate=self.post_rate_limit, burst=self.post_burst)
             if self.post_rate_limit > 0
             else None,
+            public_url=self.node_url,
         )
 
     @classmethod

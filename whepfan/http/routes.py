@@ -118,6 +118,12 @@ class HttpOptions:
     cluster_token: str | None = None
     # Per-client POST token buckets (ratelimit.py); None: no limit.
     post_rate_limit: RateLimit | None = None
+    # This node's URL as clients reach it (``node_url`` in a cluster). When set, session
+    # Locations and extension Links are absolute URLs under it: a viewer an edge placed
+    # here with a 307 reached this node at that URL, and browser players resolve a
+    # relative Location against the URL they first POSTed to (medooze, Eyevinn, fetch's
+    # redirect hidden from them), which would send PATCH and DELETE to the edge.
+    public_url: str | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -135,8 +141,9 @@ class WhipWhepResources:
     _restart_ufrags: weakref.WeakKeyDictionary[SessionView, set[str]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
-    # Extension Links for a WHEP 201, from (stream, session id): WHEP draft-03 §4.9 [M].
-    viewer_links: Callable[[str, str], list[str]] | None = None
+    # Extension Links for a WHEP 201, from the session's URL (its Location): WHEP
+    # draft-03 §4.9 [M]; the extensions' resources are under it.
+    viewer_links: Callable[[str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
     # Called with a WHEP POST before its body is read (whepfan/cluster/placement.py): a
@@ -267,8 +274,9 @@ class WhipWhepResources:
             if self.viewer_created is not None:
                 self.viewer_created(request, session, now)
         self._issue(protocol, session, grant)
+        location = self._location(protocol, session)
         headers = {
-            "Location": self._location(protocol, session),
+            "Location": location,
             "ETag": session.etag,
             # Only M01/M02 required it, but live777, Meetecho and MediaMTX send it and the
             # wish-wg WHIP test checks it (spec notes §1.2).
@@ -278,7 +286,7 @@ class WhipWhepResources:
         response.headers["Content-Type"] = SDP
         self._add_ice_server_links(response)
         if protocol is Protocol.WHEP and self.viewer_links is not None:
-            for link in self.viewer_links(session.stream, session.id):
+            for link in self.viewer_links(location):
                 response.headers.add("Link", link)
         return response
 
@@ -534,8 +542,11 @@ class WhipWhepResources:
         self.access.bind(record, grant)
 
     def _location(self, protocol: Protocol, session: SessionView) -> str:
-        # Always an absolute path: some clients resolve nothing else (spec notes §1.2).
-        return f"/{protocol.value}/{session.stream}/{session.id}"
+        # An absolute URL under public_url, else an absolute path: Eyevinn's player
+        # resolves no other relative form (spec notes §1.2).
+        path = f"/{protocol.value}/{session.stream}/{session.id}"
+        base = self.options.public_url
+        return f"{base.rstrip('/')}{path}" if base else path
 
     def _add_ice_server_links(self, response: web.StreamResponse) -> None:
         unix_now = self.wall_clock()
