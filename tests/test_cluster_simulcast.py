@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -23,6 +24,8 @@ from yarl import URL
 
 from whepfan.client.publisher import Publisher, PublisherOptions
 from whepfan.cluster.feed import UpstreamFeed
+from whepfan.cluster.layer_events import layer_updates
+from whepfan.cluster.simulcast import link_targets
 
 VIEW_TOKEN = "origin-view-token"
 SIZES = {"q": (80, 60), "h": (160, 120), "f": (320, 240)}
@@ -80,6 +83,12 @@ def upstream_sessions(origin: LiveServer, name: str) -> dict[str, tuple[str, ...
     }
 
 
+def publishing(origin: LiveServer, name: str) -> bool:
+    assert origin.info is not None
+    stream = origin.info.backend.streams.get(name)
+    return stream is not None and stream.active
+
+
 def edge_layers(edge: LiveServer, name: str) -> list[tuple[str | None, int | None]]:
     """The edge stream's active video tracks, low to high: (rid, measured width)."""
     assert edge.info is not None
@@ -101,10 +110,10 @@ def keyframe_requests(edge: LiveServer, name: str) -> dict[str | None, int]:
     return {rid: leg.keyframe_requests_sent for rid, leg in feed.legs.items()}
 
 
-async def pulls(edge: LiveServer) -> dict[str, dict[str, object]]:
+async def pulls(edge: LiveServer) -> dict[str, dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(f"{edge.url}/api/cluster") as r:
         assert r.status == 200
-        document: dict[str, dict[str, dict[str, object]]] = await r.json()
+        document: dict[str, dict[str, dict[str, Any]]] = await r.json()
         return document["pulls"]
 
 
@@ -114,6 +123,7 @@ class EdgeViewer:
     def __init__(self) -> None:
         self.peer = DecodingViewer()
         self.layer_url = ""
+        self.links: dict[str, str] = {}
 
     async def start(self, url: str) -> None:
         offer = await self.peer.offer(["audio", "video"])
@@ -124,9 +134,10 @@ class EdgeViewer:
             assert response.status == 201, await response.text()
             answer = await response.text()
             self.layer_url = str(response.url.join(URL(layer_url_of(response))))
+            self.links = link_targets(response.headers.getall("Link", []), url)
         await self.peer.accept(answer)
 
-    async def layer(self, method: str, body: object | None = None) -> dict[str, object]:
+    async def layer(self, method: str, body: object | None = None) -> dict[str, Any]:
         async with (
             aiohttp.ClientSession() as http,
             http.request(
@@ -137,7 +148,7 @@ class EdgeViewer:
             ) as response,
         ):
             assert response.status == 200, await response.text()
-            document: dict[str, object] = await response.json()
+            document: dict[str, Any] = await response.json()
             return document
 
     def size(self) -> tuple[int, int] | None:
@@ -174,6 +185,9 @@ async def test_a_cold_edge_pulls_each_layer_on_its_own_session(
         )
         elapsed = time.monotonic() - started
         print(f"cold edge: three layers measured {elapsed * 1000:.0f} ms after the POST")
+        # The edge's policy starts its viewer in the middle (it moves up after 5 s of
+        # clean reports: LayerPolicy.up_wait).
+        await viewer.wait_size(SIZES["h"], timeout=4)
         sessions = upstream_sessions(origin, "layered")
         assert len(sessions) == 3
         # Audio on one session only; the others were offered video alone.
@@ -193,11 +207,17 @@ async def test_a_cold_edge_pulls_each_layer_on_its_own_session(
             status = await pinned.layer("POST", {"rid": rid})
             assert status["automatic"] is False
             await pinned.wait_size(SIZES[rid])
-        # The first viewer stays automatic: the edge's policy started it in the middle.
+        # The first viewer is automatic: on a clean link the edge's policy moves it up
+        # (one layer per 5 s of clean reports).
         status = await viewer.layer("GET")
         assert status["automatic"] is True
-        assert [layer["rid"] for layer in status["layers"]] == ["q", "h", "f"]  # type: ignore[union-attr]
-        await viewer.wait_size(SIZES["h"])
+        assert [layer["rid"] for layer in status["layers"]] == ["q", "h", "f"]
+        await viewer.wait_size(SIZES["f"], timeout=20)
+        # The edge's own SSE "layers" event (EXT §4.3.3) lists them, as an origin does.
+        async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+            async for rids in layer_updates(http, viewer.links, None):
+                assert rids == ("q", "h", "f")
+                break
         # Still three sessions upstream whatever the edge's viewers do.
         assert len(upstream_sessions(origin, "layered")) == 3
     for made in viewers:
@@ -212,10 +232,12 @@ async def test_a_lost_layer_session_is_pulled_again_alone(
     origin: LiveServer, edge: LiveServer, viewers: list[EdgeViewer]
 ) -> None:
     async with publisher(origin, "lossy-layer"):
+        assert await wait_until(lambda: publishing(origin, "lossy-layer"), 10)
         pinned = EdgeViewer()
         viewers.append(pinned)
         await pinned.start(f"{edge.url}/whep/lossy-layer")
         assert await wait_until(lambda: three_layers_measured(edge, "lossy-layer"), 15)
+        await pinned.layer("POST", {"rid": "h"})
         await pinned.wait_size(SIZES["h"])
         # The switch to f asks f's session for a keyframe, and no other.
         asked = keyframe_requests(edge, "lossy-layer")
@@ -248,7 +270,7 @@ async def test_a_lost_layer_session_is_pulled_again_alone(
         frames = len(pinned.peer.video_frames)
         assert await wait_until(lambda: len(pinned.peer.video_frames) > frames + 10, 15)
         assert pinned.size() == SIZES["f"]
-        layers = {layer["rid"]: layer for layer in (await pulls(edge))["lossy-layer"]["layers"]}  # type: ignore[union-attr]
+        layers = {layer["rid"]: layer for layer in (await pulls(edge))["lossy-layer"]["layers"]}
         assert layers["f"]["last_error"] == "the server closed DTLS (close_notify)"
         assert layers["q"]["last_error"] is None and layers["h"]["last_error"] is None
 
@@ -259,6 +281,7 @@ async def test_the_edge_follows_the_origin_layers_when_its_publisher_changes(
     viewer = EdgeViewer()
     viewers.append(viewer)
     async with publisher(origin, "changing", simulcast=False):
+        assert await wait_until(lambda: publishing(origin, "changing"), 10)
         await viewer.start(f"{edge.url}/whep/changing")
         await viewer.wait_size((320, 240))
         await asyncio.sleep(1.0)  # the layer watch heard the one layer

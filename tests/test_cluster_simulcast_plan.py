@@ -248,7 +248,7 @@ async def resolve(stream: str) -> UpstreamTarget | None:
 
 def new_puller(origin: Origin, clock: Clock, streams: dict[str, object]) -> UpstreamPuller:
     return UpstreamPuller(
-        router=SimpleNamespace(streams=streams),  # type: ignore[arg-type]
+        router=SimpleNamespace(streams=streams),
         resolve=resolve,
         clock=clock,
         grace=30,

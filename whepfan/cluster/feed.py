@@ -46,6 +46,7 @@ from dataclasses import replace
 from whepfan import _fastpath
 from whepfan.cluster.simulcast import track_order
 from whepfan.errors import ParseError
+from whepfan.media.meters import LayerMeter
 from whepfan.media.router import Router
 from whepfan.media.session import PublisherSession, SessionKind, SessionState, SrtpKeys
 from whepfan.media.streams import Stream, Track
@@ -310,6 +311,13 @@ class UpstreamFeed:
         next ``set_layers`` puts it in place."""
         if self.legs.get(leg.rid) is leg:
             del self.legs[leg.rid]
+        video = leg.tracks.get("video")
+        if video is not None and rid != leg.rid:
+            # The track it feeds (it stays on it: its viewers keep their line) changes
+            # layer at the origin's next keyframe: what was measured there is forgotten
+            # until then (Stream.layers orders the layers by it).
+            video.width = video.height = None
+            video.meter = LayerMeter()
         leg.rid = rid
         self.legs[rid] = leg
 

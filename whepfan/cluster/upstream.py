@@ -20,19 +20,54 @@ the viewer's offer negotiates against them); media follows when the upstream's I
 DTLS complete, usually before the viewer's own. The session runs on its own UDP socket,
 so the worker's ICE-lite demux never sees the origin.
 
-Each pull is watched:
+Layers
+------
+A WHEP session receives one layer of a simulcast stream, so an edge pulls a simulcast
+stream as **one session per layer**, each pinned to its layer, and its stream gets one
+track per layer as with a WHIP simulcast publisher (feed.py): its own viewers have the
+edge's layer policy, layer API and ``layers`` event::
 
-* **lost** (ICE consent expired, DTLS closed or failed, the origin refused): the feed
-  detaches (edge viewers stay, waiting, as for a departed publisher) and the pull is
-  tried again with exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``)
-  while viewers remain; the next session's tracks are rebased onto the old ones, so
-  viewers resume without renegotiating.
-* **idle** (no viewers for ``grace`` seconds): the session is ended (DELETE, RFC 9725
-  §4.3 as WHEP reuses it) and forgotten.
+    origin --(audio + layer h)--> first session  --+
+           --(layer q)----------> session q      --+--> UpstreamFeed: tracks q, h, f
+           --(layer f)----------> session f      --+
+
+How the edge learns the layers: from the first session's SSE ``layers`` event (EXT
+§4.3.3; layer_events.py). That is the standard way that works against any WHEP server
+with the layer extension: EXT §5 requires such a server to support the SSE extension
+with ``layers``, it needs nothing but the session the edge already has, and the event
+stream keeps telling the edge when the layers change (the origin's publisher returns
+with others). The alternatives are worse: the layer API GET is not in EXT §5 (whepfan
+and live777 answer it; it is only the fallback where no event stream is linked), and
+the registry knows only whepfan origins, and nothing of a tree's edges. A server whose
+201 links no layer resource gets one session, as any single-layer stream does.
+
+What happens then (simulcast.py decides, sans-IO): the first session, which carries the
+audio and the event stream, is pinned to the middle layer (where the edge's viewers
+start), by the layer POST (EXT §5: ``{"mediaId", "rid"}``); every other layer gets a
+video-only session of its own, pinned at creation by ``?rid=`` where the origin
+understands it (whepfan does, and answers 400 for a rid it does not have) and by the
+layer POST on any server. Only the first session is awaited by ``ensure``; the others
+follow within a round trip of the event. Keyframe requests from the edge's viewers and
+layer switches go, after the edge's throttle, to the session of the layer asked for.
+
+Each pull is watched, each layer's session on its own:
+
+* **lost** (ICE consent expired, DTLS closed or failed, the origin refused): the layer
+  gets nothing (edge viewers stay, waiting, as for a departed publisher; with other
+  layers flowing the stream stays live) and its session is tried again with
+  exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``) while viewers
+  remain; the new session's track is rebased onto the old one, so viewers resume
+  without renegotiating. The first session comes back pinned to its layer.
+* **layers changed** (the origin's event): sessions of layers that went are ended,
+  layers that came get one; each continuing session keeps its track.
+* **idle** (no viewers for ``grace`` seconds): every session of the stream is ended
+  (DELETE, RFC 9725 §4.3 as WHEP reuses it) and the pull forgotten.
 
 The puller is the same with ``--workers N``: it reads the pool's streams (viewers on every
 worker) and its ``open_session`` runs each session in a worker process
-(cluster/pool_backend.py, cluster/worker_upstreams.py).
+(cluster/pool_backend.py, cluster/worker_upstreams.py). Such a session is no
+``LayeredPullSession``, so there a stream is pulled as one session (the origin's layer
+policy picks its layer).
 """
 
 from __future__ import annotations
@@ -79,6 +114,10 @@ SIGNALLING_TIMEOUT = 10.0
 WATCH_INTERVAL = 0.5
 # How soon the layer watch subscribes again after the origin's event stream ended.
 LAYER_EVENTS_RETRY = 2.0
+# How long ensure() waits for the origin's layers after the first session's answer (a
+# server with the layer extension that never sends "layers" costs a viewer this once).
+LAYER_WAIT = 2.0
+MEASURE_POLL = 0.01
 _RECEIVE_BURST = 64
 
 
@@ -512,7 +551,10 @@ class _Pull:
     events: asyncio.Task[None] | None = None  # the layer watch on the first session
     arrange_at: float | None = None  # when to try an arrangement the origin refused again
     arranging: asyncio.Lock = field(default_factory=asyncio.Lock)  # one at a time
+    # Set once the layers are known (or known to be unknowable: no layer extension).
+    layers_known: asyncio.Event = field(default_factory=asyncio.Event)
     idle_since: float | None = None
+    ensuring: int = 0  # viewers' POSTs waiting in ensure: not idle while they wait
     last_error: str | None = None
 
     @property
@@ -582,24 +624,54 @@ class UpstreamPuller:
         Raises ``UpstreamError`` (its ``error`` is the viewer's answer) when that fails;
         returns without pulling when no node carries it (the router then answers 409).
 
-        Only the first session is awaited: the stream's tracks exist once its answer is
-        attached; the other layers' sessions follow as soon as the origin's layers are
-        known, and viewers move onto them by the layer policy or the layer API."""
+        Only the first session is awaited, and the origin's layers for at most
+        ``LAYER_WAIT``: the tracks then exist; the other layers' sessions follow at once,
+        and viewers get their media as soon as they connect."""
         stream = self.router.streams.get(stream_name)
         pull = self._pulls.get(stream_name)
         if stream is not None and stream.live and (pull is None or pull.any_session() is not None):
             return
         if pull is None:
             pull = self._pulls[stream_name] = _Pull(stream=stream_name)
+        pull.ensuring += 1
+        try:
+            await self._ensure(pull)
+        finally:
+            pull.ensuring -= 1
+            pull.idle_since = None  # the grace counts from the viewer's arrival
+
+    async def _ensure(self, pull: _Pull) -> None:
         leg = pull.primary
         if leg.starting is None:
             leg.starting = asyncio.ensure_future(self._open(pull, leg))
         try:
             await asyncio.shield(leg.starting)
         except UpstreamError:
-            if pull.any_session() is None and not self._has_viewers(stream_name):
+            if pull.any_session() is None and not self._has_viewers(pull.stream):
                 self._forget(pull)
             raise
+        # A moment for the origin's layers (one round trip when it knows them), so that
+        # the viewer negotiates against every layer's track: its ?rid= names one, and
+        # the edge's policy starts it in the middle, as with a WHIP simulcast publisher.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAYER_WAIT):
+                await pull.layers_known.wait()
+                await self._layers_measured(pull.stream)
+
+    async def _layers_measured(self, stream_name: str) -> None:
+        """Until every video layer's picture size is measured (its first keyframe, which
+        each session asks for when it connects): layers are ordered by it
+        (Stream.layers), and the first session's layer, flowing a moment before the
+        others, would otherwise sort above them and be taken for the top one."""
+        router = self.router
+        if not isinstance(router, Router):
+            return  # worker pools pull one session per stream
+        while True:
+            stream = router.streams.get(stream_name)
+            layers = stream.layers() if stream is not None else []
+            if len(layers) < 2 or all(track.width is not None for track in layers):
+                return
+            await asyncio.sleep(MEASURE_POLL)
 
     async def _open(self, pull: _Pull, leg: _Leg) -> PullSession:
         """Open ``leg``'s session. The first session asks the resolver where the stream
@@ -696,6 +768,7 @@ class UpstreamPuller:
             pull.events.cancel()
             pull.events = None
         if not isinstance(session, LayeredPullSession) or LAYER_REL not in session.links:
+            pull.layers_known.set()
             return  # no layer extension: one session, as for any single-layer stream
         pull.events = asyncio.ensure_future(self._layer_events(pull, session))
 
@@ -722,7 +795,10 @@ class UpstreamPuller:
         """See ``layers_changed`` (the decisions are simulcast.plan_layers'); one at a
         time per stream, as each pins the first session and reads what the last did."""
         async with pull.arranging:
-            await self._arrange_now(pull, layers)
+            try:
+                await self._arrange_now(pull, layers)
+            finally:
+                pull.layers_known.set()
 
     async def _arrange_now(self, pull: _Pull, layers: Sequence[str]) -> None:
         if self._pulls.get(pull.stream) is not pull:
@@ -791,7 +867,7 @@ class UpstreamPuller:
         for pull in list(self._pulls.values()):
             if pull.primary.starting is not None:
                 continue
-            if self._has_viewers(pull.stream):
+            if self._has_viewers(pull.stream) or pull.ensuring:
                 pull.idle_since = None
             elif pull.idle_since is None:
                 pull.idle_since = now
