@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--cluster-token", "TOKEN", "the token nodes of the cluster pull from each other with"),
         ("--max-upstream-pulls", "N", "upstream sessions this node serves to other nodes"),
         ("--upstream-grace", "SECONDS", "keep an upstream this long after its last viewer (30)"),
+        (
+            "--placement-grant-ttl",
+            "SECONDS",
+            "a 307's placement grant (for browsers, which drop Authorization on a "
+            "redirect to another node) is valid this long (30)",
+        ),
     ):
         serve.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar=metavar, help=text)
     serve.add_argument(

@@ -36,6 +36,7 @@ from whepfan.http.connections import (
 )
 from whepfan.http.events import EVENT_HUB_KEY, EventHub
 from whepfan.http.metrics import add_metrics_route
+from whepfan.http.placement_grants import PlacementGrants
 from whepfan.media.health import warn_when_behind
 from whepfan.media.transport import MediaWorker
 from whepfan.protocol.dtls import DtlsCertificate
@@ -226,7 +227,7 @@ async def run(
         await pool.start()
         backend, clock = pool, loop.time
         udp_ports = tuple(pool.ports[index] for index in sorted(pool.ports))
-    cluster = await start_cluster(settings, backend, clock)
+    cluster = await start_cluster(settings, backend, clock, http_options.placement_grants)
     app = create_app(
         router=backend,
         clock=clock,
@@ -323,7 +324,10 @@ async def run(
 
 
 async def start_cluster(
-    settings: Settings, backend: InProcessWorkers | WorkerPool, clock: Callable[[], float]
+    settings: Settings,
+    backend: InProcessWorkers | WorkerPool,
+    clock: Callable[[], float],
+    placement_grants: PlacementGrants | None = None,
 ) -> ClusterNode | None:
     """``--upstream`` / ``--cluster`` (whepfan/cluster/): None on a single box."""
     if settings.upstream is None and settings.cluster is None:
@@ -339,6 +343,8 @@ async def start_cluster(
         max_upstream_pulls=settings.max_upstream_pulls,
         grace=settings.upstream_grace,
         api_token=settings.metrics_token,
+        # The HTTP layer's: one replay cache and one set of counters per node.
+        placement_grants=placement_grants,
     )
     await node.start()
     return node

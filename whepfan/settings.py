@@ -30,6 +30,9 @@ from whepfan.http.clientaddr import ForwardedHeader, TrustedProxies, parse_netwo
 from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
 from whepfan.http.pending import DEFAULT_MAX_PENDING_PER_CLIENT, PendingLimit
+from whepfan.http.placement_grants import DEFAULT_TTL as DEFAULT_PLACEMENT_GRANT_TTL
+from whepfan.http.placement_grants import MAX_TTL as MAX_PLACEMENT_GRANT_TTL
+from whepfan.http.placement_grants import PlacementGrants
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
@@ -155,7 +158,8 @@ class Settings:
     # from ("https://origin/whep/{stream}") and its token; or a Redis registry of nodes
     # (redis://HOST:PORT/DB), this node's public URL and the token nodes pull with; the
     # upstream sessions this node serves at most (None: unbounded); how long an upstream
-    # stays after its last viewer.
+    # stays after its last viewer; how long the placement grant a 307 carries for a
+    # browser (which drops Authorization on the redirect) stays valid.
     upstream: str | None = None
     upstream_token: str | None = field(default=None, repr=False)
     cluster: str | None = None
@@ -163,6 +167,7 @@ class Settings:
     cluster_token: str | None = field(default=None, repr=False)
     max_upstream_pulls: int | None = None
     upstream_grace: float = 30.0
+    placement_grant_ttl: float = DEFAULT_PLACEMENT_GRANT_TTL
     # Set by with_generated_publish_token(); lets the server log the token it made.
     publish_token_generated: bool = field(default=False, compare=False)
     # Option -> how the operator gave it (``WHEPFAN_TLS_KEY=/etc/k.pem``), set by
@@ -283,6 +288,11 @@ class Settings:
             raise SettingsError("cannot be negative", option="max_upstream_pulls")
         if self.upstream_grace < 0:
             raise SettingsError("cannot be negative", option="upstream_grace")
+        if not 0 < self.placement_grant_ttl <= MAX_PLACEMENT_GRANT_TTL:
+            raise SettingsError(
+                f"more than 0 and at most {MAX_PLACEMENT_GRANT_TTL:g} seconds",
+                option="placement_grant_ttl",
+            )
         for name in ("upstream_token", "cluster_token"):
             token = getattr(self, name)
             if token is not None and (not token or any(c.isspace() for c in token)):
@@ -445,6 +455,20 @@ class Settings:
             if self.post_rate_limit > 0
             else None,
             public_url=self.node_url,
+            placement_grants=self.placement_grants(),
+        )
+
+    def placement_grants(self) -> PlacementGrants | None:
+        """A cluster node's placement grants (whepfan/http/placement_grants.py), keyed by
+        the cluster token; None off a cluster. Make one per server: it holds the replay
+        cache and the counters, shared by the HTTP layer and the cluster node."""
+        if self.cluster is None or self.cluster_token is None or self.node_url is None:
+            return None
+        return PlacementGrants(
+            cluster_token=self.cluster_token,
+            node_url=self.node_url,
+            ttl=self.placement_grant_ttl,
+            credential_leeway=self.jwt_leeway,
         )
 
     @classmethod
@@ -541,6 +565,7 @@ _OPTIONS: dict[str, str] = {
     "cluster_token": "str",
     "max_upstream_pulls": "int",
     "upstream_grace": "float",
+    "placement_grant_ttl": "float",
 }
 
 

@@ -10,7 +10,10 @@ POST go on to the local router.
 A WHEP POST carrying the cluster token is another node pulling: it is never redirected
 (the puller chose this node), and it is refused with 503 beyond ``max_upstream_pulls``.
 A viewer's POST redirected here carries ``?placed=1`` and is served here, whatever
-this node's (possibly one refresh older) view says, so a redirect never loops.
+this node's (possibly one refresh older) view says, so a redirect never loops. When the
+redirected POST presented a valid view credential, the Location also carries a placement
+grant for the target (``?placement=``, whepfan/http/placement_grants.py): browsers drop
+``Authorization`` on a redirect to another origin, and the target takes the grant instead.
 
 The backend is the in-process router (``--workers 1``) or the worker pool: what the node
 reports (viewers, budget used and free, the streams it carries) is summed over its
@@ -21,6 +24,7 @@ workers, and with a pool the upstream sessions run in worker processes
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -47,6 +51,9 @@ from whepfan.cluster.upstream import (
 )
 from whepfan.errors import ServiceUnavailable
 from whepfan.http.auth import presented_token, require_token
+from whepfan.http.placement_grants import QUERY_PARAMETER as PLACEMENT_GRANT_PARAMETER
+from whepfan.http.placement_grants import PlacementGrants, Refusal
+from whepfan.http.tokens import Grant
 from whepfan.workers.in_process import InProcessWorkers
 from whepfan.workers.pool import WorkerPool
 
@@ -115,6 +122,8 @@ class ClusterNode:
         max_upstream_pulls: int | None = None,
         api_token: str | None = None,
         upstream_hosts: PoolUpstreams | None = None,
+        placement_grants: PlacementGrants | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
         self.puller = puller
@@ -125,6 +134,9 @@ class ClusterNode:
         self.api_token = api_token
         self.counters: Counter[str] = Counter()
         self.redirects: Counter[str] = Counter()  # target node -> 307s sent there
+        # The grants this node's 307s carry and it accepts (shared with its HTTP layer).
+        self.placement_grants = placement_grants
+        self.wall_clock = wall_clock  # grants' iat/exp are Unix times (RFC 7519 §2)
 
     @classmethod
     def create(
@@ -140,6 +152,7 @@ class ClusterNode:
         max_upstream_pulls: int | None,
         grace: float,
         api_token: str | None = None,
+        placement_grants: PlacementGrants | None = None,
     ) -> ClusterNode:
         """``--upstream`` (an edge of one fixed WHEP origin, no registry) or ``--cluster``."""
         hosts = PoolUpstreams(backend) if isinstance(backend, WorkerPool) else None
@@ -172,6 +185,7 @@ class ClusterNode:
             max_upstream_pulls=max_upstream_pulls,
             api_token=api_token,
             upstream_hosts=hosts,
+            placement_grants=placement_grants,
         )
         return node
 
@@ -236,8 +250,11 @@ class ClusterNode:
         token = presented_token(request.headers.get("Authorization"))
         return self.cluster_token is not None and token == self.cluster_token
 
-    async def place(self, request: web.Request, stream: str) -> web.Response | None:
-        """None once ``stream`` can be viewed here; a 307 to another node; or raises."""
+    async def place(
+        self, request: web.Request, stream: str, grant: Grant | None
+    ) -> web.Response | None:
+        """None once ``stream`` can be viewed here; a 307 to another node; or raises.
+        ``grant``: what the POST's credential allows (None: viewing is open)."""
         registry = self.registry
         if self._is_cluster_pull(request):
             self._check_pull_limit(stream, layer=request.query.get("rid"))
@@ -259,7 +276,7 @@ class ClusterNode:
                     "every node of the cluster is full", retry_after=FULL_RETRY_AFTER
                 )
             if not placement.local:
-                return self._redirect(request, placement.node)
+                return self._redirect(request, stream, placement.node, grant)
         try:
             await self.puller.ensure(stream)
         except UpstreamError as exc:
@@ -287,11 +304,20 @@ class ClusterNode:
                 f"this node serves its maximum of {limit} upstream pulls", retry_after=5
             )
 
-    def _redirect(self, request: web.Request, node: NodeRecord) -> web.Response:
+    def _redirect(
+        self, request: web.Request, stream: str, node: NodeRecord, grant: Grant | None
+    ) -> web.Response:
         """307 (RFC 9110 §15.4.8: method and body kept) to the same endpoint on ``node``;
-        the body is not read, so the client sends it again there."""
+        the body is not read, so the client sends it again there. A POST that presented
+        a credential gets a placement grant for ``node`` standing for it: a browser
+        following the 307 to another origin drops Authorization (Fetch §4.4)."""
         query = dict(request.query)
+        query.pop(PLACEMENT_GRANT_PARAMETER, None)  # never passed on: it was for this node
         query[PLACED_PARAMETER] = "1"
+        if grant is not None and self.placement_grants is not None:
+            query[PLACEMENT_GRANT_PARAMETER] = self.placement_grants.issue(
+                grant, stream=stream, audience=node.url, now=self.wall_clock()
+            )
         location = f"{node.url.rstrip('/')}{request.path}?{urllib.parse.urlencode(query)}"
         self.redirects[node.id] += 1
         response = web.Response(status=307, headers={"Location": location})
@@ -347,6 +373,23 @@ class ClusterNode:
         return ClusterCollector(self)
 
 
+def _grant_family(grants: PlacementGrants) -> Metric:
+    family = CounterMetricFamily(
+        "whepfan_cluster_placement_grants",
+        "Placement grants (the credential a 307 carries for browsers, which drop "
+        "Authorization on a cross-origin redirect): issued by this node's 307s, and "
+        "accepted or refused (by reason) on POSTs to this node.",
+        labels=["outcome", "reason"],
+    )
+    family.add_metric(["issued", ""], grants.counters.get("issued", 0))
+    family.add_metric(["accepted", ""], grants.counters.get("accepted", 0))
+    for reason in Refusal:
+        family.add_metric(
+            ["refused", reason.value], grants.counters.get(f"refused_{reason.value}", 0)
+        )
+    return family
+
+
 class ClusterCollector(Collector):
     """The cluster's families in ``/metrics``: upstream sessions, pull failures by
     reason, redirects by target node, registry reachability."""
@@ -400,6 +443,8 @@ class ClusterCollector(Collector):
         refused.add_metric(["full"], node.counters.get("placement_full", 0))
         refused.add_metric(["pull_limit"], node.counters.get("upstream_pulls_refused", 0))
         yield refused
+        if node.placement_grants is not None:
+            yield _grant_family(node.placement_grants)
         if node.registry is not None:
             available = GaugeMetricFamily(
                 "whepfan_cluster_registry_up", "1 while the Redis registry answers, else 0."

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -29,7 +29,13 @@ from whepfan.http.names import stream_name_middleware
 from whepfan.http.pages import add_page_routes
 from whepfan.http.problem import problem_response
 from whepfan.http.ratelimit import rate_limit_middleware
-from whepfan.http.routes import SESSION_PATTERN, STREAM_PATTERN, HttpOptions, WhipWhepResources
+from whepfan.http.routes import (
+    SESSION_PATTERN,
+    STREAM_PATTERN,
+    HttpOptions,
+    ViewerPlacement,
+    WhipWhepResources,
+)
 from whepfan.http.status import StatusRouter, StreamStatus
 
 log = logging.getLogger("whepfan.http")
@@ -84,7 +90,7 @@ def create_app(
     options: HttpOptions,
     wall_clock: Callable[[], float] = time.time,
     event_options: EventOptions | None = None,
-    viewer_placement: Callable[[web.Request, str], Awaitable[web.Response | None]] | None = None,
+    viewer_placement: ViewerPlacement | None = None,
 ) -> web.Application:
     """The WHIP/WHEP application for one router; ``clock`` is the router's ``now``."""
     counters: Counter[str] = Counter()

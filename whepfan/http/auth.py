@@ -32,6 +32,14 @@ its owner and the server know, so a 404 would hide nothing, while a 403 tells a 
 that refreshed its token without keeping ``jti`` what went wrong, instead of making it
 think the session ended and open another. Publisher takeover (``--publisher-takeover``)
 is unchanged: a new publisher for the stream ends the old one whatever it was made with.
+
+Placement grants
+----------------
+A browser that follows a cluster node's 307 to another node drops ``Authorization``
+(Fetch §4.4). A WHEP POST without it is authorized by the placement grant the 307 put
+in its query instead (``whepfan.http.placement_grants``: for that stream and this node,
+briefly, once), and its session is bound to the credential the grant stands for. Only a
+WHEP POST takes one; a POST that does present a token is judged by its token.
 """
 
 from __future__ import annotations
@@ -40,10 +48,11 @@ import hmac
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from whepfan.errors import Forbidden, Unauthorized
+from whepfan.http.placement_grants import PlacementGrants
 from whepfan.http.tokens import EVERY_STREAM, Grant, InvalidToken, JwtVerifier, Role
 
 log = logging.getLogger("whepfan.http.auth")
@@ -142,11 +151,14 @@ class AccessControl:
         verifier: JwtVerifier | None = None,
         wall_clock: Callable[[], float] = time.time,
         cluster_token: str | None = None,
+        placement_grants: PlacementGrants | None = None,
     ) -> None:
         self._static = {Role.PUBLISH: publish_token, Role.VIEW: view_token}
         # The token nodes of a cluster pull streams from each other with (whepfan/cluster/):
         # a view credential besides the others; a session it made is bound to it alone.
         self._cluster_token = cluster_token
+        # This node's placement grants (a cluster node's); None: a query grant is ignored.
+        self.placement_grants = placement_grants
         self.verifier = verifier
         self.wall_clock = wall_clock  # JWT exp/nbf are Unix times (RFC 7519 §2)
         # Weak keys, as routes.py's restart ufrags: the binding goes with the session.
@@ -170,6 +182,27 @@ class AccessControl:
         if stream is not None and not grant.streams.covers(stream):
             raise BearerForbidden(f"this token covers {grant.streams}, not stream {stream}")
         return grant
+
+    def authorize_viewer_offer(
+        self, authorization: str | None, placement: Sequence[str], stream: str
+    ) -> Grant | None:
+        """A WHEP POST's Grant (see "Placement grants"): its ``Authorization``, or when it
+        presents none, the ``placement`` query values (one grant) on a cluster node."""
+        if not self.requires_credentials(Role.VIEW):
+            return None
+        grants = self.placement_grants
+        if presented_token(authorization) is not None or not placement or grants is None:
+            return self.authorize(authorization, Role.VIEW, stream)
+        # Two grants in one query is none: "" is refused as malformed (and counted).
+        value = placement[0] if len(placement) == 1 else ""
+        try:
+            return grants.accept(value, stream=stream, now=self.wall_clock())
+        except InvalidToken as exc:
+            # Counted (the cluster metrics); a line per refusal only when debugging.
+            log.debug("a placement grant for %r refused: %s", stream, exc.description)
+            raise BearerUnauthorized(
+                exc.description, challenge=challenge("invalid_token", exc.description)
+            ) from None
 
     def is_authorized(self, authorization: str | None, role: Role, stream: str) -> bool:
         try:

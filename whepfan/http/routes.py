@@ -47,6 +47,8 @@ from whepfan.http.etag import check_if_match
 from whepfan.http.links import IceServer
 from whepfan.http.names import ROUTE_PATTERN
 from whepfan.http.pending import PendingLimit, PendingSessions
+from whepfan.http.placement_grants import QUERY_PARAMETER as PLACEMENT_GRANT_PARAMETER
+from whepfan.http.placement_grants import PlacementGrants
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.tokens import Grant, JwtVerifier, Role
 from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE, IssuedSession, SessionTombstones
@@ -88,6 +90,7 @@ class Protocol(enum.Enum):
 
 
 ProtocolHandler = Callable[[web.Request, Protocol], Awaitable[web.StreamResponse]]
+ViewerPlacement = Callable[[web.Request, str, Grant | None], Awaitable[web.Response | None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +127,10 @@ class HttpOptions:
     # relative Location against the URL they first POSTed to (medooze, Eyevinn, fetch's
     # redirect hidden from them), which would send PATCH and DELETE to the edge.
     public_url: str | None = None
+    # A cluster node's placement grants (placement_grants.py): what it puts in its 307s
+    # for browsers, which drop Authorization on a cross-origin redirect, and accepts in
+    # place of it on a WHEP POST. None: not in a cluster.
+    placement_grants: PlacementGrants | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -146,11 +153,12 @@ class WhipWhepResources:
     viewer_links: Callable[[str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
-    # Called with a WHEP POST before its body is read (whepfan/cluster/placement.py): a
-    # response to send instead (307 to another node), or None once the stream is here
-    # (pulled from upstream if need be); may raise whepfan.errors. Nothing awaits
-    # between the body read and the router call, so no half-made session either way.
-    viewer_placement: Callable[[web.Request, str], Awaitable[web.Response | None]] | None = None
+    # Called with a WHEP POST and its Grant (None: open) before its body is read
+    # (whepfan/cluster/placement.py): a response to send instead (307 to another node,
+    # with a placement grant for the Grant), or None once the stream is here (pulled
+    # from upstream if need be); may raise whepfan.errors. Nothing awaits between the
+    # body read and the router call, so no half-made session either way.
+    viewer_placement: ViewerPlacement | None = None
     # Credentials and session binding (auth.py); create_app shares it with the extensions.
     access: AccessControl = field(init=False)
     # Issued session URLs and the recently ended ones, for the DELETE that follows an end.
@@ -169,6 +177,7 @@ class WhipWhepResources:
             publish_token=options.publish_token,
             view_token=options.view_token,
             cluster_token=options.cluster_token,
+            placement_grants=options.placement_grants,
             verifier=options.jwt,
             wall_clock=self.wall_clock,
         )
@@ -246,10 +255,19 @@ class WhipWhepResources:
 
     async def post_offer(self, request: web.Request, protocol: Protocol) -> web.Response:
         """WHIP RFC 9725 §4.2 / WHEP draft-03 §4.2: offer in, 201 + answer out."""
-        grant = self._authorize(request, protocol)
         stream = request.match_info["stream"]
+        if protocol is Protocol.WHEP:
+            # A browser placed here by another node's 307 lost its Authorization on the
+            # way (Fetch §4.4); the 307 gave it a placement grant instead (auth.py).
+            grant = self.access.authorize_viewer_offer(
+                request.headers.get("Authorization"),
+                request.query.getall(PLACEMENT_GRANT_PARAMETER, []),
+                stream,
+            )
+        else:
+            grant = self._authorize(request, protocol)
         if protocol is Protocol.WHEP and self.viewer_placement is not None:
-            placed = await self.viewer_placement(request, stream)
+            placed = await self.viewer_placement(request, stream, grant)
             if placed is not None:
                 return placed
         if protocol is Protocol.WHEP and not request.body_exists:
@@ -479,7 +497,8 @@ class WhipWhepResources:
     # ------------------------------------------------------------------ helpers
 
     def _authorize(self, request: web.Request, protocol: Protocol) -> Grant | None:
-        # Only the Authorization header counts: a ?token= query is never authentication.
+        # Only the Authorization header counts: a ?token= query is never authentication
+        # (a WHEP POST's placement grant is no token: placement_grants.py).
         return self.access.authorize(
             request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
         )
