@@ -30,9 +30,17 @@ from test_fanout import (
     two_byte_extension,
     viewers,
 )
+from test_nack_generator import _vp8
+from test_router import CLIENT, Harness, connect_viewer
 
-from whepfan._fastpath import PROFILE_AEAD_AES_128_GCM, PROFILE_AES128_CM_SHA1_80, Fanout
+from whepfan._fastpath import (
+    PROFILE_AEAD_AES_128_GCM,
+    PROFILE_AES128_CM_SHA1_80,
+    Fanout,
+    SrtpSession,
+)
 from whepfan.media import gso
+from whepfan.media.session import ViewerSession
 from whepfan.media.twcc import transport_sequence
 from whepfan.protocol import rtp
 
@@ -635,3 +643,57 @@ def test_any_extension_layout_survives_the_stamping(
             parsed.sequence_number,
             source.payload,
         )
+
+
+# --- the whole path: negotiation, ingest and egress wiring ------------------------------------
+
+
+def test_a_chromium_viewer_gets_its_own_numbers_from_a_chromium_publisher() -> None:
+    """In memory but for the viewer's socket: a Chromium publisher (transport-cc id 3,
+    its own numbers from 500) and a Chromium viewer (offered transport-cc as id 3 too):
+    the viewer's packets carry the viewer's consecutive numbers, in place of the
+    publisher's, and the send log has each of them."""
+    harness = Harness()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(5.0)
+    try:
+        router = harness.router
+        publisher_address = ("127.0.0.1", CLIENT[1] + 1)
+        publisher_id, _, now = connect_viewer(
+            harness, 0.0, publisher=True, client=publisher_address
+        )
+        viewer_id, _, now = connect_viewer(harness, now, client=listener.getsockname())
+        viewer = router.sessions[viewer_id]
+        assert isinstance(viewer, ViewerSession) and viewer.keys is not None
+        assert [media.transport_cc_id for media in viewer.egress] == [3, 3]
+        slot = viewer.fanout_slot
+        assert slot is not None
+        # Egress turned it on with a random start; pin it to tell it from the publisher's.
+        router.fanout.set_transport_cc(slot, 3, sequence=40000)
+        keys = router.sessions[publisher_id].keys
+        assert keys is not None
+        rtp_out = SrtpSession(keys.profile, keys.remote_key, keys.remote_salt)
+        sent: list[bytes] = []
+        for index in range(6):
+            packet = _vp8(1000 + index, keyframe=index == 0)
+            chromium = bytearray(packet[:12]) + bytes.fromhex("bede0001")
+            chromium[0] |= 0x10
+            chromium += bytes([0x31]) + (500 + index).to_bytes(2, "big") + b"\x00" + packet[12:]
+            sent.append(bytes(chromium))
+            router.datagram_received(rtp_out.protect(bytes(chromium)), publisher_address, now)
+        viewer_in = SrtpSession(viewer.keys.profile, viewer.keys.local_key, viewer.keys.local_salt)
+        received: list[bytes] = []
+        while len(received) < 6:
+            data = listener.recv(2048)
+            if not 192 <= data[1] <= 223:  # RTP, not RTCP (RFC 5761 §4)
+                received.append(viewer_in.unprotect(data))
+    finally:
+        listener.close()
+        harness.close()
+    assert numbers(received, 3) == consecutive(40000, 6)
+    # In place: the publisher's element (the same id 3) now holds the viewer's number.
+    assert [len(packet) for packet in received] == [len(packet) for packet in sent]
+    assert [rtp.RtpPacket.parse(p).payload for p in received] == [p[20:] for p in sent]
+    assert all(entry is not None for entry in router.fanout.transport_sent(slot, 40000, 6))
+    assert router.fanout.viewer_stats(slot)["transport_cc_stamped"] == 6

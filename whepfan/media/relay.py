@@ -197,7 +197,11 @@ class RelayCopies:
             PublisherSession, SessionKind.PUBLISHER, stream_name, offer, now
         )
         assert isinstance(stand_in, PublisherSession)
-        _, stand_in.ingest = answer_publisher(offer, router.local_transport(stand_in))
+        # transport_cc: the tracks learn the publisher's transport-cc id, which relayed
+        # packets still carry (viewers here get it rewritten rather than a second one).
+        _, stand_in.ingest = answer_publisher(
+            offer, router.local_transport(stand_in), transport_cc=True
+        )
         stream = router.stream(stream_name)
         router.ingest.attach(stream, stand_in, now)
         for track in stream.all_tracks():
