@@ -55,7 +55,7 @@ needs_gso = pytest.mark.skipif(
 )
 
 
-def tcc_fanout(sock: socket.socket, *, gso: bool = False, transport_log_size: int = 4096) -> Fanout:
+def tcc_fanout(sock: socket.socket, *, gso: bool = False, transport_log_size: int = 1024) -> Fanout:
     return Fanout(
         sock.fileno(),
         max_viewers=64,

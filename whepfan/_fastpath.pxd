@@ -128,7 +128,12 @@ cdef enum:
                         + SRTP_MAX_OVERHEAD + 63) // 64) * 64
     # Per-viewer log of what was sent under each transport-wide sequence number (for the
     # delay-based estimate from transport feedback): entries by default, a power of two.
-    TRANSPORT_LOG_DEFAULT = 4096
+    # 1024 cover over a second at 1,000 packets/s to one viewer (8 Mbit/s of 1,200-octet
+    # packets): a feedback interval (libwebrtc: 50..250 ms) plus its round trip. Larger
+    # rings cost per packet: with 1,000 viewers, 4096 entries (64 KiB each) made every
+    # datagram ~6 % dearer than 1024 (16 KiB) in bench/fanout.py, the log entries of a
+    # push falling out of cache (and TLB) between pushes.
+    TRANSPORT_LOG_DEFAULT = 1024
     # RFC 3550 §5.1: the padding count is one octet, so a padding-only packet carries at
     # most 255 octets of padding; Fanout.send_padding sends at most this many per call.
     PADDING_MAX = 255
@@ -251,6 +256,18 @@ cdef struct Viewer:
     # uint64_t words keep it aligned as CMSG_* require.
     uint64_t source_control[SOURCE_CONTROL_WORDS]
     uint8_t in_use
+    # Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01):
+    # one counter for the viewer's transport (BUNDLE: all its subscriptions), stamped on
+    # every RTP packet sent to it. Beside the address and packets_sent, which every packet
+    # reads too, so that it adds no cache line per packet.
+    uint8_t transport_cc_id      # the viewer's extension id (RFC 8285: 1..14 one-byte, ..255); 0: off
+    uint16_t transport_seq       # next transport-wide sequence number
+    uint32_t send_log_mask
+    TransportSendRecord* send_log    # send_log_mask + 1 entries, index = seq & mask
+    uint64_t transport_cc_stamped    # the publisher's element rewritten in place
+    uint64_t transport_cc_added      # an element added (the datagram grew)
+    uint64_t transport_cc_unstamped  # could not carry one (see transport_cc_growth)
+    uint64_t padding_sent            # padding-only RTX probes the kernel accepted
     uint64_t packets_sent
     uint64_t bytes_sent
     uint64_t send_errors
@@ -263,17 +280,6 @@ cdef struct Viewer:
     uint64_t rtcp_sent
     uint64_t rtcp_received
     uint64_t rtcp_errors
-    # Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01):
-    # one counter for the viewer's transport (BUNDLE: all its subscriptions), stamped on
-    # every RTP packet sent to it. 0: off.
-    uint8_t transport_cc_id      # the viewer's extension id (RFC 8285: 1..14 one-byte, ..255)
-    uint16_t transport_seq       # next transport-wide sequence number
-    TransportSendRecord* send_log    # send_log_mask + 1 entries, index = seq & mask
-    uint32_t send_log_mask
-    uint64_t transport_cc_stamped    # the publisher's element rewritten in place
-    uint64_t transport_cc_added      # an element added (the datagram grew)
-    uint64_t transport_cc_unstamped  # could not carry one (see _transport_cc_growth)
-    uint64_t padding_sent            # padding-only RTX probes the kernel accepted
 
 
 cdef struct Track:
@@ -346,8 +352,11 @@ cdef struct SendBatch:
     int32_t* slot_viewer         # per slot: viewer index (Fanout bookkeeping)
     Subscription** slot_subscription   # per slot: RTP data counted for SRs, or NULL
     uint32_t* slot_payload_len
-    int32_t* slot_transport_seq  # per slot: transport-wide sequence number to log; -1: none
-    int transport_cc_slots       # slots in use that carry one (0: the flush logs nothing)
+    int32_t* slot_transport_seq  # per slot: transport-wide sequence number logged; -1: none
+    # CLOCK_MONOTONIC when the first transport-cc slot of this batch was queued (the
+    # send time logged for all of them); transport_clock_set is 0 until then.
+    double transport_clock
+    int transport_clock_set
 
 
 # One publisher packet of a push_batch burst: where it is and what push() reads from it,

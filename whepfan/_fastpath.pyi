@@ -70,7 +70,7 @@ class Fanout:
         gso: bool = False,
         gso_max_segment: int = 1452,
         pad_limit: int = 32,
-        transport_log_size: int = 4096,
+        transport_log_size: int = 1024,
     ) -> None:
         """``transport_log_size``: entries (a power of two, 64..65536) of each
         transport-cc viewer's send log, 16 bytes each (see ``transport_sent``)."""
