@@ -880,6 +880,14 @@ cdef inline double monotonic_seconds() noexcept nogil:
     return now.tv_sec + now.tv_nsec * 1e-9
 
 
+# TransportSendRecord.sent_at: CLOCK_MONOTONIC in 2^-16 s, modulo 2^32.
+cdef double LOG_CLOCK_RATE = 65536.0
+
+
+cdef inline uint32_t log_clock(double seconds) noexcept nogil:
+    return <uint32_t><uint64_t>(seconds * LOG_CLOCK_RATE)   # mod 2^32
+
+
 # ---------------------------------------------------------------------------------------
 
 cdef class Fanout:
@@ -1156,7 +1164,8 @@ cdef class Fanout:
         ``base_sequence`` .. ``base_sequence + count - 1`` (mod 2^16), as in a transport
         feedback packet (§3.1: base sequence number, packet status count): per number
         ``(sent_at, size)``, with ``sent_at`` the CLOCK_MONOTONIC (= time.monotonic())
-        seconds of the sendmmsg call that sent it (one reading per batch) and ``size``
+        seconds at which the sendmmsg batch that sent it began to fill (one reading per
+        batch, so at most ``batch_size`` datagrams' work early; kept to 2^-16 s) and ``size``
         the datagram's UDP payload octets (the SRTP packet, tag included); None when the
         log has no such packet (never sent or refused by the kernel, or overwritten by
         one ``transport_log_size`` numbers later)."""
@@ -1164,6 +1173,8 @@ cdef class Fanout:
         cdef TransportSendRecord* record
         cdef uint16_t sequence
         cdef int index
+        cdef uint64_t now_ticks = <uint64_t>(monotonic_seconds() * LOG_CLOCK_RATE)
+        cdef uint32_t now_clock = <uint32_t>now_ticks
         if not 0 <= base_sequence <= 0xFFFF:
             raise ValueError(f"base_sequence {base_sequence} is not 16-bit")
         if not 0 <= count <= 0xFFFF:   # the feedback's packet status count is 16 bits
@@ -1174,8 +1185,12 @@ cdef class Fanout:
         for index in range(count):
             sequence = <uint16_t>(base_sequence + index)
             record = &state.send_log[sequence & state.send_log_mask]
-            if record.sent and record.sequence == sequence:
-                result[index] = (record.sent_at, record.size)
+            if record.size and record.sequence == sequence:
+                # The entry is younger than the clock's 18-hour wrap: its age is exact.
+                result[index] = (
+                    (now_ticks - <uint32_t>(now_clock - record.sent_at)) / LOG_CLOCK_RATE,
+                    record.size,
+                )
         return result
 
     @property
@@ -1414,7 +1429,7 @@ cdef class Fanout:
                 transport_seq = self.batch.slot_transport_seq[index]
                 if transport_seq >= 0:
                     # So that transport_sent says None: the number went nowhere.
-                    viewer.send_log[transport_seq & viewer.send_log_mask].sent = 0
+                    viewer.send_log[transport_seq & viewer.send_log_mask].size = 0
         self.counters.packets_sent += accepted
         self.batch.count = 0
         self.batch.message_count = 0
@@ -1430,13 +1445,12 @@ cdef class Fanout:
         kernel's (with 1,000 viewers, writing it in _flush cost ~5 % per datagram)."""
         cdef TransportSendRecord* record
         if not self.batch.transport_clock_set:
-            self.batch.transport_clock = monotonic_seconds()
+            self.batch.transport_clock = log_clock(monotonic_seconds())
             self.batch.transport_clock_set = 1
         record = &viewer.send_log[transport_seq & viewer.send_log_mask]
         record.sent_at = self.batch.transport_clock
         record.sequence = <uint16_t>transport_seq
         record.size = <uint16_t>length
-        record.sent = 1
 
     cdef int _queue(self, int32_t viewer_index, Viewer* viewer, int length,
                     Subscription* subscription, uint32_t payload_len,

@@ -128,10 +128,10 @@ cdef enum:
                         + SRTP_MAX_OVERHEAD + 63) // 64) * 64
     # Per-viewer log of what was sent under each transport-wide sequence number (for the
     # delay-based estimate from transport feedback): entries by default, a power of two.
-    # 1024 cover over a second at 1,000 packets/s to one viewer (8 Mbit/s of 1,200-octet
-    # packets): a feedback interval (libwebrtc: 50..250 ms) plus its round trip. Larger
-    # rings cost per packet: with 1,000 viewers, 4096 entries (64 KiB each) made every
-    # datagram ~6 % dearer than 1024 (16 KiB) in bench/fanout.py, the log entries of a
+    # 1024 (8 KiB) cover over a second at 1,000 packets/s to one viewer (8 Mbit/s of
+    # 1,200-octet packets): a feedback interval (libwebrtc: 50..250 ms) plus its round
+    # trip. Larger rings cost per packet: with 1,000 viewers, 4096 entries of 16 octets
+    # made every datagram ~6 % dearer than 1024 in bench/fanout.py, the log entries of a
     # push falling out of cache (and TLB) between pushes.
     TRANSPORT_LOG_DEFAULT = 1024
     # RFC 3550 §5.1: the padding count is one octet, so a padding-only packet carries at
@@ -239,11 +239,14 @@ cdef struct Subscription:
 
 
 # One entry of a viewer's transport-wide send log: what went out under ``sequence``.
+# Eight octets, so that a cache line holds eight packets' entries.
 cdef struct TransportSendRecord:
-    double sent_at               # CLOCK_MONOTONIC seconds of the sendmmsg call (= time.monotonic())
+    # CLOCK_MONOTONIC (= time.monotonic()) in units of 2^-16 s (~15 µs; transport
+    # feedback counts in 250 µs), modulo 2^32 (18.2 hours): transport_sent rebuilds the
+    # full time from the current one.
+    uint32_t sent_at
     uint16_t sequence            # transport-wide sequence number the entry is for
-    uint16_t size                # UDP payload octets: the SRTP packet, auth tag included
-    uint8_t sent                 # 1: the kernel accepted it; 0: refused (never sent)
+    uint16_t size                # UDP payload octets (SRTP packet, tag included); 0: not sent
 
 
 cdef struct Viewer:
@@ -354,8 +357,9 @@ cdef struct SendBatch:
     uint32_t* slot_payload_len
     int32_t* slot_transport_seq  # per slot: transport-wide sequence number logged; -1: none
     # CLOCK_MONOTONIC when the first transport-cc slot of this batch was queued (the
-    # send time logged for all of them); transport_clock_set is 0 until then.
-    double transport_clock
+    # send time logged for all of them, TransportSendRecord units); transport_clock_set
+    # is 0 until then.
+    uint32_t transport_clock
     int transport_clock_set
 
 

@@ -73,7 +73,7 @@ class Fanout:
         transport_log_size: int = 1024,
     ) -> None:
         """``transport_log_size``: entries (a power of two, 64..65536) of each
-        transport-cc viewer's send log, 16 bytes each (see ``transport_sent``)."""
+        transport-cc viewer's send log, 8 bytes each (see ``transport_sent``)."""
     # Tracks are ingest streams (one SSRC of the publisher: audio, a video layer).
     def add_track(
         self,
@@ -124,8 +124,9 @@ class Fanout:
     ) -> list[tuple[float, int] | None]:
         """Per transport-wide sequence number base_sequence .. +count-1 (mod 2^16; count
         0..65535): (sent_at, size) or None (not sent, refused by the kernel, or overwritten
-        in the ring). sent_at: CLOCK_MONOTONIC seconds (= time.monotonic()) read once per
-        sendmmsg batch, just before the call; size: UDP payload octets incl. SRTP tag."""
+        in the ring). sent_at: CLOCK_MONOTONIC seconds (= time.monotonic()) when the
+        sendmmsg batch that carried it began to fill (one reading per batch, kept to 2^-16
+        s); size: the datagram's UDP payload octets, SRTP tag included."""
 
     def subscribe(
         self,
