@@ -71,6 +71,8 @@ def test_every_role_toml_resolves(role: str) -> None:
         assert settings.cluster is not None and settings.cluster.startswith("redis://")
         assert settings.node_url is not None and settings.cluster_token is not None
         assert settings.workers == 1
+        # Session URLs are absolute under the node's URL (a 307 placed the viewer here).
+        assert settings.http_options().public_url == settings.node_url
 
 
 def test_redis_example_config_is_accepted_by_redis_server(tmp_path: Path) -> None:
@@ -102,7 +104,6 @@ def test_redis_example_config_is_accepted_by_redis_server(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({"upstream": "http://o/whep/{stream}", "workers": "2"}, "need --workers 1"),
         ({"upstream": "http://o/whep/live"}, "{stream}"),
         ({"cluster": "redis://r/0", "cluster_token": "t"}, "--cluster needs --node-url"),
         ({"cluster": "http://r/0", "cluster_token": "t", "node_url": "http://n"}, "Redis URL"),
@@ -112,3 +113,17 @@ def test_cluster_settings_are_checked(given: dict[str, str], message: str) -> No
     with pytest.raises(SettingsError) as caught:
         Settings.resolve(cli=given, environ={})
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"upstream": "http://o/whep/{stream}"},
+        {"cluster": "redis://r/0", "cluster_token": "t", "node_url": "http://n"},
+    ],
+)
+def test_an_edge_or_cluster_node_runs_any_number_of_workers(given: dict[str, str]) -> None:
+    # The upstream session runs in one worker, relayed to the others (pool_backend.py).
+    settings = Settings.resolve(cli={**given, "workers": "4"}, environ={})
+    assert settings.workers == 4
+    assert (settings.upstream, settings.cluster) == (given.get("upstream"), given.get("cluster"))

@@ -6,6 +6,7 @@ edge with ``--upstream``), whepfan's own WHIP publisher, aiortc viewers that dec
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from test_publish import start_viewer
 
 from whepfan.client.publisher import Publisher, PublisherOptions
 from whepfan.errors import Conflict
+from whepfan.workers.pool import WorkerPool
 
 VIEW_TOKEN = "origin-view-token"
 
@@ -41,6 +43,21 @@ def edge(origin: LiveServer) -> Iterator[LiveServer]:
             upstream=f"{origin.url}/whep/{{stream}}",
             upstream_token=VIEW_TOKEN,
             upstream_grace="1",
+        )
+    )
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def edge_with_workers(origin: LiveServer) -> Iterator[LiveServer]:
+    # Two worker processes: the upstream session runs in one (cluster/pool_backend.py).
+    live = LiveServer(
+        settings_for(
+            upstream=f"{origin.url}/whep/{{stream}}",
+            upstream_token=VIEW_TOKEN,
+            upstream_grace="1",
+            workers="2",
         )
     )
     yield live
@@ -180,3 +197,79 @@ async def test_a_lost_upstream_is_pulled_again_and_edge_viewers_resume(
             assert pulls["lost"]["last_error"] == "the server closed DTLS (close_notify)"
         finally:
             await viewer.close()
+
+
+async def test_a_lost_upstream_in_a_worker_is_pulled_again_and_both_workers_viewers_resume(
+    origin: LiveServer, edge_with_workers: LiveServer
+) -> None:
+    edge = edge_with_workers
+    async with publisher(origin, "lost-in-worker"):
+        viewers = [DecodingViewer(), DecodingViewer()]
+        try:
+            for viewer in viewers:
+                await start_viewer(viewer, f"{edge.url}/whep/lost-in-worker")
+            for viewer in viewers:
+                await decode_frames(viewer, 5)
+            assert origin.info is not None and edge.info is not None
+            pool = edge.info.backend
+            assert isinstance(pool, WorkerPool)
+            # One viewer per worker: the upstream's worker and the one fed by the relay.
+            placed = {pool.worker_of(v) for v in pool.streams["lost-in-worker"].viewers}
+            assert placed == {0, 1}
+            backend = origin.info.backend
+            (upstream_id,) = backend.streams["lost-in-worker"].viewers
+            origin.loop.call_soon_threadsafe(
+                backend.end_session, upstream_id, origin.loop.time(), "deleted"
+            )
+            # The edge's worker sees the transport end, the main process pulls again.
+            assert await wait_until(
+                lambda: bool(set(backend.streams["lost-in-worker"].viewers) - {upstream_id}), 10
+            )
+            for viewer in viewers:
+                await decode_frames(viewer, len(viewer.video_frames) + 10)
+
+            async def pull() -> dict[str, object]:
+                pulls = (await cluster_state(edge))["pulls"]
+                assert isinstance(pulls, dict)
+                entry: dict[str, object] = pulls["lost-in-worker"]
+                return entry
+
+            for _ in range(50):  # "connected" comes with the worker's next report
+                if (await pull())["connected"] is True:
+                    break
+                await asyncio.sleep(0.1)
+            entry = await pull()
+            assert entry["connected"] is True and entry["worker"] in (0, 1)
+            assert entry["last_error"] == "the server closed DTLS (close_notify)"
+        finally:
+            for viewer in viewers:
+                await viewer.close()
+
+
+async def test_a_worker_pool_edge_pulls_a_simulcast_stream_as_one_session(
+    origin: LiveServer, edge_with_workers: LiveServer
+) -> None:
+    """With --workers N an edge pulls a simulcast stream as one session, whose layer the
+    origin's policy picks (cluster/upstream.py LayeredPullSession); both workers' viewers
+    get that layer, one over the relay."""
+    options = PublisherOptions(
+        url=f"{origin.url}/whip/simulcast-pool",
+        token=TOKEN,
+        simulcast=True,
+        width=320,
+        height=240,
+        keyframe_interval=1.0,
+    )
+    async with Publisher(options):
+        viewers = [DecodingViewer(), DecodingViewer()]
+        try:
+            for viewer in viewers:
+                await start_viewer(viewer, f"{edge_with_workers.url}/whep/simulcast-pool")
+            for viewer in viewers:
+                await decode_frames(viewer, 5)
+            assert origin_viewers(origin, "simulcast-pool") == 1
+            sizes = {(v.video_frames[-1].width, v.video_frames[-1].height) for v in viewers}
+            assert len(sizes) == 1 and sizes <= {(80, 60), (160, 120), (320, 240)}, sizes
+        finally:
+            for viewer in viewers:
+                await viewer.close()

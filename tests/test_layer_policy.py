@@ -244,6 +244,108 @@ def _ceiling(choice_limits: dict[str, int | None], layers: list[Track]) -> int:
     return selector.ceiling(choice, layers)
 
 
+# --- with a transport-wide-cc estimate: probe before moving up ------------------------------
+
+
+class _EstimatedViewer:
+    """A viewer with a send-side estimate, reporting every 100 ms of virtual time."""
+
+    def __init__(self, policy: LayerPolicy, layer: int) -> None:
+        self.policy, self.state, self.layer, self.now = policy, policy.new_state(), layer, 0.0
+
+    def report(
+        self,
+        estimate: float,
+        *,
+        lost: float = 0.0,
+        probe_succeeded: bool | None = None,
+        seconds: float = 0.1,
+    ) -> int:
+        self.now += seconds
+        self.layer = self.policy.decide(
+            self.state,
+            bitrates=[LOW, MID, HIGH],
+            current=self.layer,
+            ceiling=2,
+            fraction_lost=lost,
+            remb=None,
+            now=self.now,
+            estimate=estimate,
+            probe_succeeded=probe_succeeded,
+        )
+        return self.layer
+
+
+def test_an_estimated_viewer_moves_up_only_after_its_probe_succeeds() -> None:
+    viewer = _EstimatedViewer(LayerPolicy(up_wait=5.0, hold=2.0), layer=1)
+    first = viewer.now + 0.1  # clean since the first report
+    while viewer.state.probe_for is None:  # nothing moves meanwhile
+        assert viewer.report(MID * 1.2) == 1
+    # after up_wait of clean reports (to within a report interval), a probe of layer 2
+    assert viewer.now - first == pytest.approx(5.0, abs=0.15)
+    assert viewer.state.probe_for == 2
+    for _ in range(10):  # while it runs, nothing moves and nothing else is asked
+        assert viewer.report(MID * 1.2) == 1
+        assert viewer.state.probe_for == 2
+    assert viewer.report(HIGH * 1.05, probe_succeeded=True) == 2
+    assert viewer.state.probe_for is None
+
+
+def test_a_failed_probe_doubles_the_wait_and_the_viewer_never_sees_the_layer() -> None:
+    viewer = _EstimatedViewer(LayerPolicy(up_wait=5.0, hold=2.0, max_up_wait=60.0), layer=1)
+    clean_since = viewer.now + 0.1
+    waits = []
+    for _ in range(3):
+        while viewer.state.probe_for is None:
+            assert viewer.report(MID * 1.1) == 1
+        waits.append(viewer.now - clean_since)
+        assert viewer.report(MID * 1.1, probe_succeeded=False) == 1
+        assert viewer.state.probe_for is None
+        clean_since = viewer.now  # the failure restarts the clean period
+    # 5 s of clean reports before the first probe, then 10 s, then 20 s (each to within
+    # a report interval)
+    assert waits == [pytest.approx(wait, abs=0.15) for wait in (5.0, 10.0, 20.0)]
+    assert viewer.state.up_wait == 40.0
+
+
+def test_an_estimate_below_the_layer_moves_the_viewer_down_as_far_as_it_needs() -> None:
+    viewer = _EstimatedViewer(LayerPolicy(hold=2.0), layer=2)
+    viewer.now = 10.0
+    assert viewer.report(HIGH * 0.9) == 2  # within the margin (0.85): stays
+    assert viewer.report(MID * 0.95) == 0  # below the top and the middle layer: lowest
+    viewer = _EstimatedViewer(LayerPolicy(hold=2.0), layer=2)
+    viewer.now = 10.0
+    assert viewer.report(MID * 1.3) == 1  # the middle layer fits what the path carries
+
+
+def test_congestion_during_a_probe_drops_the_probe_request() -> None:
+    viewer = _EstimatedViewer(LayerPolicy(up_wait=1.0, hold=0.5), layer=1)
+    while viewer.state.probe_for is None:
+        viewer.report(MID * 1.2)
+    assert viewer.report(MID * 1.2, lost=0.3) == 0  # loss: down, and no probe is wanted
+    assert viewer.state.probe_for is None
+    # A result arriving after that is for a layer no longer next: it moves nothing.
+    assert viewer.report(MID * 1.2, probe_succeeded=True) == 0
+
+
+def test_a_viewer_without_an_estimate_keeps_the_blind_upswitch() -> None:
+    policy = LayerPolicy(up_wait=5.0, hold=2.0)
+    state = policy.new_state()
+    layer, now = 1, 0.0
+    for _ in range(60):
+        now += 0.1
+        layer = policy.decide(
+            state,
+            bitrates=[LOW, MID, HIGH],
+            current=layer,
+            ceiling=2,
+            fraction_lost=0.0,
+            remb=None,
+            now=now,
+        )
+    assert layer == 2 and state.probe_for is None
+
+
 @pytest.mark.parametrize(
     ("limits", "expected"),
     [

@@ -3,6 +3,8 @@ router with an in-memory simulcast publisher (see test_simulcast.py)."""
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import orjson
@@ -22,7 +24,8 @@ from test_simulcast import (
 
 from whepfan.errors import ParseError
 from whepfan.http import HttpOptions, create_app
-from whepfan.http.layers import parse_layer_request
+from whepfan.http.events import EVENTS_REL
+from whepfan.http.layers import LAYER_REL, parse_layer_request
 from whepfan.media.layers import LayerRequest
 
 
@@ -78,6 +81,32 @@ async def test_an_empty_request_or_delete_returns_to_automatic(
     response = await http.delete(layer_url)
     assert response.status == 200
     assert (await response.json())["automatic"] is True
+
+
+async def test_with_a_public_url_the_session_url_and_its_links_are_absolute() -> None:
+    """A cluster node (``public_url`` = its node URL) hands out absolute session URLs: a
+    browser player placed here by another node's 307 resolves a relative one against the
+    URL it first POSTed to, and would PATCH and DELETE that node instead."""
+    h = RouterHarness()
+    SimulcastPublisher(h, connect(h, SIMULCAST_OFFER, PUBLISHER, publish=True))
+    node = "https://node-b.example:8443"
+    app = create_app(router=h.router, clock=lambda: 1.0, options=HttpOptions(public_url=node))
+    async with TestClient(TestServer(app)) as http:
+        response = await http.post("/whep/live", data=WHEP_OFFER, headers=SDP)
+        assert response.status == 201, await response.text()
+        location = response.headers["Location"]
+        assert re.fullmatch(rf"{re.escape(node)}/whep/live/[A-Za-z0-9_-]+", location)
+        targets = {}
+        for link in response.headers.getall("Link"):
+            match = re.match(r'<([^>]+)>; rel="([^"]+)"', link)
+            assert match is not None, link
+            targets[match.group(2)] = match.group(1)
+        assert targets == {EVENTS_REL: f"{location}/events", LAYER_REL: f"{location}/layer"}
+        # The node still routes by path: the session is at the URL's path here.
+        path = urllib.parse.urlsplit(location).path
+        assert (await http.get(f"{path}/layer")).status == 200
+        assert (await http.delete(path)).status == 200
+    h.close()
 
 
 @pytest.mark.parametrize(

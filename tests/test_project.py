@@ -135,6 +135,27 @@ def test_protocol_layer_is_sans_io() -> None:
             assert not forbidden.intersection(names), f"{path.name} imports {names}"
 
 
+def test_workers_and_media_never_import_the_layers_above_them() -> None:
+    """DESIGN.md §3: ``workers/`` imports ``media/`` and ``protocol/``, never ``cluster/``,
+    ``http/``, ``client/`` or the wiring (a layer above runs code in a worker process
+    through a worker extension, workers/node.py); ``media/`` none of those nor ``workers/``."""
+    above = {
+        "workers": ("whepfan.cluster", "whepfan.http", "whepfan.client", "whepfan.server"),
+        "media": ("whepfan.workers", "whepfan.cluster", "whepfan.http", "whepfan.client"),
+    }
+    for package, forbidden in above.items():
+        for path in (ROOT / "whepfan" / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                else:
+                    continue
+                for module in modules:
+                    assert not module.startswith(forbidden), f"{package}/{path.name}: {module}"
+
+
 def test_deploy_example_config_is_valid() -> None:
     """The README points at deploy/whepfan.toml: it must parse into real settings."""
     from whepfan.settings import Settings

@@ -261,8 +261,31 @@ def build_parser() -> argparse.ArgumentParser:
             "loopback clients are exempt)",
         ),
         ("--post-burst", "N", "POSTs a client address may send at once (default 50)"),
+        (
+            "--max-pending-per-client",
+            "N",
+            "WHIP/WHEP sessions a client address may have answered and not connected "
+            "(ICE + DTLS) yet; beyond it the POST gets 429 (default 16; 0: off; loopback "
+            "clients are exempt)",
+        ),
     ):
         serve.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar=metavar, help=text)
+    # Clients behind a reverse proxy (whepfan/http/clientaddr.py).
+    serve.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxy",
+        action="append",
+        metavar="CIDR",
+        help="a reverse proxy (address or network) whose --forwarded-header names the "
+        "client; per-client limits then use that address (repeatable; default none)",
+    )
+    serve.add_argument(
+        "--forwarded-header",
+        dest="forwarded_header",
+        choices=("x-forwarded-for", "forwarded"),
+        help="the header the trusted proxies write the client into: X-Forwarded-For "
+        "(default) or Forwarded (RFC 7239); the other is ignored",
+    )
     add_publish_command(commands)
     add_loadtest_command(commands)
     add_demo_command(commands)

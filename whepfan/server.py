@@ -25,6 +25,7 @@ import uvloop
 from aiohttp import web
 
 from whepfan.cluster.node import ClusterNode
+from whepfan.cluster.pool_backend import WORKER_EXTENSIONS
 from whepfan.http import COUNTERS_KEY, create_app
 from whepfan.http.connections import (
     CONNECTION_GUARD_KEY,
@@ -219,6 +220,8 @@ async def run(
             certificate=certificate,
             ledger=ledger,
             log_level=settings.log_level,
+            # An edge's upstream sessions run in its workers (cluster/pool_backend.py).
+            extensions=WORKER_EXTENSIONS if settings.upstream or settings.cluster else (),
         )
         await pool.start()
         backend, clock = pool, loop.time
@@ -325,10 +328,6 @@ async def start_cluster(
     """``--upstream`` / ``--cluster`` (whepfan/cluster/): None on a single box."""
     if settings.upstream is None and settings.cluster is None:
         return None
-    if not isinstance(backend, InProcessWorkers):
-        # Upstream sessions feed one router; with worker processes they would have to
-        # enter the origin worker's relay (docs/scaling.md, "--workers N").
-        raise SettingsError("--upstream and --cluster need --workers 1 for now")
     node = ClusterNode.create(
         backend=backend,
         clock=clock,

@@ -3,8 +3,9 @@ options, ``WHEPFAN_*`` environment variables, a TOML file, and defaults.
 
 Every option has the same name everywhere: ``--publish-token`` on the command line,
 ``WHEPFAN_PUBLISH_TOKEN`` in the environment, ``publish_token`` in the TOML file.
-Repeatable options (``public_ip``, ``ice_server``, ``turn_url``) are lists in TOML and
-comma-separated in the environment; a value from a higher source replaces the whole list.
+Repeatable options (``public_ip``, ``ice_server``, ``turn_url``, ``trusted_proxy``) are
+lists in TOML (where the plural, ``trusted_proxies``, is accepted too) and comma-separated
+in the environment; a value from a higher source replaces the whole list.
 
 A bad value is reported as it was given, so the operator can find it:
 ``WHEPFAN_MAX_VIEWERS=many: not an integer``, ``--udp 1.2.3.4:70000: not HOST:PORT``,
@@ -25,8 +26,10 @@ from typing import Any, Literal
 
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
+from whepfan.http.clientaddr import ForwardedHeader, TrustedProxies, parse_networks
 from whepfan.http.connections import ConnectionLimits
 from whepfan.http.links import DEFAULT_CREDENTIAL_TTL, IceServer, turn_rest_servers
+from whepfan.http.pending import DEFAULT_MAX_PENDING_PER_CLIENT, PendingLimit
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.routes import DEFAULT_COUNTER_OFFER_TTL, HttpOptions
 from whepfan.http.tokens import DEFAULT_LEEWAY, JwtPolicy, JwtVerifier, KeyConfigError, secret_key
@@ -141,6 +144,13 @@ class Settings:
     http_max_connections: int | None = None
     post_rate_limit: float = 10.0
     post_burst: int = 50
+    # Sessions (WHIP and WHEP) one client address may have answered and not connected
+    # yet (whepfan/http/pending.py; 0: no cap; loopback is exempt). Reverse proxies
+    # (CIDRs) whose forwarding header, X-Forwarded-For or Forwarded, names the client
+    # (whepfan/http/clientaddr.py); every per-client limit uses that address.
+    max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded_header: str = ForwardedHeader.X_FORWARDED_FOR.value
     # Beyond one box (whepfan/cluster/, DESIGN.md §7): a fixed WHEP origin to pull streams
     # from ("https://origin/whep/{stream}") and its token; or a Redis registry of nodes
     # (redis://HOST:PORT/DB), this node's public URL and the token nodes pull with; the
@@ -217,6 +227,17 @@ class Settings:
             raise SettingsError("cannot be negative (0 turns it off)", option="post_rate_limit")
         if self.post_burst < 1:
             raise SettingsError("is at least 1", option="post_burst")
+        if self.max_pending_per_client < 0:
+            raise SettingsError(
+                "cannot be negative (0 turns it off)", option="max_pending_per_client"
+            )
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(str(exc), option="trusted_proxy") from None
+        headers = [header.value for header in ForwardedHeader]
+        if self.forwarded_header.lower() not in headers:
+            raise SettingsError(f"is one of {', '.join(headers)}", option="forwarded_header")
         try:
             JwtPolicy(leeway=self.jwt_leeway)
             if self.jwt_secret is not None:
@@ -247,9 +268,6 @@ class Settings:
                 "a WHEP URL template with {stream}, e.g. https://origin/whep/{stream}",
                 option="upstream",
             )
-        if (self.upstream is not None or self.cluster is not None) and self.workers != 1:
-            # The upstream feed enters one in-process router (docs/scaling.md, "Not yet").
-            raise SettingsError("--upstream and --cluster need --workers 1 for now")
         if self.upstream is not None and self.cluster is not None:
             raise SettingsError("--upstream (a fixed origin) and --cluster exclude each other")
         if self.cluster is not None:
@@ -407,6 +425,16 @@ class Settings:
             # (it runs from the POST): valid-until and Expires say when it really goes.
             counter_offer_ttl=min(self.counter_offer_ttl, self.session_connect_timeout),
             ended_session_grace=self.ended_session_grace,
+            pending_limit=PendingLimit(
+                max_per_client=self.max_pending_per_client,
+                connect_timeout=self.session_connect_timeout,
+            )
+            if self.max_pending_per_client > 0
+            else None,
+            trusted_proxies=TrustedProxies(
+                networks=parse_networks(self.trusted_proxies),
+                header=ForwardedHeader(self.forwarded_header.lower()),
+            ),
             limits=ConnectionLimits(
                 header_timeout=self.http_header_timeout,
                 body_timeout=self.http_body_timeout,
@@ -416,6 +444,7 @@ class Settings:
             post_rate_limit=RateLimit(rate=self.post_rate_limit, burst=self.post_burst)
             if self.post_rate_limit > 0
             else None,
+            public_url=self.node_url,
         )
 
     @classmethod
@@ -502,6 +531,9 @@ _OPTIONS: dict[str, str] = {
     "http_max_connections": "int",
     "post_rate_limit": "float",
     "post_burst": "int",
+    "max_pending_per_client": "int",
+    "trusted_proxy": "list",
+    "forwarded_header": "str",
     "upstream": "str",
     "upstream_token": "str",
     "cluster": "str",
@@ -522,7 +554,12 @@ def _from_toml(path: Path) -> dict[str, tuple[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: {exc}") from None
     # The TOML may use the plural spelling for the lists (ice_servers = [...]).
-    aliases = {"public_ips": "public_ip", "ice_servers": "ice_server", "turn_urls": "turn_url"}
+    aliases = {
+        "public_ips": "public_ip",
+        "ice_servers": "ice_server",
+        "turn_urls": "turn_url",
+        "trusted_proxies": "trusted_proxy",
+    }
     values: dict[str, tuple[str, Any]] = {}
     for key, value in document.items():
         name = aliases.get(key, key).replace("-", "_")
@@ -561,7 +598,11 @@ _CREDENTIALS = frozenset(
 )
 
 # "list" options -> their Settings field.
-_LIST_FIELDS = {"public_ip": "public_ips", "turn_url": "turn_urls"}
+_LIST_FIELDS = {
+    "public_ip": "public_ips",
+    "turn_url": "turn_urls",
+    "trusted_proxy": "trusted_proxies",
+}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -10,13 +10,14 @@ Playwright drives it from outside over a pipe, which crosses namespaces. Nothing
 namespace can reach the outside network.
 
 Needs root (for ``ip netns``), Debian's ``/usr/bin/chromium`` and Playwright for Python
-(never ``playwright install``), and ``npm ci --prefix tests/browser`` for the medooze
-client. When any of it is missing the tests FAIL and say what to install: they are
-never skipped.
+(never ``playwright install``), and ``npm ci --prefix tests/browser`` for the medooze and
+Eyevinn clients (and esbuild, which turns Eyevinn's CommonJS build into one ES module).
+When any of it is missing the tests FAIL and say what to install: they are never skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ BROWSER_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BROWSER_DIR.parent.parent
 CHROMIUM = "/usr/bin/chromium"
 MEDOOZE_DIR = BROWSER_DIR / "node_modules" / "whip-whep"
+EYEVINN_DIR = BROWSER_DIR / "node_modules" / "@eyevinn" / "webrtc-player"
+ESBUILD = BROWSER_DIR / "node_modules" / ".bin" / "esbuild"
 NAMESPACE_ADDRESS = "198.18.0.1"
 HTTP_PORT = 8080  # the namespace is private: fixed ports cannot collide
 PUBLISH_TOKEN = "browser-publish-token"
@@ -54,6 +57,21 @@ MEDOOZE_VIEW = """async ({endpoint, token}) => {
   const client = new WHEPClient();
   await client.view(pc, endpoint, token);
   window.viewer = { pc, client };
+}"""
+# Eyevinn's @eyevinn/webrtc-player with its WHEP adapter as a viewer, in a muted autoplay
+# <video>; no STUN server (the namespace has no way out; its default is Google's). Its
+# authorization is sent verbatim, so the "Bearer " is ours. The adapter creates its peer
+# connection in load() and POSTs once ICE gathering completes (at most 2 s), so the
+# promise settles before the POST; window.eyevinn.player.peer is the connection.
+EYEVINN_VIEW = """async ({endpoint, token}) => {
+  const { WebRTCPlayer } = await import("/eyevinn/webrtc-player.js");
+  const video = document.createElement("video");
+  video.autoplay = true;
+  video.muted = true;
+  document.body.append(video);
+  const player = new WebRTCPlayer({ video, type: "whep", iceServers: [] });
+  await player.load(new URL(endpoint), token ? `Bearer ${token}` : undefined);
+  window.eyevinn = { player, video };
 }"""
 SERVER_START_TIMEOUT = 30.0
 # reference/clients.md: without the background-networking flags Chromium floods the
@@ -205,11 +223,54 @@ class WhepfanProcess:
         self._log.close()
 
 
+def wait_until(page: Any, predicate: str, arg: Any = None, timeout: float = 20.0) -> None:
+    """Evaluate the (async) in-page ``predicate`` every 100 ms until it is truthy; fail
+    after ``timeout`` seconds. Not ``page.wait_for_function``: that does not await what
+    its predicate returns, so a pending promise (truthy) ends it after one call."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate, arg):
+        if time.monotonic() > deadline:
+            pytest.fail(f"did not hold within {timeout:.0f} s: {predicate}", pytrace=False)
+        page.wait_for_timeout(100)
+
+
+@functools.cache
+def eyevinn_module() -> bytes:
+    """@eyevinn/webrtc-player as one ES module. The package ships only a CommonJS build
+    (``dist/main.js``, which ``require``s ``events`` and two more Eyevinn packages), which
+    a page cannot import; esbuild, pinned in package.json, bundles it from node_modules
+    (tens of milliseconds, once per run) with nothing fetched."""
+    if not (EYEVINN_DIR / "package.json").is_file() or not ESBUILD.is_file():
+        pytest.fail(
+            f"the Eyevinn webrtc-player client or esbuild is missing; {INSTALL_HINT}",
+            pytrace=False,
+        )
+    result = subprocess.run(
+        [
+            str(ESBUILD),
+            "--bundle",
+            "--format=esm",
+            "--platform=browser",
+            "--log-level=warning",
+            "--sourcefile=eyevinn-webrtc-player.js",
+        ],
+        input=b'export { WebRTCPlayer } from "@eyevinn/webrtc-player";\n',
+        capture_output=True,
+        cwd=BROWSER_DIR,  # where esbuild resolves the package from
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"esbuild could not bundle @eyevinn/webrtc-player: {result.stderr!r}")
+    return result.stdout
+
+
 def open_context(browser: Any) -> Any:
-    """A browser context with the in-page checks (checks.js) on every page and the
-    medooze client served at /medooze/*.js on every origin."""
+    """A browser context with the in-page checks (checks.js) on every page, the medooze
+    client served at /medooze/*.js and Eyevinn's at /eyevinn/webrtc-player.js on every
+    origin."""
     if not (MEDOOZE_DIR / "whep.js").is_file():
         pytest.fail(f"the medooze whip-whep client is missing; {INSTALL_HINT}", pytrace=False)
+    eyevinn = eyevinn_module()
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     context.add_init_script(path=str(BROWSER_DIR / "checks.js"))
 
@@ -221,4 +282,8 @@ def open_context(browser: Any) -> Any:
             route.fulfill(status=404)
 
     context.route("**/medooze/*", serve_medooze)
+    context.route(
+        "**/eyevinn/webrtc-player.js",
+        lambda route: route.fulfill(body=eyevinn, content_type="text/javascript"),
+    )
     return context

@@ -1,7 +1,7 @@
 """Headless Chromium against ``whepfan serve``: whepfan's own pages and the medooze
-``whip-whep`` client publish (fake camera + mic over WHIP) and play (WHEP), for VP8 and
-H264; time to first frame; DELETE frees the session; 20 viewers in one page; a
-screenshot of /watch/{stream} that shows moving video.
+``whip-whep`` client publish (fake camera + mic over WHIP) and play (WHEP), and Eyevinn's
+``webrtc-player`` plays, for VP8 and H264; time to first frame; DELETE frees the
+session; 20 viewers in one page; a screenshot of /watch/{stream} that shows moving video.
 
 One server and one browser serve the whole module (see conftest.py); each test opens
 its own pages and uses its own stream names.
@@ -19,7 +19,15 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from _harness import HTTP_PORT, MEDOOZE_VIEW, PUBLISH_TOKEN, VIEW_TOKEN, open_context
+from _harness import (
+    EYEVINN_VIEW,
+    HTTP_PORT,
+    MEDOOZE_VIEW,
+    PUBLISH_TOKEN,
+    VIEW_TOKEN,
+    open_context,
+    wait_until,
+)
 
 # Enough decoded frames to prove a steady picture (about a second of fake camera).
 FRAMES = 30
@@ -228,16 +236,47 @@ def test_medooze_whep_client_plays_what_each_client_publishes(
     assert _stream_listing(page)["viewers"] == viewers_before - 1
 
 
+def test_eyevinn_player_plays_what_each_client_publishes(
+    server: str, context: Any, publication: Publication
+) -> None:
+    """Eyevinn's WHEP adapter (0.13.0) does not trickle: it waits for ICE gathering to
+    complete (at most 2 s) and POSTs an offer that carries its candidates, and sends no
+    PATCH. unload() DELETEs the session before it closes the peer connection, so the
+    DELETE finds the session live: exactly 200."""
+    endpoint = _endpoint(server, "whep", publication.stream)
+    page = context.new_page()
+    page.goto(f"{server}/")
+    methods: list[str] = []
+    page.on(
+        "request",
+        lambda request: methods.append(request.method) if "/whep/" in request.url else None,
+    )
+    with page.expect_request(lambda r: r.method == "POST" and r.url == endpoint) as posted:
+        page.evaluate(EYEVINN_VIEW, {"endpoint": endpoint, "token": VIEW_TOKEN})
+    assert "a=candidate:" in (posted.value.post_data or "")
+    assert posted.value.headers["authorization"] == f"Bearer {VIEW_TOKEN}"
+    _assert_playing(page, "window.eyevinn.player.peer", publication.codec)
+    session_url = page.evaluate("() => window.eyevinn.player.adapter.resource")
+    assert session_url.startswith(f"{endpoint}/")
+    viewers_before = _stream_listing(page)["viewers"]
+    with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
+        page.evaluate("() => window.eyevinn.player.unload()")
+    assert (deleted.value.url, deleted.value.status) == (session_url, 200)
+    assert _stream_listing(page)["viewers"] == viewers_before - 1
+    assert methods == ["POST", "DELETE"], methods
+
+
 @pytest.fixture(scope="module")
 def vp8_stream(server: str, browser: Any) -> Iterator[str]:
     """One VP8 publication from whepfan's publish page, shared by the tests below."""
     context = open_context(browser)
     published = _publish_with_page(context, server, "shared-vp8", "VP8")
     # Wait until the publisher is well under way, as a viewer arriving later would.
-    published.page.wait_for_function(
+    wait_until(
+        published.page,
         "async () => (await window.whepfan.publisher.stats())"
         ".layers.some((layer) => layer.framesEncoded > 30)",
-        timeout=PAGE_TIMEOUT_MS,
+        timeout=PAGE_TIMEOUT_MS / 1000,
     )
     yield published.stream
     context.close()
@@ -304,12 +343,12 @@ def test_closing_the_watch_page_ends_the_session(
     assert _status_of(observer, session_url) == 204
     # pagehide sends the DELETE with keepalive, so it outlives the page.
     watcher.close(run_before_unload=True)
-    observer.wait_for_function(
+    wait_until(
+        observer,
         """async ([url, token]) => (await fetch(url,
              { headers: { Authorization: `Bearer ${token}` } })).status === 404""",
-        arg=[session_url, VIEW_TOKEN],
-        timeout=PAGE_TIMEOUT_MS,
-        polling=100,
+        [session_url, VIEW_TOKEN],
+        timeout=PAGE_TIMEOUT_MS / 1000,
     )
 
 

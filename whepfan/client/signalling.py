@@ -24,6 +24,9 @@ class OfferResult:
     # placement, RFC 9725 §4.5).
     endpoint: str = ""
     redirects: int = 0
+    # The 201's Link header values (RFC 8288 §3): ice-server, and WHEP extensions such as
+    # server-sent events and layer selection (EXT §4, §5). Relative to ``endpoint``.
+    links: tuple[str, ...] = ()
 
 
 def _headers(token: str | None, content_type: str | None = None) -> dict[str, str]:
@@ -78,6 +81,7 @@ async def post_offer(
                 location=absolute,
                 endpoint=endpoint,
                 redirects=redirects,
+                links=tuple(response.headers.getall("Link", [])),
             )
     raise AssertionError("unreachable: the last iteration returns")
 

@@ -11,6 +11,11 @@ A WHEP POST carrying the cluster token is another node pulling: it is never redi
 (the puller chose this node), and it is refused with 503 beyond ``max_upstream_pulls``.
 A viewer's POST redirected here carries ``?placed=1`` and is served here, whatever
 this node's (possibly one refresh older) view says, so a redirect never loops.
+
+The backend is the in-process router (``--workers 1``) or the worker pool: what the node
+reports (viewers, budget used and free, the streams it carries) is summed over its
+workers, and with a pool the upstream sessions run in worker processes
+(pool_backend.py explains the split).
 """
 
 from __future__ import annotations
@@ -28,18 +33,22 @@ from redis.exceptions import RedisError
 
 from whepfan import __version__
 from whepfan.cluster.placement import choose_upstream, place_viewer
+from whepfan.cluster.pool_backend import PoolUpstreams
 from whepfan.cluster.registry import CarriedStream, ClusterRegistry, NodeRecord
 from whepfan.cluster.upstream import (
+    PulledStreams,
     PullFailure,
+    SessionOpener,
     StaticUpstream,
     UpstreamError,
     UpstreamPuller,
+    UpstreamResolver,
     UpstreamTarget,
 )
 from whepfan.errors import ServiceUnavailable
 from whepfan.http.auth import presented_token, require_token
-from whepfan.media.router import Router
 from whepfan.workers.in_process import InProcessWorkers
+from whepfan.workers.pool import WorkerPool
 
 log = logging.getLogger("whepfan.cluster")
 
@@ -99,16 +108,17 @@ class ClusterNode:
     def __init__(
         self,
         *,
-        backend: InProcessWorkers,
+        backend: InProcessWorkers | WorkerPool,
         puller: UpstreamPuller,
         registry: ClusterRegistry | None = None,
         cluster_token: str | None = None,
         max_upstream_pulls: int | None = None,
         api_token: str | None = None,
+        upstream_hosts: PoolUpstreams | None = None,
     ) -> None:
         self.backend = backend
-        self.router: Router = backend.router
         self.puller = puller
+        self.upstream_hosts = upstream_hosts  # with a worker pool: where pulls run
         self.registry = registry
         self.cluster_token = cluster_token
         self.max_upstream_pulls = max_upstream_pulls
@@ -120,7 +130,7 @@ class ClusterNode:
     def create(
         cls,
         *,
-        backend: InProcessWorkers,
+        backend: InProcessWorkers | WorkerPool,
         clock: Callable[[], float],
         upstream: str | None,
         upstream_token: str | None,
@@ -132,16 +142,19 @@ class ClusterNode:
         api_token: str | None = None,
     ) -> ClusterNode:
         """``--upstream`` (an edge of one fixed WHEP origin, no registry) or ``--cluster``."""
-        router = backend.router
+        hosts = PoolUpstreams(backend) if isinstance(backend, WorkerPool) else None
+        streams: PulledStreams = backend if isinstance(backend, WorkerPool) else backend.router
+
+        def puller_of(resolve: UpstreamResolver) -> UpstreamPuller:
+            opener: SessionOpener | None = hosts
+            return UpstreamPuller(
+                router=streams, resolve=resolve, clock=clock, grace=grace, open_session=opener
+            )
+
         if cluster is None:
             assert upstream is not None
-            puller = UpstreamPuller(
-                router=router,
-                resolve=StaticUpstream(upstream, upstream_token),
-                clock=clock,
-                grace=grace,
-            )
-            return cls(backend=backend, puller=puller, api_token=api_token)
+            puller = puller_of(StaticUpstream(upstream, upstream_token))
+            return cls(backend=backend, puller=puller, api_token=api_token, upstream_hosts=hosts)
         assert node_url is not None and cluster_token is not None
         node: ClusterNode
         registry = ClusterRegistry(
@@ -150,12 +163,7 @@ class ClusterNode:
             describe_self=lambda: node.record(),
             published=lambda: node.published(),
         )
-        puller = UpstreamPuller(
-            router=router,
-            resolve=ClusterUpstream(registry, cluster_token),
-            clock=clock,
-            grace=grace,
-        )
+        puller = puller_of(ClusterUpstream(registry, cluster_token))
         node = cls(
             backend=backend,
             puller=puller,
@@ -163,6 +171,7 @@ class ClusterNode:
             cluster_token=cluster_token,
             max_upstream_pulls=max_upstream_pulls,
             api_token=api_token,
+            upstream_hosts=hosts,
         )
         return node
 
@@ -182,17 +191,20 @@ class ClusterNode:
         """Streams with a live WHIP publisher here (not pulled)."""
         return {
             name
-            for name, stream in self.router.streams.items()
+            for name, stream in self.backend.streams.items()
             if stream.live and not self.puller.pulls(name)
         }
 
     def record(self) -> NodeRecord:
         assert self.registry is not None
         ledger = self.backend.ledger
-        load = ledger.load(0)
+        # The node's load is its workers' (the ledger knows the live ones): placement
+        # weighs nodes, and a viewer placed here goes to the least loaded worker.
+        workers = ledger.workers
+        per_worker = ledger.policy.worker_packet_budget
         pulls = self.puller.describe()
         streams: dict[str, CarriedStream] = {}
-        for name, stream in self.router.streams.items():
+        for name, stream in self.backend.streams.items():
             pull = pulls.get(name)
             if pull is None and not stream.live:
                 continue
@@ -207,10 +219,10 @@ class ClusterNode:
         return NodeRecord(
             id=self.registry.node_id,
             url=self.registry.node_id,
-            viewers=self.router.viewer_count,
-            max_viewers=self.router.config.max_viewers,
-            packets_per_second=load.packets_per_second,
-            packet_budget=load.packet_budget,
+            viewers=self.backend.viewer_count,
+            max_viewers=self.backend.config.max_viewers,
+            packets_per_second=sum(ledger.load(w).packets_per_second for w in workers),
+            packet_budget=None if per_worker is None else per_worker * len(workers),
             draining=ledger.draining,
             upstream_sessions=self.puller.sessions(),
             max_upstream_pulls=self.max_upstream_pulls,
@@ -228,7 +240,7 @@ class ClusterNode:
         """None once ``stream`` can be viewed here; a 307 to another node; or raises."""
         registry = self.registry
         if self._is_cluster_pull(request):
-            self._check_pull_limit(stream)
+            self._check_pull_limit(stream, layer=request.query.get("rid"))
         elif (
             registry is not None
             and registry.available
@@ -254,17 +266,22 @@ class ClusterNode:
             raise exc.error from None
         return None
 
-    def _check_pull_limit(self, stream: str) -> None:
+    def _check_pull_limit(self, stream: str, *, layer: str | None = None) -> None:
         limit = self.max_upstream_pulls
         if limit is None or self.registry is None:
             return
-        served = sum(
-            1
+        served = [
+            name
             for node in self.registry.nodes.values()
-            for carried in node.streams.values()
+            for name, carried in node.streams.items()
             if carried.source == self.registry.node_id
-        )
-        if served >= limit:
+        ]
+        if layer is not None and stream in served:
+            # One more layer (``?rid=``) of a pull already counted: an edge pulls a
+            # simulcast stream as one session per layer (upstream.py), and the limit
+            # counts streams served, not sessions.
+            return
+        if len(served) >= limit:
             self.counters["upstream_pulls_refused"] += 1
             raise ServiceUnavailable(
                 f"this node serves its maximum of {limit} upstream pulls", retry_after=5
@@ -295,6 +312,10 @@ class ClusterNode:
         """``GET /api/cluster``: the registry's view (nodes, load, streams and where each
         node has them from) and this node's pulls."""
         document: dict[str, Any] = {"pulls": self.puller.describe()}
+        if self.upstream_hosts is not None:
+            for name, pull in document["pulls"].items():
+                # Which worker process holds the session (null while it has none).
+                pull.update(self.upstream_hosts.where(name) or {"worker": None})
         if self.registry is not None:
             document.update(self.registry.describe())
             document["nodes"] = [
@@ -338,9 +359,14 @@ class ClusterCollector(Collector):
         puller = node.puller
         sessions = GaugeMetricFamily(
             "whepfan_cluster_upstream_sessions",
-            "Upstream WHEP sessions this node pulls streams over.",
+            "Upstream WHEP sessions this node pulls streams over, by the simulcast layer "
+            'each carries (its rid; "" for a single-layer stream).',
+            labels=["layer"],
         )
-        sessions.add_metric([], puller.sessions())
+        by_layer = puller.sessions_by_layer()
+        by_layer.setdefault("", 0)  # an idle node reports 0, not nothing
+        for layer, count in sorted(by_layer.items()):
+            sessions.add_metric([layer], count)
         yield sessions
         started = CounterMetricFamily(
             "whepfan_cluster_pulls", "Upstream pulls started (first pulls and re-pulls)."

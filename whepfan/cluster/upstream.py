@@ -20,15 +20,54 @@ the viewer's offer negotiates against them); media follows when the upstream's I
 DTLS complete, usually before the viewer's own. The session runs on its own UDP socket,
 so the worker's ICE-lite demux never sees the origin.
 
-Each pull is watched:
+Layers
+------
+A WHEP session receives one layer of a simulcast stream, so an edge pulls a simulcast
+stream as **one session per layer**, each pinned to its layer, and its stream gets one
+track per layer as with a WHIP simulcast publisher (feed.py): its own viewers have the
+edge's layer policy, layer API and ``layers`` event::
 
-* **lost** (ICE consent expired, DTLS closed or failed, the origin refused): the feed
-  detaches (edge viewers stay, waiting, as for a departed publisher) and the pull is
-  tried again with exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``)
-  while viewers remain; the next session's tracks are rebased onto the old ones, so
-  viewers resume without renegotiating.
-* **idle** (no viewers for ``grace`` seconds): the session is ended (DELETE, RFC 9725
-  §4.3 as WHEP reuses it) and forgotten.
+    origin --(audio + layer h)--> first session  --+
+           --(layer q)----------> session q      --+--> UpstreamFeed: tracks q, h, f
+           --(layer f)----------> session f      --+
+
+How the edge learns the layers: from the first session's SSE ``layers`` event (EXT
+§4.3.3; layer_events.py). That is the standard way that works against any WHEP server
+with the layer extension: EXT §5 requires such a server to support the SSE extension
+with ``layers``, it needs nothing but the session the edge already has, and the event
+stream keeps telling the edge when the layers change (the origin's publisher returns
+with others). The alternatives are worse: the layer API GET is not in EXT §5 (whepfan
+and live777 answer it; it is only the fallback where no event stream is linked), and
+the registry knows only whepfan origins, and nothing of a tree's edges. A server whose
+201 links no layer resource gets one session, as any single-layer stream does.
+
+What happens then (simulcast.py decides, sans-IO): the first session, which carries the
+audio and the event stream, is pinned to the middle layer (where the edge's viewers
+start), by the layer POST (EXT §5: ``{"mediaId", "rid"}``); every other layer gets a
+video-only session of its own, pinned at creation by ``?rid=`` where the origin
+understands it (whepfan does, and answers 400 for a rid it does not have) and by the
+layer POST on any server. Only the first session is awaited by ``ensure``; the others
+follow within a round trip of the event. Keyframe requests from the edge's viewers and
+layer switches go, after the edge's throttle, to the session of the layer asked for.
+
+Each pull is watched, each layer's session on its own:
+
+* **lost** (ICE consent expired, DTLS closed or failed, the origin refused): the layer
+  gets nothing (edge viewers stay, waiting, as for a departed publisher; with other
+  layers flowing the stream stays live) and its session is tried again with
+  exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``) while viewers
+  remain; the new session's track is rebased onto the old one, so viewers resume
+  without renegotiating. The first session comes back pinned to its layer.
+* **layers changed** (the origin's event): sessions of layers that went are ended,
+  layers that came get one; each continuing session keeps its track.
+* **idle** (no viewers for ``grace`` seconds): every session of the stream is ended
+  (DELETE, RFC 9725 §4.3 as WHEP reuses it) and the pull forgotten.
+
+The puller is the same with ``--workers N``: it reads the pool's streams (viewers on every
+worker) and its ``open_session`` runs each session in a worker process
+(cluster/pool_backend.py, cluster/worker_upstreams.py). Such a session is no
+``LayeredPullSession``, so there a stream is pulled as one session (the origin's layer
+policy picks its layer).
 """
 
 from __future__ import annotations
@@ -40,11 +79,12 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+import orjson
 
 from whepfan.client.peer import (
     ClientTransport,
@@ -56,7 +96,9 @@ from whepfan.client.peer import (
     viewer_offer,
 )
 from whepfan.client.signalling import delete_session, local_address_towards, post_offer
-from whepfan.cluster.feed import UpstreamFeed
+from whepfan.cluster.feed import FeedLeg, UpstreamFeed
+from whepfan.cluster.layer_events import layer_updates
+from whepfan.cluster.simulcast import LAYER_REL, link_targets, pinned_url, plan_layers
 from whepfan.errors import Conflict, ParseError, ServiceUnavailable, WhepfanError
 from whepfan.media.router import Router
 from whepfan.protocol.negotiation import remote_transport
@@ -70,6 +112,12 @@ RETRY_MAX = 10.0
 # How long ensure() waits for the origin's answer before the viewer gets a 503.
 SIGNALLING_TIMEOUT = 10.0
 WATCH_INTERVAL = 0.5
+# How soon the layer watch subscribes again after the origin's event stream ended.
+LAYER_EVENTS_RETRY = 2.0
+# How long ensure() waits for the origin's layers after the first session's answer (a
+# server with the layer extension that never sends "layers" costs a viewer this once).
+LAYER_WAIT = 2.0
+MEASURE_POLL = 0.01
 _RECEIVE_BURST = 64
 
 
@@ -84,6 +132,78 @@ class UpstreamTarget:
 
 # Finds the upstream of a stream, or None when nobody carries it (the viewer gets 409).
 UpstreamResolver = Callable[[str], Awaitable[UpstreamTarget | None]]
+
+
+class PulledStream(Protocol):
+    """What the puller reads of a stream: a Router's Stream, or a worker pool's
+    ProxyStream (its viewers on every worker)."""
+
+    @property
+    def live(self) -> bool: ...
+    @property
+    def viewers(self) -> Mapping[str, object]: ...
+
+
+class PulledStreams(Protocol):
+    """The node's streams: a Router, or the worker pool (workers/pool.py)."""
+
+    @property
+    def streams(self) -> Mapping[str, PulledStream]: ...
+
+
+class PullSession(Protocol):
+    """One pull's session as the puller drives it: ``UpstreamSession`` here, or
+    cluster/pool_backend.py's, whose transport runs in a worker process."""
+
+    stream_name: str
+    target: UpstreamTarget
+    location: str | None
+    packets_received: int
+    bytes_received: int
+    closed: bool
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def delete(self) -> None: ...
+
+
+@runtime_checkable
+class LayeredPullSession(PullSession, Protocol):
+    """A session that can pull one layer of a simulcast stream (``UpstreamSession``):
+    the puller watches the origin's layers through its Links and pins it. A session
+    that is not one (cluster/pool_backend.py's, with --workers N) pulls the stream as
+    one session, whose layer the origin's policy chooses."""
+
+    @property
+    def links(self) -> Mapping[str, str]:
+        """rel -> URL of the 201's Links: the layer watch reads the layer and SSE
+        extensions' (simulcast.LAYER_REL, EVENTS_REL)."""
+        ...
+
+    async def arrange(self, rid: str | None, layers: Sequence[str]) -> bool:
+        """Pin the session to layer ``rid`` of the origin's ``layers`` (low to high) and
+        lay out the stream's tracks for them (UpstreamSession.arrange)."""
+        ...
+
+
+class SessionOpener(Protocol):
+    """Makes (not starts) the session of one pull; ``on_lost`` when its transport fails."""
+
+    def __call__(
+        self,
+        *,
+        stream_name: str,
+        target: UpstreamTarget,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        on_lost: Callable[[PullSession, str], None],
+        rid: str | None = None,
+        layers: Sequence[str] = (),
+        audio: bool = True,
+    ) -> PullSession: ...
 
 
 class StaticUpstream:
@@ -108,6 +228,7 @@ class PullFailure(enum.Enum):
     BAD_ANSWER = "bad_answer"  # an answer we cannot use
     TRANSPORT = "transport"  # ICE or DTLS did not complete, or was lost later
     NO_UPSTREAM = "no_upstream"  # the resolver could not be asked (Redis down)
+    WORKER = "worker"  # the worker process holding the session exited (--workers N)
 
 
 class UpstreamError(WhepfanError):
@@ -134,10 +255,21 @@ class UpstreamSession:
         http: aiohttp.ClientSession,
         clock: Callable[[], float],
         on_lost: Callable[[UpstreamSession, str], None],
+        rid: str | None = None,
+        layers: Sequence[str] = (),
+        audio: bool = True,
     ) -> None:
         self.router = router
         self.stream_name = stream_name
         self.target = target
+        # The layer this session is pinned to (None: the only one, or not known yet), of
+        # the origin's ``layers``; ``audio``: it also carries the stream's audio.
+        self.rid = rid
+        self.layers = tuple(layers)
+        self.audio = audio
+        # rel -> URL of the 201's Links (simulcast.LAYER_REL, EVENTS_REL, ...)
+        self.links: dict[str, str] = {}
+        self.leg: FeedLeg | None = None
         self._http = http
         self._clock = clock
         self._on_lost = on_lost
@@ -147,6 +279,7 @@ class UpstreamSession:
         self._timer: asyncio.TimerHandle | None = None
         self.feed: UpstreamFeed | None = None
         self.location: str | None = None
+        self.answer: str | None = None  # the upstream's SDP answer (relay copies mirror it)
         self.started_at = time.monotonic()
         self.connected_at: float | None = None
         self.closed = False
@@ -173,12 +306,14 @@ class UpstreamSession:
             fingerprints=self.router.certificate.fingerprints,
             candidate=host_candidate(host, sock.getsockname()[1]),
         )
-        offer = viewer_offer(local)
+        # Sessions after the first carry video only: audio once, not once per layer.
+        offer = viewer_offer(local, audio=self.audio)
+        # ?rid= pins the layer at creation where the origin understands it (whepfan
+        # does); the layer POST after the answer pins it on any EXT §5 server.
+        endpoint = self.target.url if self.rid is None else pinned_url(self.target.url, self.rid)
         try:
             async with asyncio.timeout(SIGNALLING_TIMEOUT):
-                result = await post_offer(
-                    self._http, self.target.url, offer, token=self.target.token
-                )
+                result = await post_offer(self._http, endpoint, offer, token=self.target.token)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.close()
             raise UpstreamError(
@@ -205,11 +340,14 @@ class UpstreamSession:
                 ServiceUnavailable(f"{detail}: {result.detail[:200]}", retry_after=5),
             )
         self.location = result.location
+        self.answer = result.answer
+        self.links = link_targets(result.links, result.endpoint or endpoint)
         now = self._clock()
         try:
             remote = remote_transport(SessionDescription.parse(result.answer))
-            self.feed = UpstreamFeed(
-                self.router, self.stream_name, result.answer, now, self._send_rtcp
+            self.feed = UpstreamFeed.of(self.router, self.stream_name)
+            self.leg = self.feed.add_leg(
+                self.rid, result.answer, now, self._send_rtcp, layers=self.layers
             )
         except (ParseError, WhepfanError, ValueError) as exc:
             self.close()
@@ -229,6 +367,58 @@ class UpstreamSession:
         self._loop.add_reader(sock.fileno(), self._on_readable)
         self._transport.start(now)
         self._after_io()
+        if self.rid is not None and not await self.pin(self.rid):
+            self.close()
+            raise UpstreamError(
+                PullFailure.REFUSED,
+                ServiceUnavailable(
+                    f"upstream {self.target.url} did not pin layer {self.rid!r}", retry_after=5
+                ),
+            )
+
+    @property
+    def video_media_id(self) -> str:
+        """The m-line index of our offer's video (EXT §5 ``mediaId``): after the audio."""
+        return "1" if self.audio else "0"
+
+    async def pin(self, rid: str) -> bool:
+        """POST the layer extension (EXT §5): this session receives layer ``rid`` only.
+        True when the origin said 200; also True when it has no layer extension (nothing
+        to pin: the only layer). Connection failures are False, not raised."""
+        layer_url = self.links.get(LAYER_REL)
+        if layer_url is None:
+            return True
+        body = orjson.dumps({"mediaId": self.video_media_id, "rid": rid})
+        headers = {"Content-Type": "application/json"}
+        if self.target.token:
+            headers["Authorization"] = f"Bearer {self.target.token}"
+        try:
+            async with (
+                asyncio.timeout(SIGNALLING_TIMEOUT),
+                self._http.post(layer_url, data=body, headers=headers) as response,
+            ):
+                detail = await response.text(errors="replace")
+                if response.status == 200:
+                    return True
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            detail = str(exc) or type(exc).__name__
+        log.warning("upstream of %r: layer %r not pinned: %s", self.stream_name, rid, detail[:200])
+        return False
+
+    async def arrange(self, rid: str | None, layers: Sequence[str]) -> bool:
+        """The origin's layers are now ``layers`` and this session is to carry ``rid``:
+        pin it (when it changes) and lay out the stream's tracks again. False when the
+        origin refused the pin (nothing changed then)."""
+        if self.closed or self.feed is None or self.leg is None:
+            return False
+        if rid != self.rid:
+            if rid is not None and not await self.pin(rid):
+                return False
+            self.rid = rid
+            self.feed.rename_leg(self.leg, rid)
+        self.layers = tuple(layers)
+        self.feed.set_layers(layers, self._clock())
+        return True
 
     @property
     def connected(self) -> bool:
@@ -251,8 +441,8 @@ class UpstreamSession:
                 self._loop.remove_reader(self._socket.fileno())
             self._socket.close()
             self._socket = None
-        if self.feed is not None:
-            self.feed.detach(self._clock())
+        if self.leg is not None:
+            self.leg.detach(self._clock())
 
     async def delete(self) -> None:
         """Close, and DELETE the session resource upstream (best effort)."""
@@ -286,10 +476,10 @@ class UpstreamSession:
                 log.debug("upstream %s: receive failed: %s", self.stream_name, exc)
                 break
             media = transport.receive(data, (addr[0], addr[1]), now)
-            if media is not None and self.feed is not None:
+            if media is not None and self.leg is not None:
                 self.packets_received += 1
                 self.bytes_received += len(media)
-                self.feed.srtp(media, now)
+                self.leg.srtp(media, now)
         self._after_io()
 
     def _send_pending(self) -> None:
@@ -313,8 +503,8 @@ class UpstreamSession:
                     self.target.url,
                     (self.connected_at - self.started_at) * 1000,
                 )
-                if self.feed is not None:
-                    self.feed.keyed(event.keys, self._clock())
+                if self.leg is not None:
+                    self.leg.keyed(event.keys, self._clock())
             elif isinstance(event, TransportFailed):
                 log.warning("upstream of %r lost: %s", self.stream_name, event.reason)
                 self.close()
@@ -335,16 +525,48 @@ class UpstreamSession:
 
 
 @dataclass(eq=False, kw_only=True)
+class _Leg:
+    """One layer's session of a pull (the only one for a single-layer stream)."""
+
+    rid: str | None  # the layer it is pinned to; None: the only layer, or not known yet
+    primary: bool = False  # the first session: it carries the audio and hears the events
+    session: PullSession | None = None
+    starting: asyncio.Task[PullSession] | None = None
+    failures: int = 0
+    retry_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass(eq=False, kw_only=True)
 class _Pull:
     """The puller's memory of one stream."""
 
     stream: str
-    session: UpstreamSession | None = None
-    starting: asyncio.Task[UpstreamSession] | None = None
+    primary: _Leg = field(default_factory=lambda: _Leg(rid=None, primary=True))
+    others: dict[str, _Leg] = field(default_factory=dict)  # rid -> its session's leg
+    layers: tuple[str, ...] = ()  # the origin's layers, low to high (empty: one)
+    # Where the first session came from: the other layers come from the same node, so
+    # they are layers of one encoder (a tree's edge picked by placement included).
+    target: UpstreamTarget | None = None
+    events: asyncio.Task[None] | None = None  # the layer watch on the first session
+    arrange_at: float | None = None  # when to try an arrangement the origin refused again
+    arranging: asyncio.Lock = field(default_factory=asyncio.Lock)  # one at a time
+    # Set once the layers are known (or known to be unknowable: no layer extension).
+    layers_known: asyncio.Event = field(default_factory=asyncio.Event)
     idle_since: float | None = None
-    failures: int = 0
-    retry_at: float | None = None
+    ensuring: int = 0  # viewers' POSTs waiting in ensure: not idle while they wait
     last_error: str | None = None
+
+    @property
+    def legs(self) -> list[_Leg]:
+        return [self.primary, *self.others.values()]
+
+    @property
+    def failures(self) -> int:
+        return self.primary.failures
+
+    def any_session(self) -> PullSession | None:
+        return next((leg.session for leg in self.legs if leg.session is not None), None)
 
 
 class UpstreamPuller:
@@ -353,12 +575,18 @@ class UpstreamPuller:
     def __init__(
         self,
         *,
-        router: Router,
+        router: PulledStreams,
         resolve: UpstreamResolver,
         clock: Callable[[], float],
         grace: float = DEFAULT_GRACE,
         max_pulls: int | None = None,
+        open_session: SessionOpener | None = None,
     ) -> None:
+        if open_session is None:
+            if not isinstance(router, Router):
+                raise TypeError("sessions open on a Router unless open_session is given")
+            open_session = _opener_on(router)
+        self.open_session = open_session
         self.router = router
         self.resolve = resolve
         self._clock = clock
@@ -367,7 +595,7 @@ class UpstreamPuller:
         self._pulls: dict[str, _Pull] = {}
         self._http: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self.counters: Counter[str] = Counter()  # pulls_started, pull_failures_<reason>...
 
     async def start(self) -> None:
@@ -394,76 +622,232 @@ class UpstreamPuller:
         """Make ``stream_name`` available here before a viewer's offer is negotiated:
         nothing to do when it is published (or already pulled) here; otherwise pull it.
         Raises ``UpstreamError`` (its ``error`` is the viewer's answer) when that fails;
-        returns without pulling when no node carries it (the router then answers 409)."""
+        returns without pulling when no node carries it (the router then answers 409).
+
+        Only the first session is awaited, and the origin's layers for at most
+        ``LAYER_WAIT``: the tracks then exist; the other layers' sessions follow at once,
+        and viewers get their media as soon as they connect."""
         stream = self.router.streams.get(stream_name)
         pull = self._pulls.get(stream_name)
-        if stream is not None and stream.live and (pull is None or pull.session is not None):
+        if stream is not None and stream.live and (pull is None or pull.any_session() is not None):
             return
         if pull is None:
             pull = self._pulls[stream_name] = _Pull(stream=stream_name)
-        if pull.starting is None:
-            pull.starting = asyncio.ensure_future(self._open(pull))
+        pull.ensuring += 1
         try:
-            await asyncio.shield(pull.starting)
-        except UpstreamError:
-            if pull.session is None and not self._has_viewers(stream_name):
-                self._pulls.pop(stream_name, None)
-            raise
+            await self._ensure(pull)
+        finally:
+            pull.ensuring -= 1
+            pull.idle_since = None  # the grace counts from the viewer's arrival
 
-    async def _open(self, pull: _Pull) -> UpstreamSession:
+    async def _ensure(self, pull: _Pull) -> None:
+        leg = pull.primary
+        if leg.starting is None:
+            leg.starting = asyncio.ensure_future(self._open(pull, leg))
         try:
-            target = await self.resolve(pull.stream)
+            await asyncio.shield(leg.starting)
+        except UpstreamError:
+            if pull.any_session() is None and not self._has_viewers(pull.stream):
+                self._forget(pull)
+            raise
+        # A moment for the origin's layers (one round trip when it knows them), so that
+        # the viewer negotiates against every layer's track: its ?rid= names one, and
+        # the edge's policy starts it in the middle, as with a WHIP simulcast publisher.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAYER_WAIT):
+                await pull.layers_known.wait()
+                await self._layers_measured(pull.stream)
+
+    async def _layers_measured(self, stream_name: str) -> None:
+        """Until every video layer's picture size is measured (its first keyframe, which
+        each session asks for when it connects): layers are ordered by it
+        (Stream.layers), and the first session's layer, flowing a moment before the
+        others, would otherwise sort above them and be taken for the top one."""
+        router = self.router
+        if not isinstance(router, Router):
+            return  # worker pools pull one session per stream
+        while True:
+            stream = router.streams.get(stream_name)
+            layers = stream.layers() if stream is not None else []
+            if len(layers) < 2 or all(track.width is not None for track in layers):
+                return
+            await asyncio.sleep(MEASURE_POLL)
+
+    async def _open(self, pull: _Pull, leg: _Leg) -> PullSession:
+        """Open ``leg``'s session. The first session asks the resolver where the stream
+        is; the others follow it (``pull.target``)."""
+        try:
+            target = pull.target if not leg.primary else None
+            if target is None:
+                target = await self.resolve(pull.stream)
             if target is None:
                 raise UpstreamError(
                     PullFailure.NOT_LIVE,
                     Conflict(f"stream {pull.stream!r} is not live", retry_after=5),
                 )
             assert self._http is not None, "UpstreamPuller.start() first"
-            session = UpstreamSession(
-                router=self.router,
+            session = self.open_session(
                 stream_name=pull.stream,
                 target=target,
                 http=self._http,
                 clock=self._clock,
                 on_lost=self._lost,
+                rid=leg.rid,
+                layers=pull.layers,
+                audio=leg.primary,
             )
             self.counters["pulls_started"] += 1
             await session.start()
         except UpstreamError as exc:
             self.counters[f"pull_failures_{exc.reason.value}"] += 1
-            pull.failures += 1
-            pull.last_error = exc.detail
-            pull.retry_at = self._clock() + self._backoff(pull.failures)
+            self._failed(pull, leg, exc.detail)
+            if leg.primary and exc.reason is PullFailure.REFUSED and leg.rid is not None:
+                # Perhaps the layer is gone upstream: the next try is unpinned, and the
+                # layer watch pins it again to a layer that exists.
+                leg.rid = None
             raise
         finally:
-            pull.starting = None
-        if self._pulls.get(pull.stream) is not pull:
+            leg.starting = None
+        if self._pulls.get(pull.stream) is not pull or leg not in pull.legs:
             await session.delete()  # released while signalling
             raise UpstreamError(PullFailure.TRANSPORT, ServiceUnavailable("pull released"))
-        pull.session = session
-        pull.failures = 0
-        pull.retry_at = None
-        pull.idle_since = self._clock()
-        log.info("pulling %r from %s", pull.stream, session.target.url)
+        leg.session = session
+        leg.failures = 0
+        leg.retry_at = None
+        if leg.primary:
+            pull.target = target
+            if pull.idle_since is None:
+                pull.idle_since = self._clock()
+            self._watch_layers(pull, session)
+        log.info(
+            "pulling %r%s from %s",
+            pull.stream,
+            f" layer {leg.rid}" if leg.rid is not None else "",
+            session.target.url,
+        )
         return session
+
+    def _failed(self, pull: _Pull, leg: _Leg, error: str) -> None:
+        leg.failures += 1
+        leg.last_error = pull.last_error = error
+        leg.retry_at = self._clock() + self._backoff(leg.failures)
 
     @staticmethod
     def _backoff(failures: int) -> float:
         return min(RETRY_INITIAL * (2 ** max(failures - 1, 0)), RETRY_MAX)
 
-    def _lost(self, session: UpstreamSession, reason: str) -> None:
+    def _lost(self, session: PullSession, reason: str) -> None:
         pull = self._pulls.get(session.stream_name)
-        if pull is None or pull.session is not session:
+        leg = (
+            None
+            if pull is None
+            else next((leg for leg in pull.legs if leg.session is session), None)
+        )
+        if pull is None or leg is None:
             return
         self.counters[f"pull_failures_{PullFailure.TRANSPORT.value}"] += 1
-        pull.session = None
-        pull.failures += 1
-        pull.last_error = reason
-        pull.retry_at = self._clock() + self._backoff(pull.failures)
+        leg.session = None
+        self._failed(pull, leg, reason)
+        if leg.primary and pull.events is not None:
+            pull.events.cancel()  # the next first session watches the layers again
+            pull.events = None
         if session.location is not None:
-            task = asyncio.ensure_future(session.delete())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(session.delete())
+
+    def _in_background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # the origin's layers: one session each ---------------------------------------------
+
+    def _watch_layers(self, pull: _Pull, session: PullSession) -> None:
+        """Learn the origin's layers from the first session's event stream (module
+        docstring: "Layers"), when its 201 linked the layer extension."""
+        if pull.events is not None:
+            pull.events.cancel()
+            pull.events = None
+        if not isinstance(session, LayeredPullSession) or LAYER_REL not in session.links:
+            pull.layers_known.set()
+            return  # no layer extension: one session, as for any single-layer stream
+        pull.events = asyncio.ensure_future(self._layer_events(pull, session))
+
+    async def _layer_events(self, pull: _Pull, session: LayeredPullSession) -> None:
+        assert self._http is not None
+        token = session.target.token
+        while not session.closed:
+            try:
+                async for layers in layer_updates(self._http, session.links, token):
+                    await self._arrange(pull, layers)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.debug("layer events of %r: %s", pull.stream, exc)
+            await asyncio.sleep(LAYER_EVENTS_RETRY)
+
+    async def layers_changed(self, stream_name: str, layers: Sequence[str]) -> None:
+        """The origin's layers of ``stream_name`` are ``layers`` (low to high; empty: a
+        single layer), as its event stream said: pin the first session, open a session
+        for each other layer, end the sessions of layers that are gone."""
+        pull = self._pulls.get(stream_name)
+        if pull is not None:
+            await self._arrange(pull, layers)
+
+    async def _arrange(self, pull: _Pull, layers: Sequence[str]) -> None:
+        """See ``layers_changed`` (the decisions are simulcast.plan_layers'); one at a
+        time per stream, as each pins the first session and reads what the last did."""
+        async with pull.arranging:
+            try:
+                await self._arrange_now(pull, layers)
+            finally:
+                pull.layers_known.set()
+
+    async def _arrange_now(self, pull: _Pull, layers: Sequence[str]) -> None:
+        if self._pulls.get(pull.stream) is not pull:
+            return
+        layers = tuple(layers)
+        primary = pull.primary
+        plan = plan_layers(primary.rid, pull.others.keys(), layers)
+        unchanged = layers == pull.layers and plan.primary == primary.rid
+        if unchanged and not plan.open and not plan.close and pull.arrange_at is None:
+            return  # the event's periodic repeat
+        if not unchanged:
+            log.info(
+                "stream %r upstream has layers %s: %d sessions",
+                pull.stream,
+                ", ".join(layers) or "(one)",
+                max(len(layers), 1),
+            )
+        pull.layers = layers
+        for rid in plan.close:
+            leg = pull.others.pop(rid)
+            self._end_leg(leg)
+        session = primary.session
+        if isinstance(session, LayeredPullSession):
+            if not await session.arrange(plan.primary, layers):
+                # Refused (a layer that went meanwhile): the next event, or the watch
+                # after a backoff, arranges again.
+                pull.arrange_at = self._clock() + RETRY_MAX
+                return
+            primary.rid = plan.primary
+        elif plan.primary != primary.rid:
+            primary.rid = plan.primary  # the re-pull of the first session asks for it
+        pull.arrange_at = None
+        for rid in plan.open:
+            if rid in pull.others:
+                continue
+            leg = pull.others[rid] = _Leg(rid=rid)
+            self._start(pull, leg)
+
+    def _start(self, pull: _Pull, leg: _Leg) -> None:
+        leg.starting = asyncio.ensure_future(self._open(pull, leg))
+        leg.starting.add_done_callback(_ignore_failure)
+
+    def _end_leg(self, leg: _Leg) -> None:
+        if leg.starting is not None:
+            leg.starting.cancel()
+            leg.starting = None
+        if leg.session is not None:
+            session, leg.session = leg.session, None
+            self._in_background(session.delete())
 
     # the watch: re-pull lost upstreams, release idle ones --------------------------------
 
@@ -481,9 +865,9 @@ class UpstreamPuller:
 
     async def watch(self, now: float) -> None:
         for pull in list(self._pulls.values()):
-            if pull.starting is not None:
+            if pull.primary.starting is not None:
                 continue
-            if self._has_viewers(pull.stream):
+            if self._has_viewers(pull.stream) or pull.ensuring:
                 pull.idle_since = None
             elif pull.idle_since is None:
                 pull.idle_since = now
@@ -493,45 +877,132 @@ class UpstreamPuller:
                 )
                 await self._release(pull)
                 continue
-            if pull.session is None and pull.retry_at is not None and now >= pull.retry_at:
-                if not self._has_viewers(pull.stream):
-                    await self._release(pull)
-                    continue
-                pull.starting = asyncio.ensure_future(self._open(pull))
-                pull.starting.add_done_callback(_ignore_failure)
+            due = [
+                leg
+                for leg in pull.legs
+                if leg.session is None
+                and leg.starting is None
+                and leg.retry_at is not None
+                and now >= leg.retry_at
+            ]
+            if due and not self._has_viewers(pull.stream) and pull.any_session() is None:
+                await self._release(pull)
+                continue
+            for leg in due:
+                self._start(pull, leg)
+            if pull.arrange_at is not None and now >= pull.arrange_at:
+                pull.arrange_at = None
+                self._in_background(self._arrange(pull, pull.layers))
+            self._report_layers(pull, now)
 
-    async def _release(self, pull: _Pull) -> None:
+    def _report_layers(self, pull: _Pull, now: float) -> None:
+        """The edge's own SSE ``layers`` event (EXT §4.3.3) for its viewers: the stand-in
+        publisher has no address, so the publisher feedback timer that reports it on an
+        origin never runs for a pulled stream."""
+        router = self.router
+        if not isinstance(router, Router):
+            return  # with worker processes, each worker reports its own streams
+        stream = router.streams.get(pull.stream)
+        if stream is not None and stream.active and pull.any_session() is not None:
+            router.layers.report(stream, now)
+
+    def _forget(self, pull: _Pull) -> None:
         if self._pulls.get(pull.stream) is pull:
             del self._pulls[pull.stream]
-        if pull.starting is not None:
-            pull.starting.cancel()
-        if pull.session is not None:
-            session, pull.session = pull.session, None
-            await session.delete()
+        if pull.events is not None:
+            pull.events.cancel()
+            pull.events = None
+
+    async def _release(self, pull: _Pull) -> None:
+        """End every session of the stream (grace over, or the node closing)."""
+        self._forget(pull)
+        sessions = []
+        for leg in pull.legs:
+            if leg.starting is not None:
+                leg.starting.cancel()
+                leg.starting = None
+            if leg.session is not None:
+                sessions.append(leg.session)
+                leg.session = None
+        await asyncio.gather(*(session.delete() for session in sessions))
 
     # what status and metrics read --------------------------------------------------------
 
     def sessions(self) -> int:
-        return sum(1 for pull in self._pulls.values() if pull.session is not None)
+        """Upstream sessions held (one per layer of each pulled stream)."""
+        return sum(self.sessions_by_layer().values())
+
+    def sessions_by_layer(self) -> Counter[str]:
+        """Upstream sessions by the layer they carry (rid; "" for a single layer)."""
+        held: Counter[str] = Counter()
+        for pull in self._pulls.values():
+            for leg in pull.legs:
+                if leg.session is not None:
+                    held[leg.rid or ""] += 1
+        return held
 
     def describe(self) -> dict[str, dict[str, Any]]:
-        """Per pulled stream: from where, connected or not, received counts, failures."""
+        """Per pulled stream: from where, connected or not, received counts, failures,
+        and the same per layer session."""
         report: dict[str, dict[str, Any]] = {}
         for name, pull in self._pulls.items():
-            session = pull.session
+            held = [leg for leg in pull.legs if leg.session is not None]
+            first = pull.any_session()
             report[name] = {
-                "upstream": session.target.url if session is not None else None,
-                "node": session.target.node if session is not None else None,
-                "connected": session is not None and session.connected,
-                "packets": session.packets_received if session is not None else 0,
-                "bytes": session.bytes_received if session is not None else 0,
+                "upstream": first.target.url if first is not None else None,
+                "node": first.target.node if first is not None else None,
+                "connected": any(leg.session.connected for leg in held if leg.session),
+                "packets": sum(leg.session.packets_received for leg in held if leg.session),
+                "bytes": sum(leg.session.bytes_received for leg in held if leg.session),
                 "failures": pull.failures,
                 "last_error": pull.last_error,
+                "layers": [
+                    {
+                        "rid": leg.rid,
+                        "primary": leg.primary,
+                        "session": leg.session.location if leg.session is not None else None,
+                        "connected": leg.session is not None and leg.session.connected,
+                        "packets": leg.session.packets_received if leg.session else 0,
+                        "bytes": leg.session.bytes_received if leg.session else 0,
+                        "failures": leg.failures,
+                        "last_error": leg.last_error,
+                    }
+                    for leg in pull.legs
+                ],
             }
         return report
 
 
-def _ignore_failure(task: asyncio.Task[UpstreamSession]) -> None:
+def _opener_on(router: Router) -> SessionOpener:
+    """The default ``open_session``: the session's transport in this process, on ``router``."""
+
+    def open_session(
+        *,
+        stream_name: str,
+        target: UpstreamTarget,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        on_lost: Callable[[PullSession, str], None],
+        rid: str | None = None,
+        layers: Sequence[str] = (),
+        audio: bool = True,
+    ) -> PullSession:
+        return UpstreamSession(
+            router=router,
+            stream_name=stream_name,
+            target=target,
+            http=http,
+            clock=clock,
+            on_lost=on_lost,
+            rid=rid,
+            layers=layers,
+            audio=audio,
+        )
+
+    return open_session
+
+
+def _ignore_failure(task: asyncio.Task[PullSession]) -> None:
     # A background re-pull's failure is counted and retried by the watch.
     if not task.cancelled():
         task.exception()

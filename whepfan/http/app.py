@@ -90,8 +90,15 @@ def create_app(
     counters: Counter[str] = Counter()
     middlewares: list[Middleware] = [connection_middleware, cors_middleware, error_middleware]
     if options.post_rate_limit is not None:
+        proxies = options.trusted_proxies
+
+        def client_key(request: web.Request, exempt_loopback: bool) -> str | None:
+            return proxies.of(request).key(exempt_loopback=exempt_loopback)
+
         middlewares.append(
-            rate_limit_middleware(options.post_rate_limit, clock=clock, counters=counters)
+            rate_limit_middleware(
+                options.post_rate_limit, clock=clock, counters=counters, key_of=client_key
+            )
         )
     middlewares.append(stream_name_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=options.max_body_bytes)
@@ -104,6 +111,7 @@ def create_app(
         options=options,
         wall_clock=wall_clock,
         viewer_placement=viewer_placement,
+        counters=counters,
     )
     # One for every resource: a session's binding is checked wherever it is acted on.
     access = resources.access

@@ -178,6 +178,16 @@ class AccessControl:
             return False
         return True
 
+    def is_cluster_node(self, authorization: str | None) -> bool:
+        """The request presents the cluster token (checked whether or not its role needs
+        a credential: on an open WHEP endpoint it is what tells a node's pull apart)."""
+        token = presented_token(authorization)
+        return (
+            token is not None
+            and self._cluster_token is not None
+            and _same(token, self._cluster_token)
+        )
+
     def bind(self, session: object, grant: Grant | None) -> None:
         """Bind a new session to the credential that made it (nothing when open)."""
         if grant is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from whepfan.protocol.sdp import SdpFragment
 
@@ -70,4 +70,15 @@ class SessionRouter(Protocol):
 
     def get_session(self, session_id: str) -> SessionView:
         """The session, or NotFound."""
+        ...
+
+
+@runtime_checkable
+class PendingRouter(Protocol):
+    """A backend that knows which sessions are still pending (answered, not connected:
+    ICE + DTLS), for the per-client pending cap (http/pending.py). Without it a session
+    counts until it ends or reaches its connect deadline."""
+
+    def session_pending(self, session_id: str) -> bool:
+        """False once the session connected or ended (or was never known)."""
         ...

@@ -314,9 +314,10 @@ class EventHub:
             self.router.remove_listener(self.on_stream_event)
             self._attached = False
 
-    def links_for(self, stream: str, session_id: str) -> list[str]:
-        """The Link values for a WHEP 201 (EXT §4.1: one Link per extension)."""
-        return [link_value(f"/whep/{stream}/{session_id}/events")]
+    def links_for(self, session_url: str) -> list[str]:
+        """The Link values for the WHEP 201 of the session at ``session_url`` (EXT §4.1:
+        one Link per extension)."""
+        return [link_value(f"{session_url}/events")]
 
     # ------------------------------------------------------------------ event input
 

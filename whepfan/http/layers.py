@@ -135,18 +135,17 @@ class LayerSelection:
         app.router.add_route("OPTIONS", path, self.options)
 
     @staticmethod
-    def link_value(stream: str, session_id: str) -> str:
-        """The 201's Link (EXT §5: rel ``urn:ietf:params:whep:ext:core:layer``)."""
-        return f'</whep/{stream}/{session_id}/layer>; rel="{LAYER_REL}"'
+    def link_value(session_url: str) -> str:
+        """The 201's Link for the session at ``session_url`` (EXT §5: rel
+        ``urn:ietf:params:whep:ext:core:layer``)."""
+        return f'<{session_url}/layer>; rel="{LAYER_REL}"'
 
-    def links_with(
-        self, others: Callable[[str, str], list[str]] | None
-    ) -> Callable[[str, str], list[str]]:
+    def links_with(self, others: Callable[[str], list[str]] | None) -> Callable[[str], list[str]]:
         """A viewer-links hook giving ``others``' Links and then this extension's."""
 
-        def links(stream: str, session_id: str) -> list[str]:
-            base = others(stream, session_id) if others is not None else []
-            return [*base, self.link_value(stream, session_id)]
+        def links(session_url: str) -> list[str]:
+            base = others(session_url) if others is not None else []
+            return [*base, self.link_value(session_url)]
 
         return links
 

@@ -15,7 +15,7 @@ tokens by :func:`whepfan.http.auth.require_token`; without one the endpoint is o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import web
 from prometheus_client import (
@@ -52,8 +52,14 @@ _FANOUT_DROPS = (
 class ServerCollector(Collector):
     """Builds every metric family from a fresh snapshot at each scrape."""
 
-    def __init__(self, stats: Callable[[], ServerStats]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], ServerStats],
+        http_refusals: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self._stats = stats
+        # Refusals the HTTP layer makes before the backend is asked (client_pending_full).
+        self._http_refusals = http_refusals
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
@@ -91,7 +97,7 @@ class ServerCollector(Collector):
         )
         yield from _worker_counters(workers)
         yield _latency(workers)
-        yield from _capacity(stats)
+        yield from _capacity(stats, self._http_refusals())
 
 
 def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
@@ -199,7 +205,7 @@ def _latency(workers: list[WorkerStats]) -> Metric:
     return family
 
 
-def _capacity(stats: ServerStats) -> Iterable[Metric]:
+def _capacity(stats: ServerStats, http_refusals: Mapping[str, int]) -> Iterable[Metric]:
     loads = stats.loads
     yield _gauge(
         "whepfan_worker_load_packets_per_second",
@@ -231,7 +237,8 @@ def _capacity(stats: ServerStats) -> Iterable[Metric]:
     )
     refusals = CounterMetricFamily(
         "whepfan_admission_refusals",
-        "New sessions answered 503, by reason.",
+        "New sessions refused, by reason: 503, or 429 for client_pending_full (one client "
+        "at max_pending_per_client sessions not connected yet).",
         labels=["reason"],
     )
     for reason in (
@@ -245,6 +252,7 @@ def _capacity(stats: ServerStats) -> Iterable[Metric]:
         "pending_full",
     ):
         refusals.add_metric([reason], stats.refusals.get(reason, 0))
+    refusals.add_metric(["client_pending_full"], http_refusals.get("client_pending_full", 0))
     yield refusals
     admissions = CounterMetricFamily(
         "whepfan_admissions", "Viewers admitted, by layer.", labels=["layer"]
@@ -353,7 +361,8 @@ def add_metrics_route(
     to requests that present it (others get 401 + ``WWW-Authenticate: Bearer``, as
     problem+json from the application's error middleware)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(stats))
+    counters = app[COUNTERS_KEY]
+    registry.register(ServerCollector(stats, lambda: counters))
     registry.register(HttpCollector(app))
     for collector in collectors:  # e.g. the cluster's (whepfan/cluster/node.py)
         registry.register(collector)

@@ -7,12 +7,14 @@ gets ``burst`` POSTs at once and ``rate`` per second after that; past it the ans
 RFC 9110 §10.2.3), counted in ``whepfan_http_rate_limited_total``.
 
 Clients are keyed by address, IPv6 by its /64: one host usually owns a whole /64
-(RFC 4291 §2.5.4), so per-address buckets would let it mint fresh ones. Loopback clients
-are exempt by default: on the host itself are a local reverse proxy (every client would
-share one bucket; such a proxy should limit per client itself) and load generators
-(``whepfan loadtest``). The table keeps at most ``max_clients`` buckets, dropping the one
-used longest ago: such a bucket has refilled anyway, unless it is under a flood of
-addresses, where forgetting one only returns that address its burst.
+(RFC 4291 §2.5.4), so per-address buckets would let it mint fresh ones. Behind a trusted
+reverse proxy the address is the one the proxy forwarded for (clientaddr.py). Loopback
+clients are exempt by default: on the host itself are load generators (``whepfan
+loadtest``) and a local reverse proxy not listed in ``trusted_proxies`` (every client
+would share one bucket; list it, or have it limit per client itself). The table keeps at
+most ``max_clients`` buckets, dropping the one used longest ago: such a bucket has
+refilled anyway, unless it is under a flood of addresses, where forgetting one only
+returns that address its burst.
 
 :class:`TokenBuckets` is sans-IO (``now`` is a parameter) and tested on virtual time.
 """
@@ -93,16 +95,26 @@ def client_key(remote: str | None, *, exempt_loopback: bool) -> str | None:
 
 
 def rate_limit_middleware(
-    limit: RateLimit, *, clock: Callable[[], float], counters: Counter[str]
+    limit: RateLimit,
+    *,
+    clock: Callable[[], float],
+    counters: Counter[str],
+    key_of: Callable[[web.Request, bool], str | None] | None = None,
 ) -> Middleware:
     """A middleware refusing POSTs over ``limit`` (429 + Retry-After), counting each in
-    ``counters["http_rate_limited"]``."""
+    ``counters["http_rate_limited"]``. ``key_of(request, exempt_loopback)`` names the
+    request's client (clientaddr.py behind trusted proxies); by default its TCP peer."""
     buckets = TokenBuckets(limit)
+
+    def peer_key(request: web.Request, exempt_loopback: bool) -> str | None:
+        return client_key(request.remote, exempt_loopback=exempt_loopback)
+
+    client_of = key_of or peer_key
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "POST":
-            client = client_key(request.remote, exempt_loopback=limit.exempt_loopback)
+            client = client_of(request, limit.exempt_loopback)
             if client is not None:
                 wait = buckets.take(client, clock())
                 if wait is not None:

@@ -22,6 +22,7 @@ import enum
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -34,15 +35,18 @@ from whepfan.errors import (
     NotAcceptable,
     NotFound,
     ParseError,
+    TooManyRequests,
 )
 from whepfan.http.auth import AccessControl
-from whepfan.http.backend import SessionRouter, SessionView
+from whepfan.http.backend import PendingRouter, SessionRouter, SessionView
 from whepfan.http.body import body_media_type, read_text_body
+from whepfan.http.clientaddr import TrustedProxies
 from whepfan.http.connections import ConnectionLimits
 from whepfan.http.cors import add_preflight_headers, is_preflight
 from whepfan.http.etag import check_if_match
 from whepfan.http.links import IceServer
 from whepfan.http.names import ROUTE_PATTERN
+from whepfan.http.pending import PendingLimit, PendingSessions
 from whepfan.http.ratelimit import RateLimit
 from whepfan.http.tokens import Grant, JwtVerifier, Role
 from whepfan.http.tombstones import DEFAULT_ENDED_SESSION_GRACE, IssuedSession, SessionTombstones
@@ -103,6 +107,10 @@ class HttpOptions:
     # How long the URL of a session that ended without its DELETE (close_notify, consent
     # lost, taken over) still answers that DELETE with 200 (tombstones.py); then 404.
     ended_session_grace: float = DEFAULT_ENDED_SESSION_GRACE
+    # Each client's sessions answered and not connected yet at most (pending.py); None:
+    # no cap. Clients are told apart through trusted proxies' headers (clientaddr.py).
+    pending_limit: PendingLimit | None = None
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     max_body_bytes: int = 128 * 1024
     # Header, body and keep-alive deadlines and the connection cap (connections.py).
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -110,6 +118,12 @@ class HttpOptions:
     cluster_token: str | None = None
     # Per-client POST token buckets (ratelimit.py); None: no limit.
     post_rate_limit: RateLimit | None = None
+    # This node's URL as clients reach it (``node_url`` in a cluster). When set, session
+    # Locations and extension Links are absolute URLs under it: a viewer an edge placed
+    # here with a 307 reached this node at that URL, and browser players resolve a
+    # relative Location against the URL they first POSTed to (medooze, Eyevinn, fetch's
+    # redirect hidden from them), which would send PATCH and DELETE to the edge.
+    public_url: str | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -127,8 +141,9 @@ class WhipWhepResources:
     _restart_ufrags: weakref.WeakKeyDictionary[SessionView, set[str]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
-    # Extension Links for a WHEP 201, from (stream, session id): WHEP draft-03 §4.9 [M].
-    viewer_links: Callable[[str, str], list[str]] | None = None
+    # Extension Links for a WHEP 201, from the session's URL (its Location): WHEP
+    # draft-03 §4.9 [M]; the extensions' resources are under it.
+    viewer_links: Callable[[str], list[str]] | None = None
     # Called with each new WHEP session before its 201 (layers.py: ``?rid=``); may raise.
     viewer_created: Callable[[web.Request, SessionView, float], None] | None = None
     # Called with a WHEP POST before its body is read (whepfan/cluster/placement.py): a
@@ -140,6 +155,12 @@ class WhipWhepResources:
     access: AccessControl = field(init=False)
     # Issued session URLs and the recently ended ones, for the DELETE that follows an end.
     tombstones: SessionTombstones = field(init=False)
+    # The application's counters (app.COUNTERS_KEY): refusals by the per-client cap.
+    counters: Counter[str] = field(default_factory=Counter)
+    # Each client's pending sessions (options.pending_limit), and how to ask the backend
+    # whether one still is.
+    pending: PendingSessions | None = field(default=None, init=False)
+    _still_pending: Callable[[str], bool] = field(init=False)
     _sweeper: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +173,13 @@ class WhipWhepResources:
             wall_clock=self.wall_clock,
         )
         self.tombstones = SessionTombstones(grace=options.ended_session_grace)
+        if options.pending_limit is not None:
+            self.pending = PendingSessions(options.pending_limit)
+        router = self.router
+        if isinstance(router, PendingRouter):
+            self._still_pending = router.session_pending
+        else:
+            self._still_pending = self._is_alive  # counted until it ends or its deadline
 
     def add_routes(self, app: web.Application) -> None:
         for protocol in Protocol:
@@ -176,6 +204,12 @@ class WhipWhepResources:
         """Tombstone the issued sessions the media plane ended since the last sweep."""
         return self.tombstones.sweep(self.clock(), self._is_alive)
 
+    def settle_pending(self) -> int:
+        """Forget pending sessions that connected, ended or passed their deadline."""
+        if self.pending is None:
+            return 0
+        return self.pending.settle(self.clock(), self._still_pending)
+
     def _is_alive(self, session_id: str) -> bool:
         try:
             self.router.get_session(session_id)
@@ -197,6 +231,7 @@ class WhipWhepResources:
             await asyncio.sleep(self.SWEEP_INTERVAL)
             try:
                 self.sweep_ended_sessions()
+                self.settle_pending()
             except Exception:
                 log.exception("sweeping ended sessions failed")
 
@@ -218,23 +253,30 @@ class WhipWhepResources:
             if placed is not None:
                 return placed
         if protocol is Protocol.WHEP and not request.body_exists:
-            return self._server_offer(stream, self.clock(), grant)
+            now = self.clock()
+            return self._server_offer(stream, now, grant, self._pending_client(request, now))
         offer = await self._read_body(request, accepted=(SDP,))
         now = self.clock()
+        # After the body: nothing awaits from here to the session's creation, so a
+        # client's concurrent POSTs cannot all pass the check before any is counted.
+        client = self._pending_client(request, now)
         if protocol is Protocol.WHIP:
             session, answer = self._publish(stream, offer, now)
+            self._add_pending(client, session, now)
             self.access.bind(session, grant)
         else:
             try:
                 session, answer = self.router.view(stream, offer, now)
             except NotAcceptable:
-                return self._counter_offer(stream, now, grant)
+                return self._counter_offer(stream, now, grant, client)
+            self._add_pending(client, session, now)
             self.access.bind(session, grant)
             if self.viewer_created is not None:
                 self.viewer_created(request, session, now)
         self._issue(protocol, session, grant)
+        location = self._location(protocol, session)
         headers = {
-            "Location": self._location(protocol, session),
+            "Location": location,
             "ETag": session.etag,
             # Only M01/M02 required it, but live777, Meetecho and MediaMTX send it and the
             # wish-wg WHIP test checks it (spec notes §1.2).
@@ -244,7 +286,7 @@ class WhipWhepResources:
         response.headers["Content-Type"] = SDP
         self._add_ice_server_links(response)
         if protocol is Protocol.WHEP and self.viewer_links is not None:
-            for link in self.viewer_links(session.stream, session.id):
+            for link in self.viewer_links(location):
                 response.headers.add("Link", link)
         return response
 
@@ -261,25 +303,30 @@ class WhipWhepResources:
             log.info("publisher on %r taken over by a new WHIP session", stream)
             self.router.end_session(publisher.id, now, "taken-over")
             self.tombstones.end(publisher.id, now)
+            self._release_pending(publisher.id)
             return self.router.publish(stream, offer, now)
 
-    def _counter_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
+    def _counter_offer(
+        self, stream: str, now: float, grant: Grant | None, client: str | None
+    ) -> web.Response:
         """WHEP draft-03 §4.2.2: 406 with our own offer and the future session's Location;
         the player PATCHes its answer there. The router drops the session if no answer
         comes within ``counter_offer_ttl``."""
-        offer, headers, valid_until = self._server_offered_session(stream, now, grant)
+        offer, headers, valid_until = self._server_offered_session(stream, now, grant, client)
         response = web.Response(status=406, body=offer.encode(), headers=headers)
         # The parameter value is an HTTP-date (RFC 9110 §5.6.7), which needs quoting.
         response.headers["Content-Type"] = f'{SDP}; valid-until="{valid_until}"'
         return response
 
     def _server_offered_session(
-        self, stream: str, now: float, grant: Grant | None
+        self, stream: str, now: float, grant: Grant | None, client: str | None
     ) -> tuple[str, dict[str, str], str]:
         """A viewer session that starts with our offer (406 counter-offer or the legacy
         server-offer mode): the offer, the session's headers, and the HTTP-date after
-        which an unanswered offer is gone (``counter_offer_ttl``)."""
+        which an unanswered offer is gone (``counter_offer_ttl``). Pending for ``client``
+        until answered and connected, like any other session."""
         session, offer = self.router.counter_offer(stream, now)
+        self._add_pending(client, session, now)
         self.access.bind(session, grant)
         self._issue(Protocol.WHEP, session, grant)
         deadline = email.utils.formatdate(
@@ -292,14 +339,16 @@ class WhipWhepResources:
         }
         return offer, headers, deadline
 
-    def _server_offer(self, stream: str, now: float, grant: Grant | None) -> web.Response:
+    def _server_offer(
+        self, stream: str, now: float, grant: Grant | None, client: str | None
+    ) -> web.Response:
         """The legacy server-offer mode (draft-murillo-whep-00/01 §4, removed in -02): a
         POST with no body gets 201 with our offer, a Location and Expires; the player
         PATCHes its answer there (204), exactly as after a 406 counter-offer, and the
         session goes if no answer comes within ``counter_offer_ttl``. Eyevinn's
         webrtc-player falls back to it when its own offer is refused with 400, and
         players written against Cloudflare's "server offer" WHEP use it first."""
-        offer, headers, expires = self._server_offered_session(stream, now, grant)
+        offer, headers, expires = self._server_offered_session(stream, now, grant, client)
         headers["Expires"] = expires  # draft-murillo-whep-01 §4: when an unanswered offer goes
         response = web.Response(status=201, body=offer.encode(), headers=headers)
         response.headers["Content-Type"] = SDP
@@ -396,6 +445,7 @@ class WhipWhepResources:
         self.access.check_bound(session, grant, stream=session.stream)
         self.router.end_session(session.id, self.clock(), "deleted")
         self.tombstones.forget(session.id)
+        self._release_pending(session.id)
         self._restart_ufrags.pop(session, None)
         # 200, as the spec's diagram shows; OBS warns on anything else (spec notes §1.8).
         return web.Response(status=200)
@@ -439,6 +489,38 @@ class WhipWhepResources:
             request.headers.get("Authorization"), protocol.role, request.match_info["stream"]
         )
 
+    def _pending_client(self, request: web.Request, now: float) -> str | None:
+        """The client a new session will count against (pending.py), or None when it is
+        not counted; TooManyRequests (429) when that client is at its cap. Another node
+        of the cluster is not counted: an edge pulls each of its streams at once from
+        one address, and the cluster token is a credential only nodes hold."""
+        pending = self.pending
+        if pending is None or self.access.is_cluster_node(request.headers.get("Authorization")):
+            return None
+        client = self.options.trusted_proxies.of(request).key(
+            exempt_loopback=pending.limit.exempt_loopback
+        )
+        if client is None:
+            return None
+        wait = pending.check(client, now, self._still_pending)
+        if wait is not None:
+            self.counters["client_pending_full"] += 1
+            raise TooManyRequests(
+                f"this address already has {pending.limit.max_per_client} sessions answered "
+                "and not connected (ICE + DTLS) yet, the most one client may have; try "
+                "again once one has connected or gone",
+                retry_after=wait,
+            )
+        return client
+
+    def _add_pending(self, client: str | None, session: SessionView, now: float) -> None:
+        if client is not None and self.pending is not None:
+            self.pending.add(client, session.id, now)
+
+    def _release_pending(self, session_id: str) -> None:
+        if self.pending is not None:
+            self.pending.release(session_id)
+
     def _session(self, request: web.Request, protocol: Protocol) -> SessionView:
         """The session named by the URL; 404 unless it exists under this very endpoint."""
         session = self.router.get_session(request.match_info["session"])
@@ -460,8 +542,11 @@ class WhipWhepResources:
         self.access.bind(record, grant)
 
     def _location(self, protocol: Protocol, session: SessionView) -> str:
-        # Always an absolute path: some clients resolve nothing else (spec notes §1.2).
-        return f"/{protocol.value}/{session.stream}/{session.id}"
+        # An absolute URL under public_url, else an absolute path: Eyevinn's player
+        # resolves no other relative form (spec notes §1.2).
+        path = f"/{protocol.value}/{session.stream}/{session.id}"
+        base = self.options.public_url
+        return f"{base.rstrip('/')}{path}" if base else path
 
     def _add_ice_server_links(self, response: web.StreamResponse) -> None:
         unix_now = self.wall_clock()

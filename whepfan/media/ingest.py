@@ -293,8 +293,17 @@ class Ingest:
             # its own media streams' (RTCPReceiver::HandleTransportFeedback), as its
             # receive side sets it: the last media SSRC that arrived.
             transport_cc[1].media_ssrc = ssrc
+        self.bound_rtp(stream, track, ssrc, plain, now, rtx=is_rtx)
+
+    def bound_rtp(
+        self, stream: Stream, track: Track, ssrc: int, plain: bytes, now: float, *, rtx: bool
+    ) -> None:
+        """One unprotected RTP packet of ``track`` (its RTX stream when ``rtx``): RTX
+        unwrapped, gaps noted for upstream repair, pushed. ``rtp_received`` ends here
+        once it has bound the SSRC; an upstream pull's per-layer session
+        (cluster/feed.py) comes here directly, with its own SRTP context and binding."""
         packet = bytearray(plain)
-        if is_rtx:
+        if rtx:
             try:
                 if rtp.padding_only(packet):
                     # A bandwidth probe, not a repair: no OSN to unwrap (RFC 4588 §4).
@@ -305,11 +314,11 @@ class Ingest:
                 self._counters["drop_ingest_malformed"] += 1
                 return
         if self._repair is not None and not self._repair.received(
-            stream, track, ssrc, _SEQ.unpack_from(packet, 2)[0], now, retransmission=is_rtx
+            stream, track, ssrc, _SEQ.unpack_from(packet, 2)[0], now, retransmission=rtx
         ):
             self._counters["drop_ingest_rtx_duplicate"] += 1  # repairs nothing (nack.py)
             return
-        self.push(stream, track, ssrc, packet, now, retransmission=is_rtx)
+        self.push(stream, track, ssrc, packet, now, retransmission=rtx)
 
     def _learn_ssrc(
         self, stream: Stream, session: PublisherSession, plain: bytes
@@ -476,19 +485,28 @@ class Ingest:
         for packet in packets:
             if isinstance(packet, rtcp.SenderReport):
                 entry = stream.ingest_by_ssrc.get(packet.ssrc)
-                stats = stream.ingest_stats.get(packet.ssrc)
-                if stats is not None:
-                    stats.last_sr_ntp_middle = (packet.ntp_timestamp >> 16) & 0xFFFFFFFF
-                    stats.last_sr_arrival = now
-                if entry is not None and not entry[1]:
-                    track = entry[0]
-                    # Relay the publisher's NTP<->RTP mapping, shifted like the media,
-                    # so browsers can lip-sync audio and video (RFC 3550 §6.4.1).
-                    rtp_time = (packet.rtp_timestamp + track.ts_offset) % RTP_TS_MOD
-                    self.bursts.flush()  # the SR's counts include what came before it
-                    self.fanout.send_sender_reports(track.fanout_id, packet.ntp_timestamp, rtp_time)
-                    if self.tap is not None:
-                        self.tap.sender_report(stream, track, packet.ntp_timestamp, rtp_time)
+                self.sender_report(
+                    stream, entry[0] if entry is not None and not entry[1] else None, packet, now
+                )
+
+    def sender_report(
+        self, stream: Stream, track: Track | None, report: rtcp.SenderReport, now: float
+    ) -> None:
+        """A sender report of ``track``'s media SSRC (None: an SSRC bound to no media
+        track): noted for our RR's LSR/DLSR, and its NTP<->RTP mapping, shifted like the
+        media, relayed to viewers so browsers can lip-sync audio and video (RFC 3550
+        §6.4.1). An upstream pull's per-layer session (cluster/feed.py) calls it too."""
+        stats = stream.ingest_stats.get(report.ssrc)
+        if stats is not None:
+            stats.last_sr_ntp_middle = (report.ntp_timestamp >> 16) & 0xFFFFFFFF
+            stats.last_sr_arrival = now
+        if track is None:
+            return
+        rtp_time = (report.rtp_timestamp + track.ts_offset) % RTP_TS_MOD
+        self.bursts.flush()  # the SR's counts include what came before it
+        self.fanout.send_sender_reports(track.fanout_id, report.ntp_timestamp, rtp_time)
+        if self.tap is not None:
+            self.tap.sender_report(stream, track, report.ntp_timestamp, rtp_time)
 
 
 def _note_temporal_layer(track: Track, payload: bytes) -> None:

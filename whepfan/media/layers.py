@@ -64,6 +64,9 @@ class LayerPolicyState:
     clean_since: float | None = None
     moved_at: float = -math.inf
     raised_at: float | None = None
+    # Headroom probes (viewers with transport-wide cc): the layer a probe was asked for;
+    # the driver starts it (``ViewerBandwidth.start_probe``) and reports its outcome.
+    probe_for: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +83,14 @@ class LayerPolicy:
     probing it never shows room for more. Instead, an upswitch followed by a downswitch
     within ``failed_up_window`` doubles the wait before the next try (up to
     ``max_up_wait``), so a viewer on a marginal link does not oscillate.
+
+    A viewer that returns transport-wide feedback (draft-holmer-rmcat-transport-wide-cc-
+    extensions-01) has a send-side ``estimate`` (media/bandwidth.py): it counts as
+    congestion like a REMB, and it replaces the blind upswitch with a test. After
+    ``up_wait`` of clean reports the policy asks for a headroom probe (``state.probe_for``:
+    padding tops the viewer's rate up to the next layer's for about a second); the viewer
+    moves up only if the probe succeeds, and a failed probe doubles the wait as a failed
+    upswitch does, without the viewer ever seeing the layer it could not carry.
     """
 
     loss_down: float = 0.10
@@ -108,27 +119,46 @@ class LayerPolicy:
         fraction_lost: float | None,
         remb: int | None,
         now: float,
+        estimate: float | None = None,
+        probe_succeeded: bool | None = None,
     ) -> int:
-        """The layer index (``bitrates`` ordered low to high) the viewer should be on."""
+        """The layer index (``bitrates`` ordered low to high) the viewer should be on.
+
+        ``estimate``: the viewer's transport-wide-cc estimate (bit/s), None when it sends
+        no such feedback; ``probe_succeeded``: the outcome of the probe asked for in
+        ``state.probe_for``, once it is known (None: none finished since the last call).
+        """
         if current > ceiling:
             state.moved_at = now
+            state.probe_for = None
             return ceiling
+        probed_layer = state.probe_for if probe_succeeded is not None else None
+        if probe_succeeded is not None:
+            state.probe_for = None
+        limits = [bps for bps in (remb, estimate) if bps is not None]
+        limit = min(limits) if limits else None
         congested = (fraction_lost is not None and fraction_lost > self.loss_down) or (
-            remb is not None and remb < bitrates[current] * self.remb_margin
+            limit is not None and limit < bitrates[current] * self.remb_margin
         )
         if congested:
             state.clean_since = None
+            state.probe_for = None
             if current == 0 or now - state.moved_at < self.hold:
                 return current
             target = current - 1
-            if remb is not None:
-                while target > 0 and bitrates[target] > remb:
+            if limit is not None:
+                while target > 0 and bitrates[target] > limit:
                     target -= 1
             if state.raised_at is not None and now - state.raised_at < self.failed_up_window:
                 state.up_wait = min(state.up_wait * 2, self.max_up_wait)
             state.raised_at = None
             state.moved_at = now
             return target
+        if probe_succeeded is False:
+            # The path did not carry the next layer: as a failed upswitch, wait longer.
+            state.up_wait = min(state.up_wait * 2, self.max_up_wait)
+            state.clean_since = now
+            return current
         if fraction_lost is not None and fraction_lost > self.loss_clean:
             state.clean_since = None
             return current
@@ -139,6 +169,11 @@ class LayerPolicy:
             or now - state.clean_since < state.up_wait
             or now - state.moved_at < self.hold
         ):
+            return current
+        if estimate is not None and not (probe_succeeded and probed_layer == current + 1):
+            # Ask for a probe of the next layer (unless one is under way) and stay.
+            if state.probe_for is None:
+                state.probe_for = current + 1
             return current
         state.clean_since = state.moved_at = state.raised_at = now
         return current + 1

@@ -185,9 +185,12 @@ export class HttpSession {
   _adopt(response) {
     const location = response.headers.get("Location");
     if (!location) throw new SignallingError("the server sent no Location for the session");
-    this.location = new URL(location, this.endpoint).href;
+    // Relative to the URL the answer came from (RFC 9110 §10.2.2, RFC 3986 §5.1.3): after
+    // a redirect (a cluster's 307 placement) the session is not where we first POSTed.
+    const base = response.url || this.endpoint;
+    this.location = new URL(location, base).href;
     this.etag = response.headers.get("ETag");
-    this.links = parseLinks(response.headers.get("Link"), this.endpoint);
+    this.links = parseLinks(response.headers.get("Link"), base);
   }
 
   async _answerCounterOffer(pc, response) {

@@ -9,6 +9,11 @@ pair (message boundaries kept by the kernel), one orjson object per message:
 * a notification is a request without ``id`` (no answer);
 * an event from a worker is ``{"event": EVENT, ...}``.
 
+A handler answers at once, or returns an awaitable when the answer takes network round
+trips (``UPSTREAM_OPEN``: an upstream WHEP POST): the worker goes on serving and replies
+when it resolves; the main process awaits such replies (``WorkerPool.request_async``)
+instead of blocking its loop.
+
 The names below are the whole vocabulary: the worker node dispatches requests through a
 table keyed by them, and the pool sends nothing else.
 """
@@ -41,12 +46,18 @@ LAYER_STATUS = "layer_status"
 ATTACH_RELAY = "attach_relay"
 DETACH_RELAY = "detach_relay"
 SHUTDOWN = "shutdown"
+# An upstream pull's session in a worker (cluster/worker_upstreams.py, a worker
+# extension): open answers once the upstream's WHEP answer is attached; close at once.
+UPSTREAM_OPEN = "upstream_open"
+UPSTREAM_CLOSE = "upstream_close"
 
 # Events, worker -> main process.
 READY = "ready"
 STATS = "stats"
 ENDED = "ended"
 STREAM = "stream"
+UPSTREAM_LOST = "upstream_lost"  # an upstream session's transport failed
+UPSTREAM_REPORT = "upstream_report"  # once per stats interval: its state and counts
 
 # A request handler: (args, now) -> the JSON result.
 Handler = Callable[[dict[str, Any], float], Any]
@@ -69,15 +80,22 @@ def dispatch(handlers: dict[str, Handler], message: dict[str, Any], now: float) 
     return handler(message.get("args", {}), now)
 
 
+def error_json(exc: WhepfanError) -> dict[str, Any]:
+    """A WhepfanError as data: its class name (in ``whepfan.errors``), detail, Retry-After."""
+    return {"class": type(exc).__name__, "detail": exc.detail, "retry_after": exc.retry_after}
+
+
+def error_from_json(error: dict[str, Any]) -> WhepfanError:
+    """The WhepfanError ``error_json`` described; RuntimeError for a class it does not name."""
+    name = error.get("class")
+    cls = getattr(errors, str(name), None)
+    if isinstance(cls, type) and issubclass(cls, WhepfanError):
+        return cls(str(error.get("detail", "")), retry_after=error.get("retry_after"))
+    raise RuntimeError(f"media worker failed: {error.get('detail')}")
+
+
 def error_reply(request_id: Any, exc: WhepfanError) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "error": {
-            "class": type(exc).__name__,
-            "detail": exc.detail,
-            "retry_after": exc.retry_after,
-        },
-    }
+    return {"id": request_id, "error": error_json(exc)}
 
 
 def result_of(message: dict[str, Any]) -> Any:
@@ -85,11 +103,7 @@ def result_of(message: dict[str, Any]) -> Any:
     error = message.get("error")
     if error is None:
         return message.get("result")
-    name = error.get("class")
-    cls = getattr(errors, str(name), None)
-    if isinstance(cls, type) and issubclass(cls, WhepfanError):
-        raise cls(str(error.get("detail", "")), retry_after=error.get("retry_after"))
-    raise RuntimeError(f"media worker failed: {error.get('detail')}")
+    raise error_from_json(error)
 
 
 def session_json(session: MediaSession) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from whepfan import _fastpath
+from whepfan.config import MediaConfig
 from whepfan.errors import ServiceUnavailable
 from whepfan.media.health import RECEIVE_DELAY_WARNING
 from whepfan.media.layers import LayerRequest
@@ -50,6 +51,10 @@ class InProcessWorkers:
     @property
     def viewer_count(self) -> int:
         return self.router.viewer_count
+
+    @property
+    def config(self) -> MediaConfig:
+        return self.router.config
 
     @property
     def lower_layer_admissions(self) -> int:
@@ -94,6 +99,12 @@ class InProcessWorkers:
 
     def get_session(self, session_id: str) -> MediaSession:
         return self.router.get_session(session_id)
+
+    def session_pending(self, session_id: str) -> bool:
+        """Answered and not connected yet (http/pending.py): the router's own state, so a
+        session that connected or ended a moment ago no longer counts."""
+        session = self.router.sessions.get(session_id)
+        return session is not None and session.connected_at is None
 
     def add_listener(self, listener: StreamListener) -> None:
         self.router.add_listener(listener)

@@ -5,18 +5,25 @@ Started by the pool (pool.py) with a pickled ``WorkerSpec``, a worker process ru
 channel's requests through a table of handlers (control.py), relays the streams it
 originates to the other workers and mirrors theirs (media/relay.py, relay_peer.py), and
 reports stats, ended sessions and stream events once a second or as they happen.
+
+A layer above ``workers/`` runs code here through *extensions* (``WorkerSpec.extensions``:
+module-level factories, pickled by reference, run at start): each adds control
+operations and a report per stats interval, as cluster/worker_upstreams.py does for the
+upstream pulls of an edge, without ``workers/`` importing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -36,6 +43,23 @@ from whepfan.workers.stats import RouterMonitor
 log = logging.getLogger("whepfan.workers")
 
 
+class WorkerExtension(Protocol):
+    """Code a layer above ``workers/`` runs in each worker process (see the docstring)."""
+
+    def handlers(self) -> dict[str, control.Handler]:
+        """Its control operations (names from control.py)."""
+        ...
+
+    def report(self) -> dict[str, Any] | None:
+        """An event for the main process once per stats interval, or None."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+ExtensionFactory = Callable[["WorkerNode"], WorkerExtension]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSpec:
     """Everything a worker process starts from (pickled once at spawn)."""
@@ -48,6 +72,7 @@ class WorkerSpec:
     workers: int
     stats_interval: float = 1.0
     log_level: str = "info"
+    extensions: tuple[ExtensionFactory, ...] = ()
 
 
 def certificate_pem(certificate: DtlsCertificate) -> tuple[bytes, bytes]:
@@ -140,6 +165,7 @@ class WorkerNode:
         self.monitor.receive_delay = self.media.receive_delay
         self.router.add_listener(self._on_stream_event)
         self._sweep_pending = False
+        self._answering: set[asyncio.Task[None]] = set()  # handlers that answer later
         self._handlers: dict[str, control.Handler] = {
             control.PUBLISH: self._publish,
             control.VIEW: self._view,
@@ -155,6 +181,9 @@ class WorkerNode:
             control.DETACH_RELAY: self._detach_relay,
             control.SHUTDOWN: self._shutdown,
         }
+        self.extensions = [install(self) for install in spec.extensions]
+        for extension in self.extensions:
+            self._handlers.update(extension.handlers())
 
     async def run(self) -> None:
         self.control.setblocking(False)
@@ -170,6 +199,10 @@ class WorkerNode:
         finally:
             stats_task.cancel()
             lag_task.cancel()
+            for task in self._answering:
+                task.cancel()
+            for extension in self.extensions:
+                await extension.aclose()
             self._loop.remove_reader(self.control.fileno())
             self._loop.remove_reader(self.relay.fileno())
             self.media.close()
@@ -178,6 +211,10 @@ class WorkerNode:
                 peer.close()
 
     # control channel ---------------------------------------------------------------------
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        """An event to the main process (``{"event": NAME, ...}``, control.py)."""
+        self._send(event)
 
     def _send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -216,15 +253,34 @@ class WorkerNode:
         request_id = message.get("id")
         try:
             result = control.dispatch(self._handlers, message, self._loop.time())
-        except WhepfanError as exc:
-            reply = control.error_reply(request_id, exc)
-        except Exception:
-            log.exception("control operation %r failed", message.get("op"))
-            reply = {"id": request_id, "error": {"class": "internal", "detail": "worker bug"}}
+        except Exception as exc:
+            reply = self._failure_reply(message, exc)
         else:
+            if inspect.isawaitable(result):
+                # Answered when it resolves (control.py); the worker serves on meanwhile.
+                task = asyncio.ensure_future(self._answer_later(message, result))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+                return
             reply = {"id": request_id, "result": result}
         if request_id is not None:
             self._send(reply)
+
+    async def _answer_later(self, message: dict[str, Any], pending: Any) -> None:
+        try:
+            reply = {"id": message.get("id"), "result": await pending}
+        except Exception as exc:
+            reply = self._failure_reply(message, exc)
+        self.media.arm_timer()  # the operation may have scheduled router timers
+        if message.get("id") is not None:
+            self._send(reply)
+
+    @staticmethod
+    def _failure_reply(message: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, WhepfanError):
+            return control.error_reply(message.get("id"), exc)
+        log.error("control operation %r failed", message.get("op"), exc_info=exc)
+        return {"id": message.get("id"), "error": {"class": "internal", "detail": "worker bug"}}
 
     # control operations (control.py names them) ------------------------------------------
 
@@ -311,6 +367,10 @@ class WorkerNode:
                     "connected": self.monitor.take_connected(),
                 }
             )
+            for extension in self.extensions:
+                report = extension.report()
+                if report is not None:
+                    self._send(report)
 
     def _sweep(self) -> None:
         self._sweep_pending = False

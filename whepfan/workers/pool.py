@@ -23,6 +23,14 @@ forwarded as they happen.
 A worker process that exits is seen through its process sentinel: its sessions leave the
 registry (their PATCH/DELETE answer 404), event readers of those sessions are told to
 reconnect, streams it originated go inactive, and a replacement starts on the same port.
+
+A stream's publisher may also be a *feed* the main process drives itself (an upstream
+pull, cluster/pool_backend.py): ``choose_origin`` picks its worker as for a WHIP
+publisher, ``request_async`` awaits the worker's answer (control.py: ops whose answer takes
+network round trips), and ``attach_feed`` registers it as the stream's origin, so viewers
+are admitted on every worker and relay copies follow it; its owner hears when it goes
+other than by ``detach_feed`` (its worker exited). Events of such ops reach the
+``event_handlers`` their owner registers.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -52,12 +60,19 @@ from whepfan.protocol import sdp
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.workers import control
 from whepfan.workers.capacity import Admission, CapacityLedger, RateMeter, stream_layers
-from whepfan.workers.node import WorkerSpec, certificate_pem, worker_process_main
+from whepfan.workers.node import (
+    ExtensionFactory,
+    WorkerSpec,
+    certificate_pem,
+    worker_process_main,
+)
 from whepfan.workers.stats import ServerStats, WorkerStats, server_stats
 
 log = logging.getLogger("whepfan.workers")
 
 SessionLostHook = Callable[[list[str]], object]  # return value ignored
+FeedLostHook = Callable[[str], object]  # (why) a feed went other than by detach_feed
+WorkerEventHandler = Callable[[int, dict[str, Any]], object]  # (worker, event message)
 
 
 @dataclass(slots=True)
@@ -80,6 +95,8 @@ class ProxySession:
     # Publishers only, for the status API: from the origin worker's stats messages.
     state: SessionState = SessionState.NEW
     connected_at: float | None = None
+    # Any kind: reported keyed (ICE + DTLS) by its worker, so no longer pending.
+    keyed: bool = False
 
     def update(self, data: dict[str, Any]) -> None:
         self.etag = data["etag"]
@@ -205,6 +222,13 @@ class WorkerHandle:
         self.stats: WorkerStats | None = None
         self.alive = True
         self._next_id = 0
+        # Requests answered later (request_async): id -> the reply message's future.
+        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    @property
+    def serving(self) -> bool:
+        """Alive and past its start (its ready message came)."""
+        return self.alive and self.ready.done() and self.ready.exception() is None
 
     def send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -248,6 +272,7 @@ class WorkerPool:
         request_timeout: float = 5.0,
         stats_interval: float = 1.0,
         log_level: str = "info",
+        extensions: Sequence[ExtensionFactory] = (),
     ) -> None:
         if workers < 2:
             raise ValueError("a worker pool has at least two workers")
@@ -257,6 +282,7 @@ class WorkerPool:
         self.request_timeout = request_timeout
         self.stats_interval = stats_interval
         self.log_level = log_level
+        self.extensions = tuple(extensions)  # run in every worker (workers/node.py)
         self.key_pem, self.cert_pem = certificate_pem(certificate)
         self.relay_dir = tempfile.mkdtemp(prefix="whepfan-")
         self.handles: dict[int, WorkerHandle] = {}
@@ -267,6 +293,9 @@ class WorkerPool:
         self._meters: dict[tuple[str, str], RateMeter] = {}
         self._fanout_stats = PoolFanoutStats()
         self.on_sessions_lost: SessionLostHook | None = None
+        # Events beyond the pool's own (control.py), by name: their owners register them.
+        self.event_handlers: dict[str, WorkerEventHandler] = {}
+        self._feeds: dict[str, FeedLostHook] = {}  # feed publisher session id -> its owner
         self.restarts = 0
         self.lower_layer_admissions = 0
         self._closing = False
@@ -290,6 +319,7 @@ class WorkerPool:
             workers=self.size,
             stats_interval=self.stats_interval,
             log_level=self.log_level,
+            extensions=self.extensions,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
@@ -347,6 +377,10 @@ class WorkerPool:
 
     def _forget(self, handle: WorkerHandle) -> None:
         handle.alive = False
+        replies, handle.replies = handle.replies, {}
+        for reply in replies.values():
+            if not reply.done():
+                reply.set_exception(WorkerGone())
         for fd in (handle.control.fileno(), handle.process.sentinel):
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(fd)
@@ -376,7 +410,7 @@ class WorkerPool:
             handle.process.pid,
             handle.process.exitcode,
         )
-        self._worker_lost(handle.index)
+        self._worker_lost(handle.index, f"media worker {handle.index} exited")
         self.restarts += 1
         task = asyncio.ensure_future(self._respawn(handle.index))
         self._restart_tasks.add(task)
@@ -388,14 +422,14 @@ class WorkerPool:
         except Exception:
             log.exception("worker %d could not be replaced", index)
 
-    def _worker_lost(self, index: int) -> None:
+    def _worker_lost(self, index: int, reason: str) -> None:
         self.ledger.remove_worker(index)
         lost = [sid for sid, session in self.sessions.items() if session.worker == index]
         if lost and self.on_sessions_lost is not None:
             # Before unregistering: the event hub must hear of them while they are known.
             self.on_sessions_lost(lost)
         for session_id in lost:
-            self._unregister(session_id)
+            self._unregister(session_id, reason)
         for stream in list(self._streams.values()):
             stream.reported_viewers.pop(index, None)
             if stream.origin == index:
@@ -418,7 +452,13 @@ class WorkerPool:
 
     def _on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         event = message.get("event")
-        if event == control.READY:
+        if event is None:
+            # A reply; those outside a request (one that timed out) are dropped here.
+            request_id = message.get("id")
+            reply = handle.replies.pop(request_id) if request_id in handle.replies else None
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+        elif event == control.READY:
             if not handle.ready.done():
                 handle.ready.set_result(message)
         elif event == control.STATS:
@@ -435,7 +475,8 @@ class WorkerPool:
                 if type_ in ("active", "inactive"):
                     stream.active = type_ == "active"
                 self._emit(stream.name, type_, message.get("data") or {})
-        # Replies outside a request (one that timed out) are dropped here.
+        elif (handler := self.event_handlers.get(str(event))) is not None:
+            handler(handle.index, message)
 
     def _on_stats(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         try:
@@ -448,6 +489,7 @@ class WorkerPool:
         for session_id in message.get("connected", []):
             session = self.sessions.get(session_id)
             if session is not None and session.worker == handle.index:
+                session.keyed = True
                 self.ledger.connected(session_id)  # pending -> connected
         now = self._loop.time()
         self._fanout_stats.update(handle.index, stats.pid, stats.fanout)
@@ -492,6 +534,39 @@ class WorkerPool:
             self._on_exit(handle)
             raise ServiceUnavailable("the media worker stopped", retry_after=2) from None
 
+    async def request_async(
+        self, index: int, op: str, args: dict[str, Any], *, timeout: float
+    ) -> Any:
+        """A request whose handler answers later (control.py): awaited, so the HTTP loop
+        serves on meanwhile. Raises what the worker raised, or ServiceUnavailable when
+        the worker is gone, exits meanwhile or does not answer within ``timeout``."""
+        handle = self.handles.get(index)
+        if handle is None or not handle.alive:
+            raise ServiceUnavailable("that media worker is restarting", retry_after=2)
+        request_id = handle.new_id()
+        reply: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        handle.replies[request_id] = reply
+        try:
+            handle.send(control.request(op, args, request_id))
+            async with asyncio.timeout(timeout):
+                message = await reply
+        except WorkerGone:
+            self._on_exit(handle)
+            raise ServiceUnavailable("the media worker stopped", retry_after=2) from None
+        except TimeoutError:
+            raise ServiceUnavailable("media worker did not answer", retry_after=5) from None
+        finally:
+            handle.replies.pop(request_id, None)
+        return control.result_of(message)
+
+    def notify(self, index: int, op: str, args: dict[str, Any]) -> bool:
+        """A notification to worker ``index``; False when it is not there to hear it."""
+        handle = self.handles.get(index)
+        if handle is None or not handle.alive:
+            return False
+        self._notify(handle, op, args)
+        return True
+
     def _notify(self, handle: WorkerHandle, op: str, args: dict[str, Any]) -> None:
         try:
             handle.send(control.request(op, args))
@@ -521,8 +596,12 @@ class WorkerPool:
             self._emit_viewer_count(stream)
         return session
 
-    def _unregister(self, session_id: str) -> None:
+    def _unregister(self, session_id: str, reason: str = "ended") -> None:
         session = self.sessions.pop(session_id, None)
+        feed_lost = self._feeds.pop(session_id, None)
+        if feed_lost is not None:
+            # After the registry forgot it: its owner may pull again at once.
+            self._loop.call_soon(feed_lost, reason)
         if session is None:
             return
         self.ledger.release(session_id)
@@ -554,34 +633,67 @@ class WorkerPool:
     def publish(self, stream_name: str, offer_text: str, now: float) -> tuple[ProxySession, str]:
         if self.ledger.draining:
             self.ledger.reserve(stream_name)  # raises: counted as a draining refusal
-        stream = self._streams.get(stream_name)
-        origin = stream.origin if stream is not None else None
-        if origin is None or not self.handles[origin].alive:
-            # A returning publisher goes back to its previous worker (viewers there see one
-            # continuous sequence line). If that worker died, to the one holding most of
-            # the stream's viewers: its relay copy becomes the stream (RelayCopies.publish)
-            # and ingest's rebase continues their lines. A new one: the least loaded.
-            waiting = Counter(v.worker for v in stream.viewers.values()) if stream else Counter()
-            origin = min(
-                (i for i, h in self.handles.items() if h.alive),
-                key=lambda i: (-waiting[i], self.ledger.load(i).packets_per_second, i),
-                default=None,
-            )
-            if origin is None:
-                raise ServiceUnavailable("no media worker is running", retry_after=2)
+        origin = self.choose_origin(stream_name)
         result = self._request(
             origin, control.PUBLISH, {"stream": stream_name, "offer": offer_text}
         )
         session = self._register(origin, result["session"])
-        stream = self._streams[stream_name]
+        self._became_origin(origin, session, str(result["canonical_offer"]))
+        return session, str(result["answer"])
+
+    def choose_origin(self, stream_name: str) -> int:
+        """The worker a publisher of ``stream_name`` goes to (a WHIP publisher or a feed).
+
+        A returning publisher goes back to its previous worker (viewers there see one
+        continuous sequence line). If that worker died, to the one holding most of the
+        stream's viewers: its relay copy becomes the stream (RelayCopies.publish) and
+        ingest's rebase continues their lines. A new one: the least loaded."""
+        stream = self._streams.get(stream_name)
+        origin = stream.origin if stream is not None else None
+        if origin is not None and self.handles[origin].alive:
+            return origin
+        waiting = Counter(v.worker for v in stream.viewers.values()) if stream else Counter()
+        origin = min(
+            (i for i, h in self.handles.items() if h.serving),
+            key=lambda i: (-waiting[i], self.ledger.load(i).packets_per_second, i),
+            default=None,
+        )
+        if origin is None:
+            raise ServiceUnavailable("no media worker is running", retry_after=2)
+        return origin
+
+    def _became_origin(self, origin: int, session: ProxySession, canonical_offer: str) -> None:
+        stream = self._streams[session.stream]
         stream.publisher, stream.origin = session, origin
-        stream.canonical_offer = result["canonical_offer"]
+        stream.canonical_offer = canonical_offer
         self._notify_others(
             origin,
             control.ATTACH_RELAY,
-            {"stream": stream_name, "offer": stream.canonical_offer, "origin": origin},
+            {"stream": stream.name, "offer": canonical_offer, "origin": origin},
         )
-        return session, str(result["answer"])
+
+    def attach_feed(
+        self,
+        worker: int,
+        session_data: dict[str, Any],
+        canonical_offer: str,
+        on_lost: FeedLostHook,
+    ) -> ProxySession:
+        """A publisher the main process drives (see the module docstring) became its
+        stream's origin on ``worker``: registered as a WHIP publisher is. ``on_lost(why)``
+        runs soon after it goes other than by ``detach_feed`` (its worker exited)."""
+        stream = self._streams.get(str(session_data["stream"]))
+        if stream is not None and stream.publisher is not None:
+            raise errors.Conflict(f"stream {stream.name!r} already has a publisher")
+        session = self._register(worker, session_data)
+        self._became_origin(worker, session, canonical_offer)
+        self._feeds[session.id] = on_lost
+        return session
+
+    def detach_feed(self, session_id: str) -> None:
+        """The feed's owner ended it: viewers stay, waiting, as when a publisher leaves."""
+        self._feeds.pop(session_id, None)
+        self._unregister(session_id)
 
     def view(self, stream_name: str, offer_text: str, now: float) -> tuple[ProxySession, str]:
         return self._admit(
@@ -681,6 +793,12 @@ class WorkerPool:
         if session is None:
             raise NotFound("no such session")
         return session
+
+    def session_pending(self, session_id: str) -> bool:
+        """Answered and not reported keyed by its worker yet (http/pending.py); workers
+        report with their once-a-second stats, so a session may count that long more."""
+        session = self.sessions.get(session_id)
+        return session is not None and not session.keyed
 
     def _session_request(self, session: ProxySession, op: str, args: dict[str, Any]) -> Any:
         try:
