@@ -14,6 +14,7 @@ loopback delivery is included) of this, the sending process. Every figure is the
     python bench/fanout.py                 # full: 1/100/1,000/5,000 viewers, GCM and CM
     python bench/fanout.py --smoke         # 10 and 100 viewers, a few packets (< 20 s)
     python bench/fanout.py --json out.json # also write every run's figures as JSON
+    python bench/fanout.py --transport-cc add --viewers 1000   # transport-cc on for all
 
 See bench/README.md for the columns.
 """
@@ -70,6 +71,9 @@ PUBLISHER_SSRC = 0x1234_5678
 VIDEO_CLOCK_STEP = 3000  # 90 kHz clock at 30 frames/s (RFC 3551 §5)
 SEND_BUFFER = 4 << 20
 SIMULCAST_LAYERS = 3  # the simulcast case: Chromium's usual q/h/f encodings
+TRANSPORT_CC_MODES = ("off", "rewrite", "add")
+TRANSPORT_CC_ID = 3  # Chromium's a=extmap id for transport-wide-cc-01, publisher and viewer
+TRANSPORT_CC_ADDED = 8  # a new one-byte block: 4 octets of header, 3 of element, 1 pad
 FIXED_DESCRIPTORS = 64  # stdio, pipes, the sender socket, epoll: kept free below the limit
 
 # Targets from issue 2, reported against and never asserted.
@@ -92,6 +96,11 @@ class Plan:
     min_pushes: int
     baseline_datagrams: int
     min_baseline_pushes: int
+    # Fanout.set_transport_cc on every viewer of the compiled contenders: "off"; "rewrite"
+    # (the publisher's packets carry their own transport-wide number, as Chromium's do:
+    # rewritten in place); "add" (they carry none, as whepfan publish's and FFmpeg's: a
+    # one-word block is added to every datagram).
+    transport_cc: str = "off"
 
     def pushes(self, viewers: int) -> int:
         return max(self.min_pushes, math.ceil(self.datagrams / viewers))
@@ -197,11 +206,24 @@ def run_rounds(
     return result
 
 
-def rtp_template() -> bytearray:
-    """A 1200-byte RTP packet (RFC 3550 §5.1): V=2, PT 96, the publisher's SSRC."""
-    header = struct.pack("!BBHII", 0x80, VIDEO_PAYLOAD_TYPE, 0, 0, PUBLISHER_SSRC)
+def rtp_template(transport_cc: str = "off") -> bytearray:
+    """A 1200-byte RTP packet (RFC 3550 §5.1): V=2, PT 96, the publisher's SSRC; for
+    ``transport_cc`` "rewrite" with an RFC 8285 one-byte block holding the publisher's
+    transport-wide sequence number (id TRANSPORT_CC_ID), as Chromium sends it."""
+    first = 0x80
+    extension = b""
+    if transport_cc == "rewrite":
+        first |= 0x10
+        extension = struct.pack("!HHBHB", 0xBEDE, 1, (TRANSPORT_CC_ID << 4) | 1, 0, 0)
+    header = struct.pack("!BBHII", first, VIDEO_PAYLOAD_TYPE, 0, 0, PUBLISHER_SSRC) + extension
     payload = os.urandom(PACKET_SIZE - len(header))
     return bytearray(header + payload)
+
+
+def datagram_size(profile: int, transport_cc: str = "off") -> int:
+    """What a viewer receives for one rtp_template() packet."""
+    added = TRANSPORT_CC_ADDED if transport_cc == "add" else 0
+    return PACKET_SIZE + added + SRTP_TRAILER[profile]
 
 
 def fresh_keys(profile: int) -> dict[str, bytes]:
@@ -214,13 +236,22 @@ def fresh_keys(profile: int) -> dict[str, bytes]:
     }
 
 
-def add_viewers(fanout: Fanout, addresses: Sequence[tuple[str, int]], profile: int) -> int:
+def add_viewers(
+    fanout: Fanout,
+    addresses: Sequence[tuple[str, int]],
+    profile: int,
+    transport_cc: str = "off",
+) -> int:
     """One viewer per address, each with its own keys and an audio and a video
-    subscription, as a WHEP session with both m-lines has. Returns the video track."""
-    audio = fanout.add_track()
-    video = fanout.add_track()
+    subscription, as a WHEP session with both m-lines has, and transport-cc on unless
+    ``transport_cc`` is "off". Returns the video track."""
+    publisher_id = TRANSPORT_CC_ID if transport_cc == "rewrite" else 0
+    audio = fanout.add_track(transport_cc_id=publisher_id)
+    video = fanout.add_track(transport_cc_id=publisher_id)
     for index, (host, port) in enumerate(addresses):
         slot = fanout.add_viewer(host, port, profile=profile, **fresh_keys(profile))
+        if transport_cc != "off":
+            fanout.set_transport_cc(slot, TRANSPORT_CC_ID)
         fanout.subscribe(
             slot,
             audio,
@@ -244,13 +275,14 @@ def measure_fanout(
     addresses: Sequence[tuple[str, int]],
     profile: int,
     pushes: int,
+    transport_cc: str = "off",
 ) -> tuple[Throughput, list[int]]:
     """``Fanout.push`` of the video track to every viewer. Returns the throughput and the
     duration of every push in ns: push() returns after its last sendmmsg, so that is the
     latency from packet in to the last viewer's datagram handed to the kernel."""
     fanout = Fanout(sender.fileno())
-    video = add_viewers(fanout, addresses, profile)
-    packet = rtp_template()
+    video = add_viewers(fanout, addresses, profile, transport_cc)
+    packet = rtp_template(transport_cc)
     latencies: list[int] = []
     sequence = 0
 
@@ -280,7 +312,7 @@ def measure_fanout(
         viewers=len(addresses),
         pushes=pushes,
         send_round=send_round,
-        expected_size=PACKET_SIZE + SRTP_TRAILER[profile],
+        expected_size=datagram_size(profile, transport_cc),
     )
     return throughput, latencies
 
@@ -447,13 +479,14 @@ def measure_burst_fanout(
     burst: int,
     *,
     gso: bool,
+    transport_cc: str = "off",
 ) -> tuple[Throughput, list[int]]:
     """The fan-out fed ``burst`` packets at a time, as one read of the publisher's socket
     returns them: GSO off pushes them one by one (push, today's path), GSO on pushes them
     together (push_batch). Returns the throughput and each burst's duration in ns."""
     fanout = Fanout(sender.fileno(), gso=gso)
-    video = add_viewers(fanout, addresses, profile)
-    packet = rtp_template()
+    video = add_viewers(fanout, addresses, profile, transport_cc)
+    packet = rtp_template(transport_cc)
     latencies: list[int] = []
     sequence = 0
 
@@ -486,7 +519,7 @@ def measure_burst_fanout(
         viewers=len(addresses),
         pushes=pushes,
         send_round=send_round,
-        expected_size=PACKET_SIZE + SRTP_TRAILER[profile],
+        expected_size=datagram_size(profile, transport_cc),
     )
     if gso and burst > 1 and fanout.stats()["gso_messages"] == 0:
         raise RuntimeError("GSO was on but no GSO entry went out (kernel refused it?)")
@@ -534,14 +567,19 @@ def gso_run_once(
     pushes: int,
     burst: int,
     run_index: int,
+    transport_cc: str = "off",
 ) -> GsoFigures:
     # The bursts' packet count per round must keep whole bursts: round up to one.
     pushes = max(burst, pushes - pushes % burst)
     contenders: list[Callable[[], object]] = [
         lambda: measure_segment_limit(sender, pool, addresses, profile, pushes, 1),
         lambda: measure_segment_limit(sender, pool, addresses, profile, pushes, burst),
-        lambda: measure_burst_fanout(sender, pool, addresses, profile, pushes, burst, gso=False),
-        lambda: measure_burst_fanout(sender, pool, addresses, profile, pushes, burst, gso=True),
+        lambda: measure_burst_fanout(
+            sender, pool, addresses, profile, pushes, burst, gso=False, transport_cc=transport_cc
+        ),
+        lambda: measure_burst_fanout(
+            sender, pool, addresses, profile, pushes, burst, gso=True, transport_cc=transport_cc
+        ),
     ]
     # Rotate the order per run so that a drift in machine load favours none of them.
     order = [(run_index + index) % len(contenders) for index in range(len(contenders))]
@@ -609,6 +647,7 @@ def run_gso(
                                 plan.pushes(viewers),
                                 burst,
                                 run_index,
+                                plan.transport_cc,
                             )
                         )
                     rows.append(gso_summarise(viewers, burst, name, figures))
@@ -826,9 +865,13 @@ def run_once(
     # load during a run does not always favour the same one.
     if run_index % 2 == 0:
         limit = measure_limit(sender, pool, addresses, profile, pushes)
-        fanout, latencies = measure_fanout(sender, pool, addresses, profile, pushes)
+        fanout, latencies = measure_fanout(
+            sender, pool, addresses, profile, pushes, plan.transport_cc
+        )
     else:
-        fanout, latencies = measure_fanout(sender, pool, addresses, profile, pushes)
+        fanout, latencies = measure_fanout(
+            sender, pool, addresses, profile, pushes, plan.transport_cc
+        )
         limit = measure_limit(sender, pool, addresses, profile, pushes)
     simulcast = measure_simulcast(sender, pool, addresses, profile, pushes)
     baseline_pushes = plan.baseline_pushes(viewers)
@@ -1096,6 +1139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only the UDP GSO comparison (bursts 1/4/6/8 at 100/1,000/5,000 viewers)",
     )
     parser.add_argument("--bursts", type=int, nargs="+", help="GSO burst sizes instead of 1 4 6 8")
+    parser.add_argument(
+        "--transport-cc",
+        choices=TRANSPORT_CC_MODES,
+        default="off",
+        help="transport-wide sequence numbers for every viewer of the fan-out contenders:"
+        " rewrite the publisher's (Chromium-like packets) or add one (no extension block)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     arguments = parser.parse_args(argv)
     plan = SMOKE_PLAN if arguments.smoke else FULL_PLAN
@@ -1110,6 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["viewer_counts"] = tuple(arguments.viewers)
     if arguments.profile:
         overrides["profiles"] = tuple(dict.fromkeys(arguments.profile))
+    overrides["transport_cc"] = arguments.transport_cc
     plan = Plan(**{**asdict(plan), **overrides})
 
     def progress(message: str) -> None:
@@ -1117,6 +1168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"... {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    if plan.transport_cc != "off":
+        print(f"transport-cc: {plan.transport_cc} (every viewer of the fan-out contenders)")
     rows: list[Row] = []
     if not arguments.gso_only:
         rows = run(plan, progress)

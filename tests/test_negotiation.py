@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,7 @@ from whepfan.protocol.negotiation import (
     EXT_REPAIRED_RID,
     EXT_RID,
     EXT_TRANSPORT_CC,
+    EXT_TRANSPORT_CC_02,
     EXT_VIDEO_ORIENTATION,
     EgressMedia,
     IngestMedia,
@@ -284,10 +286,14 @@ def test_whip_fid_group_with_one_ssrc_is_a_400() -> None:
 
 
 def _viewer(
-    ingest: list[IngestMedia], offer: str = WHEP_RECVONLY
+    ingest: list[IngestMedia], offer: str = WHEP_RECVONLY, *, transport_cc: bool = True
 ) -> tuple[SessionDescription, list[EgressMedia]]:
     answer, egress = answer_viewer(
-        SessionDescription.parse(offer), LOCAL, ingest, ssrc_source=_ssrcs()
+        SessionDescription.parse(offer),
+        LOCAL,
+        ingest,
+        ssrc_source=_ssrcs(),
+        transport_cc=transport_cc,
     )
     return SessionDescription.parse(str(answer)), egress
 
@@ -303,10 +309,17 @@ def test_whep_opus_vp8() -> None:
     assert {m.msid.split()[0] for m in answer.media if m.msid} == {"whepfan"}
     assert video.ssrc_groups[0].semantics == "FID" and video.ssrc_groups[0].ssrcs == [1001, 1002]
     assert {(s.ssrc, s.attribute) for s in video.ssrcs} >= {(1001, "cname"), (1002, "msid")}
-    # Only extensions the stream carries and that survive forwarding; the viewer's ids.
-    assert [e.uri for e in video.extmaps] == [EXT_ABS_SEND_TIME]
-    assert [e.uri for e in audio.extmaps] == [EXT_AUDIO_LEVEL]
-    assert video.codec(96).rtcp_fb == ["goog-remb", "ccm fir", "nack", "nack pli"]  # type: ignore[union-attr]
+    # Only extensions the stream carries and that survive forwarding, and whepfan's own
+    # transport-wide sequence numbers; the viewer's ids.
+    assert [e.uri for e in video.extmaps] == [EXT_TRANSPORT_CC, EXT_ABS_SEND_TIME]
+    assert [e.uri for e in audio.extmaps] == [EXT_TRANSPORT_CC, EXT_AUDIO_LEVEL]
+    assert video.codec(96).rtcp_fb == [  # type: ignore[union-attr]
+        "goog-remb",
+        "transport-cc",
+        "ccm fir",
+        "nack",
+        "nack pli",
+    ]
     assert [(e.mid, e.payload_type, e.rtx_payload_type, e.ssrc, e.rtx_ssrc) for e in egress] == [
         ("0", 111, None, 1000, None),
         ("1", 96, 97, 1001, 1002),
@@ -439,6 +452,75 @@ def test_ext_map_from_real_negotiations() -> None:
     }
 
 
+def test_whep_keeps_the_viewers_transport_cc() -> None:
+    # Chromium offers transport-cc -01 as id 3 on both sections, with transport-cc
+    # feedback on opus and every video codec.
+    _, ingest = answer_publisher(SessionDescription.parse(WHIP_SENDONLY), LOCAL, transport_cc=True)
+    offer = WHEP_RECVONLY.replace(
+        "a=extmap:3 http://www.ietf.org/id/draft-holmer",
+        "a=extmap:9 http://www.ietf.org/id/draft-holmer",
+    )
+    answer, egress = _viewer(ingest, offer)
+    for section, media in zip(answer.media, egress, strict=True):
+        # RFC 8285 §6: the offerer's id; without a direction (sendonly by the section).
+        assert [(e.id, e.direction) for e in section.extmaps if e.uri == EXT_TRANSPORT_CC] == [
+            (9, None)
+        ]
+        assert "transport-cc" in section.codec(media.payload_type).rtcp_fb  # type: ignore[union-attr]
+        assert "transport-cc" in media.rtcp_feedback
+        assert media.transport_cc_id == 9
+        assert media.extension_ids[EXT_TRANSPORT_CC] == 9
+    # The Fanout stamps the viewer's numbers: the publisher's element (id 3) is never
+    # forwarded through the extension map.
+    assert ingest[1].extension_ids[EXT_TRANSPORT_CC] == 3
+    table = egress[1].ext_map_for(ingest[1])
+    assert table[3] == 0 and 9 not in table
+
+
+def test_whep_transport_cc_off() -> None:
+    answer, egress = _viewer([AUDIO, VP8], transport_cc=False)
+    assert "transport-cc" not in str(answer)
+    assert EXT_TRANSPORT_CC not in str(answer)
+    assert all(media.transport_cc_id is None for media in egress)
+
+
+def test_whep_transport_cc_needs_the_extension_and_its_feedback() -> None:
+    # Feedback without numbers to report on, then numbers nobody reports: neither kept.
+    no_extension = WHEP_RECVONLY.replace(f"a=extmap:3 {EXT_TRANSPORT_CC}\n", "")
+    assert no_extension != WHEP_RECVONLY
+    no_feedback = re.sub(r"a=rtcp-fb:\d+ transport-cc\n", "", WHEP_RECVONLY)
+    assert no_feedback != WHEP_RECVONLY
+    for offer in (no_extension, no_feedback):
+        answer, egress = _viewer([AUDIO, VP8], offer)
+        assert "transport-cc" not in str(answer) and EXT_TRANSPORT_CC not in str(answer)
+        assert all(media.transport_cc_id is None for media in egress)
+    # -02 only: its receivers send feedback when a packet asks (not what whepfan does).
+    only_02 = WHEP_RECVONLY.replace(EXT_TRANSPORT_CC, EXT_TRANSPORT_CC_02)
+    answer, egress = _viewer([AUDIO, VP8], only_02)
+    assert EXT_TRANSPORT_CC_02 not in str(answer) and "transport-cc" not in str(answer)
+    assert all(media.transport_cc_id is None for media in egress)
+    # A receiver-only extmap direction of the viewer's own (sendonly) is not ours to use.
+    sendonly = WHEP_RECVONLY.replace(
+        f"a=extmap:3 {EXT_TRANSPORT_CC}", f"a=extmap:3/sendonly {EXT_TRANSPORT_CC}"
+    )
+    _, egress = _viewer([AUDIO, VP8], sendonly)
+    assert all(media.transport_cc_id is None for media in egress)
+
+
+def test_whep_transport_cc_feedback_for_every_payload_type() -> None:
+    # RFC 4585 §4.2: a=rtcp-fb:* applies to every payload type of the section.
+    offer = re.sub(r"a=rtcp-fb:\d+ transport-cc\n", "", WHEP_RECVONLY)
+    offer = offer.replace("a=rtcp-mux\n", "a=rtcp-mux\na=rtcp-fb:* transport-cc\n")
+    answer, egress = _viewer([AUDIO, VP8], offer)
+    assert offer.count("transport-cc") == 2
+    assert [media.transport_cc_id for media in egress] == [3, 3]
+    assert all(
+        "transport-cc" in section.codec(media.payload_type).rtcp_fb  # type: ignore[union-attr]
+        for section, media in zip(answer.media, egress, strict=True)
+    )
+    assert all("transport-cc" in media.rtcp_feedback for media in egress)
+
+
 def test_whep_offer_direction_and_duplicate_ssrcs() -> None:
     with pytest.raises(Unprocessable):  # WHEP §4.2.5: sendonly offer
         _viewer([AUDIO, VP8], WHEP_RECVONLY.replace("a=recvonly", "a=sendonly"))
@@ -558,6 +640,49 @@ async def test_aiortc_answers_counter_offer() -> None:
         assert "nack" in egress[1].rtcp_feedback
     finally:
         await pc.close()
+
+
+def _recvonly_answer(counter: SessionDescription) -> SessionDescription:
+    """The counter-offer answered by a client that keeps everything (RFC 3264 §6.1)."""
+    answer = SessionDescription.parse(str(counter))
+    for section in answer.media:
+        section.direction = "recvonly"
+        section.setup = "active"
+    return answer
+
+
+def test_counter_offer_offers_transport_cc_under_one_id() -> None:
+    _, ingest = answer_publisher(SessionDescription.parse(WHIP_SENDONLY), LOCAL, transport_cc=True)
+    counter = build_counter_offer(LOCAL, ingest, ssrc_source=_ssrcs())
+    # The publisher's id (3) is free among the forwarded extensions: every section uses it.
+    for section in counter.media:
+        assert section.extmap_id(EXT_TRANSPORT_CC) == 3
+        assert all(
+            "transport-cc" in codec.rtcp_fb for codec in section.codecs if codec.name != "rtx"
+        )
+    egress = accept_counter_answer(counter, _recvonly_answer(counter))
+    assert [media.transport_cc_id for media in egress] == [3, 3]
+    # An answer without the feedback: no numbers either.
+    stripped = _recvonly_answer(counter)
+    for section in stripped.media:
+        for codec in section.codecs:
+            codec.rtcp_fb = [fb for fb in codec.rtcp_fb if fb != "transport-cc"]
+    egress = accept_counter_answer(counter, stripped)
+    assert all(media.transport_cc_id is None for media in egress)
+    assert all("transport-cc" not in media.rtcp_feedback for media in egress)
+
+
+def test_counter_offer_transport_cc_id_avoids_forwarded_ids() -> None:
+    audio = _ingest("audio", _opus(), "0", {EXT_AUDIO_LEVEL: 1})
+    video = _ingest(
+        "video", _video("VP8", 96, rtx=97), "1", {EXT_ABS_SEND_TIME: 2, EXT_TRANSPORT_CC: 2}
+    )
+    counter = build_counter_offer(LOCAL, [audio, video], ssrc_source=_ssrcs())
+    assert [section.extmap_id(EXT_TRANSPORT_CC) for section in counter.media] == [3, 3]
+    counter = build_counter_offer(LOCAL, [audio, video], ssrc_source=_ssrcs(), transport_cc=False)
+    assert "transport-cc" not in str(counter)
+    egress = accept_counter_answer(counter, _recvonly_answer(counter))
+    assert all(media.transport_cc_id is None for media in egress)
 
 
 def test_counter_answer_must_be_recvonly() -> None:

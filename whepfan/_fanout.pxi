@@ -33,6 +33,15 @@
 # trigger NACKs and PLIs). VP9 temporal dropping shrinks sequence numbers only: VP9
 # receivers derive references from picture-id distances (see _drop_temporal_vp9).
 #
+# Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01).
+# A viewer given set_transport_cc gets its own 16-bit transport-wide sequence number on
+# every RTP packet sent to it (media, RTX, padding probes: one counter per viewer, since
+# BUNDLE puts all its subscriptions on one transport), written during the per-viewer copy
+# (see "Transport-wide sequence numbers" below), and each number's datagram size and send
+# time (one CLOCK_MONOTONIC reading per sendmmsg batch) go into a per-viewer ring that
+# transport_sent() reads when the viewer's transport feedback arrives. send_padding()
+# sends padding-only RTX probes under the same numbering.
+#
 # Source addresses. On a host with several addresses, a socket bound to the wildcard
 # address sends from whatever source the kernel's route picks, but a viewer accepts only
 # datagrams from the transport address its ICE check reached (RFC 8445 §4: a candidate
@@ -91,6 +100,10 @@ from whepfan.includes.system cimport (
     sockaddr_storage,
     socklen_t,
 )
+
+# GCC/Clang: start fetching a cache line for writing (rw = 1) without waiting for it.
+cdef extern from *:
+    void __builtin_prefetch(const void* address, int rw, int locality) nogil
 
 import ipaddress as _ipaddress
 import os as _os
@@ -165,6 +178,7 @@ cdef int rtp_parse_layout(const uint8_t* packet, int length, RtpLayout* layout) 
     position = 12 + 4 * (packet[0] & 0x0F)
     if position > length:
         return -1
+    layout.ext_data_start = position
     if packet[0] & 0x10:
         if position + 4 > length:
             return -1
@@ -173,6 +187,7 @@ cdef int rtp_parse_layout(const uint8_t* packet, int length, RtpLayout* layout) 
         if extension_end > length:
             return -1
         position += 4
+        layout.ext_data_start = position
         if profile == 0xBEDE:
             # RFC 8285 §4.2: ID (4 bits) | L (4 bits) | L+1 data bytes. A zero byte is
             # padding; ID 15 ends processing of the whole extension block.
@@ -225,8 +240,10 @@ cdef int rtp_parse_layout(const uint8_t* packet, int length, RtpLayout* layout) 
 
 cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
                              const Subscription* subscription,
-                             uint16_t sequence, uint32_t timestamp) noexcept nogil:
-    """Turn a copy of the publisher's packet into the viewer's (same length)."""
+                             uint16_t sequence, uint32_t timestamp, int shift) noexcept nogil:
+    """Turn a copy of the publisher's packet into the viewer's (same length, but for
+    ``shift``: the octets a transport-cc element inserted before the first element, see
+    transport_cc_copy)."""
     cdef int index
     cdef uint8_t viewer_id
     cdef uint8_t* element
@@ -238,7 +255,7 @@ cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
     # element the viewer did not negotiate is overwritten with zero bytes, which both
     # forms read as padding (§4.2, §4.3), so the packet length never changes.
     for index in range(layout.ext_count):
-        element = packet + layout.ext_offset[index]
+        element = packet + layout.ext_offset[index] + shift
         viewer_id = 0
         if subscription.ext_map != NULL:
             viewer_id = subscription.ext_map[layout.ext_id[index]]
@@ -252,6 +269,104 @@ cdef inline void rtp_rewrite(uint8_t* packet, const RtpLayout* layout,
                 memset(element, 0, layout.ext_size[index])
             else:
                 element[0] = viewer_id
+
+
+# ---------------------------------------------------------------------------------------
+# Transport-wide sequence numbers (draft-holmer-rmcat-transport-wide-cc-extensions-01 §2).
+#
+# A viewer with transport-cc on gets its own 16-bit counter on every RTP packet sent to it
+# (media, RTX, padding probes), in the header extension it negotiated:
+#
+#   one-byte form (RFC 8285 §4.2)       two-byte form (RFC 8285 §4.3)
+#   | ID | L=1 | seq (16 bits) |        | ID (8) | length=2 | seq (16 bits) |
+#
+# Where the publisher's packet has its own transport-cc element (the track's id, two data
+# octets) that element is rewritten in place: the viewer's id, the viewer's number. A
+# packet without one (publishers that did not negotiate it) grows: the element goes first
+# in the existing block, whose length grows by one word (the one-byte element is padded
+# by a zero octet, which §4.2 allows between elements), or, with X = 0, in a new one-word
+# block after the CSRC list (0xBEDE, or 0x1000 when the viewer's id is above 14). Putting
+# it first keeps it ahead of an ID 15 terminator and leaves the publisher's elements and
+# the payload as they were, moved by whole words. A packet with another extension profile
+# (RFC 3550 §5.3.1: one block per packet) or a one-byte block when the viewer's id needs
+# the two-byte form cannot carry it: sent without, counted, no number used.
+
+cdef inline void transport_cc_locate(const RtpLayout* layout, uint8_t track_id,
+                                     int* index, int* growth) noexcept nogil:
+    """Where the track's transport-cc element is in a packet of that layout (``index``,
+    -1: absent) and how much a transport-cc viewer's copy grows (``growth``: 0, 4, 8;
+    -1: it cannot carry one)."""
+    cdef int position
+    cdef int wanted = 3 if layout.ext_form == EXT_ONE_BYTE else 4   # header + 2 data octets
+    index[0] = -1
+    if track_id != 0 and (layout.ext_form == EXT_ONE_BYTE or layout.ext_form == EXT_TWO_BYTE):
+        for position in range(layout.ext_count):
+            if layout.ext_id[position] == track_id:
+                if layout.ext_size[position] == wanted:
+                    index[0] = position
+                break
+    if index[0] >= 0:
+        growth[0] = 0
+    elif layout.ext_form == EXT_NONE:
+        growth[0] = TRANSPORT_CC_NEW_BLOCK
+    elif layout.ext_form == EXT_OTHER:
+        growth[0] = -1
+    else:
+        growth[0] = TRANSPORT_CC_IN_BLOCK
+
+
+cdef inline int transport_cc_growth(const RtpLayout* layout, int growth,
+                                    uint8_t viewer_id) noexcept nogil:
+    """``growth`` for a viewer whose id is ``viewer_id``: -1 where a one-byte block would
+    have to carry an id above 14."""
+    if viewer_id > 14 and layout.ext_form == EXT_ONE_BYTE:
+        return -1
+    return growth
+
+
+cdef inline int transport_cc_copy(uint8_t* slot, const uint8_t* data, int length,
+                                  const RtpLayout* layout, int index, int growth,
+                                  uint8_t viewer_id) noexcept nogil:
+    """Copy ``length`` octets of the publisher's packet (its header at least) into
+    ``slot`` with room for the viewer's element (``growth`` >= 0, see above); returns the
+    element's offset in ``slot``, for transport_cc_stamp once rtp_rewrite has run."""
+    cdef int at, element
+    if growth == 0:
+        memcpy(slot, data, length)
+        return layout.ext_offset[index]
+    at = layout.ext_data_start
+    memcpy(slot, data, at)
+    memcpy(slot + at + growth, data + at, length - at)
+    if growth == TRANSPORT_CC_NEW_BLOCK:
+        slot[0] |= 0x10
+        store16(slot + at, 0xBEDE if viewer_id <= 14 else 0x1000)
+        store16(slot + at + 2, 1)
+        element = at + 4
+    else:
+        store16(slot + at - 2, <uint16_t>(load16(slot + at - 2) + 1))
+        element = at
+    slot[element + 3] = 0   # the one-byte element's padding octet (two-byte: rewritten)
+    return element
+
+
+cdef inline void transport_cc_stamp(uint8_t* element, bint one_byte, uint8_t viewer_id,
+                                    uint16_t sequence) noexcept nogil:
+    if one_byte:
+        element[0] = <uint8_t>((viewer_id << 4) | 1)   # L = 1: two data octets
+        store16(element + 1, sequence)
+    else:
+        element[0] = viewer_id
+        element[1] = 2
+        store16(element + 2, sequence)
+
+
+cdef inline bint transport_cc_one_byte(const RtpLayout* layout, int growth,
+                                       uint8_t viewer_id) noexcept nogil:
+    """The stamped element's form: the packet's own, or for a new block the smallest
+    that carries the viewer's id."""
+    if growth == TRANSPORT_CC_NEW_BLOCK:
+        return viewer_id <= 14
+    return layout.ext_form == EXT_ONE_BYTE
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,6 +556,7 @@ cdef int batch_init(SendBatch* batch, int fd, int capacity) noexcept:
     batch.slot_viewer = <int32_t*>calloc(capacity, sizeof(int32_t))
     batch.slot_subscription = <Subscription**>calloc(capacity, sizeof(Subscription*))
     batch.slot_payload_len = <uint32_t*>calloc(capacity, sizeof(uint32_t))
+    batch.slot_transport_seq = <int32_t*>calloc(capacity, sizeof(int32_t))
     batch.open_message = -1
     if (batch.buffers == NULL or batch.iov == NULL or batch.messages == NULL
             or batch.message_first == NULL or batch.message_segments == NULL
@@ -448,7 +564,8 @@ cdef int batch_init(SendBatch* batch, int fd, int capacity) noexcept:
             or batch.message_plain_control == NULL or batch.message_plain_controllen == NULL
             or batch.gso_control == NULL
             or batch.accepted == NULL or batch.slot_viewer == NULL
-            or batch.slot_subscription == NULL or batch.slot_payload_len == NULL):
+            or batch.slot_subscription == NULL or batch.slot_payload_len == NULL
+            or batch.slot_transport_seq == NULL):
         return -1
     for index in range(capacity):
         batch.iov[index].iov_base = batch.buffers + <size_t>index * BATCH_SLOT_SIZE
@@ -470,6 +587,7 @@ cdef void batch_free(SendBatch* batch) noexcept:
     free(batch.slot_viewer)
     free(batch.slot_subscription)
     free(batch.slot_payload_len)
+    free(batch.slot_transport_seq)
     memset(batch, 0, sizeof(SendBatch))
 
 
@@ -762,6 +880,14 @@ cdef inline double monotonic_seconds() noexcept nogil:
     return now.tv_sec + now.tv_nsec * 1e-9
 
 
+# TransportSendRecord.sent_at: CLOCK_MONOTONIC in 2^-16 s, modulo 2^32.
+cdef double LOG_CLOCK_RATE = 65536.0
+
+
+cdef inline uint32_t log_clock(double seconds) noexcept nogil:
+    return <uint32_t><uint64_t>(seconds * LOG_CLOCK_RATE)   # mod 2^32
+
+
 # ---------------------------------------------------------------------------------------
 
 cdef class Fanout:
@@ -789,12 +915,20 @@ cdef class Fanout:
     cdef int gso_error              # errno that turned GSO off at send time; 0: none
     cdef int gso_max_segment        # largest datagram put in a GSO entry
     cdef int pad_limit              # most RTP padding octets added to equal a run
+    cdef int transport_log_size     # entries of a transport-cc viewer's send log
 
     def __cinit__(self, int fd, *, int max_viewers=16384, int max_tracks=64, int batch_size=32,
-                  bint gso=False, int gso_max_segment=1452, int pad_limit=32):
+                  bint gso=False, int gso_max_segment=1452, int pad_limit=32,
+                  int transport_log_size=TRANSPORT_LOG_DEFAULT):
         cdef int index
         if max_viewers < 1 or max_tracks < 1:
             raise ValueError("max_viewers and max_tracks must be positive")
+        if (not 64 <= transport_log_size <= 65536
+                or transport_log_size & (transport_log_size - 1)):
+            # A power of two, so a sequence number's entry is seq & mask; at most one
+            # entry per 16-bit number.
+            raise ValueError("transport_log_size must be a power of two in 64..65536")
+        self.transport_log_size = transport_log_size
         if not 1 <= batch_size <= 1024:   # UIO_MAXIOV bounds one sendmmsg call
             raise ValueError("batch_size must be in 1..1024")
         if not 64 <= gso_max_segment <= MAX_RTP_PACKET + SRTP_MAX_OVERHEAD:
@@ -835,6 +969,7 @@ cdef class Fanout:
                 if self.viewers[index].in_use:
                     srtp_ctx_clear(&self.viewers[index].tx)
                     srtp_ctx_clear(&self.viewers[index].rx)
+                    free(self.viewers[index].send_log)
             free(self.viewers)
         free(self.free_viewers)
         free(self.switch_log)
@@ -862,14 +997,17 @@ cdef class Fanout:
     # -- tracks --------------------------------------------------------------------------
 
     def add_track(self, *, int cache_packets=1024, int clock_rate=90000,
-                  int payload_format=PAYLOAD_OPAQUE) -> int:
+                  int payload_format=PAYLOAD_OPAQUE, int transport_cc_id=0) -> int:
         """A new ingest stream with a NACK cache of ``cache_packets`` packets, its RTP
-        ``clock_rate``, and how its payload may be read (``PAYLOAD_VP8``/``PAYLOAD_VP9``:
-        temporal layers, picture ids)."""
+        ``clock_rate``, how its payload may be read (``PAYLOAD_VP8``/``PAYLOAD_VP9``:
+        temporal layers, picture ids), and the publisher's transport-wide cc extension
+        id (see set_track_transport_cc)."""
         cdef int index
         cdef Track* track
         if not 1 <= cache_packets <= 65536:   # one slot per 16-bit sequence number at most
             raise ValueError("cache_packets must be in 1..65536")
+        if not 0 <= transport_cc_id <= 255:
+            raise ValueError("transport_cc_id must be 0..255 (RFC 8285 ids are 8-bit)")
         if clock_rate <= 0:
             raise ValueError("clock_rate must be positive")
         if payload_format not in (PAYLOAD_OPAQUE, PAYLOAD_VP8, PAYLOAD_VP9):
@@ -893,8 +1031,19 @@ cdef class Fanout:
         memset(track.subscription_of_viewer, 0xFF, self.max_viewers * sizeof(int32_t))  # -1
         track.clock_rate = clock_rate
         track.payload_format = payload_format
+        track.transport_cc_id = transport_cc_id
         track.in_use = 1
         return index
+
+    def set_track_transport_cc(self, int track, int extension_id) -> None:
+        """The id under which the publisher's packets of ``track`` carry its own
+        transport-wide sequence number (draft-holmer-rmcat-transport-wide-cc-extensions-01
+        §2; 0: they do not). Transport-cc viewers get that element rewritten in place with
+        their own number; packets without it get one added."""
+        cdef Track* source = self._track(track)
+        if not 0 <= extension_id <= 255:
+            raise ValueError("extension_id must be 0..255 (RFC 8285 ids are 8-bit)")
+        source.transport_cc_id = extension_id
 
     cdef void _free_track(self, Track* track) noexcept:
         cdef int index
@@ -962,6 +1111,7 @@ cdef class Fanout:
                 self._unsubscribe(&self.tracks[index], viewer)
         srtp_ctx_clear(&state.tx)
         srtp_ctx_clear(&state.rx)
+        free(state.send_log)
         memset(state, 0, sizeof(Viewer))
         self.free_viewers[self.free_viewer_count] = viewer
         self.free_viewer_count += 1
@@ -981,6 +1131,67 @@ cdef class Fanout:
         state.address_len = address_len
         memcpy(state.source_control, source_control, sizeof(source_control))
         state.source_control_len = source_control_len
+
+    def set_transport_cc(self, int viewer, int extension_id, sequence=None) -> None:
+        """Stamp a transport-wide sequence number (draft-holmer-rmcat-transport-wide-cc-
+        extensions-01 §2) under the viewer's ``extension_id`` (its a=extmap id, RFC 8285:
+        1..14 fit the one-byte form, up to 255 need the two-byte form) on every RTP packet
+        sent to the viewer, media, RTX and padding alike; 0 turns it off. One counter per
+        viewer: all its subscriptions share its transport (BUNDLE). ``sequence``: the next
+        number (None: keep the current one; random the first time). The send log
+        (transport_sent) is allocated here, once, and freed with the viewer."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef bytes start
+        cdef bint fresh = state.send_log == NULL
+        if not 0 <= extension_id <= 255:
+            raise ValueError("extension_id must be 0..255 (RFC 8285 ids are 8-bit)")
+        if sequence is not None and not 0 <= sequence <= 0xFFFF:
+            raise ValueError(f"sequence {sequence} is not 16-bit")
+        if extension_id and fresh:
+            state.send_log = <TransportSendRecord*>calloc(self.transport_log_size,
+                                                          sizeof(TransportSendRecord))
+            if state.send_log == NULL:
+                raise MemoryError()
+            state.send_log_mask = self.transport_log_size - 1
+            start = _os.urandom(2)
+            state.transport_seq = load16(<const uint8_t*><const char*>start)
+        if sequence is not None:
+            state.transport_seq = sequence
+        state.transport_cc_id = extension_id
+
+    def transport_sent(self, int viewer, int base_sequence, int count) -> list:
+        """What went out under the viewer's transport-wide sequence numbers
+        ``base_sequence`` .. ``base_sequence + count - 1`` (mod 2^16), as in a transport
+        feedback packet (§3.1: base sequence number, packet status count): per number
+        ``(sent_at, size)``, with ``sent_at`` the CLOCK_MONOTONIC (= time.monotonic())
+        seconds at which the sendmmsg batch that sent it began to fill (one reading per
+        batch, so at most ``batch_size`` datagrams' work early; kept to 2^-16 s) and ``size``
+        the datagram's UDP payload octets (the SRTP packet, tag included); None when the
+        log has no such packet (never sent or refused by the kernel, or overwritten by
+        one ``transport_log_size`` numbers later)."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef TransportSendRecord* record
+        cdef uint16_t sequence
+        cdef int index
+        cdef uint64_t now_ticks = <uint64_t>(monotonic_seconds() * LOG_CLOCK_RATE)
+        cdef uint32_t now_clock = <uint32_t>now_ticks
+        if not 0 <= base_sequence <= 0xFFFF:
+            raise ValueError(f"base_sequence {base_sequence} is not 16-bit")
+        if not 0 <= count <= 0xFFFF:   # the feedback's packet status count is 16 bits
+            raise ValueError(f"count {count} is not in 0..65535")
+        result = [None] * count
+        if state.send_log == NULL:
+            return result
+        for index in range(count):
+            sequence = <uint16_t>(base_sequence + index)
+            record = &state.send_log[sequence & state.send_log_mask]
+            if record.size and record.sequence == sequence:
+                # The entry is younger than the clock's 18-hour wrap: its age is exact.
+                result[index] = (
+                    (now_ticks - <uint32_t>(now_clock - record.sent_at)) / LOG_CLOCK_RATE,
+                    record.size,
+                )
+        return result
 
     @property
     def viewer_count(self) -> int:
@@ -1191,8 +1402,10 @@ cdef class Fanout:
     # -- media ---------------------------------------------------------------------------
 
     cdef int _flush(self) noexcept nogil:
-        """Send the batch and credit what the kernel accepted to viewers and SR counts."""
+        """Send the batch and credit what the kernel accepted to viewers and SR counts;
+        a transport-wide sequence number the kernel refused is logged as not sent."""
         cdef int index, accepted
+        cdef int32_t transport_seq
         cdef Viewer* viewer
         cdef Subscription* subscription
         if self.batch.count == 0:
@@ -1213,17 +1426,43 @@ cdef class Fanout:
                     subscription.octets_sent += self.batch.slot_payload_len[index]
             else:
                 viewer.send_errors += 1
+                transport_seq = self.batch.slot_transport_seq[index]
+                if transport_seq >= 0:
+                    # So that transport_sent says None: the number went nowhere.
+                    viewer.send_log[transport_seq & viewer.send_log_mask].size = 0
         self.counters.packets_sent += accepted
         self.batch.count = 0
         self.batch.message_count = 0
+        self.batch.transport_clock_set = 0
         return accepted
 
+    cdef inline void _log_transport(self, Viewer* viewer, int32_t transport_seq,
+                                    int length) noexcept nogil:
+        """Log the datagram of ``length`` octets queued under ``transport_seq``: sent
+        (until the flush says otherwise) at the time this batch's first transport-cc
+        datagram was queued. One clock reading per batch, and the entry is written while
+        the viewer's state is in cache rather than after sendmmsg has run through the
+        kernel's (with 1,000 viewers, writing it in _flush cost ~5 % per datagram)."""
+        cdef TransportSendRecord* record
+        if not self.batch.transport_clock_set:
+            self.batch.transport_clock = log_clock(monotonic_seconds())
+            self.batch.transport_clock_set = 1
+        record = &viewer.send_log[transport_seq & viewer.send_log_mask]
+        record.sent_at = self.batch.transport_clock
+        record.sequence = <uint16_t>transport_seq
+        record.size = <uint16_t>length
+
     cdef int _queue(self, int32_t viewer_index, Viewer* viewer, int length,
-                    Subscription* subscription, uint32_t payload_len) noexcept nogil:
-        """Commit the next slot for ``viewer``; flush when the batch is full."""
+                    Subscription* subscription, uint32_t payload_len,
+                    int32_t transport_seq) noexcept nogil:
+        """Commit the next slot for ``viewer`` (``transport_seq``: the transport-wide
+        sequence number it carries, -1: none); flush when the batch is full."""
         self.batch.slot_viewer[self.batch.count] = viewer_index
         self.batch.slot_subscription[self.batch.count] = subscription
         self.batch.slot_payload_len[self.batch.count] = payload_len
+        self.batch.slot_transport_seq[self.batch.count] = transport_seq
+        if transport_seq >= 0:
+            self._log_transport(viewer, transport_seq, length)
         # Every entry is rewritten: one batch serves viewers with and without a source.
         batch_commit(&self.batch, length, &viewer.address, viewer.address_len,
                      viewer.source_control if viewer.source_control_len else NULL,
@@ -1234,7 +1473,8 @@ cdef class Fanout:
         return 0
 
     cdef int _queue_segment(self, int32_t viewer_index, Viewer* viewer, int length,
-                            Subscription* subscription, uint32_t payload_len) noexcept nogil:
+                            Subscription* subscription, uint32_t payload_len,
+                            int32_t transport_seq) noexcept nogil:
         """As _queue, for a packet of a viewer's run in push_batch: with GSO on, it joins
         the viewer's open GSO entry if all that entry's segments so far have its first
         one's length and this one is no longer (udp(7): only the last segment may be
@@ -1242,10 +1482,14 @@ cdef class Fanout:
         cdef SendBatch* batch = &self.batch
         cdef int entry = batch.open_message
         if not self.gso_on:
-            return self._queue(viewer_index, viewer, length, subscription, payload_len)
+            return self._queue(viewer_index, viewer, length, subscription, payload_len,
+                               transport_seq)
         batch.slot_viewer[batch.count] = viewer_index
         batch.slot_subscription[batch.count] = subscription
         batch.slot_payload_len[batch.count] = payload_len
+        batch.slot_transport_seq[batch.count] = transport_seq
+        if transport_seq >= 0:
+            self._log_transport(viewer, transport_seq, length)
         if (entry >= 0 and entry == batch.message_count - 1
                 and batch.slot_viewer[batch.message_first[entry]] == viewer_index
                 and length <= batch.message_gso_size[entry]
@@ -1428,6 +1672,9 @@ cdef class Fanout:
         packet.keyframe = keyframe
         packet.sequence = load16(data + 2)
         packet.timestamp = load32(data + 4)
+        transport_cc_locate(&packet.layout, source.transport_cc_id, &packet.transport_cc_index,
+                            &packet.transport_cc_growth)
+        packet.run_growth = packet.transport_cc_growth
         if source.payload_format == PAYLOAD_VP8:
             vp8_parse_fields(data + packet.layout.header_len, packet.layout.payload_len,
                              &packet.descriptor)
@@ -1453,7 +1700,8 @@ cdef class Fanout:
         cdef const DescriptorFields* descriptor = &packet.descriptor
         cdef uint16_t sequence = packet.sequence, out_seq
         cdef uint32_t timestamp = packet.timestamp
-        cdef int length = packet.length, protected_len, padding
+        cdef int length = packet.length, protected_len, padding, growth = -1, element = 0
+        cdef int32_t transport_seq = -1
         cdef bint dropped
         cdef uint8_t* slot
         if subscription.wait_keyframe:
@@ -1480,10 +1728,36 @@ cdef class Fanout:
             self.counters.dropped_temporal_layer += 1
             return 0
         slot = batch_next_slot(&self.batch)
-        memcpy(slot, packet.data, length)
-        rtp_rewrite(slot, &packet.layout, subscription, sequence, timestamp)
-        if descriptor.present:
-            descriptor_rewrite(slot + packet.layout.header_len, descriptor, subscription)
+        if viewer.transport_cc_id:
+            # The log entry _queue writes is, with many viewers, a cache line that is not
+            # in cache: fetch it now, while the copy and the encryption run.
+            __builtin_prefetch(&viewer.send_log[viewer.transport_seq & viewer.send_log_mask],
+                               1, 3)
+            growth = transport_cc_growth(&packet.layout, packet.transport_cc_growth,
+                                         viewer.transport_cc_id)
+        if growth >= 0:
+            element = transport_cc_copy(slot, packet.data, length, &packet.layout,
+                                        packet.transport_cc_index, growth,
+                                        viewer.transport_cc_id)
+            rtp_rewrite(slot, &packet.layout, subscription, sequence, timestamp, growth)
+            transport_seq = viewer.transport_seq
+            viewer.transport_seq += 1
+            transport_cc_stamp(slot + element,
+                               transport_cc_one_byte(&packet.layout, growth,
+                                                     viewer.transport_cc_id),
+                               viewer.transport_cc_id, <uint16_t>transport_seq)
+            length += growth
+            if descriptor.present:
+                descriptor_rewrite(slot + packet.layout.header_len + growth, descriptor,
+                                   subscription)
+        else:
+            if viewer.transport_cc_id:
+                viewer.transport_cc_unstamped += 1
+                self.counters.transport_cc_unstamped += 1
+            memcpy(slot, packet.data, length)
+            rtp_rewrite(slot, &packet.layout, subscription, sequence, timestamp, 0)
+            if descriptor.present:
+                descriptor_rewrite(slot + packet.layout.header_len, descriptor, subscription)
         out_seq = <uint16_t>(sequence + subscription.seq_offset)
         if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
             subscription.has_sent = 1
@@ -1497,7 +1771,11 @@ cdef class Fanout:
                 if descriptor.tl0_pic_idx >= 0:
                     subscription.last_tl0 = <uint8_t>(
                         descriptor.tl0_pic_idx + subscription.tl0_offset)
-        padding = packet.padded_length - length
+        padding = packet.padded_length - packet.length
+        if growth >= 0 and packet.run_growth > growth:
+            # Others in this packet's GSO run grow more (they lacked an extension block):
+            # pad up to them so the run stays equal. _equalize checked the count octet.
+            padding += packet.run_growth - growth
         if segment and padding > 0 and self.gso_on:
             # RFC 3550 §5.1: P set, padding octets after the payload, the last one counting
             # them all (itself and any padding the publisher sent). The viewer strips it;
@@ -1514,12 +1792,21 @@ cdef class Fanout:
         if protected_len < 0:
             viewer.protect_errors += 1
             self.counters.protect_errors += 1
+            if transport_seq >= 0:
+                viewer.transport_seq -= 1   # never sent: the number goes to the next packet
             return 0
+        if transport_seq >= 0:
+            if growth == 0:
+                viewer.transport_cc_stamped += 1
+                self.counters.transport_cc_stamped += 1
+            else:
+                viewer.transport_cc_added += 1
+                self.counters.transport_cc_added += 1
         if segment:
             return self._queue_segment(subscription.viewer, viewer, protected_len, subscription,
-                                       packet.layout.payload_len)
+                                       packet.layout.payload_len, transport_seq)
         return self._queue(subscription.viewer, viewer, protected_len, subscription,
-                           packet.layout.payload_len)
+                           packet.layout.payload_len, transport_seq)
 
     def push(self, int track, const uint8_t[::1] packet not None, bint keyframe=False,
              now=None) -> int:
@@ -1552,7 +1839,7 @@ cdef class Fanout:
         shorter. Chromium's packetizer splits a frame into near-equal packets (libwebrtc
         SplitAboutEqually: sizes differ by one octet), so runs are usually a frame long."""
         cdef int start = 0, end, index, longest, shortest, length, limit = self.pad_limit
-        cdef int room = self.gso_max_segment - SRTP_MAX_OVERHEAD
+        cdef int room = self.gso_max_segment - SRTP_MAX_OVERHEAD, most_growth
         cdef BurstPacket* packet
         while start < count:
             longest = shortest = self.burst[start].length
@@ -1570,12 +1857,23 @@ cdef class Fanout:
                     shortest = length
                 end += 1
             if longest <= room:
+                # A transport-cc viewer's copies grow by 0, 4 or 8 octets (the packet's
+                # transport_cc_growth): those that grow less are padded by the difference
+                # too, so the run stays equal for those viewers as well (see _deliver).
+                most_growth = 0
+                for index in range(start, end):
+                    if self.burst[index].transport_cc_growth > most_growth:
+                        most_growth = self.burst[index].transport_cc_growth
                 for index in range(start, end - 1):
                     packet = &self.burst[index]
                     # The padding count octet covers all padding (RFC 3550 §5.1).
                     if (packet.length < longest
                             and packet.layout.padding_len + longest - packet.length <= 255):
                         packet.padded_length = longest
+                    if (packet.padded_length == longest and packet.transport_cc_growth >= 0
+                            and packet.layout.padding_len + longest - packet.length
+                            + most_growth - packet.transport_cc_growth <= 255):
+                        packet.run_growth = most_growth
             start = end
 
     def push_batch(self, int track, packets, keyframes=None, now=None) -> int:
@@ -1641,6 +1939,8 @@ cdef class Fanout:
         cdef Subscription* subscription = self._subscription(source, viewer)
         cdef RtpLayout layout
         cdef int cache_index, length, sent = 0, protected_len, resent_count = 0
+        cdef int element_index, growth, element = 0
+        cdef int32_t transport_seq
         cdef uint16_t viewer_seq, publisher_seq
         cdef const uint8_t* cached
         cdef uint8_t* slot
@@ -1664,36 +1964,128 @@ cdef class Fanout:
                 continue
             rtp_parse_layout(cached, length, &layout)   # validated when it was pushed
             slot = batch_next_slot(&self.batch)
+            # A retransmission is a packet of the transport like any other (§2): it gets
+            # the viewer's next transport-wide number, as push() does.
+            growth = -1
+            transport_seq = -1
+            if state.transport_cc_id:
+                transport_cc_locate(&layout, source.transport_cc_id, &element_index, &growth)
+                growth = transport_cc_growth(&layout, growth, state.transport_cc_id)
+                if growth < 0:
+                    state.transport_cc_unstamped += 1
+                    self.counters.transport_cc_unstamped += 1
             if subscription.has_rtx:
                 # RFC 4588 §4: RTX header (same timestamp and marker, RTX SSRC/PT, own
                 # sequence space), then the original sequence number (the one the viewer
                 # knows), then the original payload without its padding.
-                memcpy(slot, cached, layout.header_len)
+                if growth >= 0:
+                    element = transport_cc_copy(slot, cached, layout.header_len, &layout,
+                                                element_index, growth, state.transport_cc_id)
+                else:
+                    memcpy(slot, cached, layout.header_len)
                 slot[0] &= ~0x20
-                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4))
+                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4),
+                            growth if growth > 0 else 0)
                 slot[1] = (slot[1] & 0x80) | subscription.rtx_payload_type
                 store16(slot + 2, subscription.rtx_seq)
                 store32(slot + 8, subscription.rtx_ssrc)
                 subscription.rtx_seq += 1
-                store16(slot + layout.header_len, viewer_seq)
-                memcpy(slot + layout.header_len + RTX_OSN_SIZE, cached + layout.header_len,
+                length = layout.header_len + (growth if growth > 0 else 0)
+                store16(slot + length, viewer_seq)
+                memcpy(slot + length + RTX_OSN_SIZE, cached + layout.header_len,
                        layout.payload_len)
-                length = layout.header_len + RTX_OSN_SIZE + layout.payload_len
+                length += RTX_OSN_SIZE + layout.payload_len
+            elif growth >= 0:
+                element = transport_cc_copy(slot, cached, length, &layout, element_index,
+                                            growth, state.transport_cc_id)
+                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4),
+                            growth)
+                length += growth
             else:
                 memcpy(slot, cached, length)
-                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4))
+                rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4), 0)
+            if growth >= 0:
+                transport_seq = state.transport_seq
+                state.transport_seq += 1
+                transport_cc_stamp(slot + element,
+                                   transport_cc_one_byte(&layout, growth, state.transport_cc_id),
+                                   state.transport_cc_id, <uint16_t>transport_seq)
             protected_len = srtp_protect_rtp(&state.tx, slot, length, BATCH_SLOT_SIZE)
             if protected_len < 0:
                 state.protect_errors += 1
                 self.counters.protect_errors += 1
+                if transport_seq >= 0:
+                    state.transport_seq -= 1
                 continue
-            sent += self._queue(viewer, state, protected_len, NULL, 0)
+            if transport_seq >= 0:
+                if growth == 0:
+                    state.transport_cc_stamped += 1
+                    self.counters.transport_cc_stamped += 1
+                else:
+                    state.transport_cc_added += 1
+                    self.counters.transport_cc_added += 1
+            sent += self._queue(viewer, state, protected_len, NULL, 0, transport_seq)
         sent += self._flush()
         state.resent += sent
         self.counters.resent += sent
         if subscription.has_rtx:
             state.rtx_sent += sent
             self.counters.rtx_sent += sent
+        return sent
+
+    def send_padding(self, int viewer, int track, int count, int size) -> int:
+        """Send ``count`` padding-only RTP packets (RFC 3550 §5.1: P set, no payload,
+        ``size`` octets of padding whose last octet counts them; the receiver discards
+        them) to ``viewer`` on its subscription to ``track``'s RTX stream (RFC 4588: the
+        RTX SSRC and payload type, the next RTX sequence numbers, the timestamp of the
+        last media packet), as libwebrtc probes, so that the media sequence numbers show
+        no gap. Each carries the viewer's next transport-wide sequence number and is
+        logged (transport_sent), which is what makes it a probe: how its feedback comes
+        back shows the path's headroom. Each datagram is 12 + 8 (extension block) +
+        ``size`` octets plus the SRTP tag. Returns packets the kernel accepted; 0 when
+        the subscription has no RTX, the viewer no transport-cc, or nothing was sent to
+        it on this subscription yet (no timestamp to give them)."""
+        cdef Viewer* state = self._viewer(viewer)
+        cdef Track* source = self._track(track)
+        cdef Subscription* subscription = self._subscription(source, viewer)
+        cdef int index, length, protected_len, sent = 0
+        cdef int32_t transport_seq
+        cdef uint8_t viewer_id = state.transport_cc_id
+        cdef uint8_t* slot
+        if not 0 <= count <= PADDING_MAX_PACKETS:
+            raise ValueError(f"count must be in 0..{PADDING_MAX_PACKETS}")
+        if not 1 <= size <= PADDING_MAX:   # the padding count is one octet
+            raise ValueError(f"size must be in 1..{PADDING_MAX}")
+        if not subscription.has_rtx or viewer_id == 0 or not subscription.has_sent:
+            return 0
+        length = RTP_HEADER_MIN + TRANSPORT_CC_NEW_BLOCK + size
+        with nogil:
+            for index in range(count):
+                slot = batch_next_slot(&self.batch)
+                slot[0] = 0x80 | 0x20 | 0x10            # V=2, P, X, CC=0
+                slot[1] = subscription.rtx_payload_type  # M=0
+                store16(slot + 2, subscription.rtx_seq)
+                store32(slot + 4, subscription.last_ts)
+                store32(slot + 8, subscription.rtx_ssrc)
+                store16(slot + 12, 0xBEDE if viewer_id <= 14 else 0x1000)
+                store16(slot + 14, 1)
+                slot[19] = 0
+                transport_seq = state.transport_seq
+                transport_cc_stamp(slot + 16, viewer_id <= 14, viewer_id,
+                                   <uint16_t>transport_seq)
+                memset(slot + 20, 0, size - 1)
+                slot[length - 1] = <uint8_t>size
+                protected_len = srtp_protect_rtp(&state.tx, slot, length, BATCH_SLOT_SIZE)
+                if protected_len < 0:
+                    state.protect_errors += 1
+                    self.counters.protect_errors += 1
+                    continue
+                subscription.rtx_seq += 1
+                state.transport_seq += 1
+                sent += self._queue(viewer, state, protected_len, NULL, 0, transport_seq)
+            sent += self._flush()
+        state.padding_sent += sent
+        self.counters.padding_sent += sent
         return sent
 
     def send_sender_reports(self, int track, ntp_time: int, rtp_time: int) -> int:
@@ -1731,7 +2123,7 @@ cdef class Fanout:
                     self.counters.protect_errors += 1
                     continue
                 viewer.sender_reports_sent += 1
-                sent += self._queue(subscription.viewer, viewer, protected_len, NULL, 0)
+                sent += self._queue(subscription.viewer, viewer, protected_len, NULL, 0, -1)
             sent += self._flush()
         self.counters.sender_reports_sent += sent
         return sent
@@ -1752,7 +2144,7 @@ cdef class Fanout:
             state.protect_errors += 1
             self.counters.protect_errors += 1
             raise srtp_error(protected_len)
-        self._queue(viewer, state, protected_len, NULL, 0)
+        self._queue(viewer, state, protected_len, NULL, 0, -1)
         if self._flush() != 1:
             return 0
         state.rtcp_sent += 1
@@ -1792,6 +2184,10 @@ cdef class Fanout:
             "rtcp_sent": state.rtcp_sent,
             "rtcp_received": state.rtcp_received,
             "rtcp_errors": state.rtcp_errors,
+            "transport_cc_stamped": state.transport_cc_stamped,
+            "transport_cc_added": state.transport_cc_added,
+            "transport_cc_unstamped": state.transport_cc_unstamped,
+            "padding_sent": state.padding_sent,
         }
 
     def stats(self) -> dict:
@@ -1830,6 +2226,10 @@ cdef class Fanout:
             "gso_refused": self.counters.gso_refused,
             "padded_packets": self.counters.padded_packets,
             "padding_bytes": self.counters.padding_bytes,
+            "transport_cc_stamped": self.counters.transport_cc_stamped,
+            "transport_cc_added": self.counters.transport_cc_added,
+            "transport_cc_unstamped": self.counters.transport_cc_unstamped,
+            "padding_sent": self.counters.padding_sent,
         }
 
 

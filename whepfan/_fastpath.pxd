@@ -116,9 +116,28 @@ cdef enum:
     # would be IP-fragmented towards every viewer; they are counted and dropped.
     MAX_RTP_PACKET = 1500
     RTX_OSN_SIZE = 2             # RFC 4588 §4: original sequence number before the payload
-    # One batch slot: the largest packet, plus the RTX OSN, plus the SRTP trailer,
-    # rounded up to a multiple of 64 so slots start on cache lines.
-    BATCH_SLOT_SIZE = ((MAX_RTP_PACKET + RTX_OSN_SIZE + SRTP_MAX_OVERHEAD + 63) // 64) * 64
+    # A viewer's transport-wide sequence number (draft-holmer-rmcat-transport-wide-cc-
+    # extensions-01 §2) added to a packet that has no element for it: one word inside an
+    # existing RFC 8285 block (TRANSPORT_CC_IN_BLOCK), or a new one-word block
+    # (TRANSPORT_CC_NEW_BLOCK: 4 octets of block header + 4 of element and padding).
+    TRANSPORT_CC_IN_BLOCK = 4
+    TRANSPORT_CC_NEW_BLOCK = 8
+    # One batch slot: the largest packet, plus a transport-cc block, plus the RTX OSN,
+    # plus the SRTP trailer, rounded up to a multiple of 64 so slots start on cache lines.
+    BATCH_SLOT_SIZE = ((MAX_RTP_PACKET + TRANSPORT_CC_NEW_BLOCK + RTX_OSN_SIZE
+                        + SRTP_MAX_OVERHEAD + 63) // 64) * 64
+    # Per-viewer log of what was sent under each transport-wide sequence number (for the
+    # delay-based estimate from transport feedback): entries by default, a power of two.
+    # 1024 (8 KiB) cover over a second at 1,000 packets/s to one viewer (8 Mbit/s of
+    # 1,200-octet packets): a feedback interval (libwebrtc: 50..250 ms) plus its round
+    # trip. Larger rings cost per packet: with 1,000 viewers, 4096 entries of 16 octets
+    # made every datagram ~6 % dearer than 1024 in bench/fanout.py, the log entries of a
+    # push falling out of cache (and TLB) between pushes.
+    TRANSPORT_LOG_DEFAULT = 1024
+    # RFC 3550 §5.1: the padding count is one octet, so a padding-only packet carries at
+    # most 255 octets of padding; Fanout.send_padding sends at most this many per call.
+    PADDING_MAX = 255
+    PADDING_MAX_PACKETS = 1024
     # Header-extension elements rewritten per packet. RFC 8285 one-byte ids are 1..14 and
     # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
     MAX_EXT_ELEMENTS = 32
@@ -152,6 +171,9 @@ cdef struct RtpLayout:
     int payload_len              # excluding RTP padding
     int padding_len
     int ext_form                 # ExtensionForm
+    # Offset of the first element octet (after the 0xBEDE/0x100X word and the length);
+    # with X = 0, where a block would begin (after the CSRC list).
+    int ext_data_start
     int ext_count
     uint16_t ext_offset[MAX_EXT_ELEMENTS]   # offset of each element's ID byte
     uint16_t ext_size[MAX_EXT_ELEMENTS]     # element header + data, in bytes
@@ -216,6 +238,17 @@ cdef struct Subscription:
     int32_t* vp9_picture_history
 
 
+# One entry of a viewer's transport-wide send log: what went out under ``sequence``.
+# Eight octets, so that a cache line holds eight packets' entries.
+cdef struct TransportSendRecord:
+    # CLOCK_MONOTONIC (= time.monotonic()) in units of 2^-16 s (~15 µs; transport
+    # feedback counts in 250 µs), modulo 2^32 (18.2 hours): transport_sent rebuilds the
+    # full time from the current one.
+    uint32_t sent_at
+    uint16_t sequence            # transport-wide sequence number the entry is for
+    uint16_t size                # UDP payload octets (SRTP packet, tag included); 0: not sent
+
+
 cdef struct Viewer:
     SrtpCtx tx                   # protects RTP and RTCP towards the viewer
     SrtpCtx rx                   # unprotects the viewer's SRTCP
@@ -226,6 +259,18 @@ cdef struct Viewer:
     # uint64_t words keep it aligned as CMSG_* require.
     uint64_t source_control[SOURCE_CONTROL_WORDS]
     uint8_t in_use
+    # Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01):
+    # one counter for the viewer's transport (BUNDLE: all its subscriptions), stamped on
+    # every RTP packet sent to it. Beside the address and packets_sent, which every packet
+    # reads too, so that it adds no cache line per packet.
+    uint8_t transport_cc_id      # the viewer's extension id (RFC 8285: 1..14 one-byte, ..255); 0: off
+    uint16_t transport_seq       # next transport-wide sequence number
+    uint32_t send_log_mask
+    TransportSendRecord* send_log    # send_log_mask + 1 entries, index = seq & mask
+    uint64_t transport_cc_stamped    # the publisher's element rewritten in place
+    uint64_t transport_cc_added      # an element added (the datagram grew)
+    uint64_t transport_cc_unstamped  # could not carry one (see transport_cc_growth)
+    uint64_t padding_sent            # padding-only RTX probes the kernel accepted
     uint64_t packets_sent
     uint64_t bytes_sent
     uint64_t send_errors
@@ -253,6 +298,7 @@ cdef struct Track:
     uint64_t pushed
     uint32_t clock_rate          # RTP clock (RFC 3550 §5.1), for timestamps across a switch
     int payload_format           # PAYLOAD_*
+    uint8_t transport_cc_id      # the publisher's transport-wide cc extension id; 0: none
 
 
 cdef struct FanoutCounters:
@@ -280,6 +326,10 @@ cdef struct FanoutCounters:
     uint64_t gso_refused            # GSO entries the kernel refused, re-sent one per entry
     uint64_t padded_packets         # packets given RTP padding to equal their run's size
     uint64_t padding_bytes          # padding octets that added
+    uint64_t transport_cc_stamped   # Viewer counters of the same names, summed
+    uint64_t transport_cc_added
+    uint64_t transport_cc_unstamped
+    uint64_t padding_sent
 
 
 # Preallocated datagrams for one sendmmsg(2) call. A slot is one datagram; an entry
@@ -305,6 +355,12 @@ cdef struct SendBatch:
     int32_t* slot_viewer         # per slot: viewer index (Fanout bookkeeping)
     Subscription** slot_subscription   # per slot: RTP data counted for SRs, or NULL
     uint32_t* slot_payload_len
+    int32_t* slot_transport_seq  # per slot: transport-wide sequence number logged; -1: none
+    # CLOCK_MONOTONIC when the first transport-cc slot of this batch was queued (the
+    # send time logged for all of them, TransportSendRecord units); transport_clock_set
+    # is 0 until then.
+    uint32_t transport_clock
+    int transport_clock_set
 
 
 # One publisher packet of a push_batch burst: where it is and what push() reads from it,
@@ -316,6 +372,12 @@ cdef struct BurstPacket:
     uint16_t sequence
     uint32_t timestamp
     uint8_t keyframe
+    # The track's transport-cc element: its index in layout (-1: none), the octets a
+    # transport-cc viewer's copy grows by (0, TRANSPORT_CC_IN_BLOCK, TRANSPORT_CC_NEW_BLOCK;
+    # -1: cannot carry one), and the largest growth in its GSO run (padded up to it).
+    int transport_cc_index
+    int transport_cc_growth
+    int run_growth
     RtpLayout layout
     DescriptorFields descriptor
 

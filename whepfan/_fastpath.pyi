@@ -70,11 +70,24 @@ class Fanout:
         gso: bool = False,
         gso_max_segment: int = 1452,
         pad_limit: int = 32,
-    ) -> None: ...
+        transport_log_size: int = 1024,
+    ) -> None:
+        """``transport_log_size``: entries (a power of two, 64..65536) of each
+        transport-cc viewer's send log, 8 bytes each (see ``transport_sent``)."""
     # Tracks are ingest streams (one SSRC of the publisher: audio, a video layer).
     def add_track(
-        self, *, cache_packets: int = 1024, clock_rate: int = 90000, payload_format: int = 0
+        self,
+        *,
+        cache_packets: int = 1024,
+        clock_rate: int = 90000,
+        payload_format: int = 0,
+        transport_cc_id: int = 0,
     ) -> int: ...
+    def set_track_transport_cc(self, track: int, extension_id: int) -> None:
+        """The publisher's transport-wide cc extension id in ``track``'s packets (0: none).
+        Transport-cc viewers get that element (two data octets) rewritten in place with
+        their own id and number; packets without it get an element added."""
+
     def remove_track(self, track: int) -> None: ...
     # Viewers: one DTLS-SRTP association each.
     def add_viewer(
@@ -97,6 +110,23 @@ class Fanout:
         self, viewer: int, host: str, port: int, source: str | None = None
     ) -> None:
         """The viewer's selected pair changed: its address and our ``source`` address."""
+
+    def set_transport_cc(self, viewer: int, extension_id: int, sequence: int | None = None) -> None:
+        """Stamp the viewer's own transport-wide sequence number (draft-holmer-rmcat-
+        transport-wide-cc-extensions-01 §2) under its ``extension_id`` (1..14 one-byte,
+        up to 255 two-byte form; 0: off) on every RTP packet sent to it: media, RTX,
+        padding. One 16-bit counter per viewer (its BUNDLE transport). ``sequence``: the
+        next number (None: unchanged; random when first turned on). Allocates the
+        viewer's send log once; remove_viewer frees it."""
+
+    def transport_sent(
+        self, viewer: int, base_sequence: int, count: int
+    ) -> list[tuple[float, int] | None]:
+        """Per transport-wide sequence number base_sequence .. +count-1 (mod 2^16; count
+        0..65535): (sent_at, size) or None (not sent, refused by the kernel, or overwritten
+        in the ring). sent_at: CLOCK_MONOTONIC seconds (= time.monotonic()) when the
+        sendmmsg batch that carried it began to fill (one reading per batch, kept to 2^-16
+        s); size: the datagram's UDP payload octets, SRTP tag included."""
 
     def subscribe(
         self,
@@ -165,6 +195,13 @@ class Fanout:
     def resend(self, viewer: int, track: int, seqs: Sequence[int]) -> int:
         """Answer a NACK: re-send the viewer's sequence numbers ``seqs`` from the cache
         (as RTX when the subscription has an RTX ssrc/pt). Returns packets re-sent."""
+
+    def send_padding(self, viewer: int, track: int, count: int, size: int) -> int:
+        """``count`` (0..1024) padding-only packets of ``size`` (1..255) padding octets on
+        the subscription's RTX SSRC/PT and RTX sequence numbers (RFC 3550 §5.1 P bit,
+        RFC 4588), each with the viewer's next transport-wide number, logged: a bandwidth
+        probe. Returns packets sent; 0 without RTX, without transport-cc, or before the
+        subscription's first media packet. Counted as ``padding_sent``."""
 
     def send_sender_reports(self, track: int, ntp_time: int, rtp_time: int) -> int:
         """An RTCP SR (RFC 3550 §6.4.1) to every subscriber of ``track``, with the

@@ -10,7 +10,7 @@ request (RFC 4585 §6.3.1, RFC 5104 §4.3.1), RR and REMB -> the automatic layer
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from whepfan import _fastpath
 from whepfan.media.feedback import KeyframeRequests
@@ -20,6 +20,15 @@ from whepfan.media.session import ViewerSession
 from whepfan.media.streams import Stream, Track
 from whepfan.protocol import rtcp
 from whepfan.protocol.negotiation import EgressMedia
+
+
+def transport_cc_id_of(egress: Sequence[EgressMedia]) -> int | None:
+    """The id under which the Fanout stamps the viewer's transport-wide sequence numbers
+    (one counter for its whole BUNDLE transport). Browsers give every section the same
+    id; should they differ, the video section's wins (its packets are nearly all of them),
+    and the other sections' receivers ignore an id they did not negotiate (RFC 8285 §5)."""
+    ids = {media.kind: media.transport_cc_id for media in egress if media.transport_cc_id}
+    return ids.get("video") or next(iter(ids.values()), None)
 
 
 class Egress:
@@ -62,6 +71,9 @@ class Egress:
             source=self._sender.fanout_source(session.local_address, session.address),
         )
         session.fanout_slot = slot
+        transport_cc_id = transport_cc_id_of(session.egress)
+        if transport_cc_id is not None:
+            self.fanout.set_transport_cc(slot, transport_cc_id)
         choice = stream.choices.get(session.id) or self._layers.new_choice(stream, session)
         if choice is not None:
             self._layers.bind_slot(slot, choice)

@@ -150,6 +150,10 @@ class Ingest:
                 cache_packets=cache,
                 clock_rate=media.codec.clock_rate,
                 payload_format=payload_format,
+                # The publisher's own transport-wide numbers: transport-cc viewers get
+                # that element rewritten with theirs (track.ingest's ids are the ones
+                # every later publisher's packets are remapped to).
+                transport_cc_id=media.extension_ids.get(EXT_TRANSPORT_CC, 0),
             ),
             kind=media.kind,
             ingest=media,

@@ -200,8 +200,10 @@ class RelayCopies:
         # The origin accepted this description already; a copy mirrors what it accepted
         # and refuses nothing (an upstream pull's answer may carry sections the origin
         # worker rejected with port 0: cluster/feed.py negotiates it the same way).
+        # transport_cc: the tracks learn the publisher's transport-cc id, which relayed
+        # packets still carry (viewers here get it rewritten rather than a second one).
         _, stand_in.ingest = answer_publisher(
-            offer, router.local_transport(stand_in), reject_partial=False
+            offer, router.local_transport(stand_in), reject_partial=False, transport_cc=True
         )
         stream = router.stream(stream_name)
         router.ingest.attach(stream, stand_in, now)

@@ -356,6 +356,14 @@ class EgressMedia:
     def rtcp_feedback(self) -> tuple[str, ...]:
         return self.codec.rtcp_feedback
 
+    @property
+    def transport_cc_id(self) -> int | None:
+        """The viewer's id for transport-wide sequence numbers (draft-holmer-rmcat-
+        transport-wide-cc-extensions-01 §2), agreed with its ``transport-cc`` feedback;
+        None when not agreed. The Fanout stamps it (``Fanout.set_transport_cc``); it is
+        never in ``ext_map_for``: the publisher's numbers belong to its own transport."""
+        return self.extension_ids.get(EXT_TRANSPORT_CC)
+
     def ext_map_for(self, ingest: IngestMedia) -> bytes:
         """256-byte table for ``Fanout.subscribe``: index = publisher's extension id, value =
         this viewer's id for the same URI, 0 = strip. Only media-describing extensions are
@@ -821,7 +829,9 @@ def answer_publisher(
 # --------------------------------------------------------------------------------------------
 
 
-def _viewer_codec(section: MediaSection, stream: RtpCodec) -> tuple[RtpCodec, Codec] | None:
+def _viewer_codec(
+    section: MediaSection, stream: RtpCodec, feedback: Sequence[str] = _AGREED_FEEDBACK
+) -> tuple[RtpCodec, Codec] | None:
     """The viewer payload type that carries ``stream`` unchanged (best match first, then the
     viewer's preference order), with its rtx if offered."""
     best: tuple[int, int, Codec] | None = None
@@ -833,7 +843,26 @@ def _viewer_codec(section: MediaSection, stream: RtpCodec) -> tuple[RtpCodec, Co
         return None
     offered = best[2]
     # The matching above ensures the stream fits the viewer's own parameters.
-    return _agreed_codec(section, offered, _AGREED_FEEDBACK), offered
+    return _agreed_codec(section, offered, feedback), offered
+
+
+def _without_transport_cc(codec: RtpCodec) -> RtpCodec:
+    return replace(
+        codec, rtcp_feedback=tuple(fb for fb in codec.rtcp_feedback if fb != "transport-cc")
+    )
+
+
+def _transport_cc_extmap(section: MediaSection) -> Extmap | None:
+    """The offer's transport-wide cc -01 extmap that lets whepfan send the numbers (RFC
+    8285 §5 directions: the viewer receives them)."""
+    for extmap in section.extmaps:
+        if (
+            extmap.uri == EXT_TRANSPORT_CC
+            and extmap.direction in (None, "recvonly", "sendrecv")
+            and 0 < extmap.id < 256
+        ):
+            return extmap
+    return None
 
 
 def answer_viewer(
@@ -844,13 +873,22 @@ def answer_viewer(
     ssrc_source: Callable[[], int],
     stream_id: str = "whepfan",
     cname: str | None = None,
+    transport_cc: bool = True,
 ) -> tuple[SessionDescription, list[EgressMedia]]:
     """Answer a WHEP offer (draft-ietf-wish-whep-03 §4.2) ``sendonly``.
 
     Each offered audio/video section gets the first unused stream track of its kind whose
     codec the viewer can decode; the others are answered with port 0. Raises NotAcceptable
     (406, WHEP §4.2.2) when no section can carry any track.
+
+    ``transport_cc``: where the offer has both the transport-wide cc -01 extension and
+    ``transport-cc`` feedback for the chosen codec, the answer keeps both (the offer's id,
+    RFC 8285 §6), so whepfan stamps its own numbers on everything it sends the viewer and
+    the viewer reports their arrival (EgressMedia.transport_cc_id). Only -01, as for
+    publishers: -02 receivers send feedback only when a packet asks for it. One without
+    the other is dropped: numbers nobody reports on, or feedback on nothing.
     """
+    feedback = (*_AGREED_FEEDBACK, "transport-cc") if transport_cc else _AGREED_FEEDBACK
     remote = remote_transport(offer)
     setup = answer_setup(remote.setup)
     allocate = _SsrcAllocator(ssrc_source)
@@ -871,7 +909,7 @@ def answer_viewer(
         for index, source in enumerate(ingest):
             if index in used_sources or source.kind != section.kind:
                 continue
-            found = _viewer_codec(section, source.codec)
+            found = _viewer_codec(section, source.codec, feedback)
             if found is not None:
                 match = (index, source, found)
                 break
@@ -892,9 +930,18 @@ def answer_viewer(
         index, source, (codec, _) = match
         used_sources.add(index)
         _check_rtcp_mux(section)
+        transport_cc_extmap = _transport_cc_extmap(section) if transport_cc else None
+        if transport_cc_extmap is None or "transport-cc" not in codec.rtcp_feedback:
+            codec = _without_transport_cc(codec)
+            transport_cc_extmap = None
         reply = _accepted_answer(section, local, setup=setup, direction="sendonly")
         _add_codec(reply, codec, _rtx_for(section, codec.payload_type))
         extension_ids: dict[str, int] = {}
+        if transport_cc_extmap is not None:
+            # RFC 8285 §6: the offerer's id. No direction: whepfan sends, the viewer
+            # receives, as the offer said.
+            reply.extmaps.append(Extmap(id=transport_cc_extmap.id, uri=EXT_TRANSPORT_CC))
+            extension_ids[EXT_TRANSPORT_CC] = transport_cc_extmap.id
         for extmap in section.extmaps:
             if (
                 extmap.uri in FORWARDED_EXTENSIONS
@@ -946,11 +993,17 @@ def build_counter_offer(
     ssrc_source: Callable[[], int],
     stream_id: str = "whepfan",
     cname: str | None = None,
+    transport_cc: bool = True,
 ) -> SessionDescription:
-    """whepfan's own ``sendonly`` offer (WHEP §4.2.2, the 406 path) with the stream's codecs.
+    """whepfan's own ``sendonly`` offer (WHEP §4.2.2, the 406 path, and the legacy
+    server-offer mode) with the stream's codecs.
 
     mids and extension ids are the publisher's, so the counter-offer describes the stream
     exactly; the client answers ``recvonly`` by PATCH, see :func:`accept_counter_answer`.
+    ``transport_cc`` offers whepfan's own transport-wide sequence numbers (-01) with
+    ``transport-cc`` feedback on every section, under one id for the whole BUNDLE (its
+    sections share one RTP session, so an id names one URI in all of them): the
+    publisher's transport-cc id when no forwarded extension uses it, else the lowest free.
     """
     if not ingest:
         raise WhepfanError("no stream tracks to offer")
@@ -958,6 +1011,7 @@ def build_counter_offer(
     cname = cname or _default_cname(local)
     offer = _session(local, None)
     mids: list[str] = []
+    transport_cc_id = _counter_offer_transport_cc_id(ingest) if transport_cc else None
     for index, source in enumerate(ingest):
         mid = source.mid if source.mid is not None else str(index)
         section = MediaSection(
@@ -976,7 +1030,9 @@ def build_counter_offer(
             candidates=list(local.candidates),
             end_of_candidates=True,
         )
-        feedback = _AGREED_FEEDBACK if source.kind == "video" else ()
+        feedback: tuple[str, ...] = _AGREED_FEEDBACK if source.kind == "video" else ()
+        if transport_cc_id is not None:
+            feedback = (*feedback, "transport-cc")
         rtx_payload_type = None
         if source.kind == "video":
             rtx_payload_type = source.codec.rtx_payload_type
@@ -995,6 +1051,8 @@ def build_counter_offer(
         for uri, ext_id in source.extension_ids.items():
             if uri in FORWARDED_EXTENSIONS and ext_id < 256:
                 section.extmaps.append(Extmap(id=ext_id, uri=uri))
+        if transport_cc_id is not None:
+            section.extmaps.append(Extmap(id=transport_cc_id, uri=EXT_TRANSPORT_CC))
         ssrc = allocate()
         rtx_ssrc = allocate() if rtx_payload_type is not None else None
         msid = f"{stream_id} {stream_id}-{source.kind}"
@@ -1004,6 +1062,26 @@ def build_counter_offer(
         mids.append(mid)
     offer.groups.append(Group(semantics="BUNDLE", mids=mids))
     return offer
+
+
+def _counter_offer_transport_cc_id(ingest: Sequence[IngestMedia]) -> int | None:
+    """One id for transport-cc in every section of a counter-offer (see build_counter_offer),
+    one-byte if possible (RFC 8285 §4.2: 1..14); None if every id is taken."""
+    taken = {
+        ext_id
+        for source in ingest
+        for uri, ext_id in source.extension_ids.items()
+        if uri in FORWARDED_EXTENSIONS
+    }
+    preferred = [
+        source.extension_ids[EXT_TRANSPORT_CC]
+        for source in ingest
+        if EXT_TRANSPORT_CC in source.extension_ids
+    ]
+    for ext_id in (*preferred, *range(1, 15), *range(16, 256)):
+        if 0 < ext_id < 256 and ext_id != 15 and ext_id not in taken:
+            return ext_id
+    return None
 
 
 def accept_counter_answer(
@@ -1050,6 +1128,10 @@ def accept_counter_answer(
             for e in answered.extmaps
             if e.uri in offered_ids and offered_ids[e.uri] == e.id
         }
+        if "transport-cc" not in agreed_feedback or EXT_TRANSPORT_CC not in extension_ids:
+            # Numbers without their feedback (or the reverse) would serve nothing.
+            extension_ids.pop(EXT_TRANSPORT_CC, None)
+            agreed_feedback = tuple(fb for fb in agreed_feedback if fb != "transport-cc")
         fid = next((g.ssrcs for g in offered.ssrc_groups if g.semantics == "FID"), None)
         ssrc = fid[0] if fid else offered.ssrcs[0].ssrc if offered.ssrcs else None
         if ssrc is None:
