@@ -5,23 +5,33 @@ play from there. fetch() follows the 307 without telling the page, and the third
 clients resolve the 201's Location against the URL they POSTed to (the edge), so the
 origin's Location is an absolute URL under its node URL: their PATCH and DELETE reach it.
 
+Each test runs on an open cluster and on one whose viewing needs a credential (a static
+``--view-token`` and ``--jwt-secret`` JWTs). There Chromium drops ``Authorization`` on
+the redirect to the other origin (Fetch §4.4), so the players reach the origin with only
+the placement grant the edge's 307 put in the Location (whepfan/http/placement_grants.py),
+after a CORS preflight for the redirected POST; their session is bound to their own
+credential, which they send straight to the session URL on PATCH and DELETE.
+
 Real parts in one network namespace: redis-server, two ``whepfan serve --cluster``
 nodes, ``whepfan publish`` on the origin, Chromium."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from _harness import (
     EYEVINN_VIEW,
     MEDOOZE_VIEW,
     NAMESPACE_ADDRESS,
     PUBLISH_TOKEN,
+    VIEW_TOKEN,
     NetworkNamespace,
     WhepfanProcess,
     wait_until,
@@ -34,10 +44,11 @@ ORIGIN_PORT, EDGE_PORT = 8091, 8092
 STREAM = "placed"
 # Publisher connected, then a registry refresh on each node (1 s), on a loaded machine.
 PLACEMENT_TIMEOUT = 30.0
+JWT_SECRET = "browser-cluster-jwt-secret-of-32-bytes-or-more"
 
-WHEPFAN_PLAYER = """async ({endpoint}) => {
+WHEPFAN_PLAYER = """async ({endpoint, token}) => {
   const { WhepPlayer } = await import("/static/whep.js");
-  const player = new WhepPlayer({ endpoint });
+  const player = new WhepPlayer({ endpoint, token });
   const video = document.createElement("video");
   video.autoplay = true;
   video.muted = true;
@@ -55,10 +66,33 @@ pytestmark = pytest.mark.skipif(
 class Cluster:
     origin: str
     edge: str
+    # The players' credential: "" on an open cluster; else the static view token, or a
+    # JWT with a jti (its session binding is by iss, sub and jti, tokens.py).
+    token: str = ""
+    jwt: str = ""
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.token)
 
 
-def _node(namespace: NetworkNamespace, port: int, udp: int, log: Path) -> WhepfanProcess:
+def _viewer_jwt(subject: str) -> str:
+    claims = {
+        "role": "view",
+        "stream": STREAM,
+        "exp": int(time.time()) + 3600,
+        "sub": subject,
+        "jti": f"{subject}-1",
+    }
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def _node(
+    namespace: NetworkNamespace, port: int, udp: int, log: Path, *, guarded: bool
+) -> WhepfanProcess:
     url = f"http://127.0.0.1:{port}"
+    # The same credentials on every node: a token accepted by one is accepted cluster-wide.
+    credentials = ["--view-token", VIEW_TOKEN, "--jwt-secret", JWT_SECRET] if guarded else []
     process = WhepfanProcess(
         namespace,
         [
@@ -79,6 +113,7 @@ def _node(namespace: NetworkNamespace, port: int, udp: int, log: Path) -> Whepfa
             "browser-cluster-token",
             "--worker-packet-budget",
             "none",
+            *credentials,
         ],
         log,
     )
@@ -86,11 +121,16 @@ def _node(namespace: NetworkNamespace, port: int, udp: int, log: Path) -> Whepfa
     return process
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["open", "view-token"])
 def cluster(
-    namespace: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    namespace: NetworkNamespace,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    logs = tmp_path_factory.mktemp("cluster")
+    """Redis, an origin with the publisher and an edge: open, or every node with the same
+    ``--view-token`` and ``--jwt-secret`` (one after the other: the ports are fixed)."""
+    guarded = request.param == "view-token"
+    logs = tmp_path_factory.mktemp(f"cluster-{request.param}")
     redis = subprocess.Popen(
         namespace.command(
             REDIS_SERVER, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no"
@@ -100,8 +140,8 @@ def cluster(
     )
     processes: list[WhepfanProcess] = []
     try:
-        processes.append(_node(namespace, ORIGIN_PORT, 8193, logs / "origin.log"))
-        processes.append(_node(namespace, EDGE_PORT, 8194, logs / "edge.log"))
+        processes.append(_node(namespace, ORIGIN_PORT, 8193, logs / "origin.log", guarded=guarded))
+        processes.append(_node(namespace, EDGE_PORT, 8194, logs / "edge.log", guarded=guarded))
         origin = f"http://127.0.0.1:{ORIGIN_PORT}"
         publisher = WhepfanProcess(
             namespace,
@@ -120,7 +160,12 @@ def cluster(
         processes.append(publisher)
         # The origin registers the stream within a refresh (1 s) of its publisher.
         processes[1].wait_for_output(r"WHEP on http://")
-        yield Cluster(origin=origin, edge=f"http://127.0.0.1:{EDGE_PORT}")
+        yield Cluster(
+            origin=origin,
+            edge=f"http://127.0.0.1:{EDGE_PORT}",
+            token=VIEW_TOKEN if guarded else "",
+            jwt=_viewer_jwt("medooze") if guarded else "",
+        )
     finally:
         for process in reversed(processes):
             process.stop()
@@ -130,24 +175,26 @@ def cluster(
         assert "Traceback" not in process.log(), process.log()[-4000:]
 
 
-def _edge_page(context: Any, cluster: Cluster) -> Any:
-    """A page on the edge, once the origin takes viewers of the stream (it has the
-    publisher's tracks, GET /api/streams/{stream}; until then a viewer gets 409, WHEP
-    draft-03 §4.2.8) and the edge's view of the cluster (GET /api/cluster, a registry
-    refresh of 1 s on each node) has the origin carrying it, so the edge sends the viewer
-    there. The origin registers the stream as soon as its publisher's POST is answered."""
+def _edge_page(context: Any, cluster: Cluster, page_origin: str | None = None) -> Any:
+    """A page on the edge (or on ``page_origin``), once the origin takes viewers of the
+    stream (it has the publisher's tracks, GET /api/streams/{stream}; until then a viewer
+    gets 409, WHEP draft-03 §4.2.8) and the edge's view of the cluster (GET /api/cluster,
+    a registry refresh of 1 s on each node) has the origin carrying it, so the edge sends
+    the viewer there. The origin registers the stream as soon as its publisher's POST is
+    answered."""
     page = context.new_page()
-    page.goto(f"{cluster.edge}/")
+    page.goto(f"{page_origin or cluster.edge}/")
     wait_until(
         page,
-        """async ([origin, stream]) => {
-          const status = await fetch(`${origin}/api/streams/${stream}`);
+        """async ([origin, edge, stream, token]) => {
+          const headers = token ? { Authorization: `Bearer ${token}` } : {};
+          const status = await fetch(`${origin}/api/streams/${stream}`, { headers });
           const summary = status.ok ? await status.json() : null;
           if (!summary || !summary.live || !summary.tracks.length) return false;
-          const view = await (await fetch("/api/cluster")).json();
+          const view = await (await fetch(`${edge}/api/cluster`)).json();
           return (view.nodes || []).some((node) => node.url === origin && stream in node.streams);
         }""",
-        [cluster.origin, STREAM],
+        [cluster.origin, cluster.edge, STREAM, cluster.token],
         timeout=PLACEMENT_TIMEOUT,
     )
     return page
@@ -160,13 +207,37 @@ def _redirected_post(page: Any, cluster: Cluster) -> Any:
     )
 
 
+def _check_redirect(redirect: Any, cluster: Cluster) -> None:
+    """The 307 names the origin's endpoint, with a placement grant when viewing needs a
+    credential (and none on an open cluster)."""
+    location = redirect.headers["location"]
+    assert location.startswith(f"{cluster.origin}/whep/{STREAM}?"), location
+    assert ("placement=" in location) is cluster.guarded, location
+    # The grant is not the player's token, nor does it carry it.
+    assert (not cluster.token or cluster.token not in location) and (
+        not cluster.jwt or cluster.jwt not in location
+    )
+
+
 def _origin_viewers(page: Any, cluster: Cluster) -> int:
     """The origin's count of viewer sessions on the stream (GET /api/streams/{stream})."""
     viewers: int = page.evaluate(
-        "async (url) => (await (await fetch(url)).json()).viewers",
-        f"{cluster.origin}/api/streams/{STREAM}",
+        """async ([url, token]) => (await (await fetch(url,
+             { headers: token ? { Authorization: `Bearer ${token}` } : {} })).json()).viewers""",
+        [f"{cluster.origin}/api/streams/{STREAM}", cluster.token],
     )
     return viewers
+
+
+def _grants_accepted(page: Any, cluster: Cluster) -> float:
+    """whepfan_cluster_placement_grants_total{outcome="accepted"} on the origin."""
+    text: str = page.evaluate(
+        "async (url) => (await fetch(url)).text()", f"{cluster.origin}/metrics"
+    )
+    prefix = 'whepfan_cluster_placement_grants_total{outcome="accepted",reason=""} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    assert len(values) == 1, text[-2000:]
+    return values[0]
 
 
 def test_medooze_client_follows_the_307_to_the_node_carrying_the_stream(
@@ -178,15 +249,18 @@ def test_medooze_client_follows_the_307_to_the_node_carrying_the_stream(
         "response",
         lambda r: patches.append((r.url, r.status)) if r.request.method == "PATCH" else None,
     )
+    # A JWT where viewing is guarded: the session is bound to its (iss, sub, jti).
+    token = cluster.jwt
     with _redirected_post(page, cluster) as redirect:
-        page.evaluate(MEDOOZE_VIEW, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": ""})
-    assert redirect.value.headers["location"].startswith(f"{cluster.origin}/whep/{STREAM}")
+        page.evaluate(MEDOOZE_VIEW, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": token})
+    _check_redirect(redirect.value, cluster)
     _assert_playing(page, "window.viewer.pc", "VP8")
     # whep.js resolves the Location against the endpoint it was given (the edge's): the
     # session URL it trickles to and DELETEs is the origin's only because it is absolute.
     session_url = page.evaluate("() => window.viewer.client.resourceURL.href")
     assert session_url.startswith(f"{cluster.origin}/whep/{STREAM}/")
-    # It trickles its candidates after the 201: every PATCH went to the origin and took.
+    # It trickles its candidates after the 201, with its token: every PATCH went to the
+    # origin and took (the session is its credential's, though the POST carried a grant).
     assert patches and all(patch == (session_url, 204) for patch in patches), patches
 
 
@@ -194,18 +268,25 @@ def test_eyevinn_player_follows_the_307_and_deletes_on_the_node_carrying_the_str
     cluster: Cluster, context: Any
 ) -> None:
     page = _edge_page(context, cluster)
+    accepted = _grants_accepted(page, cluster) if cluster.guarded else 0.0
     with _redirected_post(page, cluster) as redirect:
-        page.evaluate(EYEVINN_VIEW, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": ""})
-    assert redirect.value.headers["location"].startswith(f"{cluster.origin}/whep/{STREAM}")
+        page.evaluate(
+            EYEVINN_VIEW, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": cluster.token}
+        )
+    _check_redirect(redirect.value, cluster)
     _assert_playing(page, "window.eyevinn.player.peer", "VP8")
+    if cluster.guarded:
+        # The origin took the grant in place of the Authorization Chromium dropped.
+        assert _grants_accepted(page, cluster) == accepted + 1
     # WHEPAdapter.getResouceUrlFromHeaders (0.13.0) resolves a Location starting with "/"
     # against the origin of the URL it POSTed to, the edge's; an absolute URL it keeps.
     session_url = page.evaluate("() => window.eyevinn.player.adapter.resource")
     assert session_url.startswith(f"{cluster.origin}/whep/{STREAM}/")
     viewers = _origin_viewers(page, cluster)
-    # unload() DELETEs the session (its "Authorization" would be the raw authKey; this
-    # cluster has no view token) and only then closes the peer connection, so the DELETE
-    # finds it live: 200 from the origin, not the edge's 404.
+    # unload() DELETEs the session with its "Authorization" (the raw authKey, "Bearer
+    # <token>" here) straight to the session URL, after a preflight, and only then closes
+    # the peer connection, so the DELETE finds it live: 200 from the origin, not the
+    # edge's 404, nor a 403 for a session bound to another credential.
     with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
         page.evaluate("() => window.eyevinn.player.unload()")
     assert (deleted.value.url, deleted.value.status) == (session_url, 200)
@@ -217,9 +298,30 @@ def test_whepfan_player_follows_the_307_to_the_node_carrying_the_stream(
 ) -> None:
     page = _edge_page(context, cluster)
     with _redirected_post(page, cluster) as redirect:
-        page.evaluate(WHEPFAN_PLAYER, {"endpoint": f"{cluster.edge}/whep/{STREAM}"})
-    assert redirect.value.headers["location"].startswith(f"{cluster.origin}/whep/{STREAM}")
+        page.evaluate(
+            WHEPFAN_PLAYER, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": cluster.token}
+        )
+    _check_redirect(redirect.value, cluster)
     _assert_playing(page, "window.player.pc", "VP8")
     assert page.evaluate("() => window.player.sessionUrl").startswith(
         f"{cluster.origin}/whep/{STREAM}/"
     )
+
+
+def test_a_player_on_a_third_origin_follows_the_307(cluster: Cluster, context: Any) -> None:
+    """The usual deployment: the page is on neither node (here ``localhost`` is another
+    origin than ``127.0.0.1``). The POST to the edge is cross-origin from the start (a
+    preflight there, Authorization allowed), and after the 307 Chromium sends the
+    redirected POST with ``Origin: null`` (Fetch §4.4: a cross-origin redirect of a
+    cross-origin request taints its origin) and a preflight to the origin; ``*`` answers
+    both, since no cookie is ever involved."""
+    page = _edge_page(context, cluster, page_origin=f"http://localhost:{EDGE_PORT}")
+    with _redirected_post(page, cluster) as redirect:
+        page.evaluate(
+            WHEPFAN_PLAYER, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": cluster.token}
+        )
+    _check_redirect(redirect.value, cluster)
+    _assert_playing(page, "window.player.pc", "VP8")
+    session_url = page.evaluate("() => window.player.sessionUrl")
+    assert session_url.startswith(f"{cluster.origin}/whep/{STREAM}/")
+    assert page.evaluate("async () => await window.player.stop()") == 200
