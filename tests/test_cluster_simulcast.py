@@ -10,6 +10,7 @@ API and layer policy over those tracks."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -110,6 +111,14 @@ def keyframe_requests(edge: LiveServer, name: str) -> dict[str | None, int]:
     return {rid: leg.keyframe_requests_sent for rid, leg in feed.legs.items()}
 
 
+async def session_gauges(edge: LiveServer) -> dict[str, float]:
+    """whepfan_cluster_upstream_sessions by its layer label, from the edge's /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"{edge.url}/metrics") as r:
+        text = await r.text()
+    pattern = r'^whepfan_cluster_upstream_sessions\{layer="([^"]*)"\} (\S+)$'
+    return {layer: float(value) for layer, value in re.findall(pattern, text, re.M)}
+
+
 async def pulls(edge: LiveServer) -> dict[str, dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(f"{edge.url}/api/cluster") as r:
         assert r.status == 200
@@ -180,11 +189,17 @@ async def test_a_cold_edge_pulls_each_layer_on_its_own_session(
         viewer = EdgeViewer()
         viewers.append(viewer)
         await viewer.start(f"{edge.url}/whep/layered")
+        answered = time.monotonic() - started
         assert await wait_until(lambda: three_layers_measured(edge, "layered"), 15), edge_layers(
             edge, "layered"
         )
         elapsed = time.monotonic() - started
-        print(f"cold edge: three layers measured {elapsed * 1000:.0f} ms after the POST")
+        await wait_until(lambda: bool(viewer.peer.video_frames), 10)
+        decoded = time.monotonic() - started
+        print(
+            f"cold edge: 201 after {answered * 1000:.0f} ms, three layers measured after "
+            f"{elapsed * 1000:.0f} ms, first frame decoded after {decoded * 1000:.0f} ms"
+        )
         # The edge's policy starts its viewer in the middle (it moves up after 5 s of
         # clean reports: LayerPolicy.up_wait).
         await viewer.wait_size(SIZES["h"], timeout=4)
@@ -198,6 +213,7 @@ async def test_a_cold_edge_pulls_each_layer_on_its_own_session(
         assert sorted(str(layer["rid"]) for layer in layers) == ["f", "h", "q"]
         assert all(layer["connected"] for layer in layers)
         assert sum(bool(layer["primary"]) for layer in layers) == 1
+        assert await session_gauges(edge) == {"q": 1.0, "h": 1.0, "f": 1.0, "": 0.0}
 
         # Pinned through the edge's own layer API, each viewer gets its layer.
         for rid in ("q", "f"):
