@@ -14,10 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from whepfan import _fastpath
 from whepfan.media.feedback import KeyframeRequests
+from whepfan.media.headroom import HeadroomProbes
 from whepfan.media.layers import LayerSelector
 from whepfan.media.sender import Sender
 from whepfan.media.session import ViewerSession
 from whepfan.media.streams import Stream, Track
+from whepfan.media.timers import Timers
 from whepfan.protocol import rtcp
 from whepfan.protocol.negotiation import EgressMedia
 
@@ -43,9 +45,13 @@ class Egress:
         keyframes: KeyframeRequests,
         layers: LayerSelector,
         end_viewer: Callable[[str, float, str], object],
+        timers: Timers,
         counters: Counter[str],
     ) -> None:
         self.fanout = fanout
+        self.headroom = HeadroomProbes(
+            fanout=fanout, layers=layers, timers=timers, counters=counters
+        )
         self._streams = streams
         self._sender = sender
         self._keyframes = keyframes
@@ -86,6 +92,8 @@ class Egress:
             if not tracks:
                 continue
             self.subscribe(session, media, tracks[0])
+        if transport_cc_id is not None:
+            self.headroom.attach(session, stream, now)
         if choice is None:
             # A new viewer needs a keyframe now rather than at the next periodic one: this
             # is what makes time-to-first-frame about one frame interval.
@@ -120,6 +128,7 @@ class Egress:
     def remove(self, session: ViewerSession, stream: Stream | None) -> None:
         """The viewer's session ended: free its slot and choice."""
         self._layers.release(stream, session)
+        self.headroom.release(session)
         if session.fanout_slot is not None:
             self.fanout.remove_viewer(session.fanout_slot)
             session.fanout_slot = None
@@ -165,5 +174,10 @@ class Egress:
                 if choice is not None:
                     choice.remb = packet.bitrate
                     reported = True
+            elif isinstance(packet, rtcp.TransportWideFeedback):
+                # draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1 (headroom.py).
+                used = self.headroom.feedback(session, stream, choice, packet, now)
+                reported = reported or used
         if reported and stream is not None and choice is not None:
             self._layers.viewer_reported(stream, choice, now)
+            self.headroom.decided(session, stream, choice, now)

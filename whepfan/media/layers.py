@@ -195,6 +195,9 @@ class LayerChoice:
     max_height: int | None = None
     fraction_lost: float | None = None
     remb: int | None = None
+    estimate: float | None = None  # transport-wide-cc estimate (media/headroom.py)
+    probe_started: bool = False  # a probe for policy.probe_for is running
+    probe_succeeded: bool | None = None  # its outcome, until the policy reads it
 
     @property
     def target(self) -> Track | None:
@@ -390,6 +393,9 @@ class LayerSelector:
         if len(layers) < 2 or current is None or current not in layers:
             return
         index = layers.index(current)
+        # Probes are padding on the viewer's RTX stream: without one, no estimate-driven
+        # upswitch either (the policy falls back to trying the layer).
+        can_probe = choice.egress.rtx_ssrc is not None
         target = self.policy.decide(
             choice.policy,
             bitrates=[track.meter.rates(now)[0] for track in layers],
@@ -398,11 +404,24 @@ class LayerSelector:
             fraction_lost=choice.fraction_lost,
             remb=choice.remb,
             now=now,
+            estimate=choice.estimate if can_probe else None,
+            probe_succeeded=choice.probe_succeeded,
         )
         choice.fraction_lost = None  # each report is used once
+        choice.probe_succeeded = None
         if target != index:
             self._counters["layer_auto_down" if target < index else "layer_auto_up"] += 1
             self._move(stream, choice, layers[target], now)
+
+    def probe_target(
+        self, stream: Stream, choice: LayerChoice, layer: int, now: float
+    ) -> float | None:
+        """The measured rate (bit/s) of layer index ``layer`` (low to high), the video a
+        headroom probe must show room for; None when there is no such layer now."""
+        layers = stream.layers()
+        if not 0 <= layer < len(layers):
+            return None
+        return layers[layer].meter.rates(now)[0]
 
     def apply(self, stream: Stream, choice: LayerChoice, now: float) -> None:
         """Bring the viewer's subscription in line with its choice (manual or automatic)."""

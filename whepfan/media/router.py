@@ -134,6 +134,7 @@ class Router:
             keyframes=self.keyframes,
             layers=self.layers,
             end_viewer=self.end_session,
+            timers=self.timers,
             counters=self.counters,
         )
         self.liveness = MediaLiveness(
@@ -508,6 +509,10 @@ class Router:
                 self.liveness.handle_timer(self.streams.get(name), name, now)
             elif kind is TimerKind.NACK:
                 self.repair.handle_timer(self.streams.get(name), name, now)
+            elif kind is TimerKind.HEADROOM_PROBE:
+                viewer = self.sessions.get(name)
+                if isinstance(viewer, ViewerSession):
+                    self.egress.headroom.handle_timer(viewer, self.streams.get(viewer.stream), now)
 
     def _reschedule(self, session: MediaSession) -> None:
         if session.id in self.sessions:

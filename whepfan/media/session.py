@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from whepfan.media.bandwidth import ViewerBandwidth
 from whepfan.protocol.dtls import (
     DtlsCertificate,
     DtlsClosed,
@@ -316,5 +317,7 @@ class ViewerSession(MediaSession):
     fraction_lost: float = 0.0
     jitter: int = 0
     remb_bitrate: int | None = None
+    # With transport-wide cc: its send-side estimate (media/headroom.py drives it).
+    bandwidth: ViewerBandwidth | None = None
     nacks_received: int = 0
     keyframe_requests: int = 0

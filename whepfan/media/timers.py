@@ -21,6 +21,7 @@ class TimerKind(enum.Enum):
     KEYFRAME_RETRY = "keyframe-retry"  # a throttled keyframe request that is still owed
     MEDIA_TIMEOUT = "media-timeout"  # a publisher's media stopped? (liveness.py)
     NACK = "nack"  # NACKs due to the stream's publisher (nack.py)
+    HEADROOM_PROBE = "headroom-probe"  # a viewer's probe padding (headroom.py)
 
 
 TimerKey = tuple[TimerKind, str]
