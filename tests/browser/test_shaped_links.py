@@ -340,17 +340,12 @@ def _layer_that_fits(layers: list[dict[str, Any]], link_bps: int) -> int:
     return max(fitting) if fitting else min(x["width"] for x in layers)
 
 
-# Measured 2026-12-03 (loaded 2-core machine): both viewers move up after the policy's
-# 5 s of clean reports and back down 2 s later, when the REMB of a Chromium viewer that
-# just got the higher layer is still below it (libwebrtc's receive-side estimate stays
-# within 1.5x of what it receives, so it shows no headroom before the layer flows) or
-# the layer's keyframe burst overflows the 700 kbit/s queue; the wait then doubles
-# (10 s, 20 s). Fixing it needs transport-wide cc from viewers: per-viewer transport-wide
-# sequence numbers and send times written by the compiled fan-out, which it does not do.
-@pytest.mark.xfail(
-    strict=True,
-    reason="viewer layer choice has RR loss and REMB only (no transport-wide cc to viewers)",
-)
+# Measured 2026-12-04 with transport-wide cc to viewers (media/headroom.py), four runs: the
+# 700 kbit/s viewer stays on the layer that fits from its first frame (0.2 s; freezes
+# <= 0.13 s); its probes of the top layer fail on over-use and double its wait, without a
+# freeze. The open viewer moves to the top at 6.9 s, when its first headroom probe (after
+# the policy's 5 s of clean reports) succeeds. Before it (RR loss and REMB only) both went
+# up after 5 s and down again 2 s later: a REMB shows no room before the layer flows.
 def test_viewer_behind_700_kbit_settles_on_the_layer_that_fits_while_an_open_viewer_stays_on_top(
     browser: Any, remote_browsers: dict[str, Any], publication: Publication
 ) -> None:

@@ -852,6 +852,7 @@ class ViewerBandwidth:
         self.probe_result: ProbeResult | None = None
         """The latest finished probe's result (None before any, and while one runs)."""
         self.feedback_count = 0
+        self._started_from_acknowledged = False
 
     # --- what the policy reads ----------------------------------------------------------------
 
@@ -999,6 +1000,22 @@ class ViewerBandwidth:
         if probe is not None:
             self._padded = (probe.started_at, min(max(now, probe.started_at), probe.padding_ends))
         self._probe = None
+
+    def start_from_acknowledged(self) -> bool:
+        """Raise the estimate to the acknowledged rate, once: what the path was just shown
+        to deliver. The initial estimate is a guess that only over-use lowers and only
+        slow growth (gcc-02 §5.5, at most 8 %/s) raises, so a guess below the real rate
+        would read as congestion for seconds; libwebrtc's AimdRateControl likewise takes
+        its first throughput measurement as its bitrate. False when nothing has been
+        acknowledged yet or it was done before."""
+        acknowledged = self._acknowledged.bps
+        if self._started_from_acknowledged or acknowledged is None:
+            return False
+        self._started_from_acknowledged = True
+        if self._detector.state is not BandwidthUsage.OVERUSING:
+            self._delay_based.raise_to(acknowledged)
+            self._loss_based.raise_to(acknowledged)
+        return True
 
     def deadline(self) -> float | None:
         """When ``poll`` has padding to send or a probe to give up on (None: nothing)."""

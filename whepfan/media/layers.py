@@ -32,6 +32,9 @@ SUBSCRIPTION_FORWARDING = _fastpath.SUBSCRIPTION_FORWARDING
 
 # How often the SSE ``layers`` event repeats an unchanged payload (EXT §4.3.3).
 LAYERS_EVENT_REFRESH = 5.0
+# RTCP RR intervals are ~1 s in Chromium (RFC 3550 §6.2 scaled to the session's RTCP
+# bandwidth): the first RR after a probe still counts the losses it caused.
+PROBE_LOSS_GRACE = 1.5
 
 Subscribe = Callable[[ViewerSession, EgressMedia, Track], None]
 Emit = Callable[[str, str, dict[str, object]], None]
@@ -198,6 +201,7 @@ class LayerChoice:
     estimate: float | None = None  # transport-wide-cc estimate (media/headroom.py)
     probe_started: bool = False  # a probe for policy.probe_for is running
     probe_succeeded: bool | None = None  # its outcome, until the policy reads it
+    probe_finished_at: float = -math.inf
 
     @property
     def target(self) -> Track | None:
@@ -396,12 +400,18 @@ class LayerSelector:
         # Probes are padding on the viewer's RTX stream: without one, no estimate-driven
         # upswitch either (the policy falls back to trying the layer).
         can_probe = choice.egress.rtx_ssrc is not None
+        fraction_lost = choice.fraction_lost
+        if choice.probe_started or now - choice.probe_finished_at < PROBE_LOSS_GRACE:
+            # An RR covering a probe reports what the probe's padding did to the queue
+            # (tail drops of media behind it), not what the layer alone costs; the
+            # estimate still shows real congestion.
+            fraction_lost = None
         target = self.policy.decide(
             choice.policy,
             bitrates=[track.meter.rates(now)[0] for track in layers],
             current=index,
             ceiling=self.ceiling(choice, layers),
-            fraction_lost=choice.fraction_lost,
+            fraction_lost=fraction_lost,
             remb=choice.remb,
             now=now,
             estimate=choice.estimate if can_probe else None,
