@@ -310,17 +310,31 @@ def test_whepfan_player_follows_the_307_to_the_node_carrying_the_stream(
 
 def test_a_player_on_a_third_origin_follows_the_307(cluster: Cluster, context: Any) -> None:
     """The usual deployment: the page is on neither node (here ``localhost`` is another
-    origin than ``127.0.0.1``). The POST to the edge is cross-origin from the start (a
-    preflight there, Authorization allowed), and after the 307 Chromium sends the
-    redirected POST with ``Origin: null`` (Fetch §4.4: a cross-origin redirect of a
-    cross-origin request taints its origin) and a preflight to the origin; ``*`` answers
-    both, since no cookie is ever involved."""
+    origin than ``127.0.0.1``). The POST to the edge is cross-origin from the start (its
+    ``Content-Type`` and ``Authorization`` need a preflight there), and after the 307
+    Chromium sends the redirected POST without ``Authorization`` and with ``Origin:
+    null`` (Fetch §4.4: a cross-origin redirect of a cross-origin request taints its
+    origin), after a preflight to the origin; ``*`` answers both, since no cookie is
+    ever involved."""
     page = _edge_page(context, cluster, page_origin=f"http://localhost:{EDGE_PORT}")
-    with _redirected_post(page, cluster) as redirect:
+    with (
+        _redirected_post(page, cluster) as redirect,
+        page.expect_response(
+            lambda r: r.request.method == "POST" and r.url.startswith(cluster.origin)
+        ) as answered,
+    ):
         page.evaluate(
             WHEPFAN_PLAYER, {"endpoint": f"{cluster.edge}/whep/{STREAM}", "token": cluster.token}
         )
     _check_redirect(redirect.value, cluster)
+    # What Chromium sent: the token to the edge, then neither the token nor an origin
+    # to the origin; the grant in the URL was all the origin had to go on.
+    first = redirect.value.request.all_headers()
+    followed = answered.value.request.all_headers()
+    assert first["origin"] == f"http://localhost:{EDGE_PORT}"
+    assert ("authorization" in first) is cluster.guarded
+    assert followed["origin"] == "null" and "authorization" not in followed
+    assert answered.value.status == 201
     _assert_playing(page, "window.player.pc", "VP8")
     session_url = page.evaluate("() => window.player.sessionUrl")
     assert session_url.startswith(f"{cluster.origin}/whep/{STREAM}/")
