@@ -21,13 +21,14 @@ from typing import Any
 import jwt
 import pytest
 from _paths import SDP_FIXTURES
-from _server import media_worker
+from _server import media_worker, settings_for
 from _signalling import SDP
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
+from whepfan.cli import build_parser
 from whepfan.http import HttpOptions, create_app
 from whepfan.http.auth import AccessControl, BearerUnauthorized
 from whepfan.http.placement_grants import (
@@ -40,6 +41,7 @@ from whepfan.http.placement_grants import (
 )
 from whepfan.http.tokens import Grant, JwtPolicy, JwtVerifier, Role, secret_key
 from whepfan.media.transport import MediaWorker
+from whepfan.settings import SettingsError
 
 WHEP_OFFER = (SDP_FIXTURES / "chromium-156-whep-recvonly-offer.sdp").read_text()
 WHIP_OFFER = (SDP_FIXTURES / "chromium-156-whip-sendonly-offer.sdp").read_text()
@@ -461,3 +463,23 @@ async def test_an_open_node_ignores_a_grant(serve: Serve) -> None:
     assert response.status == 201, await response.text()
     path = response.headers["Location"].removeprefix(ORIGIN)
     assert (await client.delete(path)).status == 200
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_a_cluster_node_has_grants_for_its_url_and_a_single_box_none() -> None:
+    cluster = {
+        "cluster": "redis://127.0.0.1:6379/0",
+        "cluster_token": CLUSTER_TOKEN,
+        "node_url": ORIGIN + "/",
+    }
+    made = settings_for(**cluster, placement_grant_ttl="12").http_options().placement_grants
+    assert made is not None and made.node_url == ORIGIN and made.ttl == 12
+    assert settings_for(**cluster).placement_grant_ttl == 30
+    assert settings_for().http_options().placement_grants is None
+    for ttl in ("0", "-5", "301", "nan"):
+        with pytest.raises(SettingsError, match="--placement-grant-ttl"):
+            settings_for(**cluster, placement_grant_ttl=ttl)
+    parsed = build_parser().parse_args(["serve", "--placement-grant-ttl", "12"])
+    assert parsed.placement_grant_ttl == "12"
