@@ -2,10 +2,10 @@
 
 ``ClusterNode`` composes the pieces a ``whepfan serve`` with ``--upstream`` or
 ``--cluster`` adds to a single box, and is hooked into the HTTP layer by one seam:
-``place(request, stream)`` runs before a WHEP POST's body is read
-(``WhipWhepResources.viewer_placement``). It answers 307 to a better node
-(placement.py), or makes sure the stream is here (pulling it, upstream.py) and lets the
-POST go on to the local router.
+``place(request, stream, grant)`` runs before a WHEP POST's body is read, once its
+credential is checked (``WhipWhepResources.viewer_placement``). It answers 307 to a
+better node (placement.py), or makes sure the stream is here (pulling it, upstream.py)
+and lets the POST go on to the local router.
 
 A WHEP POST carrying the cluster token is another node pulling: it is never redirected
 (the puller chose this node), and it is refused with 503 beyond ``max_upstream_pulls``.
