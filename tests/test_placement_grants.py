@@ -457,6 +457,35 @@ async def test_a_grant_is_no_credential_anywhere_else(serve: Serve) -> None:
     assert response.status == 401
 
 
+async def test_the_redirected_post_passes_cors_from_any_origin(serve: Serve) -> None:
+    """What Chromium asks the target before the redirected POST (Fetch §4.8: its
+    Content-Type is not CORS-safelisted; ``Origin: null`` once a cross-origin request was
+    redirected to yet another origin), and what the page may read of the answer."""
+    client = await serve()
+    url = f"/whep/live?placed=1&placement={issued()}"
+    preflight = await client.options(
+        url,
+        headers={
+            "Origin": "null",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "content-type" in allowed and "authorization" in allowed
+    response = await client.post(url, data=WHEP_OFFER, headers={**SDP, "Origin": "null"})
+    assert response.status == 201, await response.text()
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    exposed = {
+        name.strip().lower()
+        for name in response.headers["Access-Control-Expose-Headers"].split(",")
+    }
+    assert {"location", "link", "etag"} <= exposed
+
+
 async def test_an_open_node_ignores_a_grant(serve: Serve) -> None:
     client = await serve(view_token=None, jwt=None)
     response = await post_placed(client, "placement=anything")
