@@ -261,6 +261,26 @@ class UpstreamFeed:
     def keyframe_requests_sent(self) -> int:
         return sum(leg.keyframe_requests_sent for leg in self.legs.values())
 
+    def description(self) -> str | None:
+        """The stream's tracks as one publisher offer (None before the first answer): the
+        first session's answer, its video with one ``a=rid`` per layer in track order
+        under ``a=simulcast:send`` (RFC 8851 §4, RFC 8853 §5.1) and no SSRCs (each leg
+        binds its own). With ``--workers N`` the other workers' relay copies are made
+        from it (media/relay.py), so that they have one track per layer, keyed
+        ``video/<index>`` as here, exactly as for a WHIP simulcast publisher's offer."""
+        if self._description is None:
+            return None
+        description = sdp.SessionDescription.parse(self._description.serialize())
+        rids = [rid for rid in self.layers if rid is not None]
+        for section in description.media:
+            if section.kind != "video" or section.rejected or not rids:
+                continue
+            section.ssrcs.clear()
+            section.ssrc_groups.clear()
+            section.rids = [sdp.Rid(id=rid, direction="send") for rid in rids]
+            section.simulcast = sdp.Simulcast(send=[[sdp.SimulcastStream(rid)] for rid in rids])
+        return description.serialize()
+
     # legs ------------------------------------------------------------------------------
 
     def add_leg(

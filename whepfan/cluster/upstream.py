@@ -65,9 +65,10 @@ Each pull is watched, each layer's session on its own:
 
 The puller is the same with ``--workers N``: it reads the pool's streams (viewers on every
 worker) and its ``open_session`` runs each session in a worker process
-(cluster/pool_backend.py, cluster/worker_upstreams.py). Such a session is no
-``LayeredPullSession``, so there a stream is pulled as one session (the origin's layer
-policy picks its layer).
+(cluster/pool_backend.py, cluster/worker_upstreams.py), every layer's session of a stream
+in the same one, so that worker's router has one track per layer as here; the other
+workers' relay copies get them all (the feed's description, re-sent when the layers
+change), as for a WHIP simulcast publisher in that worker.
 """
 
 from __future__ import annotations
@@ -172,10 +173,10 @@ class PullSession(Protocol):
 
 @runtime_checkable
 class LayeredPullSession(PullSession, Protocol):
-    """A session that can pull one layer of a simulcast stream (``UpstreamSession``):
-    the puller watches the origin's layers through its Links and pins it. A session
-    that is not one (cluster/pool_backend.py's, with --workers N) pulls the stream as
-    one session, whose layer the origin's policy chooses."""
+    """A session that can pull one layer of a simulcast stream (``UpstreamSession``, and
+    cluster/pool_backend.py's with --workers N): the puller watches the origin's layers
+    through its Links and pins it. A session that is not one pulls the stream as one
+    session, whose layer the origin's policy chooses."""
 
     @property
     def links(self) -> Mapping[str, str]:
@@ -665,7 +666,9 @@ class UpstreamPuller:
         others, would otherwise sort above them and be taken for the top one."""
         router = self.router
         if not isinstance(router, Router):
-            return  # worker pools pull one session per stream
+            # A worker pool's tracks are measured in its workers; the main process
+            # sees none of it before the next stats report, so it does not wait.
+            return
         while True:
             stream = router.streams.get(stream_name)
             layers = stream.layers() if stream is not None else []

@@ -17,7 +17,19 @@ Nothing crosses the control channel per packet: media and keyframe requests take
 relay, as for any stream originated on W. The control channel carries the open (its
 reply waits for the upstream's WHEP answer, so the handler returns an awaitable:
 control.py), the close, a transport's loss (``UPSTREAM_LOST``) and, once per stats
-interval, each session's state and counts (``UPSTREAM_REPORT``). The WHEP resource is
+interval, each session's state and counts (``UPSTREAM_REPORT``).
+
+A simulcast stream is pulled as one session per layer (cluster/upstream.py "Layers"),
+all of them here, in the worker of the stream's first session: they are legs of one
+``UpstreamFeed`` (feed.py), so this router has one track per layer exactly as a
+one-worker edge has. The open takes the layer (``rid``), the origin's ``layers`` and
+whether the session carries the audio, and its reply carries the session's Links (the
+main process's layer watch reads the origin's event stream through them) and the feed's
+``description()``: one track per layer, which the other workers' relay copies are made
+from, as from a WHIP simulcast publisher's offer. ``UPSTREAM_ARRANGE`` pins a session
+to its layer and lays the tracks out again (``UpstreamSession.arrange``); its reply
+carries the description too, which the main process re-sends to the other workers when
+the layers changed. The WHEP resource is
 DELETEd by the main process, which has its Location from the open's reply, so the
 DELETE goes out even when this process was killed.
 
@@ -35,6 +47,7 @@ from typing import Any
 
 import aiohttp
 
+from whepfan.cluster.feed import UpstreamFeed
 from whepfan.cluster.upstream import UpstreamError, UpstreamSession, UpstreamTarget
 from whepfan.media.relay import RelayCopies
 from whepfan.media.router import Router
@@ -73,17 +86,27 @@ class WorkerUpstreams:
         self._send_event = send_event
         self._clock = clock
         self._sessions: dict[str, UpstreamSession] = {}
+        self._described: dict[str, str] = {}  # stream -> the description set as its offer
         self._http: aiohttp.ClientSession | None = None
 
     # the extension ---------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, control.Handler]:
-        return {control.UPSTREAM_OPEN: self.open, control.UPSTREAM_CLOSE: self.close}
+        return {
+            control.UPSTREAM_OPEN: self.open,
+            control.UPSTREAM_CLOSE: self.close,
+            control.UPSTREAM_ARRANGE: self.arrange,
+        }
 
     def report(self) -> dict[str, Any] | None:
-        """``UPSTREAM_REPORT``: per session, connected or not and what it received."""
+        """``UPSTREAM_REPORT``: per session, connected or not and what it received. Also,
+        once per stats interval like it, each pulled stream's SSE ``layers`` event (EXT
+        §4.3.3) from here, its origin worker: the stand-in publisher has no address, so
+        the publisher feedback timer that reports it for a WHIP publisher never runs
+        (cluster/upstream.py ``_report_layers`` does this on a one-worker edge)."""
         if not self._sessions:
             return None
+        self._report_layers()
         upstreams = {
             upstream_id: {
                 "connected": session.connected,
@@ -94,20 +117,47 @@ class WorkerUpstreams:
         }
         return {"event": control.UPSTREAM_REPORT, "upstreams": upstreams}
 
+    def _report_layers(self) -> None:
+        now = self._clock()
+        for name in {session.stream_name for session in self._sessions.values()}:
+            stream = self.router.streams.get(name)
+            feed = UpstreamFeed.find(self.router, name)
+            if stream is not None and stream.active and feed is not None and feed.stream is stream:
+                self.router.layers.report(stream, now)
+
     # control operations ------------------------------------------------------------------
 
     def open(self, args: dict[str, Any], now: float) -> Coroutine[Any, Any, dict[str, Any]]:
-        """``UPSTREAM_OPEN {upstream, stream, target}``: answered once the upstream's
-        answer is attached (``{"attached": true, "session", "canonical_offer",
-        "location"}``), or with ``{"failure": {"reason", "error"}}`` (a PullFailure and the
-        error the viewer should get)."""
+        """``UPSTREAM_OPEN {upstream, stream, target[, rid, layers, audio]}``: answered
+        once the upstream's answer is attached (``{"attached": true, "session",
+        "canonical_offer", "location", "links"}``: the stand-in publisher of the stream's
+        feed, its ``description()``, the session resource and its Links), or with
+        ``{"failure": {"reason", "error"}}`` (a PullFailure and the error the viewer
+        should get). ``rid``: the layer the session is pinned to, of the origin's
+        ``layers`` (low to high); ``audio`` false for a layer's video-only session."""
         target = args["target"]
+        rid = args.get("rid")
         return self._open(
             str(args["upstream"]),
             str(args["stream"]),
             UpstreamTarget(
                 url=str(target["url"]), token=target.get("token"), node=target.get("node")
             ),
+            rid=None if rid is None else str(rid),
+            layers=tuple(str(layer) for layer in args.get("layers") or ()),
+            audio=bool(args.get("audio", True)),
+        )
+
+    def arrange(self, args: dict[str, Any], now: float) -> Coroutine[Any, Any, dict[str, Any]]:
+        """``UPSTREAM_ARRANGE {upstream, rid, layers}``: pin the session to layer ``rid``
+        of the origin's ``layers`` and lay out the stream's tracks for them; answered
+        ``{"arranged": bool, "canonical_offer"}`` once the upstream answered the layer
+        POST (False: refused, or the session is gone; nothing changed then)."""
+        rid = args.get("rid")
+        return self._arrange(
+            str(args["upstream"]),
+            None if rid is None else str(rid),
+            tuple(str(layer) for layer in args.get("layers") or ()),
         )
 
     def close(self, args: dict[str, Any], now: float) -> None:
@@ -121,7 +171,14 @@ class WorkerUpstreams:
     # the sessions ---------------------------------------------------------------------------
 
     async def _open(
-        self, upstream_id: str, stream_name: str, target: UpstreamTarget
+        self,
+        upstream_id: str,
+        stream_name: str,
+        target: UpstreamTarget,
+        *,
+        rid: str | None,
+        layers: tuple[str, ...],
+        audio: bool,
     ) -> dict[str, Any]:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
@@ -136,6 +193,9 @@ class WorkerUpstreams:
             http=self._http,
             clock=self._clock,
             on_lost=functools.partial(self._lost, upstream_id),
+            rid=rid,
+            layers=layers,
+            audio=audio,
         )
         self._sessions[upstream_id] = session
         try:
@@ -152,14 +212,40 @@ class WorkerUpstreams:
             self._sessions.pop(upstream_id, None)
             session.close()
             return {"attached": False, "location": session.location}
-        self.relays.canonical_offers[stream_name] = session.answer
-        log.info("upstream %s of %r attached here", upstream_id, stream_name)
+        description = self._describe(session)
+        log.info(
+            "upstream %s of %r%s attached here",
+            upstream_id,
+            stream_name,
+            "" if rid is None else f" layer {rid}",
+        )
         return {
             "attached": True,
             "session": control.session_json(stand_in),
-            "canonical_offer": session.answer,
+            "canonical_offer": description,
             "location": session.location,
+            "links": session.links,
         }
+
+    async def _arrange(
+        self, upstream_id: str, rid: str | None, layers: tuple[str, ...]
+    ) -> dict[str, Any]:
+        session = self._sessions.get(upstream_id)
+        if session is None or not await session.arrange(rid, layers):
+            return {"arranged": False, "canonical_offer": None}
+        return {"arranged": True, "canonical_offer": self._describe(session)}
+
+    def _describe(self, session: UpstreamSession) -> str:
+        """The feed's description, which relay copies mirror (RelayCopies.canonical_offers
+        is what a worker restarting elsewhere would be sent: the pool keeps its own)."""
+        feed = session.feed
+        description = feed.description() if feed is not None else None
+        if description is None:
+            assert session.answer is not None
+            description = session.answer
+        self.relays.canonical_offers[session.stream_name] = description
+        self._described[session.stream_name] = description
+        return description
 
     def _lost(self, upstream_id: str, session: UpstreamSession, reason: str) -> None:
         """The transport failed (the session closed itself): the main process re-pulls."""
@@ -172,10 +258,16 @@ class WorkerUpstreams:
         )
 
     def _forget_offer(self, session: UpstreamSession) -> None:
-        # Only if the tracks are still the upstream's (a WHIP publisher may have replaced a
-        # stalled feed, RelayCopies.publish then keeps its own offer).
-        if self.relays.canonical_offers.get(session.stream_name) == session.answer:
-            del self.relays.canonical_offers[session.stream_name]
+        # Only when the stream's last session ended (the other layers' sessions go on
+        # feeding it otherwise), and only if the tracks are still the upstream's (a WHIP
+        # publisher may have replaced a stalled feed, RelayCopies.publish then keeps its
+        # own offer).
+        name = session.stream_name
+        if any(other.stream_name == name for other in self._sessions.values()):
+            return
+        ours = self._described.pop(name, None)
+        if ours is not None and self.relays.canonical_offers.get(name) == ours:
+            del self.relays.canonical_offers[name]
 
     async def aclose(self) -> None:
         """The worker stops: every session ends here (the main process DELETEs them)."""

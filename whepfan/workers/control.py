@@ -47,9 +47,12 @@ ATTACH_RELAY = "attach_relay"
 DETACH_RELAY = "detach_relay"
 SHUTDOWN = "shutdown"
 # An upstream pull's session in a worker (cluster/worker_upstreams.py, a worker
-# extension): open answers once the upstream's WHEP answer is attached; close at once.
+# extension): open answers once the upstream's WHEP answer is attached; close at once;
+# arrange pins a simulcast pull's session to its layer and lays out the stream's tracks
+# (answered once the upstream's layer POST is).
 UPSTREAM_OPEN = "upstream_open"
 UPSTREAM_CLOSE = "upstream_close"
+UPSTREAM_ARRANGE = "upstream_arrange"
 
 # Events, worker -> main process.
 READY = "ready"

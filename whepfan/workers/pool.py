@@ -690,6 +690,17 @@ class WorkerPool:
         self._feeds[session.id] = on_lost
         return session
 
+    def update_feed(self, session_id: str, canonical_offer: str) -> None:
+        """The feed's tracks changed (an upstream pull's simulcast layers): the other
+        workers' relay copies are made again from its new description, as when a
+        publisher returns with other layers (their tracks are kept by position)."""
+        session = self.sessions.get(session_id)
+        stream = self._streams.get(session.stream) if session is not None else None
+        if session is None or stream is None or stream.publisher is not session:
+            return
+        if stream.canonical_offer != canonical_offer:
+            self._became_origin(session.worker, session, canonical_offer)
+
     def detach_feed(self, session_id: str) -> None:
         """The feed's owner ended it: viewers stay, waiting, as when a publisher leaves."""
         self._feeds.pop(session_id, None)
