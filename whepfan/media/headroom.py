@@ -119,6 +119,13 @@ class HeadroomProbes:
         if bandwidth.feedback_count >= FEEDBACK_BEFORE_USE:
             bandwidth.start_from_acknowledged()
             choice.estimate = bandwidth.estimate_bps
+        self._take_result(bandwidth, choice, now)
+        return True
+
+    def _take_result(self, bandwidth: ViewerBandwidth, choice: LayerChoice, now: float) -> None:
+        """A finished probe's outcome, for the policy's next decision: judged on feedback,
+        or by ``poll`` at the probe's feedback timeout (then the next RR reads it; until
+        it is taken, ``probe_started`` would keep the viewer's RR loss ignored)."""
         result = bandwidth.probe_result
         if result is not None and choice.probe_started:
             bandwidth.probe_result = None
@@ -126,7 +133,6 @@ class HeadroomProbes:
             choice.probe_succeeded = result.succeeded
             choice.probe_finished_at = now
             self._counters[f"headroom_probes_{result.outcome.value}"] += 1
-        return True
 
     def decided(
         self, session: ViewerSession, stream: Stream, choice: LayerChoice, now: float
@@ -177,4 +183,7 @@ class HeadroomProbes:
                 choice.probe_succeeded = False
                 choice.probe_finished_at = now
                 self._counters["headroom_probes_unsent"] += 1
+        if choice is not None:
+            # Past the feedback timeout, poll judged the probe from what was reported.
+            self._take_result(bandwidth, choice, now)
         self._timers.schedule((TimerKind.HEADROOM_PROBE, session.id), bandwidth.deadline())
