@@ -515,7 +515,7 @@ def run_until_probe_ends(world: World, *, within: float = 4.0) -> float:
     return world.now
 
 
-PROBE_OUTCOMES = ("succeeded", "overuse", "loss", "too-slow", "no-feedback", "unsent")
+PROBE_OUTCOMES = ("succeeded", "overuse", "loss", "too_slow", "no_feedback", "unsent")
 
 
 def outcomes(world: World) -> dict[str, int]:
@@ -713,7 +713,7 @@ def test_a_probe_on_700_kbits_fails_leaves_the_viewer_and_doubles_the_wait(
     assert all(call[0] < failed_at for call in world.core.padding_calls)
     assert world.timers.deadline(world.probe_key) is None and not bandwidth.probing
     counted = outcomes(world)
-    assert sum(counted.values()) == 1 and set(counted) <= {"overuse", "loss", "too-slow"}
+    assert sum(counted.values()) == 1 and set(counted) <= {"overuse", "loss", "too_slow"}
     (outcome,) = [r for r in world.reports if r.probe_succeeded is not None]
     assert outcome.probe_succeeded is False and outcome.time == failed_at
     assert (outcome.before, outcome.after) == ("h", "h")
@@ -839,7 +839,7 @@ def test_a_probe_whose_feedback_never_comes_fails_at_its_timeout_and_frees_the_l
     world.feedback_lost = lambda time: True
     give_up_at = started_at + PROBE_CONFIG.probe_duration + PROBE_CONFIG.probe_feedback_timeout
     world.run(until=give_up_at + 0.01)
-    assert outcomes(world) == {"no-feedback": 1}
+    assert outcomes(world) == {"no_feedback": 1}
     assert not choice.probe_started and choice.probe_finished_at == pytest.approx(give_up_at)
     assert world.timers.deadline(world.probe_key) is None
     # The next report reads the failure: the viewer stays and the wait doubles.

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import Counter
 
 from whepfan import _fastpath
-from whepfan.media.bandwidth import ViewerBandwidth
+from whepfan.media.bandwidth import BandwidthUsage, ViewerBandwidth
 from whepfan.media.layers import LayerChoice, LayerSelector
 from whepfan.media.session import ViewerSession
 from whepfan.media.streams import Stream
@@ -107,6 +107,13 @@ class HeadroomProbes:
             or len(stream.layers()) < 2
         ):
             self._counters["viewer_transport_feedback_unused"] += 1
+            if choice is not None and choice.probe_started:
+                # Chosen by hand (or no longer simulcast) mid-probe: nobody will read it.
+                bandwidth.cancel_probe(now)
+                choice.probe_started = False
+                choice.probe_finished_at = now
+                self._counters["headroom_probes_cancelled"] += 1
+                self._timers.cancel((TimerKind.HEADROOM_PROBE, session.id))
             return False
         try:
             feedback = rtcp.TransportFeedback.from_packet(packet)
@@ -132,7 +139,7 @@ class HeadroomProbes:
             choice.probe_started = False
             choice.probe_succeeded = result.succeeded
             choice.probe_finished_at = now
-            self._counters[f"headroom_probes_{result.outcome.value}"] += 1
+            self._counters[f"headroom_probes_{result.outcome.name.lower()}"] += 1
 
     def decided(
         self, session: ViewerSession, stream: Stream, choice: LayerChoice, now: float
@@ -151,7 +158,10 @@ class HeadroomProbes:
                 self._counters["headroom_probes_cancelled"] += 1
         elif not choice.probe_started:
             target = self._layers.probe_target(stream, choice, wanted, now)
-            if target is None:
+            if target is None or target <= 0 or bandwidth.state is BandwidthUsage.OVERUSING:
+                # A layer that sends nothing now cannot be tested (nor switched to), and
+                # a probe into a queue that is already growing would fail for that
+                # reason: ask again at the next report.
                 return
             sent = bandwidth.sent_bps
             current = choice.target
