@@ -405,3 +405,37 @@ async def test_the_grace_ends_every_layer_session() -> None:
         assert all(session.deleted for session in origin.sessions)
     finally:
         await puller.close()
+
+
+async def test_every_session_lost_at_once_the_first_comes_back_before_the_others() -> None:
+    # The worker holding them all exited (--workers N), or the origin restarted: the first
+    # session (audio) is pulled again first, since the feed takes the stream's negotiation
+    # from the first answer it gets; the video-only layers follow on the next watch.
+    origin, clock = Origin(), Clock()
+    streams: dict[str, object] = {}
+    puller = new_puller(origin, clock, streams)
+    await puller.start()
+    try:
+        await puller.ensure("s")
+        streams["s"] = waiting_viewers()
+        await puller.layers_changed("s", ("q", "h", "f"))
+        await _settle()
+        for session in list(origin.sessions):
+            session.closed = True
+            session.on_lost(session, "media worker 0 exited")
+        assert puller.sessions() == 0
+        clock.now += RETRY_INITIAL
+        await puller.watch(clock.now)
+        await _settle()
+        (first,) = origin.sessions[3:]
+        assert (first.rid, first.audio) == ("h", True)
+        assert puller.sessions_by_layer() == {"h": 1}
+        await puller.watch(clock.now + 0.01)
+        await _settle()
+        assert sorted((s.rid, s.audio) for s in origin.sessions[4:]) == [
+            ("f", False),
+            ("q", False),
+        ]
+        assert puller.sessions_by_layer() == {"q": 1, "h": 1, "f": 1}
+    finally:
+        await puller.close()

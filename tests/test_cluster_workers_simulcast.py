@@ -11,6 +11,8 @@ them as well. The faults: the origin ends one layer's session; the last viewer l
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,14 @@ from _cluster import wait_for as wait_for_sync
 from _peers import only_loopback_candidates, wait_until
 from test_cluster import carriers
 from test_cluster_simulcast import SIZES, EdgeViewer
-from test_cluster_workers import GRACE, any_udp_ports, pulls, stream_viewers, viewers_per_worker
+from test_cluster_workers import (
+    GRACE,
+    any_udp_ports,
+    frames_grow,
+    pulls,
+    stream_viewers,
+    viewers_per_worker,
+)
 
 from whepfan.client.publisher import Publisher, PublisherOptions
 from whepfan.cluster.layer_events import layer_updates
@@ -178,3 +187,59 @@ async def test_a_worker_pool_edge_pulls_each_layer_and_both_workers_viewers_pin_
         # The last viewer left: every layer's session ends after the grace.
         assert wait_for_sync(lambda: "layers" not in pulls(edge), GRACE + 10)
         assert wait_for_sync(lambda: stream_viewers(origin, "layers") == 0, 10)
+
+
+async def test_killing_the_worker_holding_the_layers_pulls_them_all_into_the_other(
+    nodes: dict[str, Node],
+) -> None:
+    origin, edge = nodes["origin"], nodes["edge"]
+    options = PublisherOptions(
+        url=f"{origin.url}/whip/crash-layers",
+        token=PUBLISH_TOKEN,
+        simulcast=True,
+        width=320,
+        height=240,
+        keyframe_interval=1.0,
+    )
+    async with Publisher(options):
+        assert wait_for_sync(lambda: origin.url in carriers(edge, "crash-layers"))
+        viewers: list[EdgeViewer] = []
+        try:
+            for _ in range(2):
+                viewer = EdgeViewer()
+                await viewer.start(f"{edge.url}/whep/crash-layers?placed=1")
+                viewers.append(viewer)
+            assert wait_for_sync(lambda: all_connected(edge, "crash-layers"), 20)
+            for viewer in viewers:
+                await viewer.layer("POST", {"rid": "q"})
+            for viewer in viewers:
+                await viewer.wait_size(SIZES["q"])
+            pull = pulls(edge)["crash-layers"]
+            pid = pull["worker_pid"]
+            assert isinstance(pid, int)
+            os.kill(pid, signal.SIGKILL)
+            # Every layer's session is lost with its worker and pulled again into the
+            # other one, which now has the layers as tracks fed by its own sessions; the
+            # killed sessions are DELETEd at the origin.
+            assert wait_for_sync(
+                lambda: (
+                    (p := pulls(edge).get("crash-layers")) is not None
+                    and p["worker_pid"] not in (None, pid)
+                    and all_connected(edge, "crash-layers")
+                ),
+                20,
+            )
+            assert wait_for_sync(lambda: stream_viewers(origin, "crash-layers") == 3, 10)
+            # The viewer of the surviving worker resumes on its own session, still
+            # pinned, and can move to another layer; the other one was told to reconnect.
+            grew = await asyncio.gather(
+                *(frames_grow([viewer.peer], 10, timeout=10) for viewer in viewers)
+            )
+            assert grew.count(True) == 1, [len(v.peer.video_frames) for v in viewers]
+            survivor = viewers[grew.index(True)]
+            await survivor.wait_size(SIZES["q"])
+            await survivor.layer("POST", {"rid": "f"})
+            await survivor.wait_size(SIZES["f"])
+        finally:
+            for viewer in viewers:
+                await viewer.peer.close()

@@ -57,7 +57,9 @@ Each pull is watched, each layer's session on its own:
   layers flowing the stream stays live) and its session is tried again with
   exponential backoff (``RETRY_INITIAL`` doubling to ``RETRY_MAX``) while viewers
   remain; the new session's track is rebased onto the old one, so viewers resume
-  without renegotiating. The first session comes back pinned to its layer.
+  without renegotiating. The first session comes back pinned to its layer; when every
+  session was lost at once (the origin restarted, or with ``--workers N`` the worker
+  holding them exited), it comes back before the others, as it carries the audio.
 * **layers changed** (the origin's event): sessions of layers that went are ended,
   layers that came get one; each continuing session keeps its track.
 * **idle** (no viewers for ``grace`` seconds): every session of the stream is ended
@@ -891,7 +893,14 @@ class UpstreamPuller:
             if due and not self._has_viewers(pull.stream) and pull.any_session() is None:
                 await self._release(pull)
                 continue
+            held = pull.any_session() is not None
             for leg in due:
+                if not held and not leg.primary:
+                    # With no session left, the first one comes back first: it carries the
+                    # audio, and a feed takes the stream's negotiation from the first answer
+                    # it gets (feed.py), so a video-only layer first would leave the stream
+                    # without audio and end its viewers. The others follow on the next watch.
+                    continue
                 self._start(pull, leg)
             if pull.arrange_at is not None and now >= pull.arrange_at:
                 pull.arrange_at = None
