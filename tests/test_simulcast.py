@@ -37,6 +37,8 @@ from whepfan.protocol.ice import IceConnected, IceControllingChecker
 VIDEO_CLOCK = 90000
 RECEIVE_TIMEOUT = 5.0  # upper bound for loopback delivery; normally instant
 VIEWER_SSRC = 0xCAFE0001
+VIEWER_RTX_SSRC = 0xCAFE0002
+RTX_PT = 101
 
 
 # --- a VP8 simulcast source: descriptors per RFC 7741 §4.2 ------------------------------
@@ -52,6 +54,7 @@ class Vp8Layer:
     timestamp: int
     picture_id: int
     tl0_pic_idx: int = 0
+    long_picture_id: bool = True  # M bit (RFC 7741 §4.2): 15-bit picture ids, else 7
 
     def frame(
         self,
@@ -65,13 +68,14 @@ class Vp8Layer:
         """The RTP packets of one picture, each with its "first packet of a keyframe" flag."""
         if temporal_layer == 0:
             self.tl0_pic_idx = (self.tl0_pic_idx + 1) & 0xFF
-        self.picture_id = (self.picture_id + 1) & 0x7FFF
+        self.picture_id = (self.picture_id + 1) & (0x7FFF if self.long_picture_id else 0x7F)
         self.timestamp = (self.timestamp + ticks) & 0xFFFFFFFF
         out = []
         for index in range(packets):
             descriptor = Vp8PayloadDescriptor(
                 start_of_partition=index == 0,
                 picture_id=self.picture_id,
+                long_picture_id=self.long_picture_id,
                 tl0_pic_idx=self.tl0_pic_idx,
                 temporal_layer=temporal_layer,
                 layer_sync=layer_sync,
@@ -109,8 +113,40 @@ def loopback() -> Iterator[Loopback]:
     lb.close()
 
 
-def subscribe(lb: Loopback, track: int) -> None:
-    lb.fanout.subscribe(lb.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
+def subscribe(lb: Loopback, track: int, *, rtx: bool = False) -> None:
+    """Subscribe the viewer; with ``rtx``, it has an RTX stream (RFC 4588) too."""
+    if rtx:
+        lb.fanout.subscribe(
+            lb.slot,
+            track,
+            ssrc=VIEWER_SSRC,
+            payload_type=100,
+            rtx_ssrc=VIEWER_RTX_SSRC,
+            rtx_payload_type=RTX_PT,
+        )
+        lb.rtx_payload_type = RTX_PT
+    else:
+        lb.fanout.subscribe(lb.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
+
+
+def retransmit(lb: Loopback, track: int, seqs: list[int]) -> list[Received]:
+    """NACK the viewer's ``seqs`` (RFC 4585 §6.2.1) and collect what comes back."""
+    lb.fanout.resend(lb.slot, track, seqs)
+    return lb.receive()
+
+
+def assert_retransmitted_as_first_sent(resent: list[Received], originals: list[Received]) -> None:
+    """Each retransmission is the RTX packet (RFC 4588 §4) of its original as the viewer
+    got it: OSN, timestamp, marker and the whole payload, so the VP8 descriptor's picture id
+    (and its M-bit width), TL0PICIDX and TID (RFC 7741 §4.2)."""
+    assert [r.seq for r in resent] == [o.seq for o in originals]
+    for retransmission, original in zip(resent, originals, strict=True):
+        assert retransmission.rtx and retransmission.ssrc == VIEWER_RTX_SSRC
+        assert not original.rtx and original.ssrc == VIEWER_SSRC
+        assert retransmission.descriptor == original.descriptor
+        assert retransmission.payload == original.payload
+        assert retransmission.timestamp == original.timestamp
+        assert retransmission.marker == original.marker
 
 
 def assert_continuous(received: list[Received]) -> None:
@@ -123,7 +159,10 @@ def assert_continuous(received: list[Received]) -> None:
         previous_id = before.descriptor.picture_id
         assert previous_id is not None and after.descriptor.picture_id is not None
         if new_picture:
-            assert after.descriptor.picture_id == (previous_id + 1) & 0x7FFF
+            # A 7-bit picture id (M clear) shows the low bits of the viewer's 15-bit count.
+            narrow = not (before.descriptor.long_picture_id and after.descriptor.long_picture_id)
+            mask = 0x7F if narrow else 0x7FFF
+            assert after.descriptor.picture_id == ((previous_id + 1) & mask)
             assert before.marker  # the previous picture was complete
             assert after.timestamp != before.timestamp
             assert 0 < (after.timestamp - before.timestamp) & 0xFFFFFFFF < 0x80000000
@@ -253,6 +292,45 @@ def test_nack_after_a_switch_resends_only_what_the_new_layer_sent(loopback: Loop
     assert [r.seq for r in again] == [stream[2].seq, stream[3].seq]
 
 
+def test_a_retransmission_after_a_switch_carries_the_viewers_picture_ids(
+    loopback: Loopback,
+) -> None:
+    """q -> h: the viewer's picture ids and TL0PICIDX continue from q's (RFC 7741 §4.2);
+    a NACKed packet of h comes back with those, not h's own, and in h's 7-bit width."""
+    low, high = loopback.add_layer(), loopback.add_layer()
+    subscribe(loopback, low, rtx=True)
+    low_source = Vp8Layer(ssrc=1, seq=10, timestamp=0, picture_id=0x7FF0, tl0_pic_idx=40)
+    high_source = Vp8Layer(
+        ssrc=2, seq=40_000, timestamp=0, picture_id=90, tl0_pic_idx=200, long_picture_id=False
+    )
+    now = 0.0
+    loopback.push(low, low_source.frame(keyframe=True), now)
+    loopback.push(high, high_source.frame(keyframe=True), now)
+    for _ in range(3):
+        now += 1 / 30
+        loopback.push(low, low_source.frame(), now)
+        loopback.push(high, high_source.frame(), now)
+    loopback.fanout.switch(loopback.slot, low, high)
+    now += 1 / 30
+    loopback.push(high, high_source.frame(keyframe=True, packets=3), now)
+    for temporal_layer in (2, 1, 2, 0):
+        now += 1 / 30
+        loopback.push(high, high_source.frame(temporal_layer=temporal_layer), now)
+    stream = loopback.receive()
+    assert loopback.fanout.take_switches() == [(loopback.slot, low, high)]
+    assert_continuous(stream)
+    before, after = stream[:8], stream[8:]
+    assert after[0].descriptor.picture_id == ((before[-1].descriptor.picture_id or 0) + 1) & 0x7F
+    assert after[0].descriptor.tl0_pic_idx == (before[-1].descriptor.tl0_pic_idx or 0) + 1
+    assert not after[0].descriptor.long_picture_id
+
+    resent = retransmit(loopback, high, [r.seq for r in after])
+    assert_retransmitted_as_first_sent(resent, after)
+    # From before the switch: other packets under the high layer's numbers, so misses.
+    assert retransmit(loopback, high, [before[-1].seq]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 1
+
+
 # --- VP8 temporal layers ------------------------------------------------------------------
 
 # The L1T3 pattern libwebrtc uses (TID per picture, repeating every four pictures).
@@ -317,6 +395,81 @@ def test_nacks_for_packets_before_a_temporal_drop_are_misses(loopback: Loopback)
     assert loopback.fanout.resend(loopback.slot, track, [stream[3].seq]) == 1
     loopback.inbound = loopback.fresh_inbound()
     assert [r.seq for r in loopback.receive()] == [stream[3].seq]
+
+
+def test_a_retransmission_after_temporal_dropping_carries_the_shrunk_picture_ids(
+    loopback: Loopback,
+) -> None:
+    """Dropped TL1/TL2 pictures shrink the viewer's picture ids; a NACKed packet of a
+    later picture comes back with the shrunk id, also once the limit is raised and the
+    viewer gets TL2 again, and a TL2 packet it got stays resendable after the limit is
+    lowered, until a dropped packet moves the offsets (then older ones are misses)."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=65_500, timestamp=0, picture_id=0x7FF0, tl0_pic_idx=250)
+    now = 0.0
+    loopback.push(track, source.frame(keyframe=True), now)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    for index in range(1, 13):
+        now += 1 / 30
+        loopback.push(track, source.frame(temporal_layer=L1T3[index % 4]), now)
+    limited = loopback.receive()
+    assert len(limited) == 8
+    assert_continuous(limited)
+    last_picture = limited[-2:]
+    resent = retransmit(loopback, track, [r.seq for r in last_picture])
+    assert_retransmitted_as_first_sent(resent, last_picture)
+
+    loopback.fanout.set_temporal_layer(loopback.slot, track, -1)
+    for index in range(16, 20):  # from the next TL0 picture on, all are sent
+        now += 1 / 30
+        loopback.push(track, source.frame(temporal_layer=L1T3[index % 4]), now)
+    upper = loopback.receive()
+    assert [r.descriptor.temporal_layer for r in upper[::2]] == [0, 2, 1, 2]
+    assert_continuous(limited + upper)
+    resent = retransmit(loopback, track, [r.seq for r in last_picture + upper])
+    assert_retransmitted_as_first_sent(resent, last_picture + upper)
+
+    # Lowered at the next picture: the TL2 packets the viewer got are still its packets.
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    now += 1 / 30
+    loopback.push(track, source.frame(temporal_layer=0), now)
+    tl0 = loopback.receive()
+    resent = retransmit(loopback, track, [r.seq for r in upper[-2:] + tl0])
+    assert_retransmitted_as_first_sent(resent, upper[-2:] + tl0)
+    now += 1 / 30
+    loopback.push(track, source.frame(temporal_layer=2), now)  # dropped: offsets move
+    assert loopback.receive() == []
+    assert retransmit(loopback, track, [r.seq for r in upper[-2:] + tl0]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 4
+
+
+def test_a_late_packet_dropped_for_its_temporal_layer_is_never_retransmitted(
+    loopback: Loopback,
+) -> None:
+    """A TL2 packet that arrives after the next picture went out is dropped without
+    renumbering, which leaves a gap in the viewer's sequence numbers. The viewer NACKs
+    that gap: the cached packet there is one it never got, and sent now it would carry
+    the picture id of the picture before it. So: a miss, and nothing sent."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=100, timestamp=0, picture_id=50, tl0_pic_idx=5)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    loopback.push(track, source.frame(keyframe=True), 0.0)
+    upper = source.frame(temporal_layer=2)
+    loopback.push(track, upper[:1], 0.1)  # dropped in order: the numbers close up
+    later = source.frame(temporal_layer=0)
+    loopback.push(track, later, 0.2)
+    loopback.push(track, upper[1:], 0.2)  # reordered behind the TL0 picture: dropped late
+    stream = loopback.receive()
+    assert [r.descriptor.temporal_layer for r in stream] == [0, 0, 0, 0]
+    gap = (stream[2].seq - 1) & 0xFFFF
+    assert gap == (stream[1].seq + 1) & 0xFFFF
+    assert retransmit(loopback, track, [gap]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 1
+    # The packets the viewer did get after it are still resent, as it got them.
+    resent = retransmit(loopback, track, [r.seq for r in stream[2:]])
+    assert_retransmitted_as_first_sent(resent, stream[2:])
 
 
 pictures = st.lists(
