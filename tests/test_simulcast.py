@@ -472,32 +472,71 @@ def test_a_late_packet_dropped_for_its_temporal_layer_is_never_retransmitted(
     assert_retransmitted_as_first_sent(resent, stream[2:])
 
 
+# Per picture: TID, layer sync, packets, and which of the viewer's packets it NACKs
+# afterwards (that many back from the newest it got).
 pictures = st.lists(
-    st.tuples(st.integers(0, 2), st.booleans(), st.integers(1, 3)), min_size=1, max_size=40
+    st.tuples(
+        st.integers(0, 2),
+        st.booleans(),
+        st.integers(1, 3),
+        st.lists(st.integers(0, 8), max_size=3),
+    ),
+    min_size=1,
+    max_size=40,
 )
 limit_changes = st.dictionaries(st.integers(0, 39), st.integers(-1, 2), max_size=6)
 
 
 @settings(max_examples=60, deadline=None)
-@given(pictures=pictures, limits=limit_changes, switch_at=st.integers(0, 40))
+@given(
+    pictures=pictures,
+    limits=limit_changes,
+    switch_at=st.integers(0, 40),
+    narrow_b=st.booleans(),
+)
 def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
-    pictures: list[tuple[int, bool, int]], limits: dict[int, int], switch_at: int
+    pictures: list[tuple[int, bool, int, list[int]]],
+    limits: dict[int, int],
+    switch_at: int,
+    narrow_b: bool,
 ) -> None:
     """Hypothesis: whatever the temporal pattern, limit changes and layer switch, the viewer
-    gets a gap-free stream of complete pictures, none above the limit in force."""
+    gets a gap-free stream of complete pictures, none above the limit in force; and any
+    NACKed packet that is resent comes back exactly as the viewer first got it."""
     lb = Loopback()
+    stream: list[Received] = []
+    first_sent: dict[int, Received] = {}
+
+    def collect(expected_rtx: int = 0) -> None:
+        rtx = 0
+        for received in lb.receive():
+            if received.rtx:
+                assert_retransmitted_as_first_sent([received], [first_sent[received.seq]])
+                rtx += 1
+            else:
+                stream.append(received)
+                first_sent[received.seq] = received
+        assert rtx == expected_rtx
+
     try:
         a, b = lb.add_layer(), lb.add_layer()
-        subscribe(lb, a)
+        subscribe(lb, a, rtx=True)
         sources = {
             a: Vp8Layer(ssrc=1, seq=65_000, timestamp=1, picture_id=0x7F00, tl0_pic_idx=250),
-            b: Vp8Layer(ssrc=2, seq=3, timestamp=2**32 - 10, picture_id=3, tl0_pic_idx=7),
+            b: Vp8Layer(
+                ssrc=2,
+                seq=3,
+                timestamp=2**32 - 10,
+                picture_id=3,
+                tl0_pic_idx=7,
+                long_picture_id=not narrow_b,
+            ),
         }
         current, now = a, 0.0
         lb.push(a, sources[a].frame(keyframe=True), now)
         lb.push(b, sources[b].frame(keyframe=True), now)
         limit = -1
-        for index, (temporal_layer, sync, packets) in enumerate(pictures):
+        for index, (temporal_layer, sync, packets, nacks) in enumerate(pictures):
             now += 1 / 30
             if index in limits:
                 limit = limits[index]
@@ -520,7 +559,11 @@ def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
                 )
             for _, _, to_track in lb.fanout.take_switches():
                 current = to_track
-        stream = lb.receive()
+            if nacks:
+                collect()
+                seqs = [stream[-1 - back].seq for back in nacks if back < len(stream)]
+                collect(expected_rtx=lb.fanout.resend(lb.slot, current, seqs))
+        collect()
         assert stream, "the first keyframe always reaches the viewer"
         assert_continuous(stream)
         assert stream[-1].marker
