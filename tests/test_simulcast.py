@@ -331,6 +331,132 @@ def test_a_retransmission_after_a_switch_carries_the_viewers_picture_ids(
     assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 1
 
 
+class Vp8Encoding:
+    """A real VP8 encoding (PyAV/libvpx) of a moving picture, packetised per RFC 7741 into
+    ``chunk``-byte pieces, each picture with its picture id and TL0PICIDX (all TID 0)."""
+
+    def __init__(self, width: int, height: int, source: Vp8Layer, chunk: int = 48) -> None:
+        self.width, self.height, self.source, self.chunk = width, height, source, chunk
+        self.encoder: Any = av.CodecContext.create("libvpx", "w")
+        self.encoder.width, self.encoder.height = width, height
+        self.encoder.pix_fmt = "yuv420p"
+        self.encoder.time_base = fractions.Fraction(1, FPS)
+        self.encoder.gop_size = 100_000  # keyframes on request only
+        self.encoder.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        self.index = 0
+
+    def frame(self, *, keyframe: bool = False) -> list[tuple[bytes, bool]]:
+        image = np.full((self.height, self.width, 3), (self.index * 9) % 256, dtype=np.uint8)
+        image[:, (self.index * 5) % self.width :][:, :6] = 255
+        picture = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+        picture.pts = self.index
+        if keyframe or self.index == 0:
+            picture.pict_type = av.video.frame.PictureType.I
+        self.index += 1
+        (packet,) = self.encoder.encode(picture)
+        data = bytes(packet)
+        source = self.source
+        source.tl0_pic_idx = (source.tl0_pic_idx + 1) & 0xFF
+        source.picture_id = (source.picture_id + 1) & 0x7FFF
+        source.timestamp = (source.timestamp + VIDEO_CLOCK // FPS) & 0xFFFFFFFF
+        chunks = [data[i : i + self.chunk] for i in range(0, len(data), self.chunk)]
+        out = []
+        for index, piece in enumerate(chunks):
+            descriptor = Vp8PayloadDescriptor(
+                start_of_partition=index == 0,
+                picture_id=source.picture_id,
+                tl0_pic_idx=source.tl0_pic_idx,
+                temporal_layer=0,
+            )
+            header = struct.pack(
+                "!BBHII",
+                0x80,
+                (0x80 if index == len(chunks) - 1 else 0) | 96,
+                source.seq,
+                source.timestamp,
+                source.ssrc,
+            )
+            source.seq = (source.seq + 1) & 0xFFFF
+            out.append((header + bytes(descriptor) + piece, packet.is_keyframe and index == 0))
+        return out
+
+
+def depacketize_and_decode(packets: list[Received]) -> list[Any]:
+    """What a receiver makes of the viewer's packets (sequence order, RFC 7741 §4.5): a
+    frame runs from a start of partition 0 to the marker, every packet of it under one
+    picture id and timestamp (libwebrtc's packet buffer and VP8 reference finder key
+    frames by them), picture ids +1 per frame; then libvpx decodes each frame."""
+    decoder = av.CodecContext.create("vp8", "r")
+    images: list[Any] = []
+    frame: list[Received] = []
+    previous_id: int | None = None
+    for packet in packets:
+        descriptor = packet.descriptor
+        if descriptor.start_of_partition and descriptor.partition_index == 0:
+            assert not frame, "a frame began before the last one ended"
+        frame.append(packet)
+        if not packet.marker:
+            continue
+        ids = {p.descriptor.picture_id for p in frame}
+        assert len(ids) == 1, f"one frame under picture ids {ids}"
+        assert len({p.timestamp for p in frame}) == 1
+        (picture_id,) = ids
+        assert picture_id is not None
+        if previous_id is not None:
+            assert picture_id == (previous_id + 1) & 0x7FFF
+        previous_id = picture_id
+        data = b"".join(Vp8PayloadDescriptor.split(p.payload)[1] for p in frame)
+        images.extend(image.to_ndarray(format="rgb24") for image in decoder.decode(av.Packet(data)))
+        frame = []
+    return images
+
+
+def test_a_retransmission_that_replaces_a_lost_packet_after_a_switch_decodes(
+    loopback: Loopback,
+) -> None:
+    """Real VP8 (libvpx) on two layers, q -> h: the viewer loses the first packet of
+    frames after the switch, NACKs them, and the RTX packets (RFC 4588 §4) put in their
+    places give a stream that depacketises under the viewer's picture ids and decodes to
+    exactly the pictures of the loss-free stream."""
+    low, high = loopback.add_layer(), loopback.add_layer()
+    subscribe(loopback, low, rtx=True)
+    q = Vp8Encoding(160, 96, Vp8Layer(ssrc=1, seq=65_520, timestamp=0, picture_id=0x7FF8))
+    h = Vp8Encoding(320, 192, Vp8Layer(ssrc=2, seq=500, timestamp=0, picture_id=40))
+    now = 0.0
+    for _ in range(4):
+        loopback.push(low, q.frame(), now)
+        loopback.push(high, h.frame(), now)
+        now += 1 / FPS
+    loopback.fanout.switch(loopback.slot, low, high)
+    loopback.push(low, q.frame(), now)
+    loopback.push(high, h.frame(keyframe=True), now)
+    for _ in range(5):
+        now += 1 / FPS
+        loopback.push(low, q.frame(), now)
+        loopback.push(high, h.frame(), now)
+    stream = loopback.receive()
+    assert loopback.fanout.take_switches() == [(loopback.slot, low, high)]
+    assert_continuous(stream)
+    expected = depacketize_and_decode(stream)
+    assert [image.shape[:2] for image in expected] == [(96, 160)] * 5 + [(192, 320)] * 6
+
+    starts = [
+        i
+        for i, r in enumerate(stream)
+        if r.descriptor.start_of_partition and i > 0 and stream[i - 1].marker
+    ]
+    lost = starts[-6:]  # the first packet of the keyframe and of every frame after it
+    resent = retransmit(loopback, high, [stream[i].seq for i in lost])
+    assert [r.seq for r in resent] == [stream[i].seq for i in lost]
+    repaired = list(stream)
+    for index, retransmission in zip(lost, resent, strict=True):
+        repaired[index] = retransmission
+    decoded = depacketize_and_decode(repaired)
+    assert len(decoded) == len(expected)
+    assert all((got == want).all() for got, want in zip(decoded, expected, strict=True))
+    assert_retransmitted_as_first_sent(resent, [stream[i] for i in lost])
+
+
 # --- VP8 temporal layers ------------------------------------------------------------------
 
 # The L1T3 pattern libwebrtc uses (TID per picture, repeating every four pictures).
