@@ -598,6 +598,41 @@ def test_a_late_packet_dropped_for_its_temporal_layer_is_never_retransmitted(
     assert_retransmitted_as_first_sent(resent, stream[2:])
 
 
+def test_the_offset_floors_follow_the_stream_past_half_the_sequence_space(
+    loopback: Loopback,
+) -> None:
+    """After one temporal drop and no more (limit raised again), the floor it set must not
+    come to read as ahead of the stream: RFC 3550 §A.1 serial arithmetic orders numbers
+    less than 2^15 apart, so 32,768 packets later a floor left where it was would turn
+    every live packet "stale" and every NACK a miss. 40,000 packets go through whole."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=100, timestamp=0, picture_id=0)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    loopback.push(track, source.frame(keyframe=True), 0.0)
+    upper = source.frame(temporal_layer=2)
+    loopback.push(track, upper[:1], 0.01)  # dropped: the floor moves
+    loopback.push(track, source.frame(temporal_layer=0), 0.02)
+    loopback.push(track, upper[1:], 0.02)  # dropped late: the resend floor moves
+    loopback.fanout.set_temporal_layer(loopback.slot, track, -1)
+    assert len(loopback.receive()) == 4
+    received = 0
+    now = 0.03
+    for _ in range(200):
+        for _ in range(100):
+            now += 0.001
+            loopback.push(track, source.frame(packets=2), now)
+        received += len(loopback.receive())
+    assert loopback.fanout.stats()["dropped_stale"] == 0
+    assert received == 40_000
+    recent = loopback.fanout.resend(loopback.slot, track, [(source.seq - 1 - 0x8000) & 0xFFFF])
+    assert recent == 0  # long gone from the cache
+    # The newest packets are resendable as sent.
+    loopback.push(track, source.frame(packets=2), now + 0.001)
+    last = loopback.receive()
+    assert_retransmitted_as_first_sent(retransmit(loopback, track, [r.seq for r in last]), last)
+
+
 # Per picture: TID, layer sync, packets, and which of the viewer's packets it NACKs
 # afterwards (that many back from the newest it got).
 pictures = st.lists(
