@@ -533,6 +533,18 @@ cdef inline bint seq_before(uint16_t a, uint16_t b) noexcept nogil:
     return <int16_t>(<uint16_t>(a - b)) < 0
 
 
+cdef inline void floors_follow(Subscription* subscription, uint16_t sequence) noexcept nogil:
+    """``sequence`` (publisher's) is the newest packet sent to this viewer: drag any floor
+    more than OFFSET_FLOOR_TRAIL behind it up to that distance (see OFFSET_FLOOR_TRAIL).
+    Without this, 32,768 packets after the last switch or drop every live packet would
+    be taken for a stale one and every NACK for a miss, for the next 32,768."""
+    cdef uint16_t trail = <uint16_t>(sequence - OFFSET_FLOOR_TRAIL)
+    if subscription.offset_floor_set and seq_before(subscription.offset_valid_from, trail):
+        subscription.offset_valid_from = trail
+    if subscription.resend_floor_set and seq_before(subscription.resend_valid_from, trail):
+        subscription.resend_valid_from = trail
+
+
 cdef inline void resend_floor_after(Subscription* subscription, uint16_t dropped) noexcept nogil:
     """``dropped`` was not sent to this viewer but its numbers were not closed up around it
     (it came after later packets): the viewer's sequence number for it is a gap, and
@@ -1777,6 +1789,7 @@ cdef class Fanout:
         if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
             subscription.has_sent = 1
             subscription.last_seq = out_seq
+            floors_follow(subscription, sequence)
             subscription.last_ts = timestamp + subscription.ts_offset
             subscription.last_sent_at = arrival
             if descriptor.present and descriptor.picture_id >= 0:

@@ -137,6 +137,11 @@ cdef enum:
     # RFC 3550 §5.1: the padding count is one octet, so a padding-only packet carries at
     # most 255 octets of padding; Fanout.send_padding sends at most this many per call.
     PADDING_MAX = 255
+    # How far a subscription's offset floors (offset_valid_from, resend_valid_from) may
+    # trail the newest packet sent to it: RFC 3550 §A.1 serial arithmetic orders only
+    # numbers less than 2^15 apart, so a floor must follow the stream or it comes to read
+    # as ahead of it. Packets 2^14 behind the newest are no loss to refuse.
+    OFFSET_FLOOR_TRAIL = 0x4000
     PADDING_MAX_PACKETS = 1024
     # Header-extension elements rewritten per packet. RFC 8285 one-byte ids are 1..14 and
     # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
