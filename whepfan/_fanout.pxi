@@ -33,6 +33,15 @@
 # trigger NACKs and PLIs). VP9 temporal dropping shrinks sequence numbers only: VP9
 # receivers derive references from picture-id distances (see _drop_temporal_vp9).
 #
+# Retransmissions. resend() answers a viewer's NACK from the track's cache with the same
+# rewrite as the live path: header and payload descriptor, so a repair carries the
+# picture id and TL0PICIDX the viewer got the original with. Every change of a
+# subscription's offsets (a switch, a dropped packet) moves its floor,
+# offset_valid_from, past the packet that caused it, so the offsets in force now are
+# those of every packet not before the floor; older numbers are misses. A packet
+# dropped after later ones went out leaves a gap that resend must not fill
+# (resend_valid_from). Both floors trail the stream by at most OFFSET_FLOOR_TRAIL.
+#
 # Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01).
 # A viewer given set_transport_cc gets its own 16-bit transport-wide sequence number on
 # every RTP packet sent to it (media, RTX, padding probes: one counter per viewer, since
