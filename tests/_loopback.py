@@ -22,11 +22,13 @@ Descriptor = TypeVar("Descriptor")
 
 @dataclass
 class Received(Generic[Descriptor]):
-    seq: int
+    seq: int  # of a retransmission: its original sequence number (RFC 4588 §4 OSN)
     timestamp: int
     ssrc: int
     marker: bool
     descriptor: Descriptor
+    payload: bytes = b""  # the media payload (of a retransmission: after the OSN)
+    rtx: bool = False  # arrived on the RTX stream (rtx_payload_type)
 
 
 class DescriptorLoopback(Generic[Descriptor]):
@@ -64,6 +66,8 @@ class DescriptorLoopback(Generic[Descriptor]):
         )
         self.key_and_salt = key + salt
         self.inbound = self.fresh_inbound()
+        # The viewer's RTX payload type (RFC 4588 §8.6, a=rtpmap rtx), if it has one.
+        self.rtx_payload_type: int | None = None
 
     def fresh_inbound(self) -> Session:
         """A new libsrtp receiver: resends reuse sequence numbers, which the first one's
@@ -95,14 +99,26 @@ class DescriptorLoopback(Generic[Descriptor]):
             except BlockingIOError:
                 break
             plain = self.inbound.unprotect(datagram)
-            second, seq, timestamp, ssrc = struct.unpack_from("!xBHII", plain)
+            first, second, seq, timestamp, ssrc = struct.unpack_from("!BBHII", plain)
+            # RFC 3550 §5.1, §5.3.1: CSRC list and header extension before the payload.
+            header_len = 12 + 4 * (first & 0x0F)
+            if first & 0x10:
+                header_len += 4 + 4 * struct.unpack_from("!H", plain, header_len + 2)[0]
+            payload = plain[header_len:]
+            rtx = (second & 0x7F) == self.rtx_payload_type
+            if rtx:
+                # RFC 4588 §4: the original sequence number, then the original payload.
+                (seq,) = struct.unpack_from("!H", payload)
+                payload = payload[2:]
             out.append(
                 Received(
                     seq=seq,
                     timestamp=timestamp,
                     ssrc=ssrc,
                     marker=bool(second & 0x80),
-                    descriptor=self.parse_descriptor(plain[12:]),
+                    descriptor=self.parse_descriptor(payload),
+                    payload=payload,
+                    rtx=rtx,
                 )
             )
         return out

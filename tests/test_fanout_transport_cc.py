@@ -34,6 +34,7 @@ from test_nack_generator import _vp8
 from test_router import CLIENT, Harness, connect_viewer
 
 from whepfan._fastpath import (
+    PAYLOAD_VP8,
     PROFILE_AEAD_AES_128_GCM,
     PROFILE_AES128_CM_SHA1_80,
     Fanout,
@@ -359,6 +360,58 @@ def test_retransmissions_take_the_next_number(
             assert (view.ssrc, view.seq, view.payload) == (0xAA, source.seq, source.payload)
     stats = fanout.viewer_stats(viewer.slot)
     assert stats["transport_cc_stamped"] + stats["transport_cc_added"] == 8
+
+
+@pytest.mark.parametrize("with_rtx", [True, False])
+def test_a_retransmission_with_a_stamped_or_added_element_keeps_the_viewers_vp8_ids(
+    sender: socket.socket, viewers: list[Viewer], with_rtx: bool
+) -> None:
+    """VP8 with a dropped TL2 picture (so the viewer's picture ids are shifted, RFC 7741
+    §4.2): whether the repair's transport-cc element is the publisher's, rewritten, or
+    a new block (the header grows), its payload is the one the viewer first got."""
+    fanout = tcc_fanout(sender)
+    track = fanout.add_track(transport_cc_id=PUBLISHER_TCC, payload_format=PAYLOAD_VP8)
+    viewer = new_viewer(viewers, fanout)
+    rtx_ssrc, rtx_payload_type = (0xBB, 97) if with_rtx else (0, -1)
+    fanout.subscribe(
+        viewer.slot,
+        track,
+        ssrc=0xAA,
+        payload_type=96,
+        wait_keyframe=False,
+        rtx_ssrc=rtx_ssrc,
+        rtx_payload_type=rtx_payload_type,
+    )
+    fanout.set_transport_cc(viewer.slot, VIEWER_TCC, sequence=0)
+    fanout.set_temporal_layer(viewer.slot, track, 0)
+
+    def vp8(seq: int, picture_id: int, temporal_layer: int, *, element: bool) -> bytes:
+        # X, S; I, L, T; M + 15-bit picture id; TL0PICIDX; TID (RFC 7741 §4.2).
+        descriptor = bytes([0x90, 0xE0, 0x80 | picture_id >> 8, picture_id & 0xFF, 9])
+        descriptor += bytes([temporal_layer << 6])
+        payload = descriptor + bytes([seq & 0xFF]) * 40
+        if element:
+            return with_publisher_tcc(seq, payload=payload)
+        return rtp_packet(seq, 1000 + seq, payload=payload, marker=True)
+
+    fanout.push(track, vp8(10, 300, 0, element=True))
+    fanout.push(track, vp8(11, 301, 2, element=True))  # dropped: ids shift by one
+    for seq, element in ((12, True), (13, False)):
+        fanout.push(track, vp8(seq, 290 + seq, 0, element=element))
+    sent = viewer.receive_rtp(3)
+    views = [parse_rtp(packet) for packet in sent]
+    assert [struct.unpack_from("!H", view.payload, 2)[0] & 0x7FFF for view in views] == [
+        300,
+        301,
+        302,
+    ]
+    assert fanout.resend(viewer.slot, track, [views[1].seq, views[2].seq]) == 2
+    oracle = viewer.inbound if with_rtx else viewer.fresh_inbound()
+    repairs = [oracle.unprotect(datagram) for datagram in viewer.receive(2)]
+    assert numbers(repairs, VIEWER_TCC) == [3, 4]
+    for repair, original in zip(repairs, views[1:], strict=True):
+        view = parse_rtp(repair)
+        assert view.payload[2 if with_rtx else 0 :] == original.payload
 
 
 def test_padding_probes_are_padding_only_rtx_with_the_next_numbers(

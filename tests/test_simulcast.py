@@ -37,6 +37,8 @@ from whepfan.protocol.ice import IceConnected, IceControllingChecker
 VIDEO_CLOCK = 90000
 RECEIVE_TIMEOUT = 5.0  # upper bound for loopback delivery; normally instant
 VIEWER_SSRC = 0xCAFE0001
+VIEWER_RTX_SSRC = 0xCAFE0002
+RTX_PT = 101
 
 
 # --- a VP8 simulcast source: descriptors per RFC 7741 §4.2 ------------------------------
@@ -52,6 +54,7 @@ class Vp8Layer:
     timestamp: int
     picture_id: int
     tl0_pic_idx: int = 0
+    long_picture_id: bool = True  # M bit (RFC 7741 §4.2): 15-bit picture ids, else 7
 
     def frame(
         self,
@@ -65,13 +68,14 @@ class Vp8Layer:
         """The RTP packets of one picture, each with its "first packet of a keyframe" flag."""
         if temporal_layer == 0:
             self.tl0_pic_idx = (self.tl0_pic_idx + 1) & 0xFF
-        self.picture_id = (self.picture_id + 1) & 0x7FFF
+        self.picture_id = (self.picture_id + 1) & (0x7FFF if self.long_picture_id else 0x7F)
         self.timestamp = (self.timestamp + ticks) & 0xFFFFFFFF
         out = []
         for index in range(packets):
             descriptor = Vp8PayloadDescriptor(
                 start_of_partition=index == 0,
                 picture_id=self.picture_id,
+                long_picture_id=self.long_picture_id,
                 tl0_pic_idx=self.tl0_pic_idx,
                 temporal_layer=temporal_layer,
                 layer_sync=layer_sync,
@@ -109,8 +113,40 @@ def loopback() -> Iterator[Loopback]:
     lb.close()
 
 
-def subscribe(lb: Loopback, track: int) -> None:
-    lb.fanout.subscribe(lb.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
+def subscribe(lb: Loopback, track: int, *, rtx: bool = False) -> None:
+    """Subscribe the viewer; with ``rtx``, it has an RTX stream (RFC 4588) too."""
+    if rtx:
+        lb.fanout.subscribe(
+            lb.slot,
+            track,
+            ssrc=VIEWER_SSRC,
+            payload_type=100,
+            rtx_ssrc=VIEWER_RTX_SSRC,
+            rtx_payload_type=RTX_PT,
+        )
+        lb.rtx_payload_type = RTX_PT
+    else:
+        lb.fanout.subscribe(lb.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
+
+
+def retransmit(lb: Loopback, track: int, seqs: list[int]) -> list[Received]:
+    """NACK the viewer's ``seqs`` (RFC 4585 §6.2.1) and collect what comes back."""
+    lb.fanout.resend(lb.slot, track, seqs)
+    return lb.receive()
+
+
+def assert_retransmitted_as_first_sent(resent: list[Received], originals: list[Received]) -> None:
+    """Each retransmission is the RTX packet (RFC 4588 §4) of its original as the viewer
+    got it: OSN, timestamp, marker and the whole payload, so the VP8 descriptor's picture id
+    (and its M-bit width), TL0PICIDX and TID (RFC 7741 §4.2)."""
+    assert [r.seq for r in resent] == [o.seq for o in originals]
+    for retransmission, original in zip(resent, originals, strict=True):
+        assert retransmission.rtx and retransmission.ssrc == VIEWER_RTX_SSRC
+        assert not original.rtx and original.ssrc == VIEWER_SSRC
+        assert retransmission.descriptor == original.descriptor
+        assert retransmission.payload == original.payload
+        assert retransmission.timestamp == original.timestamp
+        assert retransmission.marker == original.marker
 
 
 def assert_continuous(received: list[Received]) -> None:
@@ -123,7 +159,10 @@ def assert_continuous(received: list[Received]) -> None:
         previous_id = before.descriptor.picture_id
         assert previous_id is not None and after.descriptor.picture_id is not None
         if new_picture:
-            assert after.descriptor.picture_id == (previous_id + 1) & 0x7FFF
+            # A 7-bit picture id (M clear) shows the low bits of the viewer's 15-bit count.
+            narrow = not (before.descriptor.long_picture_id and after.descriptor.long_picture_id)
+            mask = 0x7F if narrow else 0x7FFF
+            assert after.descriptor.picture_id == ((previous_id + 1) & mask)
             assert before.marker  # the previous picture was complete
             assert after.timestamp != before.timestamp
             assert 0 < (after.timestamp - before.timestamp) & 0xFFFFFFFF < 0x80000000
@@ -253,6 +292,171 @@ def test_nack_after_a_switch_resends_only_what_the_new_layer_sent(loopback: Loop
     assert [r.seq for r in again] == [stream[2].seq, stream[3].seq]
 
 
+def test_a_retransmission_after_a_switch_carries_the_viewers_picture_ids(
+    loopback: Loopback,
+) -> None:
+    """q -> h: the viewer's picture ids and TL0PICIDX continue from q's (RFC 7741 §4.2);
+    a NACKed packet of h comes back with those, not h's own, and in h's 7-bit width."""
+    low, high = loopback.add_layer(), loopback.add_layer()
+    subscribe(loopback, low, rtx=True)
+    low_source = Vp8Layer(ssrc=1, seq=10, timestamp=0, picture_id=0x7FF0, tl0_pic_idx=40)
+    high_source = Vp8Layer(
+        ssrc=2, seq=40_000, timestamp=0, picture_id=90, tl0_pic_idx=200, long_picture_id=False
+    )
+    now = 0.0
+    loopback.push(low, low_source.frame(keyframe=True), now)
+    loopback.push(high, high_source.frame(keyframe=True), now)
+    for _ in range(3):
+        now += 1 / 30
+        loopback.push(low, low_source.frame(), now)
+        loopback.push(high, high_source.frame(), now)
+    loopback.fanout.switch(loopback.slot, low, high)
+    now += 1 / 30
+    loopback.push(high, high_source.frame(keyframe=True, packets=3), now)
+    for temporal_layer in (2, 1, 2, 0):
+        now += 1 / 30
+        loopback.push(high, high_source.frame(temporal_layer=temporal_layer), now)
+    stream = loopback.receive()
+    assert loopback.fanout.take_switches() == [(loopback.slot, low, high)]
+    assert_continuous(stream)
+    before, after = stream[:8], stream[8:]
+    assert after[0].descriptor.picture_id == ((before[-1].descriptor.picture_id or 0) + 1) & 0x7F
+    assert after[0].descriptor.tl0_pic_idx == (before[-1].descriptor.tl0_pic_idx or 0) + 1
+    assert not after[0].descriptor.long_picture_id
+
+    resent = retransmit(loopback, high, [r.seq for r in after])
+    assert_retransmitted_as_first_sent(resent, after)
+    # From before the switch: other packets under the high layer's numbers, so misses.
+    assert retransmit(loopback, high, [before[-1].seq]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 1
+
+
+class Vp8Encoding:
+    """A real VP8 encoding (PyAV/libvpx) of a moving picture, packetised per RFC 7741 into
+    ``chunk``-byte pieces, each picture with its picture id and TL0PICIDX (all TID 0)."""
+
+    def __init__(self, width: int, height: int, source: Vp8Layer, chunk: int = 48) -> None:
+        self.width, self.height, self.source, self.chunk = width, height, source, chunk
+        self.encoder: Any = av.CodecContext.create("libvpx", "w")
+        self.encoder.width, self.encoder.height = width, height
+        self.encoder.pix_fmt = "yuv420p"
+        self.encoder.time_base = fractions.Fraction(1, FPS)
+        self.encoder.gop_size = 100_000  # keyframes on request only
+        self.encoder.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        self.index = 0
+
+    def frame(self, *, keyframe: bool = False) -> list[tuple[bytes, bool]]:
+        image = np.full((self.height, self.width, 3), (self.index * 9) % 256, dtype=np.uint8)
+        image[:, (self.index * 5) % self.width :][:, :6] = 255
+        picture = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+        picture.pts = self.index
+        if keyframe or self.index == 0:
+            picture.pict_type = av.video.frame.PictureType.I
+        self.index += 1
+        (packet,) = self.encoder.encode(picture)
+        data = bytes(packet)
+        source = self.source
+        source.tl0_pic_idx = (source.tl0_pic_idx + 1) & 0xFF
+        source.picture_id = (source.picture_id + 1) & 0x7FFF
+        source.timestamp = (source.timestamp + VIDEO_CLOCK // FPS) & 0xFFFFFFFF
+        chunks = [data[i : i + self.chunk] for i in range(0, len(data), self.chunk)]
+        out = []
+        for index, piece in enumerate(chunks):
+            descriptor = Vp8PayloadDescriptor(
+                start_of_partition=index == 0,
+                picture_id=source.picture_id,
+                tl0_pic_idx=source.tl0_pic_idx,
+                temporal_layer=0,
+            )
+            header = struct.pack(
+                "!BBHII",
+                0x80,
+                (0x80 if index == len(chunks) - 1 else 0) | 96,
+                source.seq,
+                source.timestamp,
+                source.ssrc,
+            )
+            source.seq = (source.seq + 1) & 0xFFFF
+            out.append((header + bytes(descriptor) + piece, packet.is_keyframe and index == 0))
+        return out
+
+
+def depacketize_and_decode(packets: list[Received]) -> list[Any]:
+    """What a receiver makes of the viewer's packets (sequence order, RFC 7741 §4.5): a
+    frame runs from a start of partition 0 to the marker, every packet of it under one
+    picture id and timestamp (libwebrtc's packet buffer and VP8 reference finder key
+    frames by them), picture ids +1 per frame; then libvpx decodes each frame."""
+    decoder = av.CodecContext.create("vp8", "r")
+    images: list[Any] = []
+    frame: list[Received] = []
+    previous_id: int | None = None
+    for packet in packets:
+        descriptor = packet.descriptor
+        if descriptor.start_of_partition and descriptor.partition_index == 0:
+            assert not frame, "a frame began before the last one ended"
+        frame.append(packet)
+        if not packet.marker:
+            continue
+        ids = {p.descriptor.picture_id for p in frame}
+        assert len(ids) == 1, f"one frame under picture ids {ids}"
+        assert len({p.timestamp for p in frame}) == 1
+        (picture_id,) = ids
+        assert picture_id is not None
+        if previous_id is not None:
+            assert picture_id == (previous_id + 1) & 0x7FFF
+        previous_id = picture_id
+        data = b"".join(Vp8PayloadDescriptor.split(p.payload)[1] for p in frame)
+        images.extend(image.to_ndarray(format="rgb24") for image in decoder.decode(av.Packet(data)))
+        frame = []
+    return images
+
+
+def test_a_retransmission_that_replaces_a_lost_packet_after_a_switch_decodes(
+    loopback: Loopback,
+) -> None:
+    """Real VP8 (libvpx) on two layers, q -> h: the viewer loses the first packet of
+    frames after the switch, NACKs them, and the RTX packets (RFC 4588 §4) put in their
+    places give a stream that depacketises under the viewer's picture ids and decodes to
+    exactly the pictures of the loss-free stream."""
+    low, high = loopback.add_layer(), loopback.add_layer()
+    subscribe(loopback, low, rtx=True)
+    q = Vp8Encoding(160, 96, Vp8Layer(ssrc=1, seq=65_520, timestamp=0, picture_id=0x7FF8))
+    h = Vp8Encoding(320, 192, Vp8Layer(ssrc=2, seq=500, timestamp=0, picture_id=40))
+    now = 0.0
+    for _ in range(4):
+        loopback.push(low, q.frame(), now)
+        loopback.push(high, h.frame(), now)
+        now += 1 / FPS
+    loopback.fanout.switch(loopback.slot, low, high)
+    loopback.push(low, q.frame(), now)
+    loopback.push(high, h.frame(keyframe=True), now)
+    for _ in range(5):
+        now += 1 / FPS
+        loopback.push(low, q.frame(), now)
+        loopback.push(high, h.frame(), now)
+    stream = loopback.receive()
+    assert loopback.fanout.take_switches() == [(loopback.slot, low, high)]
+    assert_continuous(stream)
+    expected = depacketize_and_decode(stream)
+    assert [image.shape[:2] for image in expected] == [(96, 160)] * 5 + [(192, 320)] * 6
+
+    starts = [
+        i
+        for i, r in enumerate(stream)
+        if r.descriptor.start_of_partition and i > 0 and stream[i - 1].marker
+    ]
+    lost = starts[-6:]  # the first packet of the keyframe and of every frame after it
+    resent = retransmit(loopback, high, [stream[i].seq for i in lost])
+    assert [r.seq for r in resent] == [stream[i].seq for i in lost]
+    repaired = list(stream)
+    for index, retransmission in zip(lost, resent, strict=True):
+        repaired[index] = retransmission
+    decoded = depacketize_and_decode(repaired)
+    assert len(decoded) == len(expected)
+    assert all((got == want).all() for got, want in zip(decoded, expected, strict=True))
+    assert_retransmitted_as_first_sent(resent, [stream[i] for i in lost])
+
+
 # --- VP8 temporal layers ------------------------------------------------------------------
 
 # The L1T3 pattern libwebrtc uses (TID per picture, repeating every four pictures).
@@ -319,32 +523,181 @@ def test_nacks_for_packets_before_a_temporal_drop_are_misses(loopback: Loopback)
     assert [r.seq for r in loopback.receive()] == [stream[3].seq]
 
 
+def test_a_retransmission_after_temporal_dropping_carries_the_shrunk_picture_ids(
+    loopback: Loopback,
+) -> None:
+    """Dropped TL1/TL2 pictures shrink the viewer's picture ids; a NACKed packet of a
+    later picture comes back with the shrunk id, also once the limit is raised and the
+    viewer gets TL2 again, and a TL2 packet it got stays resendable after the limit is
+    lowered, until a dropped packet moves the offsets (then older ones are misses)."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=65_500, timestamp=0, picture_id=0x7FF0, tl0_pic_idx=250)
+    now = 0.0
+    loopback.push(track, source.frame(keyframe=True), now)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    for index in range(1, 13):
+        now += 1 / 30
+        loopback.push(track, source.frame(temporal_layer=L1T3[index % 4]), now)
+    limited = loopback.receive()
+    assert len(limited) == 8
+    assert_continuous(limited)
+    last_picture = limited[-2:]
+    resent = retransmit(loopback, track, [r.seq for r in last_picture])
+    assert_retransmitted_as_first_sent(resent, last_picture)
+
+    loopback.fanout.set_temporal_layer(loopback.slot, track, -1)
+    for index in range(16, 20):  # from the next TL0 picture on, all are sent
+        now += 1 / 30
+        loopback.push(track, source.frame(temporal_layer=L1T3[index % 4]), now)
+    upper = loopback.receive()
+    assert [r.descriptor.temporal_layer for r in upper[::2]] == [0, 2, 1, 2]
+    assert_continuous(limited + upper)
+    resent = retransmit(loopback, track, [r.seq for r in last_picture + upper])
+    assert_retransmitted_as_first_sent(resent, last_picture + upper)
+
+    # Lowered at the next picture: the TL2 packets the viewer got are still its packets.
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    now += 1 / 30
+    loopback.push(track, source.frame(temporal_layer=0), now)
+    tl0 = loopback.receive()
+    resent = retransmit(loopback, track, [r.seq for r in upper[-2:] + tl0])
+    assert_retransmitted_as_first_sent(resent, upper[-2:] + tl0)
+    now += 1 / 30
+    loopback.push(track, source.frame(temporal_layer=2), now)  # dropped: offsets move
+    assert loopback.receive() == []
+    assert retransmit(loopback, track, [r.seq for r in upper[-2:] + tl0]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 4
+
+
+def test_a_late_packet_dropped_for_its_temporal_layer_is_never_retransmitted(
+    loopback: Loopback,
+) -> None:
+    """A TL2 packet that arrives after the next picture went out is dropped without
+    renumbering, which leaves a gap in the viewer's sequence numbers. The viewer NACKs
+    that gap: the cached packet there is one it never got, and sent now it would carry
+    the picture id of the picture before it. So: a miss, and nothing sent."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=100, timestamp=0, picture_id=50, tl0_pic_idx=5)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    loopback.push(track, source.frame(keyframe=True), 0.0)
+    upper = source.frame(temporal_layer=2)
+    loopback.push(track, upper[:1], 0.1)  # dropped in order: the numbers close up
+    later = source.frame(temporal_layer=0)
+    loopback.push(track, later, 0.2)
+    loopback.push(track, upper[1:], 0.2)  # reordered behind the TL0 picture: dropped late
+    stream = loopback.receive()
+    assert [r.descriptor.temporal_layer for r in stream] == [0, 0, 0, 0]
+    gap = (stream[2].seq - 1) & 0xFFFF
+    assert gap == (stream[1].seq + 1) & 0xFFFF
+    assert retransmit(loopback, track, [gap]) == []
+    assert loopback.fanout.viewer_stats(loopback.slot)["resend_misses"] == 1
+    # The packets the viewer did get after it are still resent, as it got them.
+    resent = retransmit(loopback, track, [r.seq for r in stream[2:]])
+    assert_retransmitted_as_first_sent(resent, stream[2:])
+
+
+def test_the_offset_floors_follow_the_stream_past_half_the_sequence_space(
+    loopback: Loopback,
+) -> None:
+    """After one temporal drop and no more (limit raised again), the floor it set must not
+    come to read as ahead of the stream: RFC 3550 §A.1 serial arithmetic orders numbers
+    less than 2^15 apart, so 32,768 packets later a floor left where it was would turn
+    every live packet "stale" and every NACK a miss. 40,000 packets go through whole."""
+    track = loopback.add_layer()
+    subscribe(loopback, track, rtx=True)
+    source = Vp8Layer(ssrc=9, seq=100, timestamp=0, picture_id=0)
+    loopback.fanout.set_temporal_layer(loopback.slot, track, 0)
+    loopback.push(track, source.frame(keyframe=True), 0.0)
+    upper = source.frame(temporal_layer=2)
+    loopback.push(track, upper[:1], 0.01)  # dropped: the floor moves
+    loopback.push(track, source.frame(temporal_layer=0), 0.02)
+    loopback.push(track, upper[1:], 0.02)  # dropped late: the resend floor moves
+    loopback.fanout.set_temporal_layer(loopback.slot, track, -1)
+    assert len(loopback.receive()) == 4
+    received = 0
+    now = 0.03
+    for _ in range(200):
+        for _ in range(100):
+            now += 0.001
+            loopback.push(track, source.frame(packets=2), now)
+        received += len(loopback.receive())
+    assert loopback.fanout.stats()["dropped_stale"] == 0
+    assert received == 40_000
+    recent = loopback.fanout.resend(loopback.slot, track, [(source.seq - 1 - 0x8000) & 0xFFFF])
+    assert recent == 0  # long gone from the cache
+    # The newest packets are resendable as sent.
+    loopback.push(track, source.frame(packets=2), now + 0.001)
+    last = loopback.receive()
+    assert_retransmitted_as_first_sent(retransmit(loopback, track, [r.seq for r in last]), last)
+
+
+# Per picture: TID, layer sync, packets, and which of the viewer's packets it NACKs
+# afterwards (that many back from the newest it got).
 pictures = st.lists(
-    st.tuples(st.integers(0, 2), st.booleans(), st.integers(1, 3)), min_size=1, max_size=40
+    st.tuples(
+        st.integers(0, 2),
+        st.booleans(),
+        st.integers(1, 3),
+        st.lists(st.integers(0, 8), max_size=3),
+    ),
+    min_size=1,
+    max_size=40,
 )
 limit_changes = st.dictionaries(st.integers(0, 39), st.integers(-1, 2), max_size=6)
 
 
 @settings(max_examples=60, deadline=None)
-@given(pictures=pictures, limits=limit_changes, switch_at=st.integers(0, 40))
+@given(
+    pictures=pictures,
+    limits=limit_changes,
+    switch_at=st.integers(0, 40),
+    narrow_b=st.booleans(),
+)
 def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
-    pictures: list[tuple[int, bool, int]], limits: dict[int, int], switch_at: int
+    pictures: list[tuple[int, bool, int, list[int]]],
+    limits: dict[int, int],
+    switch_at: int,
+    narrow_b: bool,
 ) -> None:
     """Hypothesis: whatever the temporal pattern, limit changes and layer switch, the viewer
-    gets a gap-free stream of complete pictures, none above the limit in force."""
+    gets a gap-free stream of complete pictures, none above the limit in force; and any
+    NACKed packet that is resent comes back exactly as the viewer first got it."""
     lb = Loopback()
+    stream: list[Received] = []
+    first_sent: dict[int, Received] = {}
+
+    def collect(expected_rtx: int = 0) -> None:
+        rtx = 0
+        for received in lb.receive():
+            if received.rtx:
+                assert_retransmitted_as_first_sent([received], [first_sent[received.seq]])
+                rtx += 1
+            else:
+                stream.append(received)
+                first_sent[received.seq] = received
+        assert rtx == expected_rtx
+
     try:
         a, b = lb.add_layer(), lb.add_layer()
-        subscribe(lb, a)
+        subscribe(lb, a, rtx=True)
         sources = {
             a: Vp8Layer(ssrc=1, seq=65_000, timestamp=1, picture_id=0x7F00, tl0_pic_idx=250),
-            b: Vp8Layer(ssrc=2, seq=3, timestamp=2**32 - 10, picture_id=3, tl0_pic_idx=7),
+            b: Vp8Layer(
+                ssrc=2,
+                seq=3,
+                timestamp=2**32 - 10,
+                picture_id=3,
+                tl0_pic_idx=7,
+                long_picture_id=not narrow_b,
+            ),
         }
         current, now = a, 0.0
         lb.push(a, sources[a].frame(keyframe=True), now)
         lb.push(b, sources[b].frame(keyframe=True), now)
         limit = -1
-        for index, (temporal_layer, sync, packets) in enumerate(pictures):
+        for index, (temporal_layer, sync, packets, nacks) in enumerate(pictures):
             now += 1 / 30
             if index in limits:
                 limit = limits[index]
@@ -367,7 +720,11 @@ def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
                 )
             for _, _, to_track in lb.fanout.take_switches():
                 current = to_track
-        stream = lb.receive()
+            if nacks:
+                collect()
+                seqs = [stream[-1 - back].seq for back in nacks if back < len(stream)]
+                collect(expected_rtx=lb.fanout.resend(lb.slot, current, seqs))
+        collect()
         assert stream, "the first keyframe always reaches the viewer"
         assert_continuous(stream)
         assert stream[-1].marker

@@ -41,6 +41,8 @@ from whepfan.protocol.codecs import (
 
 VIDEO_CLOCK = 90000
 VIEWER_SSRC = 0xCAFE0009
+VIEWER_RTX_SSRC = 0xCAFE000A
+RTX_PT = 101
 FRAME = 1 / 30
 
 # libwebrtc's three-layer group of frames (its kTemporalStructureMode3): TID, U and the
@@ -142,8 +144,18 @@ class Loopback(_loopback.DescriptorLoopback[Vp9PayloadDescriptor]):
             max_tracks=4,
         )
 
-    def subscribe(self, track: int) -> None:
-        self.fanout.subscribe(self.slot, track, ssrc=VIEWER_SSRC, payload_type=100)
+    def subscribe(self, track: int, *, rtx: bool = False) -> None:
+        """Subscribe the viewer; with ``rtx``, it has an RTX stream (RFC 4588) too."""
+        if rtx:
+            self.rtx_payload_type = RTX_PT
+        self.fanout.subscribe(
+            self.slot,
+            track,
+            ssrc=VIEWER_SSRC,
+            payload_type=100,
+            rtx_ssrc=VIEWER_RTX_SSRC if rtx else 0,
+            rtx_payload_type=RTX_PT if rtx else -1,
+        )
 
     def limit(self, track: int, limit: int) -> None:
         self.fanout.set_temporal_layer(self.slot, track, limit)
@@ -311,6 +323,75 @@ def test_a_switch_to_a_7_bit_layer_continues_the_low_bits_of_the_count(
     # Each subscription counts in 15 bits; a 7-bit field shows the count's low 7 bits.
     pictures = pictures_of(stream)
     assert [p.picture_id for p in pictures[1:]] == [(0x1F7E + i) & 0x7F for i in range(201)]
+
+
+@pytest.mark.parametrize("flexible", [False, True], ids=["non-flexible", "flexible"])
+def test_a_retransmission_after_a_switch_carries_the_viewers_picture_id_and_tl0picidx(
+    loopback: Loopback, flexible: bool
+) -> None:
+    """wide (15-bit) -> narrow (7-bit): a NACKed packet of the new layer comes back as RTX
+    (RFC 4588 §4) with the picture id and TL0PICIDX the viewer got it with (RFC 9628
+    §4.2), in the layer's own width, also after temporal dropping set in."""
+    wide, narrow = loopback.add_layer(), loopback.add_layer()
+    loopback.subscribe(wide, rtx=True)
+    wide_source = Vp9Layer(
+        ssrc=1, seq=65_000, timestamp=0, picture_id=0x1F7C, tl0_pic_idx=3, flexible=flexible
+    )
+    narrow_source = Vp9Layer(
+        ssrc=2,
+        seq=70,
+        timestamp=0,
+        picture_id=120,
+        tl0_pic_idx=200,
+        flexible=flexible,
+        long_picture_id=False,
+    )
+    now = 0.0
+    loopback.push(wide, wide_source.picture(keyframe=True), now)
+    loopback.push(narrow, narrow_source.picture(keyframe=True), now)
+    for _ in range(3):
+        now += FRAME
+        loopback.push(wide, wide_source.picture(), now)
+        loopback.push(narrow, narrow_source.picture(), now)
+    loopback.fanout.switch(loopback.slot, wide, narrow)
+    now += FRAME
+    loopback.push(narrow, narrow_source.picture(keyframe=True, packets=3), now)
+    for _ in range(7):
+        now += FRAME
+        loopback.push(narrow, narrow_source.picture(), now)
+    stream = loopback.receive()
+    assert loopback.fanout.take_switches() == [(loopback.slot, wide, narrow)]
+    pictures_of(stream)
+    after = stream[8:]
+    assert after[0].descriptor.picture_id == (0x1F7C + 5) & 0x7F
+    assert after[0].descriptor.picture_id != narrow_source.picture_id - 7
+
+    loopback.fanout.resend(loopback.slot, narrow, [r.seq for r in after])
+    assert_retransmitted_as_first_sent(loopback.receive(), after)
+
+    loopback.limit(narrow, 0)
+    for _ in range(9):  # TL0 TL2 TL1 TL2 (dropped) .. TL0
+        now += FRAME
+        loopback.push(narrow, narrow_source.picture(), now)
+    limited = loopback.receive()
+    pictures_of(stream + limited)
+    last_picture = limited[-2:]  # after the last dropped packet: still resendable
+    loopback.fanout.resend(loopback.slot, narrow, [r.seq for r in last_picture])
+    assert_retransmitted_as_first_sent(loopback.receive(), last_picture)
+
+
+def assert_retransmitted_as_first_sent(resent: list[Received], originals: list[Received]) -> None:
+    """Each retransmission carries its original's OSN, timestamp, marker and the whole
+    payload as the viewer got it (so its VP9 descriptor, picture id width included)."""
+    assert [r.seq for r in resent] == [o.seq for o in originals]
+    for retransmission, original in zip(resent, originals, strict=True):
+        assert retransmission.rtx and retransmission.ssrc == VIEWER_RTX_SSRC
+        assert retransmission.descriptor == original.descriptor
+        assert retransmission.payload == original.payload
+        assert (retransmission.timestamp, retransmission.marker) == (
+            original.timestamp,
+            original.marker,
+        )
 
 
 # --- temporal layers ----------------------------------------------------------------------

@@ -33,6 +33,15 @@
 # trigger NACKs and PLIs). VP9 temporal dropping shrinks sequence numbers only: VP9
 # receivers derive references from picture-id distances (see _drop_temporal_vp9).
 #
+# Retransmissions. resend() answers a viewer's NACK from the track's cache with the same
+# rewrite as the live path: header and payload descriptor, so a repair carries the
+# picture id and TL0PICIDX the viewer got the original with. Every change of a
+# subscription's offsets (a switch, a dropped packet) moves its floor,
+# offset_valid_from, past the packet that caused it, so the offsets in force now are
+# those of every packet not before the floor; older numbers are misses. A packet
+# dropped after later ones went out leaves a gap that resend must not fill
+# (resend_valid_from). Both floors trail the stream by at most OFFSET_FLOOR_TRAIL.
+#
 # Transport-wide congestion control (draft-holmer-rmcat-transport-wide-cc-extensions-01).
 # A viewer given set_transport_cc gets its own 16-bit transport-wide sequence number on
 # every RTP packet sent to it (media, RTX, padding probes: one counter per viewer, since
@@ -531,6 +540,29 @@ cdef void vp9_parse_fields(const uint8_t* payload, int length,
 cdef inline bint seq_before(uint16_t a, uint16_t b) noexcept nogil:
     """RFC 3550 §A.1 serial arithmetic: ``a`` comes before ``b`` (within half the space)."""
     return <int16_t>(<uint16_t>(a - b)) < 0
+
+
+cdef inline void floors_follow(Subscription* subscription, uint16_t sequence) noexcept nogil:
+    """``sequence`` (publisher's) is the newest packet sent to this viewer: drag any floor
+    more than OFFSET_FLOOR_TRAIL behind it up to that distance (see OFFSET_FLOOR_TRAIL).
+    Without this, 32,768 packets after the last switch or drop every live packet would
+    be taken for a stale one and every NACK for a miss, for the next 32,768."""
+    cdef uint16_t trail = <uint16_t>(sequence - OFFSET_FLOOR_TRAIL)
+    if subscription.offset_floor_set and seq_before(subscription.offset_valid_from, trail):
+        subscription.offset_valid_from = trail
+    if subscription.resend_floor_set and seq_before(subscription.resend_valid_from, trail):
+        subscription.resend_valid_from = trail
+
+
+cdef inline void resend_floor_after(Subscription* subscription, uint16_t dropped) noexcept nogil:
+    """``dropped`` was not sent to this viewer but its numbers were not closed up around it
+    (it came after later packets): the viewer's sequence number for it is a gap, and
+    what the cache holds there must not fill it (with the VP8 offsets of now, it would
+    carry the picture id of the picture before). Retransmissions up to it are misses."""
+    if not subscription.resend_floor_set or seq_before(subscription.resend_valid_from,
+                                                        <uint16_t>(dropped + 1)):
+        subscription.resend_valid_from = <uint16_t>(dropped + 1)
+        subscription.resend_floor_set = 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -1581,7 +1613,9 @@ cdef class Fanout:
             return 0
         if subscription.has_sent and not seq_before(
                 subscription.last_seq, <uint16_t>(sequence + subscription.seq_offset)):
-            return 1   # a late copy of a packet from before the last drop: no renumbering
+            # A late copy of a packet from before the last drop: no renumbering.
+            resend_floor_after(subscription, sequence)
+            return 1
         # Close the gap the dropped packet leaves in the viewer's sequence numbers, and
         # (once per picture) in its picture ids.
         subscription.seq_offset -= 1
@@ -1644,7 +1678,9 @@ cdef class Fanout:
             return 0
         if subscription.has_sent and not seq_before(
                 subscription.last_seq, <uint16_t>(sequence + subscription.seq_offset)):
-            return 1   # a late copy of a packet from before the last drop: no renumbering
+            # A late copy of a packet from before the last drop: no renumbering.
+            resend_floor_after(subscription, sequence)
+            return 1
         # Close the gap the dropped packet leaves in the viewer's sequence numbers (a gap
         # would read as loss: RFC 4585 NACKs, then PLIs).
         subscription.seq_offset -= 1
@@ -1762,6 +1798,7 @@ cdef class Fanout:
         if not subscription.has_sent or seq_before(subscription.last_seq, out_seq):
             subscription.has_sent = 1
             subscription.last_seq = out_seq
+            floors_follow(subscription, sequence)
             subscription.last_ts = timestamp + subscription.ts_offset
             subscription.last_sent_at = arrival
             if descriptor.present and descriptor.picture_id >= 0:
@@ -1938,8 +1975,9 @@ cdef class Fanout:
         cdef Track* source = self._track(track)
         cdef Subscription* subscription = self._subscription(source, viewer)
         cdef RtpLayout layout
+        cdef DescriptorFields descriptor
         cdef int cache_index, length, sent = 0, protected_len, resent_count = 0
-        cdef int element_index, growth, element = 0
+        cdef int element_index, growth, element = 0, payload_at
         cdef int32_t transport_seq
         cdef uint16_t viewer_seq, publisher_seq
         cdef const uint8_t* cached
@@ -1955,14 +1993,28 @@ cdef class Fanout:
             length = source.cache_len[cache_index]
             cached = source.cache + <size_t>cache_index * MAX_RTP_PACKET
             # The slot may hold a newer packet with the same index: check the stored seq.
-            # Before offset_valid_from the viewer's numbers meant other packets.
+            # Before offset_valid_from the viewer's numbers meant other packets; before
+            # resend_valid_from they may name a packet it never got (resend_floor_after).
             if (length == 0 or source.cache_seq[cache_index] != publisher_seq
                     or (subscription.offset_floor_set
-                        and seq_before(publisher_seq, subscription.offset_valid_from))):
+                        and seq_before(publisher_seq, subscription.offset_valid_from))
+                    or (subscription.resend_floor_set
+                        and seq_before(publisher_seq, subscription.resend_valid_from))):
                 state.resend_misses += 1
                 self.counters.resend_misses += 1
                 continue
             rtp_parse_layout(cached, length, &layout)   # validated when it was pushed
+            # The viewer got this packet with its own picture id and TL0PICIDX (RFC 7741
+            # §4.2, RFC 9628 §4.2), continued across switches and VP8 temporal drops; the
+            # retransmission must carry the same ones, or the receiver, which keys
+            # pictures by picture id, files it under another picture. The offsets in
+            # force now are those it was sent with (see offset_valid_from).
+            if source.payload_format == PAYLOAD_VP8:
+                vp8_parse_fields(cached + layout.header_len, layout.payload_len, &descriptor)
+            elif source.payload_format == PAYLOAD_VP9:
+                vp9_parse_fields(cached + layout.header_len, layout.payload_len, &descriptor)
+            else:
+                descriptor.present = 0
             slot = batch_next_slot(&self.batch)
             # A retransmission is a packet of the transport like any other (§2): it gets
             # the viewer's next transport-wide number, as push() does.
@@ -1992,18 +2044,22 @@ cdef class Fanout:
                 subscription.rtx_seq += 1
                 length = layout.header_len + (growth if growth > 0 else 0)
                 store16(slot + length, viewer_seq)
-                memcpy(slot + length + RTX_OSN_SIZE, cached + layout.header_len,
-                       layout.payload_len)
-                length += RTX_OSN_SIZE + layout.payload_len
+                payload_at = length + RTX_OSN_SIZE
+                memcpy(slot + payload_at, cached + layout.header_len, layout.payload_len)
+                length = payload_at + layout.payload_len
             elif growth >= 0:
                 element = transport_cc_copy(slot, cached, length, &layout, element_index,
                                             growth, state.transport_cc_id)
                 rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4),
                             growth)
                 length += growth
+                payload_at = layout.header_len + growth
             else:
                 memcpy(slot, cached, length)
                 rtp_rewrite(slot, &layout, subscription, publisher_seq, load32(cached + 4), 0)
+                payload_at = layout.header_len
+            if descriptor.present:
+                descriptor_rewrite(slot + payload_at, &descriptor, subscription)
             if growth >= 0:
                 transport_seq = state.transport_seq
                 state.transport_seq += 1

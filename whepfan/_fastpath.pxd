@@ -137,6 +137,11 @@ cdef enum:
     # RFC 3550 §5.1: the padding count is one octet, so a padding-only packet carries at
     # most 255 octets of padding; Fanout.send_padding sends at most this many per call.
     PADDING_MAX = 255
+    # How far a subscription's offset floors (offset_valid_from, resend_valid_from) may
+    # trail the newest packet sent to it: RFC 3550 §A.1 serial arithmetic orders only
+    # numbers less than 2^15 apart, so a floor must follow the stream or it comes to read
+    # as ahead of it. Packets 2^14 behind the newest are no loss to refuse.
+    OFFSET_FLOOR_TRAIL = 0x4000
     PADDING_MAX_PACKETS = 1024
     # Header-extension elements rewritten per packet. RFC 8285 one-byte ids are 1..14 and
     # a sender uses each id once; 32 leaves room for two-byte packets. More is malformed.
@@ -220,8 +225,16 @@ cdef struct Subscription:
     double last_sent_at          # push time of that packet
     # seq_offset holds for publisher sequence numbers from here on (it changes at a
     # switch and with every temporally dropped packet); NACKs for older ones are misses.
+    # picture_id_offset and tl0_offset change only where this floor moves too (a switch,
+    # a dropped VP8 picture), so a packet not before it was sent with the offsets in
+    # force now: resend() rewrites its descriptor with them.
     uint16_t offset_valid_from
     uint8_t offset_floor_set     # offset_valid_from is set
+    # resend() only: also a miss before resend_valid_from, the packet after the last one
+    # dropped without renumbering (a late temporal-layer drop: the viewer's numbers show a
+    # gap there, and what fills it now would carry another picture's id). Placed in what
+    # was padding, so the struct the push loop streams through does not grow.
+    uint8_t resend_floor_set
     int32_t switch_from          # pending switch: the track it replaces; -1: none
     # VP8 (RFC 7741 §4.2) / VP9 (RFC 9628 §4.2) picture ids and TL0PICIDX, rewritten so
     # the viewer sees one stream across switches (and, VP8 only, temporal drops).
@@ -232,6 +245,7 @@ cdef struct Subscription:
     uint8_t last_tl0
     uint16_t picture_id_offset   # mod 2^15
     uint16_t last_picture_id
+    uint16_t resend_valid_from   # see resend_floor_set
     int32_t last_dropped_picture  # picture id of the last dropped picture; -1: none
     # VP9 tracks: VP9_PICTURE_HISTORY entries, index picture id mod 128, each the id of
     # the last picture seen there | VP9_PICTURE_DROPPED, or -1; NULL for other formats.

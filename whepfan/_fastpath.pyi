@@ -194,7 +194,10 @@ class Fanout:
     def gso_error(self) -> int: ...
     def resend(self, viewer: int, track: int, seqs: Sequence[int]) -> int:
         """Answer a NACK: re-send the viewer's sequence numbers ``seqs`` from the cache
-        (as RTX when the subscription has an RTX ssrc/pt). Returns packets re-sent."""
+        (as RTX when the subscription has an RTX ssrc/pt), with the header and VP8/VP9
+        picture id / TL0PICIDX the viewer first got. Numbers from before the viewer's
+        last switch or temporal drop, or of a packet it never got, are misses. Returns
+        packets re-sent."""
 
     def send_padding(self, viewer: int, track: int, count: int, size: int) -> int:
         """``count`` (0..1024) padding-only packets of ``size`` (1..255) padding octets on
