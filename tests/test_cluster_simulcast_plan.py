@@ -439,3 +439,35 @@ async def test_every_session_lost_at_once_the_first_comes_back_before_the_others
         assert puller.sessions_by_layer() == {"q": 1, "h": 1, "f": 1}
     finally:
         await puller.close()
+
+
+class MeasuringOrigin(Origin):
+    """An opener whose tracks are measured elsewhere (a worker pool's): ``ensure`` waits
+    for its ``layers_measured`` once the layers are known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measured = asyncio.Event()
+        self.asked: list[str] = []
+
+    async def layers_measured(self, stream_name: str) -> None:
+        self.asked.append(stream_name)
+        await self.measured.wait()
+
+
+async def test_ensure_waits_for_the_layers_measured_where_the_sessions_are() -> None:
+    origin, clock = MeasuringOrigin(), Clock()
+    streams: dict[str, object] = {}
+    puller = new_puller(origin, clock, streams)
+    await puller.start()
+    try:
+        ensuring = asyncio.ensure_future(puller.ensure("s"))
+        await _settle()
+        await puller.layers_changed("s", ("q", "h", "f"))
+        await _settle()
+        assert origin.asked == ["s"] and not ensuring.done()
+        origin.measured.set()
+        await _settle()
+        assert ensuring.done() and ensuring.exception() is None
+    finally:
+        await puller.close()

@@ -130,7 +130,10 @@ async def test_a_worker_pool_edge_pulls_each_layer_and_both_workers_viewers_pin_
             holder = str(pull["worker"])
             other = next(i for i, w in worker_of.items() if w != holder)
 
-            # Automatic viewers on both workers (one without the pull) decode.
+            # Automatic viewers on both workers (one without the pull) decode, and start
+            # in the middle (the edge's policy moves them up after 5 s of clean reports).
+            for viewer in viewers:
+                await viewer.wait_size(SIZES["h"], timeout=4)
             assert await wait_until(
                 lambda: all(len(v.peer.video_frames) >= 10 for v in viewers), 20
             )

@@ -43,7 +43,9 @@ description with one ``a=rid`` per layer, so the other workers' relay copies hav
 layers as tracks, exactly as for a WHIP simulcast publisher there, and are made again
 (``WorkerPool.update_feed``) when the layers change. A session's open reply carries its
 Links, through which the puller's layer watch reads the origin's event stream from this
-process; pinning a session is ``UPSTREAM_ARRANGE``.
+process; pinning a session is ``UPSTREAM_ARRANGE``, and ``UPSTREAM_MEASURED`` is the
+puller's wait for the layers' picture sizes before a cold edge's first answer (they are
+measured in that worker).
 
 When the worker holding a pull exits, the pool unregisters the stand-in publisher (the
 stream goes inactive, the other workers' viewers stay, waiting) and tells the sessions
@@ -66,6 +68,7 @@ import aiohttp
 
 from whepfan.client.signalling import delete_session
 from whepfan.cluster.upstream import (
+    LAYER_WAIT,
     SIGNALLING_TIMEOUT,
     PullFailure,
     PullSession,
@@ -123,6 +126,21 @@ class PoolUpstreams:
             layers=layers,
             audio=audio,
         )
+
+    async def layers_measured(self, stream_name: str) -> None:
+        """``UPSTREAM_MEASURED`` in the worker holding the stream's sessions (the puller's
+        ``MeasuringOpener``): a cold edge's first viewer is answered once that worker has
+        measured every layer, so the policy starts it in the middle (upstream.py)."""
+        feed = self.feeds.get(stream_name)
+        if feed is None:
+            return
+        with contextlib.suppress(WhepfanError):
+            await self.pool.request_async(
+                feed.worker,
+                control.UPSTREAM_MEASURED,
+                {"stream": stream_name},
+                timeout=LAYER_WAIT + 1.0,
+            )
 
     def where(self, stream_name: str) -> dict[str, int | None] | None:
         """The worker holding ``stream_name``'s upstream sessions (index and pid)."""

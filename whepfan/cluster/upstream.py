@@ -209,6 +209,28 @@ class SessionOpener(Protocol):
     ) -> PullSession: ...
 
 
+@runtime_checkable
+class MeasuringOpener(Protocol):
+    """An opener whose sessions' tracks are in another process (cluster/pool_backend.py):
+    the puller asks it to wait there for ``layers_measured``."""
+
+    async def layers_measured(self, stream_name: str) -> None: ...
+
+
+async def layers_measured(router: Router, stream_name: str) -> None:
+    """Until every video layer of ``stream_name`` on ``router`` has its picture size
+    measured (its first keyframe, which each session asks for when it connects): layers
+    are ordered by it (Stream.layers), and the first session's layer, flowing a moment
+    before the others, would otherwise sort above them and be taken for the top one, so
+    a cold edge's first viewer would not start in the middle. Callers bound the wait."""
+    while True:
+        stream = router.streams.get(stream_name)
+        layers = stream.layers() if stream is not None else []
+        if len(layers) < 2 or all(track.width is not None for track in layers):
+            return
+        await asyncio.sleep(MEASURE_POLL)
+
+
 class StaticUpstream:
     """``--upstream URL-template``: every stream from one fixed WHEP origin."""
 
@@ -662,21 +684,13 @@ class UpstreamPuller:
                 await self._layers_measured(pull.stream)
 
     async def _layers_measured(self, stream_name: str) -> None:
-        """Until every video layer's picture size is measured (its first keyframe, which
-        each session asks for when it connects): layers are ordered by it
-        (Stream.layers), and the first session's layer, flowing a moment before the
-        others, would otherwise sort above them and be taken for the top one."""
+        """``layers_measured`` where the stream's tracks are: this router, or the worker
+        holding the pull (its opener asks it, ``MeasuringOpener``)."""
         router = self.router
-        if not isinstance(router, Router):
-            # A worker pool's tracks are measured in its workers; the main process
-            # sees none of it before the next stats report, so it does not wait.
-            return
-        while True:
-            stream = router.streams.get(stream_name)
-            layers = stream.layers() if stream is not None else []
-            if len(layers) < 2 or all(track.width is not None for track in layers):
-                return
-            await asyncio.sleep(MEASURE_POLL)
+        if isinstance(router, Router):
+            await layers_measured(router, stream_name)
+        elif isinstance(self.open_session, MeasuringOpener):
+            await self.open_session.layers_measured(stream_name)
 
     async def _open(self, pull: _Pull, leg: _Leg) -> PullSession:
         """Open ``leg``'s session. The first session asks the resolver where the stream

@@ -40,6 +40,7 @@ and every worker process runs it at start.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
@@ -48,7 +49,13 @@ from typing import Any
 import aiohttp
 
 from whepfan.cluster.feed import UpstreamFeed
-from whepfan.cluster.upstream import UpstreamError, UpstreamSession, UpstreamTarget
+from whepfan.cluster.upstream import (
+    LAYER_WAIT,
+    UpstreamError,
+    UpstreamSession,
+    UpstreamTarget,
+    layers_measured,
+)
 from whepfan.media.relay import RelayCopies
 from whepfan.media.router import Router
 from whepfan.workers import control
@@ -96,6 +103,7 @@ class WorkerUpstreams:
             control.UPSTREAM_OPEN: self.open,
             control.UPSTREAM_CLOSE: self.close,
             control.UPSTREAM_ARRANGE: self.arrange,
+            control.UPSTREAM_MEASURED: self.measured,
         }
 
     def report(self) -> dict[str, Any] | None:
@@ -167,6 +175,20 @@ class WorkerUpstreams:
         if session is not None:
             session.close()
             self._forget_offer(session)
+
+    def measured(self, args: dict[str, Any], now: float) -> Coroutine[Any, Any, dict[str, Any]]:
+        """``UPSTREAM_MEASURED {stream}``: answered ``{"measured": bool}`` once every video
+        layer of the stream here has its picture size (upstream.layers_measured), or after
+        ``LAYER_WAIT`` (the main process waits no longer either)."""
+        return self._measured(str(args["stream"]))
+
+    async def _measured(self, stream_name: str) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(LAYER_WAIT):
+                await layers_measured(self.router, stream_name)
+        except TimeoutError:
+            return {"measured": False}
+        return {"measured": True}
 
     # the sessions ---------------------------------------------------------------------------
 

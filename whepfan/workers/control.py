@@ -49,10 +49,12 @@ SHUTDOWN = "shutdown"
 # An upstream pull's session in a worker (cluster/worker_upstreams.py, a worker
 # extension): open answers once the upstream's WHEP answer is attached; close at once;
 # arrange pins a simulcast pull's session to its layer and lays out the stream's tracks
-# (answered once the upstream's layer POST is).
+# (answered once the upstream's layer POST is); measured answers once the pulled stream's
+# layers have their picture sizes (a cold edge's first viewer then starts in the middle).
 UPSTREAM_OPEN = "upstream_open"
 UPSTREAM_CLOSE = "upstream_close"
 UPSTREAM_ARRANGE = "upstream_arrange"
+UPSTREAM_MEASURED = "upstream_measured"
 
 # Events, worker -> main process.
 READY = "ready"
