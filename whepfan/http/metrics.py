@@ -49,6 +49,22 @@ _FANOUT_DROPS = (
 )
 
 
+_LAYER_MOVE_REASONS = {
+    "down": ("loss", "remb", "estimate", "ceiling"),
+    "up": ("clean", "probe"),
+}
+_PROBE_OUTCOMES = (
+    "started",
+    "succeeded",
+    "overuse",
+    "loss",
+    "too_slow",
+    "no_feedback",
+    "unsent",
+    "cancelled",
+)
+
+
 class ServerCollector(Collector):
     """Builds every metric family from a fresh snapshot at each scrape."""
 
@@ -149,6 +165,32 @@ def _worker_counters(workers: list[WorkerStats]) -> Iterable[Metric]:
                 worker.router.get(f"nack_{outcome}", 0),
             )
     yield nacks
+    moves = CounterMetricFamily(
+        "whepfan_layer_moves",
+        "Automatic simulcast layer moves of viewers, by direction and why: down on loss (RTCP "
+        "RR), remb, estimate (transport-wide cc) or ceiling; up after clean reports or a "
+        "successful headroom probe (media/layers.py).",
+        labels=["worker", "direction", "reason"],
+    )
+    probes = CounterMetricFamily(
+        "whepfan_headroom_probes",
+        "Headroom probes of viewers with transport-wide cc (media/headroom.py): started, "
+        "then succeeded, overuse, loss, too_slow, no_feedback, unsent or cancelled.",
+        labels=["worker", "outcome"],
+    )
+    for worker in workers:
+        for direction, reasons in _LAYER_MOVE_REASONS.items():
+            for reason in reasons:
+                moves.add_metric(
+                    [_label(worker), direction, reason],
+                    worker.router.get(f"layer_auto_{direction}_{reason}", 0),
+                )
+        for outcome in _PROBE_OUTCOMES:
+            probes.add_metric(
+                [_label(worker), outcome], worker.router.get(f"headroom_probes_{outcome}", 0)
+            )
+    yield moves
+    yield probes
     drops = CounterMetricFamily(
         "whepfan_dropped_packets",
         "Packets dropped, by reason (router input and fan-out output).",

@@ -406,21 +406,38 @@ class LayerSelector:
             # (tail drops of media behind it), not what the layer alone costs; the
             # estimate still shows real congestion.
             fraction_lost = None
+        bitrates = [track.meter.rates(now)[0] for track in layers]
+        ceiling = self.ceiling(choice, layers)
+        estimate = choice.estimate if can_probe else None
+        probe_succeeded = choice.probe_succeeded
         target = self.policy.decide(
             choice.policy,
-            bitrates=[track.meter.rates(now)[0] for track in layers],
+            bitrates=bitrates,
             current=index,
-            ceiling=self.ceiling(choice, layers),
+            ceiling=ceiling,
             fraction_lost=fraction_lost,
             remb=choice.remb,
             now=now,
-            estimate=choice.estimate if can_probe else None,
-            probe_succeeded=choice.probe_succeeded,
+            estimate=estimate,
+            probe_succeeded=probe_succeeded,
         )
         choice.fraction_lost = None  # each report is used once
         choice.probe_succeeded = None
         if target != index:
-            self._counters["layer_auto_down" if target < index else "layer_auto_up"] += 1
+            if target < index:
+                self._counters["layer_auto_down"] += 1
+                reason = _down_reason(
+                    self.policy,
+                    bitrates[index],
+                    index > ceiling,
+                    fraction_lost,
+                    choice.remb,
+                    estimate,
+                )
+                self._counters[f"layer_auto_down_{reason}"] += 1
+            else:
+                self._counters["layer_auto_up"] += 1
+                self._counters[f"layer_auto_up_{'probe' if probe_succeeded else 'clean'}"] += 1
             self._move(stream, choice, layers[target], now)
 
     def probe_target(
@@ -503,3 +520,22 @@ def _names_media(session: ViewerSession, choice: LayerChoice, request: LayerRequ
     if request.media_id == choice.egress.mid:
         return True
     return request.media_id == str(session.egress.index(choice.egress))
+
+
+def _down_reason(
+    policy: LayerPolicy,
+    bitrate: float,
+    above_ceiling: bool,
+    fraction_lost: float | None,
+    remb: int | None,
+    estimate: float | None,
+) -> str:
+    """Why the policy moved a viewer down (the ``layer_auto_down_<reason>`` counters,
+    exported as ``whepfan_layer_moves_total``): the first that applies."""
+    if above_ceiling:
+        return "ceiling"
+    if fraction_lost is not None and fraction_lost > policy.loss_down:
+        return "loss"
+    if estimate is not None and estimate < bitrate * policy.remb_margin:
+        return "estimate"
+    return "remb"
