@@ -469,6 +469,11 @@ def test_a_probe_to_the_top_layer_fails_quickly_on_700_kbits() -> None:
     # What the path carried was learnt: 0.85 x the acknowledged rate, under the link.
     (at_result,) = (s for s in simulation.samples if s.time == result.finished_at)
     assert at_result.estimate_bps < SLOW_LINK_BPS
+    # ...but never under the layer it was carrying: the cut came from the probe's own
+    # queue, and the path delivered more than the layer meanwhile (a failed probe must
+    # not move the viewer down).
+    assert at_result.estimate_bps >= MID_BPS
+    assert min(s.estimate_bps for s in simulation.samples if s.time >= 3.0) >= 0.85 * MID_BPS
 
 
 def test_a_probe_to_a_rate_that_fits_succeeds_on_700_kbits() -> None:

@@ -334,6 +334,19 @@ def test_publisher_behind_4_mbit_sends_all_three_layers_within_5_s(
     )
 
 
+def _layer_decisions(page: Any) -> str:
+    """The server's layer moves and headroom probes so far (its /metrics, fetched by a
+    page: the server is in the test's network namespace), for the report."""
+    text: str = page.evaluate("async () => (await fetch('/metrics')).text()")
+    wanted = ("whepfan_layer_moves_total{", "whepfan_headroom_probes_total{")
+    counted = [
+        line.split("{", 1)[1].replace('worker="0",', "").replace("}", "").strip()
+        for line in text.splitlines()
+        if line.startswith(wanted) and not line.endswith(" 0.0")
+    ]
+    return "; ".join(counted) or "none"
+
+
 def _layer_that_fits(layers: list[dict[str, Any]], link_bps: int) -> int:
     """The widest layer whose measured rate, with the audio, fits the link."""
     fitting = [x["width"] for x in layers if x["bitrate"] + AUDIO_BPS <= link_bps]
@@ -367,6 +380,7 @@ def test_viewer_behind_700_kbit_settles_on_the_layer_that_fits_while_an_open_vie
         f"\n(b) open viewer: first frame {open_watched.first_frame:.1f} s, "
         f"{open_watched.timeline()}; longest freeze {open_watched.longest_freeze:.2f} s; "
         f"receiving {open_watched.received_bps / 1000:.0f} kbit/s"
+        f"\n(b) server: {_layer_decisions(publication.page)}"
     )
     assert slow_watched.width == fits, slow_watched
     assert slow_watched.settled_at <= SETTLE_WITHIN, slow_watched

@@ -853,6 +853,7 @@ class ViewerBandwidth:
         """The latest finished probe's result (None before any, and while one runs)."""
         self.feedback_count = 0
         self._started_from_acknowledged = False
+        self._estimate_before_probe: float | None = None
 
     # --- what the policy reads ----------------------------------------------------------------
 
@@ -988,6 +989,7 @@ class ViewerBandwidth:
             target_bps=target_bps, padding_bps=padding_bps, now=now, config=self.config
         )
         self._padded = (now, self._probe.padding_ends)
+        self._estimate_before_probe = self.estimate_bps
         self.probe_result = None
         return padding_bps
 
@@ -1092,6 +1094,17 @@ class ViewerBandwidth:
             carried = min(measured, probe.target_bps)
             self._delay_based.raise_to(carried)
             self._loss_based.raise_to(carried)
+        elif self._estimate_before_probe is not None and (
+            delivered := measured if measured is not None else self._acknowledged.bps
+        ):
+            # The queue the probe's own padding built cut the estimate (gcc-02 §5.5
+            # decrease); what the path delivered meanwhile is evidence of at least that
+            # much, up to where the estimate stood before: a failed probe must not push
+            # the viewer below the layer it was carrying (measured: down 2.5 s after a
+            # failed probe on a 700 kbit/s link, back up 12 s later).
+            # Failed before its warm-up ended, it has no measured rate of its own: the
+            # acknowledged rate is the same evidence.
+            self._delay_based.raise_to(min(delivered, self._estimate_before_probe))
 
 
 def _arrival_key(packet: PacketResult) -> float:
