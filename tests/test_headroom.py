@@ -820,13 +820,15 @@ def test_receiver_report_loss_covering_a_probe_does_not_move_the_viewer_down(
     world.run(until=within)
     assert world.reports[-1].time == within and world.reports[-1].fraction_lost == 0.25
     assert world.counters["layer_auto_down"] == 0 and choice.target is world.layer("h")
-    # The same loss once the probe is behind it: the viewer moves down.
+    # The same loss once the probe is behind it: with fresh transport feedback the
+    # estimate decides (its loss-based part sees every packet), so an RR's loss alone --
+    # a keyframe burst's tail drops on this shallow queue -- does not move the viewer.
     after = failed_at + PROBE_LOSS_GRACE + 0.2
     world.inject(after, [world.receiver_report(LOSS_64_OF_256)])
     world.run(until=after)
     assert world.reports[-1].time == after
-    assert (world.reports[-1].before, world.reports[-1].after) == ("h", "q")
-    assert world.counters["layer_auto_down"] == 1 and choice.target is world.layer("q")
+    assert (world.reports[-1].before, world.reports[-1].after) == ("h", "h")
+    assert world.counters["layer_auto_down"] == 0 and choice.target is world.layer("h")
 
 
 def test_a_probe_whose_feedback_never_comes_fails_at_its_timeout_and_frees_the_loss(

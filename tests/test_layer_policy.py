@@ -322,7 +322,7 @@ def test_congestion_during_a_probe_drops_the_probe_request() -> None:
     viewer = _EstimatedViewer(LayerPolicy(up_wait=1.0, hold=0.5), layer=1)
     while viewer.state.probe_for is None:
         viewer.report(MID * 1.2)
-    assert viewer.report(MID * 1.2, lost=0.3) == 0  # loss: down, and no probe is wanted
+    assert viewer.report(LOW * 1.1) == 0  # the estimate fell: down, and no probe is wanted
     assert viewer.state.probe_for is None
     # A result arriving after that is for a layer no longer next: it moves nothing.
     assert viewer.report(MID * 1.2, probe_succeeded=True) == 0
@@ -425,3 +425,29 @@ def test_an_audio_only_viewer_gets_no_ceiling() -> None:
     ceilings = LayerCeilings()
     assert ceilings.cap(_Router(video=False), "v", _Stream(["q", "f"]), 1, 0.0) is None
     assert ceilings.capped == 0
+
+
+def test_one_moderately_lossy_report_is_a_keyframe_burst_two_are_congestion() -> None:
+    """A 700 kbit/s link with a 50 ms queue drops part of every keyframe of a layer that
+    otherwise fits: one RR of 10-20 % loss is that, NACK repairs it; two in a row, or one
+    above loss_down_at_once, mean the layer is too large."""
+    policy = LayerPolicy(hold=0.0)
+    state = policy.new_state()
+
+    def report(lost: float, now: float, layer: int = 2) -> int:
+        return policy.decide(
+            state,
+            bitrates=[LOW, MID, HIGH],
+            current=layer,
+            ceiling=2,
+            fraction_lost=lost,
+            remb=None,
+            now=now,
+        )
+
+    assert report(0.15, 1.0) == 2  # one burst
+    assert report(0.0, 2.0) == 2  # a clean report in between: the count starts again
+    assert report(0.15, 3.0) == 2
+    assert report(0.15, 4.0) == 1  # two in a row
+    assert report(0.15, 5.0, layer=1) == 1  # the count starts again on the new layer
+    assert report(0.25, 6.0, layer=1) == 0  # above loss_down_at_once: at once

@@ -126,6 +126,7 @@ class HeadroomProbes:
         if bandwidth.feedback_count >= FEEDBACK_BEFORE_USE:
             bandwidth.start_from_acknowledged()
             choice.estimate = bandwidth.estimate_bps
+            choice.estimate_at = now
         self._take_result(bandwidth, choice, now)
         return True
 

@@ -13,6 +13,7 @@ backends' ``LayerCeilings``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,11 +31,16 @@ SUBSCRIPTION_NONE = _fastpath.SUBSCRIPTION_NONE
 SUBSCRIPTION_AWAITING_KEYFRAME = _fastpath.SUBSCRIPTION_AWAITING_KEYFRAME
 SUBSCRIPTION_FORWARDING = _fastpath.SUBSCRIPTION_FORWARDING
 
+_log = logging.getLogger(__name__)
+
 # How often the SSE ``layers`` event repeats an unchanged payload (EXT §4.3.3).
 LAYERS_EVENT_REFRESH = 5.0
 # RTCP RR intervals are ~1 s in Chromium (RFC 3550 §6.2 scaled to the session's RTCP
 # bandwidth): the first RR after a probe still counts the losses it caused.
 PROBE_LOSS_GRACE = 1.5
+# Chromium sends transport feedback every 50-250 ms (100 ms at these rates); without any
+# for this long, its estimate is stale.
+ESTIMATE_FRESH_FOR = 1.0
 
 Subscribe = Callable[[ViewerSession, EgressMedia, Track], None]
 Emit = Callable[[str, str, dict[str, object]], None]
@@ -70,14 +76,18 @@ class LayerPolicyState:
     # Headroom probes (viewers with transport-wide cc): the layer a probe was asked for;
     # the driver starts it (``ViewerBandwidth.start_probe``) and reports its outcome.
     probe_for: int | None = None
+    lossy_reports: int = 0  # consecutive RRs above loss_down
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LayerPolicy:
     """Automatic simulcast layer choice from what the viewer reports, with hysteresis.
 
-    Down at once (after ``hold`` on the current layer) when an RTCP RR shows more than
-    ``loss_down`` of the interval's packets lost (RFC 3550 §6.4.1 fraction lost), or when
+    Down (after ``hold`` on the current layer) when two RTCP RRs in a row show more than
+    ``loss_down`` of their interval's packets lost (RFC 3550 §6.4.1 fraction lost), or one
+    shows more than ``loss_down_at_once``: a single interval of moderate loss is what one
+    keyframe burst costs on a shallow queue (a 50 ms tbf drops part of every keyframe),
+    repaired by NACK, not a layer too large for the link. Also down when
     the viewer's REMB estimate (draft-alvestrand-rmcat-remb §2) falls below
     ``remb_margin`` times what the current layer sends; as far down as the REMB requires.
     Up one layer after ``up_wait`` of clean reports (loss at most ``loss_clean``) and no
@@ -89,7 +99,8 @@ class LayerPolicy:
 
     A viewer that returns transport-wide feedback (draft-holmer-rmcat-transport-wide-cc-
     extensions-01) has a send-side ``estimate`` (media/bandwidth.py): it counts as
-    congestion like a REMB, and it replaces the blind upswitch with a test. After
+    congestion like a REMB and takes over from RR loss (which then only decides whether
+    reports are clean), and it replaces the blind upswitch with a test. After
     ``up_wait`` of clean reports the policy asks for a headroom probe (``state.probe_for``:
     padding tops the viewer's rate up to the next layer's for about a second); the viewer
     moves up only if the probe succeeds, and a failed probe doubles the wait as a failed
@@ -97,6 +108,7 @@ class LayerPolicy:
     """
 
     loss_down: float = 0.10
+    loss_down_at_once: float = 0.20
     loss_clean: float = 0.02
     up_wait: float = 5.0
     max_up_wait: float = 60.0
@@ -140,9 +152,21 @@ class LayerPolicy:
             state.probe_for = None
         limits = [bps for bps in (remb, estimate) if bps is not None]
         limit = min(limits) if limits else None
-        congested = (fraction_lost is not None and fraction_lost > self.loss_down) or (
-            limit is not None and limit < bitrates[current] * self.remb_margin
-        )
+        lossy = False
+        if fraction_lost is not None:
+            if fraction_lost > self.loss_down:
+                state.lossy_reports += 1
+                lossy = state.lossy_reports >= 2 or fraction_lost > self.loss_down_at_once
+            else:
+                state.lossy_reports = 0
+        if estimate is not None:
+            # Transport feedback reports every packet's fate each ~100 ms and the
+            # estimate's loss-based part reacts to it (gcc-02 §6), while an RR's fraction
+            # lost also counts a keyframe burst's tail drops that NACK repairs (measured:
+            # 33 % in one RR on a 700 kbit/s link whose layer fitted, no freeze). With an
+            # estimate, RR loss only keeps the viewer from counting as clean.
+            lossy = False
+        congested = lossy or (limit is not None and limit < bitrates[current] * self.remb_margin)
         if congested:
             state.clean_since = None
             state.probe_for = None
@@ -156,6 +180,7 @@ class LayerPolicy:
                 state.up_wait = min(state.up_wait * 2, self.max_up_wait)
             state.raised_at = None
             state.moved_at = now
+            state.lossy_reports = 0
             return target
         if probe_succeeded is False:
             # The path did not carry the next layer: as a failed upswitch, wait longer.
@@ -199,6 +224,7 @@ class LayerChoice:
     fraction_lost: float | None = None
     remb: int | None = None
     estimate: float | None = None  # transport-wide-cc estimate (media/headroom.py)
+    estimate_at: float = -math.inf  # when the feedback behind it arrived
     probe_started: bool = False  # a probe for policy.probe_for is running
     probe_succeeded: bool | None = None  # its outcome, until the policy reads it
     probe_finished_at: float = -math.inf
@@ -408,7 +434,10 @@ class LayerSelector:
             fraction_lost = None
         bitrates = [track.meter.rates(now)[0] for track in layers]
         ceiling = self.ceiling(choice, layers)
-        estimate = choice.estimate if can_probe else None
+        # An estimate whose feedback stopped says nothing about the path now: RR loss and
+        # REMB decide again (and the upswitch is tried blind, as without one).
+        fresh = now - choice.estimate_at <= ESTIMATE_FRESH_FOR
+        estimate = choice.estimate if can_probe and fresh else None
         probe_succeeded = choice.probe_succeeded
         target = self.policy.decide(
             choice.policy,
@@ -437,7 +466,21 @@ class LayerSelector:
                 self._counters[f"layer_auto_down_{reason}"] += 1
             else:
                 self._counters["layer_auto_up"] += 1
-                self._counters[f"layer_auto_up_{'probe' if probe_succeeded else 'clean'}"] += 1
+                reason = "probe" if probe_succeeded else "clean"
+                self._counters[f"layer_auto_up_{reason}"] += 1
+            _log.debug(
+                "viewer %s of %s: layer %s -> %s (%s; lost %s, remb %s, estimate %s, "
+                "layer rates %s)",
+                choice.session.id[:8],
+                stream.name,
+                layers[index].rid,
+                layers[target].rid,
+                reason,
+                fraction_lost,
+                choice.remb,
+                None if estimate is None else round(estimate),
+                [round(bps) for bps in bitrates],
+            )
             self._move(stream, choice, layers[target], now)
 
     def probe_target(
@@ -535,7 +578,7 @@ def _down_reason(
     if above_ceiling:
         return "ceiling"
     if fraction_lost is not None and fraction_lost > policy.loss_down:
-        return "loss"
+        return "loss"  # (the second report in a row, or one above loss_down_at_once)
     if estimate is not None and estimate < bitrate * policy.remb_margin:
         return "estimate"
     return "remb"
