@@ -70,7 +70,7 @@ def test_every_role_toml_resolves(role: str) -> None:
     else:
         assert settings.cluster is not None and settings.cluster.startswith("redis://")
         assert settings.node_url is not None and settings.cluster_token is not None
-        assert settings.workers == 1
+        assert settings.workers == 6 and settings.placement_grant_ttl == 30
         # Session URLs are absolute under the node's URL (a 307 placed the viewer here).
         assert settings.http_options().public_url == settings.node_url
 
@@ -127,3 +127,20 @@ def test_an_edge_or_cluster_node_runs_any_number_of_workers(given: dict[str, str
     settings = Settings.resolve(cli={**given, "workers": "4"}, environ={})
     assert settings.workers == 4
     assert (settings.upstream, settings.cluster) == (given.get("upstream"), given.get("cluster"))
+
+
+def test_a_short_cluster_token_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """The token keys every 307's placement grant (HKDF adds no entropy)."""
+    from whepfan import server
+
+    base = {"cluster": "redis://127.0.0.1:6379/0", "node_url": "https://node.example"}
+    short = Settings.resolve(cli={**base, "cluster_token": "change-me-cluster"}, environ={})
+    long = Settings.resolve(cli={**base, "cluster_token": "k" * 32}, environ={})
+    with caplog.at_level("WARNING", logger="whepfan.server"):
+        server._warn_about_cluster_token(long)
+        assert not caplog.records
+        server._warn_about_cluster_token(short)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the cluster token is 17 characters: it keys the placement grants of every 307, so use "
+        "at least 32 random ones (e.g. openssl rand -base64 32)"
+    ]

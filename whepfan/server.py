@@ -127,6 +127,23 @@ def check_udp_ports(settings: Settings) -> None:
                 ) from None
 
 
+# The cluster token is the HKDF input keying placement grants (http/placement_grants.py):
+# HKDF adds no entropy, so a short token is a guessable grant key (RFC 7518 §3.2 asks
+# HS256 keys of at least 256 bits).
+MIN_CLUSTER_TOKEN_LENGTH = 32
+
+
+def _warn_about_cluster_token(settings: Settings) -> None:
+    token = settings.cluster_token
+    if token is not None and len(token) < MIN_CLUSTER_TOKEN_LENGTH:
+        log.warning(
+            "the cluster token is %d characters: it keys the placement grants of every 307, "
+            "so use at least %d random ones (e.g. openssl rand -base64 32)",
+            len(token),
+            MIN_CLUSTER_TOKEN_LENGTH,
+        )
+
+
 def _warn_about_candidates(settings: Settings) -> None:
     advertised = settings.advertised_ips()
     if advertised and all(ipaddress.ip_address(a).is_loopback for a in advertised):
@@ -198,6 +215,7 @@ async def run(
     ledger = CapacityLedger(policy=settings.capacity_policy(), workers=settings.workers)
     backend: InProcessWorkers | WorkerPool
     _warn_about_candidates(settings)
+    _warn_about_cluster_token(settings)
     if settings.workers == 1:
         try:
             worker = MediaWorker(config=settings.media_config(), certificate=certificate)
