@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -629,7 +630,10 @@ def summarize(steps: Sequence[Step], limit_us_per_packet: float) -> list[dict[st
                 "contender": contender,
                 "holding": best.viewers if best else 0,
                 "cpu_us_per_packet": best.cpu_us_per_packet if best else None,
-                "viewers_per_core": best.viewers_per_core if best else None,
+                # nan when the window saw no CPU tick (an idle server at 1-2 viewers).
+                "viewers_per_core": best.viewers_per_core
+                if best and math.isfinite(best.viewers_per_core)
+                else None,
                 "packets_per_viewer_second": best.packets_per_viewer_second if best else None,
                 # The same cost per packet at the target's assumed packet rate.
                 "viewers_per_core_at_target_rate": 1e6
@@ -673,7 +677,13 @@ def target_lines(
 ) -> list[str]:
     lines = []
     for row in rows:
-        if row["contender"] == NAIVE or row["viewers_per_core"] is None:
+        if row["contender"] == NAIVE:
+            continue
+        if row["viewers_per_core"] is None or row["viewers_per_core_at_target_rate"] is None:
+            lines.append(
+                f"target, {row['contender']}: not measured (its server CPU in the window was "
+                f"below /proc's {1000 / CLOCK_TICKS:.0f} ms clock tick; hold longer or add viewers)"
+            )
             continue
         checks = [
             ("viewers/core", row["viewers_per_core"], TARGET_VIEWERS_PER_CORE, ".0f"),
