@@ -26,6 +26,23 @@ def test_readme_quick_start_has_exactly_two_setup_commands() -> None:
     assert len(_readme_commands()) == 2
 
 
+def test_readme_commands_install_only_into_a_virtualenv_of_debians_python() -> None:
+    """Debian's own python3 refuses ``pip install`` outside a virtualenv (PEP 668,
+    externally-managed-environment), root or not: both commands make ``.venv`` with it and
+    run every pip and whepfan from there. Command 2 needs what the build of command 1
+    needs (it may run first, on a machine where command 1 never ran)."""
+    commands = _readme_commands()
+    for command in commands:
+        assert "/usr/bin/python3 -m venv .venv" in command
+        pips = re.findall(r"(\S*)\bpip install\b", command)
+        assert pips and set(pips) == {".venv/bin/"}, command
+    assert commands[0].endswith("&& .venv/bin/whepfan demo")
+    assert commands[1].endswith("&& .venv/bin/python -m pytest -q")
+    packages = [set(re.findall(r'^P="([^"$]*)', command)[0].split()) for command in commands]
+    assert {"gcc", "libc6-dev", "python3-dev", "python3-venv", "libssl-dev"} <= packages[0]
+    assert packages[0] <= packages[1]
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     test_command = _readme_commands()[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
@@ -70,6 +87,59 @@ def test_ci_fails_when_any_step_of_the_test_command_fails(
     calls = log.read_text().splitlines()
     assert not [call for call in calls if "apt-get" in call]  # dpkg says all are installed
     assert any(call.endswith("python -m pytest -q") for call in calls) == ran_pytest
+
+
+@pytest.mark.parametrize("command", [0, 1], ids=["command-1", "command-2"])
+@pytest.mark.parametrize(
+    ("installed", "update_status"),
+    [(True, 100), (False, 0), (False, 100)],
+    ids=["installed-broken-source", "missing", "missing-broken-source"],
+)
+def test_readme_commands_run_apt_get_only_for_missing_packages(
+    tmp_path: Path, command: int, installed: bool, update_status: int
+) -> None:
+    """Issue 13: an ``apt-get update`` that fails (a broken source unrelated to whepfan)
+    stopped the quick start even with every package installed. Each README command, as
+    written, asks dpkg first and leaves apt-get alone when it says all are there; when one
+    is missing it updates and installs exactly the packages it asked about, then carries
+    on into the virtualenv; a failing update then stops it with apt-get's status."""
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    _fake_tool(bin_dir / "dpkg", 0 if installed else 1, log)
+    _fake_tool(bin_dir / "npm", 0, log)
+    apt_get = bin_dir / "apt-get"
+    apt_get.write_text(
+        f'#!/bin/sh\necho "$0 $*" >> {log}\n'
+        f'case "$1" in update) exit {update_status};; esac\nexit 0\n'
+    )
+    apt_get.chmod(0o755)
+    for tool in ("python", "pip", "whepfan"):
+        _fake_tool(tmp_path / ".venv" / "bin" / tool, 0, log)
+    result = subprocess.run(
+        ["bash", "-c", _readme_commands()[command]],
+        cwd=tmp_path,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    calls = log.read_text().splitlines()
+    [dpkg] = [call.split()[1:] for call in calls if call.startswith(f"{bin_dir}/dpkg ")]
+    assert dpkg[0] == "-s" and {"gcc", "python3-dev", "libssl-dev"} <= set(dpkg[1:])
+    apt_calls = [call.split()[1:] for call in calls if call.startswith(f"{apt_get} ")]
+    last_step = ".venv/bin/whepfan demo" if command == 0 else ".venv/bin/python -m pytest -q"
+    if installed:
+        assert (result.returncode, apt_calls) == (0, []), result.stderr
+        assert calls[-1].endswith(last_step)
+    elif update_status == 0:
+        assert result.returncode == 0, result.stderr
+        install = ["install", "-y", "-qq", "--no-install-recommends", *dpkg[1:]]
+        assert apt_calls == [["update", "-qq"], install]
+        assert calls[-1].endswith(last_step)
+    else:
+        assert result.returncode == update_status, result.stderr
+        assert apt_calls == [["update", "-qq"]]
+        assert calls[-1] == f"{apt_get} update -qq"  # nothing after it ran
 
 
 # Paths that reach outside the repository: the repo's tests, benchmarks and docs must work
