@@ -69,6 +69,43 @@ def test_serve_setting_errors_print_the_serve_usage(capsys: pytest.CaptureFixtur
     assert err.endswith("whepfan serve: error: --max-viewers many: not an integer\n")
 
 
+@pytest.mark.parametrize(
+    ("toml", "error"),
+    [
+        ('max_viewers = "many"\n', "{path}: max_viewers: not an integer"),
+        ("max_viewers = \n", "{path}: Invalid value (at line 1, column 15)"),
+        ("no_such_setting = 1\n", "{path}: unknown setting 'no_such_setting' (settings: "),
+        (None, "cannot read {path}: No such file or directory"),
+    ],
+)
+@pytest.mark.parametrize("given_by", ["--config", "WHEPFAN_CONFIG"])
+def test_serve_config_file_errors_name_the_file_and_print_the_serve_usage(
+    toml: str | None,
+    error: str,
+    given_by: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 13: a config file's errors printed the top-level usage line; they print
+    ``whepfan serve``'s, then the file and what is wrong in it."""
+    path = tmp_path / "whepfan.toml"
+    if toml is not None:
+        path.write_text(toml)
+    argv = ["serve"]
+    if given_by == "--config":
+        argv += ["--config", str(path)]
+    else:
+        monkeypatch.setenv("WHEPFAN_CONFIG", str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve [-h] [--config FILE]")
+    [message] = [line for line in err.splitlines() if "error:" in line]
+    assert message.startswith("whepfan serve: error: " + error.format(path=path)), message
+
+
 def test_environment_errors_name_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
