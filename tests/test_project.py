@@ -154,6 +154,7 @@ _SCANNED = (
     "bench",
     "deploy",
     "docs",
+    "fuzz",
     "tests",
     "whepfan",
 )
@@ -177,6 +178,17 @@ def _repository_text_files() -> list[Path]:
                 continue
             found.append(path)
     return found
+
+
+def test_the_outside_reference_scan_covers_every_tracked_top_level_entry() -> None:
+    """A directory added to the repository is scanned too (fuzz/ once was not)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    top_level = {name.split("/", 1)[0] for name in listed.split("\0") if name}
+    assert top_level - {".gitignore"} <= set(_SCANNED), sorted(top_level - set(_SCANNED))
 
 
 def test_nothing_in_the_repository_reaches_outside_it() -> None:
