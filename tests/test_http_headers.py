@@ -1,13 +1,18 @@
 """Header field parsers are linear (whepfan/http/headers.py): the work a parse does is
-counted in FieldScanner.steps and asserted against the value's length, never timed."""
+counted in FieldScanner.steps and asserted against the value's length, never timed. The
+client-address headers (Forwarded, X-Forwarded-For: whepfan/http/clientaddr.py) scan the
+value by index: the characters they read are counted by the value itself."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from typing import SupportsIndex
 
 import pytest
 
 from whepfan.errors import ParseError, PreconditionFailed
+from whepfan.http import clientaddr
 from whepfan.http.etag import EntityTag, IfMatch, check_if_match
 from whepfan.http.headers import FieldScanner, MediaType, media_type_essence
 
@@ -110,3 +115,87 @@ def test_media_types() -> None:
     assert media_type_essence("application/trickle-ice-sdpfrag") == (
         "application/trickle-ice-sdpfrag"
     )
+
+
+# ------------------------------------------------------------ Forwarded, X-Forwarded-For
+
+
+class CountingText(str):
+    """A header value that counts the characters a parser reads from it: one per
+    ``value[i]``, the length taken per ``value[a:b]``."""
+
+    reads: int
+
+    def __new__(cls, text: str) -> CountingText:
+        value = super().__new__(cls, text)
+        value.reads = 0
+        return value
+
+    def __getitem__(self, key: SupportsIndex | slice) -> str:
+        item = super().__getitem__(key)
+        self.reads += max(1, len(item))
+        return item
+
+
+@pytest.fixture
+def handed_to_parse_node(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The characters handed to the node parser (ip_address and the port rules), in
+    total: each hop's text must be parsed once, not once per hop."""
+    handed = [0]
+    parse_node = clientaddr.parse_node
+
+    def counting(text: str) -> clientaddr.IPAddress | None:
+        handed[0] += len(text)
+        return parse_node(text)
+
+    monkeypatch.setattr(clientaddr, "parse_node", counting)
+    yield handed
+
+
+ADVERSARIAL_FORWARDED: list[Callable[[int], str]] = [
+    lambda n: 'for="' + "\\a" * n,  # a quoted-string that never closes
+    lambda n: "for=a;" * n,  # one element, the same parameter again and again
+    lambda n: "a=b;" * n + 'for="[' + ":" * n + ']"',
+    lambda n: "," * n + "for=x",  # empty elements
+    lambda n: " ;" * n + "for=192.0.2.1",
+    lambda n: "for=" + "a" * n + " " * n + "!",  # garbage after a long token
+    lambda n: 'for="' + "1" * n + '"',  # a long node that is no address
+    lambda n: "for=192.0.2.1, " * n,  # many hops
+    lambda n: 'for="[2001:db8::1]:_' + "p" * n + '"',  # a long obfuscated port
+]
+
+
+@pytest.mark.parametrize("build", ADVERSARIAL_FORWARDED)
+def test_forwarded_work_grows_linearly(
+    build: Callable[[int], str], handed_to_parse_node: list[int]
+) -> None:
+    def work(n: int) -> tuple[int, int, int]:
+        value = CountingText(build(n))
+        handed_to_parse_node[0] = 0
+        clientaddr.parse_forwarded_for(value)
+        return len(value), value.reads, handed_to_parse_node[0]
+
+    _, small_reads, _ = work(500)
+    length, reads, handed = work(4000)
+    assert length >= 4000
+    assert reads <= 8 * small_reads + 16
+    # A character is read at most three times: scanned, sliced out, lower-cased as a name.
+    assert reads <= 3 * length + 16
+    assert handed <= length
+
+
+ADVERSARIAL_X_FORWARDED_FOR: list[Callable[[int], str]] = [
+    lambda n: "," * n + "192.0.2.1",
+    lambda n: "192.0.2.1, " * n,
+    lambda n: " " * n + "1" * n,
+    lambda n: "[" + ":" * n,
+]
+
+
+@pytest.mark.parametrize("build", ADVERSARIAL_X_FORWARDED_FOR)
+def test_x_forwarded_for_hands_each_hop_to_the_node_parser_once(
+    build: Callable[[int], str], handed_to_parse_node: list[int]
+) -> None:
+    value = build(4000)
+    clientaddr.parse_x_forwarded_for(value)
+    assert handed_to_parse_node[0] <= len(value)

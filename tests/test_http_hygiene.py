@@ -10,6 +10,7 @@ video-only stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import re
@@ -162,6 +163,44 @@ async def test_bad_stream_names_are_400_problems(http: aiohttp.ClientSession, na
                 continue
             detail = await problem(response, 400)
             assert "is not a stream name" in detail
+
+
+@pytest.mark.parametrize("target", ["/whip/..", "/whip/.", "/whep/..", "/whep/.", "/whip/.%2E"])
+async def test_dot_segment_stream_names_sent_verbatim_are_400_and_make_no_session(
+    server: LiveServer, http: aiohttp.ClientSession, target: str
+) -> None:
+    """The issue's probe: ``POST /whip/..`` was answered 201 with ``Location:
+    /whip/../<id>``. Sent as the request-target verbatim (an HTTP client would remove
+    the dot segments first, RFC 3986 §5.2.4), with a valid offer and token, it is a
+    400 naming the name, and no session is made."""
+    pc = placeholder_publisher()
+    try:
+        offer = (await local_offer(pc)).encode()
+    finally:
+        await pc.close()
+    async with http.get("/api/streams", headers=AUTH) as listing:
+        streams_before = (await listing.json())["streams"]
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/sdp\r\nContent-Length: {len(offer)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + offer
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400", head
+    assert b"\r\nLocation:" not in head
+    assert b"is not a stream name" in body
+    async with http.get("/api/streams", headers=AUTH) as listing:
+        assert (await listing.json())["streams"] == streams_before
 
 
 @pytest.mark.parametrize("name", ["a", "live-1", "cam_2.main", "x" * 64, "-dash", "a~b"])
