@@ -39,6 +39,7 @@ from test_router import (
 
 from whepfan.errors import Conflict, ServiceUnavailable
 from whepfan.http import COUNTERS_KEY, HttpOptions, create_app
+from whepfan.http.metrics import add_metrics_route
 from whepfan.http.ratelimit import RateLimit
 from whepfan.media.session import CONNECT_TIMEOUT, SessionState
 from whepfan.protocol.ice import IceControllingChecker
@@ -604,6 +605,7 @@ async def test_the_post_rate_limit_bounds_one_client_s_whip_and_whep_posts() -> 
                 post_rate_limit=RateLimit(rate=0.5, burst=3, exempt_loopback=False),
             ),
         )
+        add_metrics_route(app, workers.stats)
         async with TestClient(TestServer(app)) as client:
             whip = await client.post(
                 "/whip/live", data=WHIP_OFFER, headers={**SDP, "Authorization": "Bearer t"}
@@ -621,5 +623,9 @@ async def test_the_post_rate_limit_bounds_one_client_s_whip_and_whep_posts() -> 
             clock[0] += 2.0
             assert (await client.post("/whep/live", data=WHEP_OFFER, headers=SDP)).status == 201
             assert app[COUNTERS_KEY]["http_rate_limited"] == 2
+            # ... and /metrics shows them (GETs are never limited).
+            scrape = await client.get("/metrics")
+            assert scrape.status == 200
+            assert parse(await scrape.text())[("whepfan_http_rate_limited_total", ())] == 2
     finally:
         harness.close()
