@@ -250,6 +250,14 @@ async def test_every_resource_a_page_calls_answers_a_preflight(
             assert any("/events" in link for link in links), links
             assert any("/layer" in link for link in links), links
             paths.extend(links)
+            # And the event stream a subscription makes (EXT §4.2), which a page DELETEs.
+            events = next(link for link in links if "/events" in link)
+            async with http.post(
+                events, data=b'["active"]', headers={"Content-Type": "application/json"}
+            ) as subscribed:
+                assert subscribed.status == 201, await subscribed.text()
+                event_stream = subscribed.headers["Location"]
+                paths.append(event_stream)
         for path in paths:
             async with http.options(path, headers=preflight) as answer:
                 assert 200 <= answer.status < 300, (path, answer.status)
@@ -257,6 +265,8 @@ async def test_every_resource_a_page_calls_answers_a_preflight(
                 allowed = answer.headers["Access-Control-Allow-Methods"]
                 assert "OPTIONS" in allowed, (path, allowed)
                 assert "Authorization" in answer.headers["Access-Control-Allow-Headers"]
+                if path == event_stream:
+                    assert "DELETE" in allowed, allowed
     finally:
         await pc.close()
 
