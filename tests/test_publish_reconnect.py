@@ -282,15 +282,24 @@ async def test_the_origin_worker_dies_and_the_viewers_of_the_other_worker_resume
                     break
             assert survivor is not None, "no viewer on the other worker"
             await survivor.wait_frames(5, timeout=20)
+            assert publisher.current is not None and publisher.current.location is not None
+            first_location = publisher.current.location
             async with http.get(location + "/events") as events:
                 assert events.status == 200
                 live.loop.call_soon_threadsafe(pool.kill_worker, origin)
                 await _next_event(events, b"inactive", 10)
-                # Ended from the main process: the old session's URL is gone.
+                # Ended from the main process: the old session's URL is gone, for the
+                # registry and for the publisher's next request on it.
                 with pytest.raises(NotFound):
                     pool.get_session(first.id)
+                async with http.get(
+                    first_location, headers={"Authorization": f"Bearer {TOKEN}"}
+                ) as probe:
+                    assert probe.status == 404, await probe.text()
                 await _next_event(events, b"active", 30)
             assert publisher.sessions == 2
+            # The publisher found its session gone by itself (silence, then its GET).
+            assert "404 for the session" in publisher.failures[0], publisher.failures
             assert pool.streams["cam"].origin == pool.worker_of(location.rsplit("/", 1)[1])
             # Still the same viewer session, never renegotiated: it decodes again.
             assert survivor.pc.connectionState == "connected"
@@ -318,6 +327,7 @@ async def test_a_refused_first_attempt_is_retried_until_the_stream_is_free() -> 
                 await _until(lambda: second.sessions == 1, 20, "the second never published")
                 assert live.info is not None
                 publisher = live.info.backend.streams["busy"].publisher
+                assert second.current is not None and second.current.location is not None
                 assert publisher is not None and publisher.id in second.current.location
     finally:
         live.close()
