@@ -22,9 +22,15 @@ flight) after a warm-up and then every tenth of the run:
 ``--rss-tolerance`` (10 %), fds within 8, the same sessions, lag within 2x or 10 ms (the
 machine's load moves it by that much).
 
+``--max-seconds S`` bounds the cycles after the warm-up by wall-clock time: when S have
+passed, no new cycle starts, the last sample is taken at once and the run reports how
+many of the requested cycles it ran and at what rate (a loaded machine's soak that must
+fit a time slot). The verdict is the same, over the cycles that ran.
+
     python bench/soak.py                         # 10^5 cycles (~10-30 min)
     python bench/soak.py --smoke                 # 300 cycles, under a minute
     python bench/soak.py --cycles 20000 --json soak.json
+    python bench/soak.py --max-seconds 1800      # 10^5 cycles or 30 min, whichever first
 """
 
 from __future__ import annotations
@@ -252,10 +258,18 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
 
 
 class Soak:
-    def __init__(self, deployment: Deployment, *, concurrency: int, handshake_every: int) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        *,
+        concurrency: int,
+        handshake_every: int,
+        max_seconds: float | None = None,
+    ) -> None:
         self.deployment = deployment
         self.concurrency = concurrency
         self.handshake_every = handshake_every
+        self.max_seconds = max_seconds
         self.tally = Tally()
         self.samples: list[Sample] = []
         self.certificate = DtlsCertificate.generate()
@@ -271,24 +285,49 @@ class Soak:
         self.started = time.monotonic()
         self._cycles = 0
         self._last_sent: tuple[float, float] | None = None
+        # After the warm-up: when the measured cycles began, and when none may start.
+        self.measured_from: tuple[int, float] | None = None
+        self.measured_until: float | None = None
+        self._deadline: float | None = None
+
+    @property
+    def out_of_time(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    @property
+    def measured_cycles(self) -> int:
+        """Cycles run after the warm-up."""
+        return 0 if self.measured_from is None else self._cycles - self.measured_from[0]
+
+    @property
+    def measured_rate(self) -> float:
+        """Cycles per second after the warm-up, sampling pauses included."""
+        if self.measured_from is None:
+            return 0.0
+        until = time.monotonic() if self.measured_until is None else self.measured_until
+        return self.measured_cycles / max(1e-9, until - self.measured_from[1])
 
     async def run(self, http: aiohttp.ClientSession, cycles: int, warmup: int) -> None:
         await self._cycles_of(http, warmup)
         await self.sample(http)
+        self.measured_from = (self._cycles, time.monotonic())
+        if self.max_seconds is not None:
+            self._deadline = time.monotonic() + self.max_seconds
         step = max(1, cycles // 10)
         done = 0
-        while done < cycles:
-            batch = min(step, cycles - done)
-            await self._cycles_of(http, batch)
-            done += batch
+        while done < cycles and not self.out_of_time:
+            await self._cycles_of(http, min(step, cycles - done))
+            done = self.measured_cycles
             await self.sample(http)
+        self.measured_until = time.monotonic()
 
     async def _cycles_of(self, http: aiohttp.ClientSession, count: int) -> None:
         queue = iter(range(self._cycles, self._cycles + count))
-        self._cycles += count
 
         async def worker() -> None:
-            for index in queue:
+            # Out of time: the cycles in flight finish, no new one starts.
+            while not self.out_of_time and (index := next(queue, None)) is not None:
+                self._cycles += 1
                 if self.handshake_every and index % self.handshake_every == 0:
                     await self._handshake()
                 else:
@@ -404,6 +443,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     deployment,
                     concurrency=args.concurrency,
                     handshake_every=args.handshake_every,
+                    max_seconds=args.max_seconds,
                 )
                 print(
                     f"soak: {args.cycles} cycles after {args.warmup} of warm-up, "
@@ -421,6 +461,13 @@ async def main_async(args: argparse.Namespace) -> int:
     flat = verdict(soak.samples, rss_tolerance=args.rss_tolerance)
     start, end = soak.samples[0], soak.samples[-1]
     shown = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in flat.items())
+    complete = soak.measured_cycles >= args.cycles
+    print(
+        f"ran {soak.measured_cycles} of {args.cycles} cycles after the warm-up "
+        f"({soak.measured_rate:.1f}/s)"
+        + ("" if complete else f": stopped by --max-seconds {args.max_seconds:g}"),
+        flush=True,
+    )
     print(
         f"start: RSS {start.rss_bytes / 2**20:.1f} MiB, fds {start.fds}, sessions "
         f"{start.viewers:.0f}+{start.publishers:.0f}, lag {start.lag_seconds * 1000:.2f} ms\n"
@@ -437,6 +484,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     "options": vars(args),
                     "samples": [asdict(s) for s in soak.samples],
                     "tally": asdict(soak.tally),
+                    "measured_cycles": soak.measured_cycles,
+                    "cycles_per_second": soak.measured_rate,
+                    "complete": complete,
                     "flat": flat,
                     "logs": logs,
                 },
@@ -462,6 +512,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--viewers", type=int, default=4, help="steady viewers (whepfan loadtest)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rss-tolerance", type=float, default=0.10)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="start no cycle after S s past the warm-up; the run reports how many it ran",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--smoke", action="store_true", help="300 cycles, 100 of warm-up")
     args = parser.parse_args(argv)
@@ -469,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cycles, args.warmup, args.handshake_every = 300, 100, 50
     if args.cycles < 1 or args.warmup < 0 or args.concurrency < 1 or args.handshake_every < 0:
         parser.error("cycles and concurrency are at least 1; warm-up and handshake-every >= 0")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        parser.error("--max-seconds must be positive")
     return args
 
 

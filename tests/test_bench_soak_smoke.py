@@ -7,6 +7,7 @@ the machine and what else runs on it."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -81,3 +82,47 @@ def test_the_verdict_compares_the_last_sample_with_the_first() -> None:
     assert all(soak.verdict([start, sample(105 << 20, 33, 4, 0.008)], rss_tolerance=0.1).values())
     grown = soak.verdict([start, sample(120 << 20, 60, 5, 0.05)], rss_tolerance=0.1)
     assert grown == {"rss": False, "fds": False, "sessions": False, "lag": False}
+
+
+def test_max_seconds_stops_starting_cycles_and_takes_the_last_sample() -> None:
+    """--max-seconds: cycles after the warm-up stop starting once the budget is spent;
+    those in flight finish, the last sample follows at once, and the count is exact."""
+    soak = _module()
+
+    class Deployment:
+        url = "http://127.0.0.1:9"
+
+    class TimedSoak(soak.Soak):  # type: ignore[name-defined]
+        cycle_seconds = 0.02
+
+        def __init__(self) -> None:
+            super().__init__(Deployment(), concurrency=4, handshake_every=0, max_seconds=0.3)
+            self.finished = 0
+            self.started_late = 0
+            self.sampled_at: list[int] = []
+
+        async def _post_and_delete(self, http: object) -> None:
+            if self.out_of_time:
+                self.started_late += 1
+            await asyncio.sleep(self.cycle_seconds)
+            self.finished += 1
+
+        async def sample(self, http: object) -> None:
+            self.sampled_at.append(self._cycles)
+
+    timed = TimedSoak()
+    asyncio.run(timed.run(None, 10**6, 40))
+    assert timed.started_late == 0
+    assert timed.finished == timed._cycles == 40 + timed.measured_cycles
+    # 4 at a time, 20 ms each, for 0.3 s: about 60 cycles, nowhere near the 10^6 asked.
+    assert 20 <= timed.measured_cycles <= 80, timed.measured_cycles
+    assert timed.sampled_at == [40, timed._cycles]  # after the warm-up, then at the stop
+    assert 60 <= timed.measured_rate <= 250, timed.measured_rate
+
+
+def test_max_seconds_must_be_positive() -> None:
+    soak = _module()
+    assert soak.parse_args(["--max-seconds", "1800"]).max_seconds == 1800.0
+    assert soak.parse_args([]).max_seconds is None
+    with pytest.raises(SystemExit):
+        soak.parse_args(["--max-seconds", "0"])
