@@ -13,6 +13,8 @@ The links are those of tests/browser/test_shaped_links.py: ``tbf rate 700kbit bu
 32kbit latency 50ms`` for the slow viewer, and a 10 Mbit/s path for the open one. A
 closed-loop section drives a small probing layer policy (the rules proposed for
 media/layers.py) from the estimator, so the layer a viewer settles on is tested too.
+Each stage the estimator composes has its own unit tests: test_packet_results.py,
+test_delay_trend.py, test_rate_control.py, test_loss_control.py, test_probe.py.
 """
 
 from __future__ import annotations
@@ -34,20 +36,12 @@ from hypothesis import strategies as st
 
 from whepfan.media.bandwidth import (
     MAX_WINDOW_SAMPLES,
-    PADDING_DATAGRAM_OVERHEAD,
-    RATE_CONTROL_TRANSITIONS,
-    AimdRateControl,
     BandwidthConfig,
-    BandwidthUsage,
-    FeedbackMatcher,
-    InterArrival,
-    LossBasedControl,
-    ProbeOutcome,
-    RateControlState,
     RateWindow,
-    TrendlineDetector,
     ViewerBandwidth,
 )
+from whepfan.media.delay_trend import BandwidthUsage
+from whepfan.media.probe import PADDING_DATAGRAM_OVERHEAD, ProbeOutcome
 from whepfan.media.twcc import ArrivalFeedback
 from whepfan.protocol.rtcp import TWCC_REFERENCE_MOD, TWCC_REFERENCE_TICK, TransportFeedback
 
@@ -730,213 +724,7 @@ def test_feedback_that_never_arrives_is_not_loss() -> None:
     assert BandwidthUsage.OVERUSING not in {s.state for s in gappy.samples}
 
 
-# --- the matcher, on hand-made feedback ---------------------------------------------------------
-
-
-def feedback_for(
-    base: int, arrivals: list[float | None], *, reference_offset: float = 0.0
-) -> TransportFeedback:
-    """Feedback as the viewer sends it, through the wire format and back."""
-    packet = TransportFeedback.from_arrivals(
-        sender_ssrc=1,
-        media_ssrc=2,
-        base_sequence=base,
-        feedback_count=0,
-        arrivals=[None if a is None else a + reference_offset for a in arrivals],
-    )
-    return TransportFeedback.parse(packet.serialize())
-
-
-def sent_log(count: int, *, start: float = 10.0) -> list[tuple[float, int] | None]:
-    return [(start + i * 0.001, 1000 + i) for i in range(count)]
-
-
-def test_matcher_unwraps_sequence_numbers_across_the_16_bit_wrap() -> None:
-    matcher = FeedbackMatcher()
-    first = matcher.match(feedback_for(0xFFFE, [1.0, 1.001, 1.002, 1.003]), sent_log(4))
-    assert [p.sequence for p in first] == [0xFFFE, 0xFFFF, 0x10000, 0x10001]
-    assert [p.size for p in first] == [1000, 1001, 1002, 1003]
-    assert [p.arrival for p in first] == pytest.approx([1.0, 1.001, 1.002, 1.003])
-    later = matcher.match(feedback_for(2, [1.004]), sent_log(1))
-    assert [p.sequence for p in later] == [0x10002]
-
-
-def test_matcher_counts_a_packet_reported_twice_once() -> None:
-    matcher = FeedbackMatcher()
-    feedback = feedback_for(100, [1.0, None, 1.002])
-    assert len(matcher.match(feedback, sent_log(3))) == 3
-    assert matcher.match(feedback, sent_log(3)) == []
-    assert matcher.duplicates == 3
-    # Overlapping feedback: 101 was reported lost and now arrived; 102 is old news.
-    overlapping = matcher.match(feedback_for(101, [1.003, 1.002, 1.004]), sent_log(3))
-    assert [(p.sequence, p.recovered) for p in overlapping] == [(101, True), (103, False)]
-
-
-def test_matcher_takes_feedback_out_of_order() -> None:
-    matcher = FeedbackMatcher()
-    newer = matcher.match(feedback_for(120, [1.020, 1.021]), sent_log(2))
-    older = matcher.match(feedback_for(110, [1.010, 1.011]), sent_log(2))
-    assert [p.sequence for p in newer + older] == [120, 121, 110, 111]
-    assert older[0].arrival == pytest.approx(1.010)
-
-
-def test_matcher_unwraps_the_24_bit_reference_time() -> None:
-    matcher = FeedbackMatcher()
-    # 50 ms before the wrap, then 14 ms after it: the arrivals stay 64 ms apart.
-    before = matcher.match(feedback_for(0, [REFERENCE_WRAP_SECONDS - 0.050]), sent_log(1))
-    after = matcher.match(feedback_for(1, [0.014]), sent_log(1))
-    assert before[0].arrival is not None and after[0].arrival is not None
-    assert after[0].arrival - before[0].arrival == pytest.approx(0.064)
-    # parse() reads the reference as signed 24 bits: a negative one is the same time.
-    signed = TransportFeedback(
-        sender_ssrc=1,
-        media_ssrc=2,
-        base_sequence=2,
-        reference_time=-1,
-        feedback_count=0,
-        deltas=[4],
-    )
-    (third,) = matcher.match(signed, sent_log(1))
-    assert third.arrival is not None
-    assert third.arrival - before[0].arrival == pytest.approx(
-        (TWCC_REFERENCE_MOD - 1) * TWCC_REFERENCE_TICK + 0.001 - (REFERENCE_WRAP_SECONDS - 0.050)
-    )
-
-
-def test_matcher_skips_packets_the_send_log_no_longer_has() -> None:
-    matcher = FeedbackMatcher()
-    results = matcher.match(feedback_for(7, [1.0, 1.001, 1.002]), [None, (5.0, 800)])
-    assert [(p.sequence, p.send_time, p.size) for p in results] == [(8, 5.0, 800)]
-    assert matcher.unknown == 2
-
-
-# --- the pieces, on hand-made inputs --------------------------------------------------------------
-
-
-def test_packets_sent_within_5_ms_are_one_group() -> None:
-    groups = InterArrival()
-    # Three groups 20 ms apart, each three packets sent 2 ms apart; the third group
-    # arrives 4 ms later than its send spacing.
-    deltas = []
-    for group, extra in enumerate((0.0, 0.0, 0.004, 0.0)):
-        for packet in range(3):
-            send = group * 0.020 + packet * 0.002
-            delta = groups.add(send, 100.0 + send + extra)
-            if delta is not None:
-                deltas.append(delta)
-    # A delta is reported when the group after the pair starts.
-    assert [(round(a, 4), round(s, 4), round(d, 4)) for a, s, d in deltas] == [
-        (100.024, 0.020, 0.0),
-        (100.048, 0.020, 0.004),
-    ]
-
-
-def test_a_queue_flush_is_one_burst() -> None:
-    groups = InterArrival()
-    assert groups.add(0.000, 1.000) is None
-    assert groups.add(0.020, 1.020) is None  # second group
-    # Sent 20 ms later but arrived 1 ms after the group's last: the queue flushed them.
-    assert groups.add(0.040, 1.021) is None
-    # The next group completes the second, which spans the flushed packet too.
-    assert groups.add(0.060, 1.060) == pytest.approx((1.021, 0.040, -0.019))
-
-
-def feed_detector(detector: TrendlineDetector, slope: float, groups: int, start: float) -> float:
-    """``groups`` groups 20 ms apart whose delay grows by ``slope`` per second."""
-    time = start
-    for _ in range(groups):
-        time += 0.020
-        detector.update(time, 0.020, slope * 0.020)
-    return time
-
-
-def test_trendline_overuse_normal_and_underuse() -> None:
-    detector = TrendlineDetector()
-    time = feed_detector(detector, 0.0, 40, 0.0)
-    assert detector.state is BandwidthUsage.NORMAL
-    time = feed_detector(detector, 0.2, 25, time)  # the queue grows 200 ms per second
-    assert detector.state is BandwidthUsage.OVERUSING
-    time = feed_detector(detector, -0.2, 40, time)  # and drains
-    assert detector.state is BandwidthUsage.UNDERUSING
-    feed_detector(detector, 0.0, 60, time)
-    assert detector.state is BandwidthUsage.NORMAL
-
-
-def test_trendline_threshold_adapts_within_its_bounds() -> None:
-    detector = TrendlineDetector()
-    rng = random.Random(5)
-    time = 0.0
-    for _ in range(500):  # jitter without a trend: the threshold follows it down
-        time += 0.020
-        detector.update(time, 0.020, rng.uniform(-0.002, 0.002))
-    assert 6.0 <= detector.threshold_ms < 12.5
-    assert detector.state is not BandwidthUsage.OVERUSING
-
-
-def test_rate_control_transitions_are_gcc_figure_2() -> None:
-    table = {
-        (usage, state): RATE_CONTROL_TRANSITIONS.get((usage, state), state)
-        for usage in BandwidthUsage
-        for state in RateControlState
-    }
-    hold, increase, decrease = RateControlState
-    assert table == {
-        (BandwidthUsage.OVERUSING, hold): decrease,
-        (BandwidthUsage.OVERUSING, increase): decrease,
-        (BandwidthUsage.OVERUSING, decrease): decrease,
-        (BandwidthUsage.NORMAL, hold): increase,
-        (BandwidthUsage.NORMAL, increase): increase,
-        (BandwidthUsage.NORMAL, decrease): hold,
-        (BandwidthUsage.UNDERUSING, hold): hold,
-        (BandwidthUsage.UNDERUSING, increase): hold,
-        (BandwidthUsage.UNDERUSING, decrease): hold,
-    }
-
-
-def test_aimd_decreases_to_085_of_acknowledged_and_increases_8_percent_a_second() -> None:
-    control = AimdRateControl(initial_bps=1_000_000, min_bps=30_000, max_bps=10_000_000, now=0.0)
-    control.update(BandwidthUsage.NORMAL, 1_000_000, 0.05, 0.0)  # hold -> increase
-    control.update(BandwidthUsage.NORMAL, 1_000_000, 0.05, 1.0)
-    assert control.bps == pytest.approx(1_080_000)
-    control.update(BandwidthUsage.OVERUSING, 700_000, 0.05, 1.1)
-    assert control.state is RateControlState.DECREASE
-    assert control.bps == pytest.approx(0.85 * 700_000)
-    control.update(BandwidthUsage.OVERUSING, 600_000, 0.05, 1.2)  # within a round trip
-    assert control.bps == pytest.approx(0.85 * 700_000)
-    control.update(BandwidthUsage.NORMAL, 700_000, 0.05, 1.4)
-    assert control.state is RateControlState.HOLD
-    control.update(BandwidthUsage.NORMAL, 700_000, 0.05, 1.5)
-    before = control.bps
-    control.update(BandwidthUsage.NORMAL, 700_000, 0.05, 1.6)
-    # Near the capacity learnt at the decrease: additive, half a packet per response
-    # time (100 ms + RTT): 0.5 * 100/150 * (595 kbit/s / 30 fps / 3 packets) ~ 2.2 kbit.
-    assert 1_000 <= control.bps - before <= 5_000
-
-
-def test_aimd_increase_needs_acknowledged_evidence() -> None:
-    control = AimdRateControl(initial_bps=300_000, min_bps=30_000, max_bps=10_000_000, now=0.0)
-    now = 0.0
-    for _ in range(100):
-        now += 0.1
-        control.update(BandwidthUsage.NORMAL, 200_000, 0.05, now)
-    assert control.bps == pytest.approx(1.5 * 200_000 + 10_000)
-    control.update(BandwidthUsage.NORMAL, None, 0.05, now + 1)
-    assert control.bps == pytest.approx(1.5 * 200_000 + 10_000)
-
-
-def test_loss_based_control_follows_gcc_section_6() -> None:
-    control = LossBasedControl(initial_bps=1_000_000, min_bps=30_000, max_bps=10_000_000)
-    control.update(0.20, estimate_bps=1_000_000, acknowledged_bps=None, rtt=0.05, now=0.0)
-    assert control.bps == pytest.approx(900_000)  # x (1 - 0.5 * 0.2)
-    control.update(0.20, estimate_bps=900_000, acknowledged_bps=900_000, rtt=0.05, now=0.1)
-    assert control.bps == pytest.approx(900_000)  # one cut per 300 ms + RTT
-    control.update(0.05, estimate_bps=900_000, acknowledged_bps=900_000, rtt=0.05, now=1.0)
-    assert control.bps == pytest.approx(900_000)  # between 2 % and 10 %: hold
-    control.update(0.0, estimate_bps=900_000, acknowledged_bps=900_000, rtt=0.05, now=1.1)
-    assert control.bps == pytest.approx(945_000)  # x 1.05
-    # Far above what the path delivers while losing: the cut starts from that.
-    control.update(0.40, estimate_bps=945_000, acknowledged_bps=500_000, rtt=0.05, now=2.0)
-    assert control.bps == pytest.approx(500_000 * 0.8)
+# --- the rate windows, on hand-made inputs ---------------------------------------------------
 
 
 def test_rate_window_measures_a_whole_window() -> None:

@@ -45,7 +45,7 @@ from test_bandwidth import (
 )
 
 from whepfan import _fastpath
-from whepfan.media.bandwidth import PADDING_DATAGRAM_OVERHEAD, BandwidthConfig, PaddingRequest
+from whepfan.media.bandwidth import BandwidthConfig
 from whepfan.media.egress import Egress
 from whepfan.media.feedback import KeyframeRequests
 from whepfan.media.headroom import (
@@ -63,6 +63,7 @@ from whepfan.media.layers import (
     LayerRequest,
     LayerSelector,
 )
+from whepfan.media.probe import PADDING_DATAGRAM_OVERHEAD, PaddingRequest
 from whepfan.media.sender import Sender
 from whepfan.media.session import SessionKind, SrtpKeys, ViewerSession
 from whepfan.media.streams import Stream, Track

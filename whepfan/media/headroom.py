@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections import Counter
 
 from whepfan import _fastpath
-from whepfan.media.bandwidth import BandwidthUsage, ViewerBandwidth
+from whepfan.media.bandwidth import ViewerBandwidth
+from whepfan.media.delay_trend import BandwidthUsage
 from whepfan.media.layers import LayerChoice, LayerSelector
 from whepfan.media.session import ViewerSession
 from whepfan.media.streams import Stream
