@@ -238,6 +238,26 @@ def test_workers_and_media_never_import_the_layers_above_them() -> None:
                     assert not module.startswith(forbidden), f"{package}/{path.name}: {module}"
 
 
+# Issue 12: past this a module of the media or worker plane holds more than one concern
+# (DESIGN.md §3: a concern with its own state and timer gets its own module).
+MAX_MODULE_LINES = 900
+
+
+def test_no_media_or_workers_module_is_over_900_lines() -> None:
+    modules = [
+        path
+        for package in ("media", "workers")
+        for path in (ROOT / "whepfan" / package).glob("*.py")
+    ]
+    assert len(modules) > 20  # both packages are found
+    too_long = {
+        f"{path.parent.name}/{path.name}": lines
+        for path in modules
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not too_long, f"over {MAX_MODULE_LINES} lines: {too_long}"
+
+
 def test_deploy_example_config_is_valid() -> None:
     """The README points at deploy/whepfan.toml: it must parse into real settings."""
     from whepfan.settings import Settings

@@ -22,7 +22,14 @@ from _paths import SDP_FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whepfan._fastpath import PAYLOAD_VP8, Fanout, SrtpSession
+from whepfan._fastpath import (
+    PAYLOAD_VP8,
+    SUBSCRIPTION_AWAITING_KEYFRAME,
+    SUBSCRIPTION_FORWARDING,
+    SUBSCRIPTION_NONE,
+    Fanout,
+    SrtpSession,
+)
 from whepfan.config import MediaConfig
 from whepfan.errors import PeerError
 from whepfan.media.layers import LayerPolicy, LayerRequest
@@ -197,7 +204,7 @@ def test_switch_waits_for_the_target_keyframe_and_continues_seq_ts_and_picture_i
     assert len(before) == 8
 
     loopback.fanout.switch(loopback.slot, low, high)
-    assert loopback.fanout.subscription_state(loopback.slot, high) == 1
+    assert loopback.fanout.subscription_state(loopback.slot, high) == SUBSCRIPTION_AWAITING_KEYFRAME
     # Until the high layer's keyframe passes, the viewer stays on the low layer.
     now += 1 / 30
     loopback.push(high, high_source.frame(), now)
@@ -215,8 +222,8 @@ def test_switch_waits_for_the_target_keyframe_and_continues_seq_ts_and_picture_i
     after = loopback.receive()
     assert len(after) == 5
     assert loopback.fanout.take_switches() == [(loopback.slot, low, high)]
-    assert loopback.fanout.subscription_state(loopback.slot, low) == 0
-    assert loopback.fanout.subscription_state(loopback.slot, high) == 2
+    assert loopback.fanout.subscription_state(loopback.slot, low) == SUBSCRIPTION_NONE
+    assert loopback.fanout.subscription_state(loopback.slot, high) == SUBSCRIPTION_FORWARDING
 
     stream = before + middle + after
     switch_point = stream[10]
@@ -702,7 +709,7 @@ def test_any_mix_of_limits_and_a_switch_yields_one_valid_vp8_stream(
             if index in limits:
                 limit = limits[index]
                 for track in (a, b):
-                    if lb.fanout.subscription_state(lb.slot, track):
+                    if lb.fanout.subscription_state(lb.slot, track) != SUBSCRIPTION_NONE:
                         lb.fanout.set_temporal_layer(lb.slot, track, limit)
             if index == switch_at:
                 lb.fanout.switch(lb.slot, current, b if current == a else a)

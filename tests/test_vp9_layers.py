@@ -30,6 +30,7 @@ from whepfan._fastpath import (
     PAYLOAD_OPAQUE,
     PAYLOAD_VP8,
     PAYLOAD_VP9,
+    SUBSCRIPTION_NONE,
 )
 from whepfan.errors import ParseError
 from whepfan.protocol.codecs import (
@@ -621,7 +622,7 @@ def test_any_limits_and_a_switch_yield_one_valid_vp9_stream(
             if index in limits:
                 limit = limits[index]
                 for track in (a, b):
-                    if lb.fanout.subscription_state(lb.slot, track):
+                    if lb.fanout.subscription_state(lb.slot, track) != SUBSCRIPTION_NONE:
                         lb.limit(track, limit)
             if index == switch_at:
                 lb.fanout.switch(lb.slot, current, b if current == a else a)
