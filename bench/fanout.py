@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 from pylibsrtp import Policy, Session
 
+from whepfan import _fastpath
 from whepfan._fastpath import (
     PROFILE_AEAD_AES_128_GCM,
     PROFILE_AES128_CM_SHA1_80,
@@ -1019,7 +1020,10 @@ def machine_description() -> str:
     except OSError:
         pass
     python = platform.python_version()
-    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {python}"
+    return (
+        f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {python};"
+        f" AES-GCM: {_fastpath.gcm_backend()}"
+    )
 
 
 def format_table(rows: Sequence[Row], plan: Plan) -> str:
@@ -1146,8 +1150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="transport-wide sequence numbers for every viewer of the fan-out contenders:"
         " rewrite the publisher's (Chromium-like packets) or add one (no extension block)",
     )
+    parser.add_argument(
+        "--gcm",
+        choices=("auto", "openssl", "intel-ipsec-mb"),
+        default="auto",
+        help="AES-GCM code for every contender (the limits use the same): the core's default"
+        " (intel-ipsec-mb where it was built with it), or one of them",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     arguments = parser.parse_args(argv)
+    if arguments.gcm != "auto":
+        try:
+            _fastpath.use_gcm_backend(arguments.gcm)
+        except ValueError as refused:
+            parser.error(f"--gcm {arguments.gcm}: {refused}")
     plan = SMOKE_PLAN if arguments.smoke else FULL_PLAN
     overrides: dict[str, object] = {}
     if arguments.runs is not None:

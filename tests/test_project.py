@@ -43,6 +43,21 @@ def test_readme_commands_install_only_into_a_virtualenv_of_debians_python() -> N
     assert packages[0] <= packages[1]
 
 
+def test_readme_commands_install_intel_ipsec_mb_on_x86_64() -> None:
+    """The compiled core's AES-GCM goes through intel-ipsec-mb when its header is there at
+    build time (setup.py; Debian ships it for amd64 only), so both commands add
+    libipsec-mb-dev on x86-64 and leave it out elsewhere."""
+    for command in _readme_commands():
+        assignment = command.split("; dpkg -s", 1)[0]
+        for machine, expected in (("x86_64", True), ("aarch64", False)):
+            fake_uname = f'uname() {{ echo {machine}; }}; export -f uname; {assignment}; echo "$P"'
+            listed = subprocess.run(
+                ["bash", "-c", fake_uname], capture_output=True, text=True, check=True
+            ).stdout.split()
+            assert ("libipsec-mb-dev" in listed) is expected, (machine, listed)
+            assert {"gcc", "libssl-dev"} <= set(listed)
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     test_command = _readme_commands()[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]

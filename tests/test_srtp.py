@@ -2,12 +2,14 @@
 
 RFC test vectors pin the key derivation and the transforms byte for byte; pylibsrtp
 (libsrtp) is the independent oracle for every profile in both directions, on
-Hypothesis-generated packets.
+Hypothesis-generated packets. Every test runs once per AES-GCM backend the core was
+built with (OpenSSL EVP always, intel-ipsec-mb where available: tests/test_gcm_backend.py).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +28,20 @@ from whepfan._fastpath import (
     SrtpSession,
     profile_key_lengths,
 )
+
+GCM_BACKENDS = ["openssl"]
+if _fastpath.gcm_backend().startswith("intel-ipsec-mb"):
+    GCM_BACKENDS.append("intel-ipsec-mb")
+
+
+@pytest.fixture(params=GCM_BACKENDS, autouse=True, scope="module")
+def gcm_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Sessions made in the test are keyed for this AES-GCM backend."""
+    before = "openssl" if _fastpath.gcm_backend() == "openssl" else "intel-ipsec-mb"
+    _fastpath.use_gcm_backend(request.param)
+    yield request.param
+    _fastpath.use_gcm_backend(before)
+
 
 # Private test hooks, not part of the public surface in _fastpath.pyi.
 derive_session_keys = _fastpath._derive_session_keys

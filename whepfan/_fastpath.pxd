@@ -60,6 +60,11 @@ cdef struct SrtpCtx:
     int aead                     # 1 for the AEAD_AES_*_GCM profiles (RFC 7714)
     void* rtp_cipher             # EVP_CIPHER_CTX*, keyed with the RTP session key
     void* rtcp_cipher            # EVP_CIPHER_CTX*, keyed with the RTCP session key
+    # GCM profiles with intel-ipsec-mb active (includes/gcm_mb.h): the same session keys
+    # expanded for its one-shot seal/open, or NULL (then the EVP contexts do it all).
+    void* rtp_gcm_mb
+    void* rtcp_gcm_mb
+    int gcm_key_len              # 16 or 32 (AEAD_AES_128_GCM / AEAD_AES_256_GCM)
     SHA_CTX rtp_hmac_inner       # SHA1 state after (auth key ^ ipad), CM profiles only
     SHA_CTX rtp_hmac_outer       # SHA1 state after (auth key ^ opad)
     SHA_CTX rtcp_hmac_inner

@@ -8,6 +8,14 @@ PROFILE_AES128_CM_SHA1_32: int
 PROFILE_AEAD_AES_128_GCM: int
 PROFILE_AEAD_AES_256_GCM: int
 
+def gcm_backend() -> str:
+    """Which AES-GCM code SRTP contexts keyed from now on use: "intel-ipsec-mb <version>
+    (<sse|avx|avx2|avx512>)" or "openssl"."""
+
+def use_gcm_backend(name: str) -> str:
+    """Key new SRTP contexts with "intel-ipsec-mb" (if built with it and the CPU has
+    AES-NI) or "openssl"; contexts keyed before keep theirs. Returns gcm_backend()."""
+
 def profile_key_lengths(profile: int) -> tuple[int, int]:
     """(master key length, master salt length) in bytes for a profile."""
 

@@ -1,5 +1,7 @@
 # SRTP and SRTCP (RFC 3711) with the AES-CM/HMAC-SHA1 profiles (RFC 5764 §4.1.2) and
-# the AEAD AES-GCM profiles (RFC 7714), on OpenSSL libcrypto EVP.
+# the AEAD AES-GCM profiles (RFC 7714), on OpenSSL libcrypto EVP; AES-GCM goes through
+# intel-ipsec-mb instead when the core is built with it (includes/gcm_mb.h: its one-shot
+# seal costs a quarter of EVP's per packet), with EVP kept as the fallback.
 #
 # Theory of operation
 # -------------------
@@ -46,6 +48,18 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
+from whepfan.includes.gcm_mb cimport (
+    gcm_mb_arch_name,
+    gcm_mb_compiled,
+    gcm_mb_is_active,
+    gcm_mb_key_free,
+    gcm_mb_key_new,
+    gcm_mb_open,
+    gcm_mb_seal,
+    gcm_mb_set_active,
+    gcm_mb_start,
+    gcm_mb_version,
+)
 from whepfan.includes.libcrypto cimport (
     CRYPTO_memcmp,
     EVP_aes_128_ctr,
@@ -248,10 +262,12 @@ cdef int srtp_ctx_init_session(SrtpCtx* ctx, int profile,
         cipher = EVP_aes_128_gcm()
         ctx.tag_len = GCM_TAG_LEN
         ctx.aead = 1
+        ctx.gcm_key_len = 16
     elif profile == PROFILE_AEAD_AES_256_GCM:
         cipher = EVP_aes_256_gcm()
         ctx.tag_len = GCM_TAG_LEN
         ctx.aead = 1
+        ctx.gcm_key_len = 32
     else:
         return SRTP_ERR_CRYPTO
     # SRTCP keeps the 80-bit tag under AES128_CM_SHA1_32 (RFC 5764 §4.1.2).
@@ -268,6 +284,10 @@ cdef int srtp_ctx_init_session(SrtpCtx* ctx, int profile,
         return SRTP_ERR_CRYPTO
     ctx.rtp_cipher = rtp_cipher
     ctx.rtcp_cipher = rtcp_cipher
+    if ctx.aead:
+        # NULL when intel-ipsec-mb is not in use: gcm_seal/gcm_open then use EVP.
+        ctx.rtp_gcm_mb = gcm_mb_key_new(keys.rtp_key, ctx.gcm_key_len)
+        ctx.rtcp_gcm_mb = gcm_mb_key_new(keys.rtcp_key, ctx.gcm_key_len)
     memcpy(ctx.rtp_salt, keys.rtp_salt, sizeof(ctx.rtp_salt))
     memcpy(ctx.rtcp_salt, keys.rtcp_salt, sizeof(ctx.rtcp_salt))
     if not ctx.aead:
@@ -298,6 +318,8 @@ cdef void srtp_ctx_clear(SrtpCtx* ctx) noexcept nogil:
         EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX*>ctx.rtp_cipher)
     if ctx.rtcp_cipher != NULL:
         EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX*>ctx.rtcp_cipher)
+    gcm_mb_key_free(ctx.rtp_gcm_mb)
+    gcm_mb_key_free(ctx.rtcp_gcm_mb)
     OPENSSL_cleanse(ctx, sizeof(SrtpCtx))
 
 
@@ -431,13 +453,18 @@ cdef inline int ctr_crypt(void* cipher_ctx, const uint8_t* iv,
     return 0
 
 
-cdef inline int gcm_seal(void* cipher_ctx, const uint8_t* iv,
+cdef inline int gcm_seal(void* cipher_ctx, const void* mb_key, int key_len,
+                         const uint8_t* iv,
                          const uint8_t* aad, int aad_len,
                          const uint8_t* aad_tail, int aad_tail_len,
                          uint8_t* data, int length, uint8_t* tag) noexcept nogil:
-    # RFC 7714 §8.2/§9.2: encrypt `data` in place, authenticating aad || aad_tail.
+    # RFC 7714 §8.2/§9.2: encrypt `data` in place, authenticating aad || aad_tail;
+    # through intel-ipsec-mb when the context has its key (mb_key), else EVP.
     cdef EVP_CIPHER_CTX* c = <EVP_CIPHER_CTX*>cipher_ctx
     cdef int written = 0
+    if mb_key != NULL and gcm_mb_seal(mb_key, key_len, iv, aad, aad_len, aad_tail,
+                                      aad_tail_len, data, length, tag) == 0:
+        return 0
     if EVP_CipherInit_ex(c, NULL, NULL, NULL, iv, 1) != 1:
         return SRTP_ERR_CRYPTO
     if aad_len and EVP_CipherUpdate(c, NULL, &written, aad, aad_len) != 1:
@@ -453,14 +480,25 @@ cdef inline int gcm_seal(void* cipher_ctx, const uint8_t* iv,
     return 0
 
 
-cdef inline int gcm_open(void* cipher_ctx, const uint8_t* iv,
+cdef inline int gcm_open(void* cipher_ctx, const void* mb_key, int key_len,
+                         const uint8_t* iv,
                          const uint8_t* aad, int aad_len,
                          const uint8_t* aad_tail, int aad_tail_len,
                          uint8_t* data, int length, uint8_t* tag) noexcept nogil:
-    # GCM checks the tag in EVP_CipherFinal_ex, after the in-place decryption; on a
-    # mismatch the unauthenticated plaintext is wiped so it can never be used.
+    # GCM checks the tag after the in-place decryption (EVP_CipherFinal_ex, or
+    # gcm_mb_open's constant-time compare); on a mismatch the unauthenticated plaintext
+    # is wiped so it can never be used.
     cdef EVP_CIPHER_CTX* c = <EVP_CIPHER_CTX*>cipher_ctx
     cdef int written = 0
+    cdef int mb_rc
+    if mb_key != NULL:
+        mb_rc = gcm_mb_open(mb_key, key_len, iv, aad, aad_len, aad_tail, aad_tail_len,
+                            data, length, tag)
+        if mb_rc == 0:
+            return 0
+        if mb_rc == 1:
+            return SRTP_ERR_AUTH
+        # -1: an AAD too long to join on the stack; EVP takes it below.
     if EVP_CipherInit_ex(c, NULL, NULL, NULL, iv, 0) != 1:
         return SRTP_ERR_CRYPTO
     if EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, GCM_TAG_LEN, tag) != 1:
@@ -508,7 +546,8 @@ cdef int srtp_protect_rtp(SrtpCtx* ctx, uint8_t* buf, int length, int capacity) 
     delta = estimate_index(stream, seq, &roc)
     if ctx.aead:
         gcm_iv(iv, ctx.rtp_salt, ssrc, (<uint64_t>roc << 16) | seq)
-        rc = gcm_seal(ctx.rtp_cipher, iv, buf, header_len, NULL, 0,
+        rc = gcm_seal(ctx.rtp_cipher, ctx.rtp_gcm_mb, ctx.gcm_key_len, iv,
+                      buf, header_len, NULL, 0,
                       buf + header_len, length - header_len, buf + length)
     else:
         cm_iv(iv, ctx.rtp_salt, ssrc, (<uint64_t>roc << 16) | seq)
@@ -553,7 +592,8 @@ cdef int srtp_unprotect_rtp(SrtpCtx* ctx, uint8_t* buf, int length) noexcept nog
             return rc
     if ctx.aead:
         gcm_iv(iv, ctx.rtp_salt, ssrc, (<uint64_t>roc << 16) | seq)
-        rc = gcm_open(ctx.rtp_cipher, iv, buf, header_len, NULL, 0,
+        rc = gcm_open(ctx.rtp_cipher, ctx.rtp_gcm_mb, ctx.gcm_key_len, iv,
+                      buf, header_len, NULL, 0,
                       buf + header_len, body_len - header_len, buf + body_len)
     else:
         # Authenticate before decrypting (RFC 3711 §3.3 steps 5-6).
@@ -603,7 +643,8 @@ cdef int srtp_protect_rtcp(SrtpCtx* ctx, uint8_t* buf, int length, int capacity)
     store_be32(e_index, SRTCP_E_FLAG | index)
     if ctx.aead:
         gcm_iv(iv, ctx.rtcp_salt, ssrc, index)
-        rc = gcm_seal(ctx.rtcp_cipher, iv, buf, RTCP_HEADER_MIN, e_index, SRTCP_INDEX_LEN,
+        rc = gcm_seal(ctx.rtcp_cipher, ctx.rtcp_gcm_mb, ctx.gcm_key_len, iv,
+                      buf, RTCP_HEADER_MIN, e_index, SRTCP_INDEX_LEN,
                       buf + RTCP_HEADER_MIN, length - RTCP_HEADER_MIN, buf + length)
         if rc != 0:
             return rc
@@ -654,12 +695,13 @@ cdef int srtp_unprotect_rtcp(SrtpCtx* ctx, uint8_t* buf, int length) noexcept no
     if ctx.aead:
         gcm_iv(iv, ctx.rtcp_salt, ssrc, index)
         if encrypted:
-            rc = gcm_open(ctx.rtcp_cipher, iv, buf, RTCP_HEADER_MIN, e_index, SRTCP_INDEX_LEN,
+            rc = gcm_open(ctx.rtcp_cipher, ctx.rtcp_gcm_mb, ctx.gcm_key_len, iv,
+                          buf, RTCP_HEADER_MIN, e_index, SRTCP_INDEX_LEN,
                           buf + RTCP_HEADER_MIN, body_len - RTCP_HEADER_MIN, tag)
         else:
             # E = 0: the whole packet is AAD and nothing is encrypted (RFC 7714 §9.3).
-            rc = gcm_open(ctx.rtcp_cipher, iv, buf, body_len, e_index, SRTCP_INDEX_LEN,
-                          NULL, 0, tag)
+            rc = gcm_open(ctx.rtcp_cipher, ctx.rtcp_gcm_mb, ctx.gcm_key_len, iv,
+                          buf, body_len, e_index, SRTCP_INDEX_LEN, NULL, 0, tag)
     else:
         hmac_sha1(&ctx.rtcp_hmac_inner, &ctx.rtcp_hmac_outer, buf,
                   body_len + SRTCP_INDEX_LEN, NULL, 0, digest)
@@ -707,6 +749,41 @@ cdef object srtp_error(int code):
     if code == SRTP_ERR_STREAMS:
         return SrtpError("streams")
     return SrtpError("crypto")
+
+
+# intel-ipsec-mb's manager, once per process (includes/gcm_mb.h). WHEPFAN_GCM=openssl in
+# the environment keeps every context on EVP (an operator's way around a library fault,
+# and the benchmarks' way to measure both in one run).
+import os as _os
+
+gcm_mb_start()
+if _os.environ.get("WHEPFAN_GCM", "").lower() in ("openssl", "evp"):
+    gcm_mb_set_active(0)
+
+
+def gcm_backend():
+    """Which AES-GCM code SRTP contexts keyed from now on use: "intel-ipsec-mb <version>
+    (<sse|avx|avx2|avx512>)" or "openssl"."""
+    if gcm_mb_is_active():
+        version = gcm_mb_version().decode()
+        arch = gcm_mb_arch_name().decode()
+        return f"intel-ipsec-mb {version} ({arch})"
+    return "openssl"
+
+
+def use_gcm_backend(str name):
+    """Key new SRTP contexts with "intel-ipsec-mb" (if built with it and the CPU has
+    AES-NI) or "openssl"; contexts keyed before keep theirs. Returns gcm_backend()."""
+    if name == "openssl":
+        gcm_mb_set_active(0)
+    elif name == "intel-ipsec-mb":
+        if not gcm_mb_compiled():
+            raise ValueError("the compiled core was built without intel-ipsec-mb")
+        if not gcm_mb_start() or not gcm_mb_set_active(1):
+            raise ValueError("intel-ipsec-mb cannot run on this CPU (no AES-NI)")
+    else:
+        raise ValueError(f"unknown AES-GCM backend {name!r}: intel-ipsec-mb or openssl")
+    return gcm_backend()
 
 
 def profile_key_lengths(int profile):
