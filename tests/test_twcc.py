@@ -23,7 +23,7 @@ from whepfan import _fastpath
 from whepfan.config import MediaConfig
 from whepfan.errors import ParseError
 from whepfan.media.transport import MediaWorker
-from whepfan.media.twcc import FEEDBACK_INTERVAL, ArrivalFeedback, transport_sequence
+from whepfan.media.twcc import FEEDBACK_INTERVAL, ArrivalFeedback
 from whepfan.protocol import rtcp
 from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.protocol.negotiation import (
@@ -33,6 +33,7 @@ from whepfan.protocol.negotiation import (
     answer_publisher,
 )
 from whepfan.protocol.rtcp import TransportFeedback, TransportWideFeedback
+from whepfan.protocol.rtp import transport_sequence
 from whepfan.protocol.sdp import Candidate, SessionDescription
 
 DATA = Path(__file__).parent / "data"

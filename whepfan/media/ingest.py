@@ -33,7 +33,7 @@ from whepfan.media.nack import UpstreamRepair
 from whepfan.media.session import PublisherSession
 from whepfan.media.streams import RTP_SEQ_MOD, RTP_TS_MOD, Stream, StreamListeners, Track
 from whepfan.media.timers import TimerKind, Timers
-from whepfan.media.twcc import ArrivalFeedback, transport_sequence
+from whepfan.media.twcc import ArrivalFeedback
 from whepfan.protocol import codecs, rtcp, rtp
 from whepfan.protocol.negotiation import EXT_TRANSPORT_CC, IngestMedia, IngestTrack
 
@@ -276,7 +276,7 @@ class Ingest:
         transport_cc = self._arrivals.get(stream.name)
         if transport_cc is not None:
             # Every packet of the transport counts, RTX and probing padding included.
-            sequence = transport_sequence(plain, transport_cc[0])
+            sequence = rtp.transport_sequence(plain, transport_cc[0])
             if sequence is not None:
                 transport_cc[1].record(sequence, now)
                 self._timers.schedule(

@@ -36,49 +36,6 @@ _SEQ_MOD = 1 << 16
 _LARGEST_DELTA = 0x7FFF * TWCC_DELTA_TICK
 
 
-def transport_sequence(packet: bytes | bytearray | memoryview, extension_id: int) -> int | None:
-    """The transport-wide sequence number (§2: 16 bits, network order) in an RTP
-    packet's header extension ``extension_id`` (RFC 8285 one- or two-byte form), or
-    None when the packet does not carry it."""
-    length = len(packet)
-    if length < 12 or not packet[0] & 0x10:
-        return None
-    position = 12 + 4 * (packet[0] & 0x0F)
-    if position + 4 > length:
-        return None
-    profile = packet[position] << 8 | packet[position + 1]
-    end = position + 4 + 4 * (packet[position + 2] << 8 | packet[position + 3])
-    if end > length:
-        return None
-    position += 4
-    if profile == 0xBEDE:  # RFC 8285 §4.2
-        while position < end:
-            first = packet[position]
-            if first == 0:  # padding
-                position += 1
-                continue
-            element_id, size = first >> 4, (first & 0x0F) + 1
-            if element_id == 15:  # §4.2: stop processing the block
-                return None
-            if element_id == extension_id:
-                if size < 2 or position + 3 > end:
-                    return None
-                return int(packet[position + 1] << 8 | packet[position + 2])
-            position += 1 + size
-    elif profile & 0xFFF0 == 0x1000:  # RFC 8285 §4.3
-        while position + 1 < end:
-            element_id, size = packet[position], packet[position + 1]
-            if element_id == 0:
-                position += 1
-                continue
-            if element_id == extension_id:
-                if size < 2 or position + 4 > end:
-                    return None
-                return int(packet[position + 2] << 8 | packet[position + 3])
-            position += 2 + size
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class FeedbackStats:
     recorded: int
