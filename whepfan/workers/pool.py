@@ -293,7 +293,14 @@ class WorkerPool:
         self._meters: dict[tuple[str, str], RateMeter] = {}
         self._fanout_stats = PoolFanoutStats()
         self.on_sessions_lost: SessionLostHook | None = None
-        # Events beyond the pool's own (control.py), by name: their owners register them.
+        # Events from workers, by name (control.py): the pool's own, and those beyond them,
+        # which their owners register.
+        self._own_event_handlers: dict[str, Callable[[WorkerHandle, dict[str, Any]], None]] = {
+            control.READY: self._on_ready,
+            control.STATS: self._on_stats,
+            control.ENDED: self._on_ended,
+            control.STREAM: self._on_stream_event,
+        }
         self.event_handlers: dict[str, WorkerEventHandler] = {}
         self._feeds: dict[str, FeedLostHook] = {}  # feed publisher session id -> its owner
         self.restarts = 0
@@ -458,25 +465,28 @@ class WorkerPool:
             reply = handle.replies.pop(request_id) if request_id in handle.replies else None
             if reply is not None and not reply.done():
                 reply.set_result(message)
-        elif event == control.READY:
-            if not handle.ready.done():
-                handle.ready.set_result(message)
-        elif event == control.STATS:
-            self._on_stats(handle, message)
-        elif event == control.ENDED:
-            for session_id, _, _ in message.get("sessions", []):
-                session = self.sessions.get(session_id)
-                if session is not None and session.worker == handle.index:
-                    self._unregister(session_id)
-        elif event == control.STREAM:
-            stream = self._streams.get(message["stream"])
-            if stream is not None and stream.origin == handle.index:
-                type_ = str(message["type"])
-                if type_ in ("active", "inactive"):
-                    stream.active = type_ == "active"
-                self._emit(stream.name, type_, message.get("data") or {})
+        elif (own := self._own_event_handlers.get(str(event))) is not None:
+            own(handle, message)
         elif (handler := self.event_handlers.get(str(event))) is not None:
             handler(handle.index, message)
+
+    def _on_ready(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        if not handle.ready.done():
+            handle.ready.set_result(message)
+
+    def _on_ended(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        for session_id, _, _ in message.get("sessions", []):
+            session = self.sessions.get(session_id)
+            if session is not None and session.worker == handle.index:
+                self._unregister(session_id)
+
+    def _on_stream_event(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        stream = self._streams.get(message["stream"])
+        if stream is not None and stream.origin == handle.index:
+            type_ = str(message["type"])
+            if type_ in ("active", "inactive"):
+                stream.active = type_ == "active"
+            self._emit(stream.name, type_, message.get("data") or {})
 
     def _on_stats(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         try:
