@@ -171,17 +171,3 @@ def test_a_relay_copy_asks_its_own_upstream_through_the_same_throttle(
     clock.run_until(3.0)
     assert forwarded == [1.0, 1.0 + INTERVAL]
     assert clock.upstream.requests == []
-
-
-def test_timers_wake_the_driver_only_for_a_new_earliest_deadline() -> None:
-    wakes: list[None] = []
-    timers = Timers(wake=lambda: wakes.append(None))
-    timers.schedule((TimerKind.SESSION, "a"), 5.0)
-    timers.schedule((TimerKind.SESSION, "b"), 7.0)  # later: the armed timer fires first
-    timers.schedule((TimerKind.SESSION, "a"), 3.0)  # earlier: re-arm
-    assert len(wakes) == 2
-    assert timers.next_deadline() == 3.0
-    timers.schedule((TimerKind.SESSION, "a"), None)
-    assert timers.next_deadline() == 7.0  # the stale 3.0 and 5.0 entries are skipped
-    assert list(timers.due(10.0)) == [(TimerKind.SESSION, "b")]
-    assert timers.next_deadline() is None
