@@ -2,7 +2,7 @@
 (draft-holmer-rmcat-transport-wide-cc-extensions-01 §2), on real loopback sockets.
 
 Every datagram is unprotected by libsrtp (pylibsrtp) with the viewer's keys, then read
-with whepfan.media.twcc.transport_sequence and whepfan's RTP parser, so a wrong block
+with whepfan.protocol.rtp.transport_sequence and whepfan's RTP parser, so a wrong block
 length, a misplaced element or a broken padding count fails here.
 """
 
@@ -42,8 +42,8 @@ from whepfan._fastpath import (
 )
 from whepfan.media import gso
 from whepfan.media.session import ViewerSession
-from whepfan.media.twcc import transport_sequence
 from whepfan.protocol import rtp
+from whepfan.protocol.rtp import transport_sequence
 
 __all__ = ["sender", "viewers"]  # fixtures shared with test_fanout
 
