@@ -24,6 +24,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from whepfan._fastpath import gcm_backend
 from whepfan.cluster.node import ClusterNode
 from whepfan.cluster.pool_backend import WORKER_EXTENSIONS
 from whepfan.http import COUNTERS_KEY, create_app
@@ -316,10 +317,12 @@ async def run(
             backend=backend,
         )
         log.info(
-            "WHIP on %s/whip/<stream>, WHEP on %s/whep/<stream>, media on udp port %s",
+            "WHIP on %s/whip/<stream>, WHEP on %s/whep/<stream>, media on udp port %s;"
+            " SRTP AES-GCM on %s",
             info.http_url,
             info.http_url,
             ", ".join(map(str, udp_ports)),
+            gcm_backend(),
         )
         if started is not None:
             started(info)
