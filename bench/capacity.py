@@ -73,8 +73,11 @@ if REPOSITORY not in sys.path:
     sys.path.insert(0, REPOSITORY)
 from whepfan.workers.calibrate import calibrate  # noqa: E402
 
+if BENCH not in sys.path:  # the helper beside this file, after everything else
+    sys.path.append(BENCH)
+from _cpu import process_cpu_seconds, stat_cpu_seconds  # noqa: E402
+
 TOKEN = "bench-capacity"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOSS_LIMIT_PERCENT = 0.5
 FULL_RATE_FRACTION = 0.9  # of the contender's best per-viewer rate
 SETTLE_SECONDS = 1.0  # after the last viewer started, before the window opens
@@ -152,7 +155,8 @@ class TreeCpu:
             if fields is not None:
                 # proc(5): utime, stime are fields 14, 15; starttime is field 22.
                 key = (pid, int(fields[19]))
-                self._last[key] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+                seconds = process_cpu_seconds(pid)
+                self._last[key] = stat_cpu_seconds(fields) if seconds is None else seconds
         return sum(self._last.values())
 
 
@@ -681,8 +685,8 @@ def target_lines(
             continue
         if row["viewers_per_core"] is None or row["viewers_per_core_at_target_rate"] is None:
             lines.append(
-                f"target, {row['contender']}: not measured (its server CPU in the window was "
-                f"below /proc's {1000 / CLOCK_TICKS:.0f} ms clock tick; hold longer or add viewers)"
+                f"target, {row['contender']}: not measured (no server CPU time in the window:"
+                " its processes were gone or their CPU clocks unreadable)"
             )
             continue
         checks = [

@@ -53,9 +53,13 @@ from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.protocol.negotiation import remote_transport
 from whepfan.protocol.sdp import SessionDescription
 
+BENCH = os.path.dirname(os.path.abspath(__file__))
+if BENCH not in sys.path:  # the helper beside this file, after everything else
+    sys.path.append(BENCH)
+from _cpu import process_cpu_seconds, stat_cpu_seconds  # noqa: E402
+
 TOKEN = "cascade-bench"
 STREAM = "cascade"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _TIMESPEC = struct.Struct("qq")
 
@@ -67,9 +71,11 @@ def _free_port(kind: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    seconds = process_cpu_seconds(pid)
+    if seconds is not None:
+        return seconds
     with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return stat_cpu_seconds(handle.read().rsplit(")", 1)[1].split())
 
 
 class Node:

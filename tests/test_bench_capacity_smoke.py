@@ -82,11 +82,11 @@ def test_step_table_has_every_contender_and_viewer_count(
         per_core = float(figures[8])
         assert 0 <= loss < 100
         assert kbps > 0 and packets > 0 and packet_rate > 0
-        # /proc counts CPU in clock ticks (10 ms): an idle whepfan at one viewer may show
-        # none in a few seconds; the transcoding naive SFU always shows some.
-        assert us_per_packet >= 0 and server_cores >= 0
-        assert loadgen_cores >= 0 and publisher_cores >= 0
-        assert per_core > 0 or math.isnan(per_core)  # nan: no CPU tick in the window
+        # CPU is read off each process's CPU-time clock (bench/_cpu.py, ns resolution), so
+        # even an idle whepfan at one viewer shows its few milliseconds in the window.
+        assert us_per_packet > 0 and server_cores > 0
+        assert loadgen_cores > 0 and publisher_cores > 0
+        assert per_core > 0
         if contender == "naive aiortc":
             assert us_per_packet > 0 and server_cores > 0
 
@@ -112,17 +112,14 @@ def test_summary_puts_both_servers_side_by_side(smoke: tuple[str, dict[str, Any]
     # Targets are reported for whepfan only, as met/MISSED, never asserted by the run.
     targets = [line for line in output.splitlines() if line.startswith("target, ")]
     assert len(targets) == 1 and "whepfan 1 worker" in targets[0]
-    if summary[CONTENDERS[0]]["viewers_per_core"] is None:
-        # Zero ticks at its holding step (a fast machine, a 4 s hold): said, not guessed.
-        assert "not measured (its server CPU in the window was below" in targets[0]
-    else:
-        assert targets[0].count("(target >= ") == 3
-        # Beside it, the measured packet rate and the same cost at the target's rate.
-        rate_line = output.splitlines()[output.splitlines().index(targets[0]) + 1]
-        assert "packets/s per viewer; at the 160 packets/s" in rate_line
-        limit_line = output.splitlines()[output.splitlines().index(targets[0]) + 2]
-        assert "the loopback limit itself carries" in limit_line
-        assert "default admission budget (0.7 of it) admits" in limit_line
+    assert summary[CONTENDERS[0]]["viewers_per_core"] > 0
+    assert targets[0].count("(target >= ") == 3
+    # Beside it, the measured packet rate and the same cost at the target's rate.
+    rate_line = output.splitlines()[output.splitlines().index(targets[0]) + 1]
+    assert "packets/s per viewer; at the 160 packets/s" in rate_line
+    limit_line = output.splitlines()[output.splitlines().index(targets[0]) + 2]
+    assert "the loopback limit itself carries" in limit_line
+    assert "default admission budget (0.7 of it) admits" in limit_line
     if len(os.sched_getaffinity(0)) >= 2:
         assert "pinned: a one-process server and the limit on CPU" in output
         assert report["server_cpus"] and report["load_cpus"]
@@ -297,12 +294,12 @@ def test_tree_cpu_keeps_an_exited_childs_seconds() -> None:
     assert tree.sample() >= during
 
 
-def test_a_step_without_cpu_ticks_reports_its_target_as_not_measured() -> None:
-    """A fast machine, a 4 s hold, two viewers: the server's window had no /proc tick, so
-    per-core figures are undefined; the report says so instead of crashing (CI saw a
-    TypeError formatting None)."""
+def test_a_step_without_server_cpu_reports_its_target_as_not_measured() -> None:
+    """A window with no server CPU time (its processes gone, or only /proc's 10 ms ticks
+    to read on a fast machine): per-core figures are undefined; the report says so instead
+    of crashing (CI once saw a TypeError formatting None)."""
     idle = _step(viewers=2, connected=2, received_media=2, server_cpu=0.0)
     rows = capacity.summarize([idle], 1.7)
     assert rows[0]["viewers_per_core"] is None and rows[0]["fraction_of_limit"] is None
     (line,) = capacity.target_lines(rows, capacity.Stream(), 1.7)
-    assert line.startswith("target, whepfan 1 worker: not measured (its server CPU")
+    assert line.startswith("target, whepfan 1 worker: not measured (no server CPU time")

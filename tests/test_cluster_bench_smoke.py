@@ -26,9 +26,9 @@ def test_cascade_smoke_reports_hops_cpu_and_cold_edge(tmp_path: Path) -> None:
         hop = report["hops"][name]
         assert hop["packets"] > 0
         assert hop["p50_ms"] <= hop["p99_ms"] <= hop["max_ms"]
-    # /proc counts CPU in 10 ms clock ticks: an edge with one pull and one viewer can show
-    # none in the smoke's short window on a fast machine (seen: 0.0 on an Intel Xeon).
-    assert report["cpu"]["edge_one_viewer_cpu_per_s"] >= 0
+    # Read off the process's CPU-time clock (bench/_cpu.py, ns resolution): an edge with one
+    # pull and one viewer shows its share even in the smoke's short window.
+    assert report["cpu"]["edge_one_viewer_cpu_per_s"] > 0
     cold = report["cold_edge_post_to_keyframe_ms"]
     assert cold["rounds"] == 1 and cold["p50"] > 0
     assert "cold edge POST -> first keyframe" in result.stdout
