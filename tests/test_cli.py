@@ -186,6 +186,23 @@ def test_a_missing_tls_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.endswith(f"whepfan serve: error: --tls-key {missing}: No such file or directory\n")
 
 
+def test_a_missing_tls_file_named_in_the_config_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read: the key is missing")
+    missing = tmp_path / "key.pem"
+    config = tmp_path / "whepfan.toml"
+    config.write_text(f'tls_cert = "{cert}"\ntls_key = "{missing}"\n')
+    status = main(_serve_args("--udp", "127.0.0.1:0", "--config", str(config)))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: whepfan serve ")
+    assert err.endswith(
+        f'whepfan serve: error: {config}: tls_key = "{missing}": No such file or directory\n'
+    )
+
+
 def test_an_unusable_tls_file_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -352,6 +352,20 @@ def test_tls_files_are_checked_when_the_server_starts_not_when_resolving() -> No
     assert settings.given_as("view_token") == "view_token"  # not given: its name
 
 
+def test_a_tls_file_from_the_config_file_is_named_by_its_path(tmp_path: Path) -> None:
+    """Issue 13: a config file's origin is ``FILE: key``; for a file setting the path the
+    server will open is added, so "cannot open" says which file."""
+    config = tmp_path / "whepfan.toml"
+    config.write_text('tls_cert = "/no/cert.pem"\ntls_key = "/no/key.pem"\n')
+    settings = Settings.resolve(cli={}, environ={}, config_path=config)
+    assert settings.given_as("tls_key") == f'{config}: tls_key = "/no/key.pem"'
+    # The environment's and the command line's origins already hold the path.
+    from_env = Settings.resolve(
+        cli={"tls_key": "/no/key.pem"}, environ={"WHEPFAN_TLS_CERT": "/no/c.pem"}
+    )
+    assert from_env.given_as("tls_cert") == "WHEPFAN_TLS_CERT=/no/c.pem"
+
+
 def test_tls_cert_without_key_names_the_one_given(tmp_path: Path) -> None:
     cert, _ = _pem_files(tmp_path)
     with pytest.raises(SettingsError) as error:

@@ -299,8 +299,16 @@ class Settings:
                 raise SettingsError("tokens are non-empty and contain no whitespace", option=name)
 
     def given_as(self, option: str) -> str:
-        """How ``option`` was given (``--tls-key k.pem``), or its name if by default."""
-        return self.origins.get(option, option)
+        """How ``option`` was given (``--tls-key k.pem``), or its name if by default.
+
+        A file's path is always part of it: a config file's origin is only
+        ``FILE: key``, and "whepfan.toml: tls_key: No such file or directory" would not
+        say which file is missing."""
+        origin = self.origins.get(option, option)
+        value = getattr(self, option, None)
+        if isinstance(value, Path) and str(value) not in origin:
+            return f'{origin} = "{value}"'
+        return origin
 
     @property
     def insecure_http(self) -> bool:
