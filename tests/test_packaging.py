@@ -28,6 +28,9 @@ import orjson
 import pytest
 from _peers import DecodingViewer, only_loopback_candidates
 
+from whepfan.protocol.negotiation import remote_transport
+from whepfan.protocol.sdp import SessionDescription
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "whepfan"
 RUNTIME = "runtime"  # the group name of [project] dependencies below
@@ -363,11 +366,13 @@ class Demo:
     base_url: str
     watch_url: str
     whep_url: str
+    udp: str  # the media socket's HOST:PORT
 
 
 @pytest.fixture(scope="module")
 def wheel_demo(wheel_venv: Path, work: Path) -> Iterator[Demo]:
-    """The wheel venv's ``whepfan demo`` on free loopback ports, until it prints its URLs."""
+    """The wheel venv's ``whepfan demo`` on free loopback ports, until it prints its URLs.
+    No ``--public-ip``: a socket bound to 127.0.0.1 advertises that address by default."""
     demo_dir = work / "demo"
     demo_dir.mkdir()
     log_path = demo_dir / "demo.log"
@@ -377,7 +382,7 @@ def wheel_demo(wheel_venv: Path, work: Path) -> Iterator[Demo]:
     env = _clean_environment()
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [*map(str, argv), "--public-ip", "127.0.0.1"],
+            [str(arg) for arg in argv],
             cwd=demo_dir,
             env=env,
             stdout=log,
@@ -390,7 +395,7 @@ def wheel_demo(wheel_venv: Path, work: Path) -> Iterator[Demo]:
             watch = re.search(r"watch:\s+(http://\S+)", log_path.read_text())
             time.sleep(0.1)
         assert watch, f"no watch URL from `whepfan demo`:\n{log_path.read_text()[-4000:]}"
-        yield Demo(f"http://{http}", watch.group(1), f"http://{http}/whep/demo")
+        yield Demo(f"http://{http}", watch.group(1), f"http://{http}/whep/demo", udp)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -423,6 +428,11 @@ async def test_wheel_demo_serves_its_pages_and_media_a_whep_viewer_decodes(
             answer = await response.text()
             session = response.headers["Location"]
         try:
+            # Every media section's one candidate is the address the media socket is
+            # bound to (issue 13: the machine's other addresses were advertised too,
+            # where nothing listened).
+            candidates = remote_transport(SessionDescription.parse(answer)).candidates
+            assert {f"{c.address}:{c.port}" for c in candidates} == {wheel_demo.udp}
             await viewer.accept(answer)
             await viewer.wait_frames(30, timeout=30)
             # The session URL is relative to the endpoint's (RFC 9725 §4.2). Deleted
