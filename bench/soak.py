@@ -531,7 +531,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(main_async(parse_args(argv)))
+    args = parse_args(argv)
+    # The deployment is stopped with SIGINT (whepfan publish DELETEs its session on it,
+    # whepfan loadtest its viewers'). A shell starts a background job (`soak.py &`) with
+    # SIGINT ignored, and an ignored signal stays ignored across execve (POSIX), so those
+    # children never saw it: they were killed 30 s later, the publisher still retrying
+    # against the stopped server and its session never DELETEd. A handled signal is reset
+    # to its default across execve instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
