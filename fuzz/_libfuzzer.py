@@ -33,6 +33,7 @@ from fuzz.run import SlowInputs
 INSTRUMENTED = (
     "whepfan.errors",
     "whepfan.protocol.sdp",
+    "whepfan.protocol.negotiation",
     "whepfan.protocol.ice",
     "whepfan.protocol.rtp",
     "whepfan.protocol.rtcp",

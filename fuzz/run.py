@@ -43,7 +43,18 @@ CORPUS = REPO / "fuzz" / "corpus"
 REGRESSIONS = REPO / "tests" / "data" / "fuzz"
 # The fuzz targets (fuzz.targets.TARGETS keys), in the order ``--target all`` runs them;
 # named here so that the atheris parent need not import the parsers, only its children do.
-TARGET_NAMES = ("sdp", "sdpfrag", "stun", "rtp", "rtcp", "codecs", "dtls", "json", "if-match")
+TARGET_NAMES = (
+    "sdp",
+    "offer",
+    "sdpfrag",
+    "stun",
+    "rtp",
+    "rtcp",
+    "codecs",
+    "dtls",
+    "json",
+    "if-match",
+)
 # libFuzzer names what it keeps after the event that produced it.
 ARTIFACT_PREFIXES = ("crash-", "timeout-", "oom-", "leak-")
 

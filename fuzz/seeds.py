@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aioice import stun
 
-from whepfan.protocol import codecs, dtls, ice, rtcp, rtp, sdp
+from whepfan.protocol import codecs, dtls, ice, negotiation, rtcp, rtp, sdp
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "fuzz" / "corpus"
@@ -55,6 +55,32 @@ def _sdp() -> Iterator[bytes]:
         "a=fmtp:97 apt=96\r\na=ssrc-group:FID 1 2\r\na=ssrc:1 cname:x\r\n"
         "a=rid:h send pt=96;max-width=1280\r\na=simulcast:send h;~l\r\n"
     ).encode()
+
+
+def _offer() -> Iterator[bytes]:
+    # The first byte picks the entry point (fuzz/targets.py fuzz_offer): 0x01 a WHIP offer,
+    # 0x02 a WHEP offer (0x04: against the simulcast stream, 0x08: without transport-cc),
+    # 0x00 an answer to whepfan's counter-offer.
+    from fuzz import targets
+
+    for path in sorted(SDP_CAPTURES.glob("*.sdp")):
+        text = path.read_bytes()
+        if b"a=sendonly" in text:
+            yield b"\x01" + text
+        else:
+            for mode in (0x02, 0x06, 0x0A):
+                yield bytes([mode]) + text
+    for mode in (0x00, 0x04):
+        counter = negotiation.build_counter_offer(
+            targets._local_transport(),
+            targets._stream_ingest(bool(mode & 0x04)),
+            ssrc_source=targets._ssrc_source(),
+        )
+        # A client that keeps everything answers recvonly and active (RFC 3264 §6.1).
+        for section in counter.media:
+            section.direction = "recvonly"
+            section.setup = "active"
+        yield bytes([mode]) + counter.serialize().encode()
 
 
 _CHROMIUM_CANDIDATES = (
@@ -261,6 +287,7 @@ def _if_match() -> Iterator[bytes]:
 
 SEEDS = {
     "sdp": _sdp,
+    "offer": _offer,
     "sdpfrag": _sdpfrag,
     "stun": _stun,
     "rtp": _rtp,

@@ -29,12 +29,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 from whepfan.errors import ParseError, PeerError
 from whepfan.http import etag
 from whepfan.http.events import EVENT_TYPES, parse_subscription
 from whepfan.http.layers import parse_layer_request
-from whepfan.protocol import codecs, demux, dtls, ice, rtcp, rtp, sdp
+from whepfan.protocol import codecs, demux, dtls, ice, negotiation, rtcp, rtp, sdp
 
 __all__ = ["TARGETS", "FuzzTarget"]
 
@@ -65,6 +66,76 @@ def fuzz_sdp(data: bytes) -> None:
     again = sdp.SessionDescription.parse(text)
     assert again == description, f"SDP does not survive serialize/parse:\n{text}"
     assert again.serialize() == text
+
+
+# The streams a fuzzed WHEP offer is answered against: Chromium's single-layer and
+# simulcast WHIP offers, as answered by whepfan (tests/data/sdp/).
+_PUBLISHER_OFFERS = (
+    "chromium-156-whip-sendonly-offer.sdp",
+    "chromium-156-whip-simulcast-offer.sdp",
+)
+_SDP_CAPTURES = Path(__file__).resolve().parent.parent / "tests" / "data" / "sdp"
+_OFFER_PUBLISHER, _OFFER_VIEWER = 0x01, 0x02
+_OFFER_SIMULCAST_STREAM, _OFFER_NO_TRANSPORT_CC = 0x04, 0x08
+
+
+def _local_transport() -> negotiation.LocalTransport:
+    return negotiation.LocalTransport(
+        ice_ufrag="srvU",
+        ice_pwd="serverpasswordserverpass",
+        fingerprints=[("sha-256", ":".join(["4F"] * 32))],
+        candidates=[sdp.Candidate.parse("1 1 udp 2130706431 192.0.2.10 40000 typ host")],
+    )
+
+
+@cache
+def _stream_ingest(simulcast: bool) -> list[negotiation.IngestMedia]:
+    text = (_SDP_CAPTURES / _PUBLISHER_OFFERS[simulcast]).read_bytes()
+    _, ingest = negotiation.answer_publisher(sdp.SessionDescription.parse(text), _local_transport())
+    return ingest
+
+
+def _ssrc_source() -> Callable[[], int]:
+    ssrcs = iter(range(1000, 1_000_000))
+    return lambda: next(ssrcs)
+
+
+def fuzz_offer(data: bytes) -> None:
+    """A peer's SDP through offer/answer (``protocol/negotiation.py``), as the router hands
+    it over: a WHIP offer (``answer_publisher``), a WHEP offer (``answer_viewer``) or a
+    viewer's answer to whepfan's counter-offer (``accept_counter_answer``, WHEP §4.2.2).
+    Each ends in a value or a PeerError, the 4xx the HTTP layer answers; anything else is
+    a 500 (a one-SSRC ``a=ssrc-group:FID`` was an IndexError here, issue 16). What whepfan
+    answers or offers parses back. The first byte picks the entry point and the stream."""
+    if not data:
+        return
+    mode, text = data[0], data[1:]
+    try:
+        description = sdp.SessionDescription.parse(text)
+    except ParseError:
+        return
+    local = _local_transport()
+    ingest = _stream_ingest(bool(mode & _OFFER_SIMULCAST_STREAM))
+    transport_cc = not mode & _OFFER_NO_TRANSPORT_CC
+    written: sdp.SessionDescription | None = None
+    try:
+        if mode & _OFFER_PUBLISHER:
+            written, _ = negotiation.answer_publisher(description, local, transport_cc=True)
+        elif mode & _OFFER_VIEWER:
+            written, _ = negotiation.answer_viewer(
+                description, local, ingest, ssrc_source=_ssrc_source(), transport_cc=transport_cc
+            )
+        else:
+            counter_offer = negotiation.build_counter_offer(
+                local, ingest, ssrc_source=_ssrc_source(), transport_cc=transport_cc
+            )
+            negotiation.accept_counter_answer(counter_offer, description)
+            negotiation.remote_transport(description)
+    except PeerError:
+        return
+    if written is not None:
+        text_out = written.serialize()
+        assert sdp.SessionDescription.parse(text_out) == written, text_out
 
 
 def fuzz_sdpfrag(data: bytes) -> None:
@@ -371,6 +442,7 @@ TARGETS: dict[str, FuzzTarget] = {
     target.name: target
     for target in (
         FuzzTarget(name="sdp", function=fuzz_sdp, max_len=16384, description="SDP offers"),
+        FuzzTarget(name="offer", function=fuzz_offer, max_len=16384, description="offer/answer"),
         FuzzTarget(
             name="sdpfrag", function=fuzz_sdpfrag, max_len=4096, description="trickle sdpfrag"
         ),

@@ -576,6 +576,25 @@ async def test_aiortc_viewer_accepts_answer() -> None:
         await pc.close()
 
 
+def test_a_rejected_section_answers_only_payload_types_it_writes_a_line_for() -> None:
+    """A payload type the offer gave only ``a=rtcp-fb`` (no rtpmap, no fmtp) is left out
+    of the rejected section, whose feedback lines are not copied: it was an entry of the
+    answer its text did not have, so the answer did not read back equal (found by the
+    offer fuzz target; its input kept in tests/data/fuzz/offer/)."""
+    offer = WHEP_RECVONLY.replace(
+        "a=rtcp-fb:111 transport-cc", "a=rtcp-fb:111 transport-cc\r\na=rtcp-fb:77 transport-cc"
+    )
+    assert offer != WHEP_RECVONLY
+    answer, _ = answer_viewer(SessionDescription.parse(offer), LOCAL, [VP8], ssrc_source=_ssrcs())
+    audio = answer.media[0]
+    assert audio.rejected
+    assert 77 not in [codec.payload_type for codec in audio.codecs]
+    assert [codec.name for codec in audio.codecs] == [
+        codec.name for codec in SessionDescription.parse(offer).media[0].codecs if codec.name
+    ]
+    assert SessionDescription.parse(str(answer)) == answer
+
+
 async def test_aiortc_viewer_accepts_answer_rejecting_audio_of_a_video_only_stream() -> None:
     """The rejected m=audio 0 carries the session's ICE and DTLS attributes (aiortc raises
     "ICE username fragment or password is missing" without them) and leaves the BUNDLE

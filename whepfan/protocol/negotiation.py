@@ -502,6 +502,9 @@ def _rejected_answer(offered: MediaSection, local: LocalTransport, *, setup: str
                 fmtp=list(codec.fmtp),
             )
             for codec in offered.codecs
+            # Only what writes a line: a payload type the offer gave only a=rtcp-fb (no
+            # rtpmap, no fmtp) would be an entry of the answer that its text lacks.
+            if codec.has_rtpmap or codec.fmtp
         ],
     )
 
