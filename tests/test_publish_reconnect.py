@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from _peers import DecodingViewer, only_loopback_candidates
 from _server import TOKEN, LiveServer, live_server
-from _signalling import SDP
+from _signalling import AUTH, SDP, bearer, publisher_offer
 
 from whepfan.client.publisher import (
     PublisherOptions,
@@ -338,6 +338,51 @@ async def test_a_server_that_cannot_be_reached_before_any_session_is_reported_at
     with pytest.raises(PublishError) as caught:
         await publisher.run(duration=30)
     assert caught.value.status is None and publisher.sessions == 0
+
+
+async def test_only_the_publish_token_replaces_a_stalled_publisher() -> None:
+    """Issue 15.2: a stalled publisher is replaced by a new WHIP POST *with the publish
+    token*. Here the first publisher never sends (its POST answered, no ICE): refused
+    replacement (409, Retry-After) while its media clock runs, then, stalled, a POST
+    without the token or with another one is refused (401) and leaves it in place, and
+    one with the token replaces it."""
+    live = live_server()  # the default media timeout, 3 s
+    peers = []
+    try:
+        assert live.info is not None
+        backend = live.info.backend
+
+        async def post(headers: dict[str, str]) -> tuple[int, str | None]:
+            pc, offer = await publisher_offer()
+            peers.append(pc)
+            async with http.post(
+                "/whip/stalled", data=offer, headers={**headers, **SDP}
+            ) as response:
+                await response.read()
+                return response.status, response.headers.get("Retry-After")
+
+        async with aiohttp.ClientSession(base_url=live.url) as http:
+            loop = asyncio.get_running_loop()
+            assert (await post(AUTH))[0] == 201
+            published_at = loop.time()
+            first = backend.streams["stalled"].publisher
+            assert first is not None
+            status, retry_after = await post(AUTH)
+            # Not stalled yet: 409, with the whole seconds until it would be replaceable.
+            assert status == 409 and retry_after in ("1", "2", "3"), (status, retry_after)
+            await asyncio.sleep(published_at + 3.2 - loop.time())  # stalled now
+            assert (await post({}))[0] == 401
+            assert (await post(bearer("not-the-publish-token")))[0] == 401
+            assert backend.streams["stalled"].publisher is first
+            assert (await post(AUTH))[0] == 201
+            current = backend.streams["stalled"].publisher
+            assert current is not None and current.id != first.id
+            with pytest.raises(NotFound):
+                backend.get_session(first.id)  # ended as "publisher-replaced"
+    finally:
+        for pc in peers:
+            await pc.close()
+        live.close()
 
 
 def _publish_process(url: str, log: Path) -> subprocess.Popen[bytes]:
