@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -446,6 +447,52 @@ async def test_a_sigkilled_publisher_is_replaced_within_the_media_timeout(tmp_pa
     finally:
         if viewer is not None:
             await viewer.close()
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(10)
+        live.close()
+
+
+@pytest.mark.slow
+async def test_a_sigterm_publisher_deletes_its_session_and_is_replaced_at_once(
+    tmp_path: Path,
+) -> None:
+    """``systemctl stop`` / ``docker stop`` send SIGTERM: ``whepfan publish`` ends as on
+    Ctrl-C, DELETEing its session (RFC 9725 §4.3), exits 0, and the next publisher is
+    accepted at once (201, not 409 until the media timeout)."""
+    live = live_server()
+    url = f"{live.url}/whip/stopped"
+    first = _publish_process(url, tmp_path / "first.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        assert live.info is not None
+        backend = live.info.backend
+        await _until(
+            lambda: "stopped" in backend.streams and backend.streams["stopped"].active,
+            30,
+            "the first did not publish",
+        )
+        old = backend.streams["stopped"].publisher
+        assert old is not None
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 10) == 0
+        # Gone as "deleted", long before the 3 s media timeout could have stalled it.
+        await _until(
+            lambda: getattr(backend.streams.get("stopped"), "publisher", None) is None,
+            2,
+            "not DELETEd",
+        )
+        with pytest.raises(NotFound):
+            backend.get_session(old.id)
+        second = _publish_process(url, tmp_path / "second.log")
+        await _until(
+            lambda: getattr(backend.streams.get("stopped"), "publisher", None) is not None,
+            20,
+            "the second publisher was not accepted",
+        )
+        assert "409" not in (tmp_path / "second.log").read_text()
+    finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
                 process.terminate()

@@ -393,6 +393,7 @@ def add_publish_command(commands: argparse._SubParsersAction) -> None:
 
 def run_publish(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
 
     from whepfan.client.publisher import (
         Publisher,
@@ -437,12 +438,21 @@ def run_publish(args: argparse.Namespace) -> int:
                 return 1
         return 0
 
+    async def publish_until_stopped() -> int:
+        # SIGTERM (systemctl stop, docker stop) ends the run as Ctrl-C does: the main task
+        # is cancelled and the session DELETEd on the way out (RFC 9725 §4.3), so a
+        # replacement publisher is accepted at once instead of after the media timeout.
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        return await publish()
+
     try:
-        return asyncio.run(publish())
+        return asyncio.run(publish_until_stopped())
     except PublishError as exc:
         print(f"whepfan publish: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
 
 
