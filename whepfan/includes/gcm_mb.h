@@ -101,8 +101,27 @@ static void gcm_mb_key_free(void *expanded)
     }
 }
 
-/* AAD = aad || aad_tail; the library takes one contiguous AAD, so a tail is joined on
- * the stack. Returns 0, or -1 when the joined AAD would not fit (use EVP instead). */
+/* AAD = aad || aad_tail; the library takes one contiguous AAD, so a tail is joined into
+ * the caller's GCM_MB_JOINED_AAD bytes. Returns -1 when it would not fit (use EVP). */
+static int gcm_mb_join_aad(const uint8_t *aad, int aad_len,
+                           const uint8_t *aad_tail, int aad_tail_len,
+                           uint8_t *joined, const uint8_t **all_aad, uint64_t *all_len)
+{
+    *all_aad = aad;
+    *all_len = (uint64_t)aad_len;
+    if (aad_tail_len <= 0)
+        return 0;
+    if (aad_len + aad_tail_len > GCM_MB_JOINED_AAD)
+        return -1;
+    memcpy(joined, aad, (size_t)aad_len);
+    memcpy(joined + aad_len, aad_tail, (size_t)aad_tail_len);
+    *all_aad = joined;
+    *all_len = (uint64_t)(aad_len + aad_tail_len);
+    return 0;
+}
+
+/* Encrypts in place; the tag goes to ``tag``. Returns 0, or -1 when the AAD would not
+ * join (use EVP instead). */
 static int gcm_mb_seal(const void *expanded, int key_len, const uint8_t *iv,
                        const uint8_t *aad, int aad_len,
                        const uint8_t *aad_tail, int aad_tail_len,
@@ -110,16 +129,10 @@ static int gcm_mb_seal(const void *expanded, int key_len, const uint8_t *iv,
 {
     struct gcm_context_data state;
     uint8_t joined[GCM_MB_JOINED_AAD];
-    const uint8_t *all_aad = aad;
-    uint64_t all_len = (uint64_t)aad_len;
-    if (aad_tail_len > 0) {
-        if (aad_len + aad_tail_len > GCM_MB_JOINED_AAD)
-            return -1;
-        memcpy(joined, aad, (size_t)aad_len);
-        memcpy(joined + aad_len, aad_tail, (size_t)aad_tail_len);
-        all_aad = joined;
-        all_len = (uint64_t)(aad_len + aad_tail_len);
-    }
+    const uint8_t *all_aad;
+    uint64_t all_len;
+    if (gcm_mb_join_aad(aad, aad_len, aad_tail, aad_tail_len, joined, &all_aad, &all_len) != 0)
+        return -1;
     if (key_len == 16)
         IMB_AES128_GCM_ENC(whepfan_gcm_mb_mgr, expanded, &state, data, data,
                            (uint64_t)length, iv, all_aad, all_len, tag, 16);
@@ -139,17 +152,11 @@ static int gcm_mb_open(const void *expanded, int key_len, const uint8_t *iv,
     struct gcm_context_data state;
     uint8_t joined[GCM_MB_JOINED_AAD];
     uint8_t computed[16];
-    const uint8_t *all_aad = aad;
-    uint64_t all_len = (uint64_t)aad_len;
+    const uint8_t *all_aad;
+    uint64_t all_len;
     int mismatch;
-    if (aad_tail_len > 0) {
-        if (aad_len + aad_tail_len > GCM_MB_JOINED_AAD)
-            return -1;
-        memcpy(joined, aad, (size_t)aad_len);
-        memcpy(joined + aad_len, aad_tail, (size_t)aad_tail_len);
-        all_aad = joined;
-        all_len = (uint64_t)(aad_len + aad_tail_len);
-    }
+    if (gcm_mb_join_aad(aad, aad_len, aad_tail, aad_tail_len, joined, &all_aad, &all_len) != 0)
+        return -1;
     if (key_len == 16)
         IMB_AES128_GCM_DEC(whepfan_gcm_mb_mgr, expanded, &state, data, data,
                            (uint64_t)length, iv, all_aad, all_len, computed, 16);
