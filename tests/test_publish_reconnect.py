@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -102,6 +103,14 @@ async def _until(condition: object, timeout: float, what: str) -> None:
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, what
         await asyncio.sleep(0.05)
+
+
+async def _live_publisher(backend: Any, stream: str, what: str) -> Any:
+    """The publisher session of ``stream`` once its media flows (within 30 s)."""
+    await _until(lambda: stream in backend.streams and backend.streams[stream].active, 30, what)
+    publisher = backend.streams[stream].publisher
+    assert publisher is not None
+    return publisher
 
 
 async def _viewer(http: aiohttp.ClientSession, url: str) -> tuple[DecodingViewer, str]:
@@ -468,13 +477,7 @@ async def test_a_sigterm_publisher_deletes_its_session_and_is_replaced_at_once(
     try:
         assert live.info is not None
         backend = live.info.backend
-        await _until(
-            lambda: "stopped" in backend.streams and backend.streams["stopped"].active,
-            30,
-            "the first did not publish",
-        )
-        old = backend.streams["stopped"].publisher
-        assert old is not None
+        old = await _live_publisher(backend, "stopped", "the first did not publish")
         first.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(first.wait, 10) == 0
         # Gone as "deleted", long before the 3 s media timeout could have stalled it.
@@ -526,13 +529,7 @@ async def test_no_reconnect_makes_whepfan_publish_exit_when_its_session_ends(
     try:
         assert live.info is not None
         backend = live.info.backend
-        await _until(
-            lambda: "once" in backend.streams and backend.streams["once"].active,
-            30,
-            "whepfan publish did not go live",
-        )
-        publisher = backend.streams["once"].publisher
-        assert publisher is not None
+        publisher = await _live_publisher(backend, "once", "whepfan publish did not go live")
         _call(live, backend.end_session, publisher.id, 0.0, "deleted")
         status = await asyncio.to_thread(process.wait, 20)
         assert status == 1
