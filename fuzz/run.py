@@ -54,6 +54,7 @@ TARGET_NAMES = (
     "dtls",
     "json",
     "if-match",
+    "headers",
 )
 # libFuzzer names what it keeps after the event that produced it.
 ARTIFACT_PREFIXES = ("crash-", "timeout-", "oom-", "leak-")

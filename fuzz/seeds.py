@@ -285,6 +285,22 @@ def _if_match() -> Iterator[bytes]:
         yield value.encode()
 
 
+def _headers() -> Iterator[bytes]:
+    # Each seed is read as every header the target knows: real values of each.
+    for value in (
+        "application/sdp",
+        "application/trickle-ice-sdpfrag; charset=UTF-8",
+        'application/json; x="a\\"b"; ;y=z',
+        'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"',
+        "for=unknown, for=_hidden;by=10.0.0.1, For=10.1.2.3",
+        "203.0.113.195, 70.41.3.18, 10.0.0.7",
+        "2001:db8::1, [2001:db8::2]:443, 10.0.0.9:8080",
+        "Bearer eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoidmlldyJ9.c2ln",
+        "raw-token-without-scheme",
+    ):
+        yield value.encode()
+
+
 SEEDS = {
     "sdp": _sdp,
     "offer": _offer,
@@ -296,6 +312,7 @@ SEEDS = {
     "dtls": _dtls,
     "json": _json,
     "if-match": _if_match,
+    "headers": _headers,
 }
 
 

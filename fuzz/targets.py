@@ -32,8 +32,10 @@ from functools import cache
 from pathlib import Path
 
 from whepfan.errors import ParseError, PeerError
-from whepfan.http import etag
+from whepfan.http import clientaddr, etag
+from whepfan.http.auth import presented_token
 from whepfan.http.events import EVENT_TYPES, parse_subscription
+from whepfan.http.headers import MediaType, media_type_essence
 from whepfan.http.layers import parse_layer_request
 from whepfan.protocol import codecs, demux, dtls, ice, negotiation, rtcp, rtp, sdp
 
@@ -438,6 +440,37 @@ def fuzz_if_match(data: bytes) -> None:
         assert error.status in (412, 428), error
 
 
+# A proxy in 10.0.0.0/8 and one on this host: the walk past trusted hops is exercised.
+_PROXIES = clientaddr.parse_networks(["10.0.0.0/8", "127.0.0.1"])
+_PROXY_PEER = "10.0.0.1"
+
+
+def fuzz_headers(data: bytes) -> None:
+    """The other request headers whepfan reads, each given the whole input as aiohttp hands
+    it over: ``Content-Type`` (``MediaType``: a value or ParseError; the essence helper
+    never raises and agrees with it), ``Forwarded`` and ``X-Forwarded-For`` behind a
+    trusted proxy (clientaddr.py: "Nothing here raises on header contents"; the client is
+    an address, or the peer itself), and ``Authorization`` (``presented_token``)."""
+    value = data.decode("utf-8", "surrogateescape")
+    try:
+        media_type = MediaType.parse(value)
+    except ParseError:
+        assert media_type_essence(value) is None
+    else:
+        kind, _, subtype = media_type.essence.partition("/")
+        assert kind and subtype and media_type.essence == media_type.essence.lower()
+        assert all(name == name.lower() for name, _ in media_type.parameters)
+        assert media_type_essence(value) == media_type.essence
+    for header in clientaddr.ForwardedHeader:
+        proxies = clientaddr.TrustedProxies(networks=_PROXIES, header=header)
+        client = proxies.client(_PROXY_PEER, [value])
+        # An address (a hop's, or the proxy's own), never a name or garbage from the value.
+        assert client.forwarded and clientaddr._address(client.address) is not None, client
+        client.key(exempt_loopback=True)
+    token = presented_token(value)
+    assert token is None or (token and token == token.strip())
+
+
 TARGETS: dict[str, FuzzTarget] = {
     target.name: target
     for target in (
@@ -456,6 +489,9 @@ TARGETS: dict[str, FuzzTarget] = {
         FuzzTarget(name="json", function=fuzz_json, max_len=2048, description="JSON bodies"),
         FuzzTarget(
             name="if-match", function=fuzz_if_match, max_len=512, description="If-Match header"
+        ),
+        FuzzTarget(
+            name="headers", function=fuzz_headers, max_len=1024, description="other headers"
         ),
     )
 }
