@@ -1009,6 +1009,24 @@ async def test_every_viewer_refused_stops_the_run_early_with_the_problem_detail(
     assert f"{error} x{count}" in text and "stopped early" in text
 
 
+async def test_a_server_nobody_reaches_stops_the_run_early() -> None:
+    """Nothing listens on the port (the server is down): every POST fails to connect, and
+    the run stops after the first few instead of waiting out its 30 s."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    options = LoadTestOptions(
+        url=f"http://127.0.0.1:{port}/whep/live", viewers=200, ramp=50, duration=30
+    )
+    started = time.monotonic()
+    report = await LoadTest(options).run()
+    assert time.monotonic() - started < 10
+    summary = report.summary
+    assert GIVE_UP_AFTER_REFUSALS <= summary["viewers"] < 200
+    assert summary["stopped_early"].startswith("no viewer reached the server (POST failed: ")
+    assert summary["failed"] == summary["viewers"] and not report.passed
+
+
 def test_whepfan_loadtest_exits_4_when_every_viewer_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -464,7 +464,8 @@ def add_loadtest_command(commands: argparse._SubParsersAction) -> None:
         "agent, DTLS client or server, SRTP unprotected in the compiled core), with "
         "per-viewer join latencies, loss, duplicates, jitter, bitrate and stalls. Exit "
         "status 0 when every viewer connected, received media and never stalled; 3 "
-        "otherwise; 4 when the server refused every viewer (the run stops early).",
+        "otherwise; 4 when the server refused every viewer or none reached it (the run stops "
+        "early).",
     )
     loadtest.add_argument("url", metavar="URL", help="WHEP endpoint, e.g. http://host/whep/live")
     loadtest.add_argument("--viewers", type=int, required=True, metavar="N")

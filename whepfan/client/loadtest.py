@@ -75,7 +75,7 @@ log = logging.getLogger("whepfan.loadtest")
 
 EXIT_USAGE = 2  # as the CLI's: --html without matplotlib
 EXIT_SOME_VIEWERS_FAILED = 3  # a viewer failed, got no media or stalled
-EXIT_EVERY_VIEWER_REFUSED = 4  # the server refused every viewer; the run stopped early
+EXIT_EVERY_VIEWER_REFUSED = 4  # every viewer refused or unanswered; the run stopped early
 SAMPLE_INTERVAL = 1.0
 DEFAULT_STALL_GAP = 2.0
 # Shorter gaps would be noise: a polled socket is read up to MAX_POLL_INTERVAL late, and
@@ -156,6 +156,15 @@ class ViewerResult:
         return asdict(self)
 
 
+def _unanswered(result: ViewerResult) -> bool:
+    """Its POST got no HTTP answer (the server down or unreachable)."""
+    return (
+        result.outcome == "failed"
+        and result.status is None
+        and bool(result.error and result.error.startswith("POST failed"))
+    )
+
+
 class _Viewer:
     def __init__(self, test: LoadTest, index: int) -> None:
         self.test = test
@@ -196,6 +205,7 @@ class _Viewer:
                 answer = await post_offer(test.http, options.url, offer, token=options.token)
             except (aiohttp.ClientError, OSError) as exc:
                 self._fail(f"POST failed: {exc}")
+                test.note_refusal()  # no answer at all: as good as a refusal for the stop
                 return
             self.result.status = answer.status
             self.result.endpoint = answer.endpoint
@@ -419,11 +429,13 @@ class LoadTest:
                 viewer.receive(data, addr)
 
     def note_refusal(self) -> None:
-        """A viewer was refused: if every viewer so far was, and enough of them to rule
-        out a moment's refusal, the run stops (``everyone_refused``)."""
+        """A viewer was refused, or its POST got no answer at all (connection refused, no
+        route, TLS): if every viewer so far was, and enough of them to rule out a moment's
+        trouble, the run stops (``everyone_refused``) instead of waiting out its duration."""
         enough = min(self.options.viewers, GIVE_UP_AFTER_REFUSALS)
         if len(self.viewers) >= enough and all(
-            viewer.result.outcome == "rejected" for viewer in self.viewers
+            viewer.result.outcome == "rejected" or _unanswered(viewer.result)
+            for viewer in self.viewers
         ):
             self.everyone_refused.set()
 
@@ -600,10 +612,12 @@ class LoadTest:
         cpu = _cpu_seconds() - self.cpu_at_start
         stopped_early = ""
         if self.everyone_refused.is_set():
-            stopped_early = (
-                f"the server refused every viewer: stopped after {len(self.viewers)} of "
-                f"{options.viewers}"
-            )
+            results = [viewer.result for viewer in self.viewers]
+            if all(_unanswered(result) for result in results):
+                why = f"no viewer reached the server ({results[0].error})"
+            else:
+                why = "the server refused every viewer"
+            stopped_early = f"{why}: stopped after {len(self.viewers)} of {options.viewers}"
         return summarize(
             url=options.url,
             options=_without_credentials(options),
