@@ -15,6 +15,7 @@ same with two worker processes; and ``/metrics``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -41,7 +42,8 @@ from whepfan.errors import Conflict, ServiceUnavailable
 from whepfan.http import COUNTERS_KEY, HttpOptions, create_app
 from whepfan.http.metrics import add_metrics_route
 from whepfan.http.ratelimit import RateLimit
-from whepfan.media.session import CONNECT_TIMEOUT, SessionState
+from whepfan.media.session import CONNECT_TIMEOUT, MediaSession, SessionKind, SessionState
+from whepfan.protocol.dtls import DtlsCertificate
 from whepfan.protocol.ice import IceControllingChecker
 from whepfan.settings import Settings, SettingsError
 from whepfan.workers.capacity import (
@@ -67,7 +69,7 @@ def harness() -> Iterator[Harness]:
 
 
 def test_a_viewer_that_never_checks_is_ended_at_exactly_its_connect_deadline(
-    harness: Harness,
+    harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The default connect timeout is 10 s from the POST, not the 30 s of consent."""
     connect_viewer(harness, 0.0, publisher=True)
@@ -77,7 +79,10 @@ def test_a_viewer_that_never_checks_is_ended_at_exactly_its_connect_deadline(
     harness.router.handle_timer(10.999)
     assert session.id in harness.router.sessions
     assert harness.router.viewer_count == 1
-    harness.router.handle_timer(11.0)
+    with caplog.at_level(logging.INFO, logger="whepfan.router"):
+        harness.router.handle_timer(11.0)
+    # The log says what the server saw, the operator's half of the client's diagnosis.
+    assert f"viewer {session.id[:8]} on 'live' ended: connect-timeout (no ICE check" in caplog.text
     assert session.id not in harness.router.sessions
     assert session.state is SessionState.CLOSED
     assert harness.router.viewer_count == 0  # its slot is free
@@ -87,7 +92,9 @@ def test_a_viewer_that_never_checks_is_ended_at_exactly_its_connect_deadline(
     assert session.local_ufrag not in harness.router._by_ufrag
 
 
-def test_a_viewer_whose_ice_checked_but_dtls_never_finished_is_ended_too() -> None:
+def test_a_viewer_whose_ice_checked_but_dtls_never_finished_is_ended_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """CHECKED is not CONNECTED: a peer that answers STUN and never DTLS (or loses every
     flight) holds the slot no longer than one that never checks."""
     harness = Harness(connect_timeout=4.0)
@@ -108,9 +115,16 @@ def test_a_viewer_whose_ice_checked_but_dtls_never_finished_is_ended_too() -> No
         assert session.state is SessionState.CHECKED  # our DTLS ClientHello went out
         harness.router.handle_timer(3.999)  # DTLS retransmits, nobody answers
         assert session.id in harness.router.sessions
-        harness.router.handle_timer(4.0)
+        with caplog.at_level(logging.INFO, logger="whepfan.router"):
+            harness.router.handle_timer(4.0)
         assert session.id not in harness.router.sessions
         assert harness.router.counters["connect_timeouts_viewer"] == 1
+        host, port = CLIENT
+        assert f"(ICE checks from {host}:{port}" in caplog.text
+        if session.dtls.role == "server":
+            assert "but no DTLS ClientHello came (we are the DTLS server))" in caplog.text
+        else:
+            assert "DTLS handshake unfinished (we are the client))" in caplog.text
     finally:
         harness.close()
 
@@ -629,3 +643,36 @@ async def test_the_post_rate_limit_bounds_one_client_s_whip_and_whep_posts() -> 
             assert parse(await scrape.text())[("whepfan_http_rate_limited_total", ())] == 2
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize(
+    ("role", "checked", "started", "expected"),
+    [
+        ("server", False, False, "no ICE check from the client reached us"),
+        ("server", True, False, "but no DTLS ClientHello came (we are the DTLS server)"),
+        ("client", True, True, "DTLS handshake unfinished (we are the client)"),
+    ],
+)
+def test_connect_diagnosis_says_how_far_the_client_got(
+    role: str, checked: bool, started: bool, expected: str
+) -> None:
+    session = MediaSession.create(
+        kind=SessionKind.VIEWER,
+        stream="live",
+        certificate=DtlsCertificate.generate(),
+        dtls_role=role,
+        remote_fingerprints=[("sha-256", "00" * 32)],
+        remote_ufrag="abcd",
+        remote_pwd="p" * 22,
+        consent_timeout=30.0,
+        now=0.0,
+        connect_timeout=10.0,
+    )
+    if checked:
+        session.address, session.local_address = ("192.0.2.7", 50000), "198.51.100.1"
+    if started:
+        session.dtls.start(0.0)
+    diagnosis = session.connect_diagnosis()
+    assert expected in diagnosis
+    if checked:
+        assert diagnosis.startswith("ICE checks from 192.0.2.7:50000 to 198.51.100.1")

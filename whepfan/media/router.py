@@ -355,10 +355,17 @@ class Router:
             self.liveness.forget(stream.name)
             self.ingest.detach(stream)
         self.counters[f"sessions_ended_{reason.split(':')[0]}"] += 1
+        detail = ""
         if reason == CONNECT_TIMEOUT:
             self.counters[f"connect_timeouts_{session.kind.value}"] += 1
+            detail = f" ({session.connect_diagnosis()})"
         log.info(
-            "%s %s on %r ended: %s", session.kind.value, session.id[:8], session.stream, reason
+            "%s %s on %r ended: %s%s",
+            session.kind.value,
+            session.id[:8],
+            session.stream,
+            reason,
+            detail,
         )
         return True
 

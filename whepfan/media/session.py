@@ -178,6 +178,22 @@ class MediaSession:
             ufrags=[ufrag],
         )
 
+    def connect_diagnosis(self) -> str:
+        """What this session saw of its client, for the log line of a session that never
+        connected: the operator's half of what a client's "not connected" says it tried."""
+        if self.address is None:
+            # RFC 8445 §7.3: an ICE-lite agent only answers checks; none verified here.
+            return "no ICE check from the client reached us: its candidates, a firewall or a NAT"
+        where = f"ICE checks from {self.address[0]}:{self.address[1]}"
+        if self.local_address is not None:
+            where += f" to {self.local_address}"
+        if self.dtls.role == "server" and self.dtls.state == "new":
+            return f"{where}, but no DTLS ClientHello came (we are the DTLS server)"
+        if self.dtls.state in ("new", "connecting"):
+            # RFC 6347 §4.2.4: flights are retransmitted; none completed the handshake.
+            return f"{where}, DTLS handshake unfinished (we are the {self.dtls.role})"
+        return f"{where}, DTLS {self.dtls.state}"
+
     # -- input ----------------------------------------------------------------------
 
     def receive_stun(
