@@ -60,7 +60,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]
 def test_step_table_has_every_contender_and_viewer_count(
     smoke: tuple[str, dict[str, Any]],
 ) -> None:
-    output, _ = smoke
+    output, report = smoke
     rows = {}
     for line in output.splitlines():
         match = STEP_ROW.match(line)
@@ -82,13 +82,17 @@ def test_step_table_has_every_contender_and_viewer_count(
         per_core = float(figures[8])
         assert 0 <= loss < 100
         assert kbps > 0 and packets > 0 and packet_rate > 0
-        # CPU is read off each process's CPU-time clock (bench/_cpu.py, ns resolution), so
-        # even an idle whepfan at one viewer shows its few milliseconds in the window.
-        assert us_per_packet > 0 and server_cores > 0
-        assert loadgen_cores > 0 and publisher_cores > 0
+        # The table prints cores to two decimals (a one-viewer load generator reads 0.00).
+        assert us_per_packet > 0 and server_cores >= 0
+        assert loadgen_cores >= 0 and publisher_cores >= 0
         assert per_core > 0
-        if contender == "naive aiortc":
-            assert us_per_packet > 0 and server_cores > 0
+        if contender == "naive aiortc":  # it transcodes: always a visible share of a core
+            assert server_cores > 0
+    # CPU is read off each process's CPU-time clock (bench/_cpu.py, ns resolution), so even an
+    # idle whepfan at one viewer shows its few milliseconds in the window.
+    for step in report["steps"]:
+        assert step["server_cpu"] > 0 and step["loadgen_cpu"] > 0, step
+        assert step["publisher_cpu"] > 0, step
 
 
 @pytest.mark.slow
